@@ -1,0 +1,160 @@
+"""Configuration of the autoencoder and of its training, validated on construction.
+
+Every knob of the Gao et al. (2024) recipe lives here with the paper's default, so a run
+is described completely by these two dataclasses (they are saved in every checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Normalization = Literal["none", "dataset_scale", "token_unit_norm"]
+AuxPrecision = Literal["auto", "float32", "bfloat16"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def default_k_aux(d_in: int) -> int:
+    """The paper's k_aux: a power of two close to d_model / 2 (nearest in log scale)."""
+    half = max(d_in / 2, 1.0)
+    return int(2 ** round(math.log2(half)))
+
+
+@dataclass
+class SAEConfig:
+    """Architecture of a TopK sparse autoencoder (Gao et al. 2024, section 2.3).
+
+    encoder: z = ReLU(TopK_k(W_enc (x - b_pre) + b_enc)); decoder: x_hat = W_dec z + b_pre.
+    """
+
+    d_in: int
+    n_latents: int
+    k: int
+    # AuxK dead-latent loss (section A.2): top-k_aux dead latents model the detached residual.
+    k_aux: int | None = None  # None -> power of two near d_in / 2
+    auxk_coef: float = 1 / 32
+    dead_tokens_threshold: int = 10_000_000  # a latent is dead after this many tokens without firing
+    # Multi-TopK (section 5.3): loss L(k) + L(multi_topk_factor * k) / 8.
+    multi_topk: bool = False
+    multi_topk_factor: int = 4
+    # Input normalisation, stored with the weights and applied at inference.
+    #   dataset_scale: one scalar so that E||x||^2 = d_in (computed once from a data sample)
+    #   token_unit_norm: the paper's per-token (x - mean_d x) / ||x - mean_d x||
+    normalization: Normalization = "dataset_scale"
+    # Precision of the AuxK matmuls over the dead-latent block. "auto" uses bfloat16 where the
+    # hardware multiplies it natively (CUDA, CPUs with AMX/AVX512-BF16) and float32 elsewhere.
+    aux_precision: AuxPrecision = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "n_latents", "k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"sae.{name} must be a positive integer, got {value!r}")
+        if self.k > self.n_latents:
+            raise ConfigError(
+                f"sae.k={self.k} is larger than sae.n_latents={self.n_latents}; lower k or add latents"
+            )
+        if self.k_aux is None:
+            self.k_aux = min(default_k_aux(self.d_in), self.n_latents)
+        if not isinstance(self.k_aux, int) or self.k_aux <= 0 or self.k_aux > self.n_latents:
+            raise ConfigError(f"sae.k_aux must be in [1, n_latents={self.n_latents}], got {self.k_aux!r}")
+        if self.auxk_coef < 0 or not math.isfinite(self.auxk_coef):
+            raise ConfigError(f"sae.auxk_coef must be a finite number >= 0, got {self.auxk_coef!r}")
+        if self.dead_tokens_threshold <= 0:
+            raise ConfigError(f"sae.dead_tokens_threshold must be > 0, got {self.dead_tokens_threshold!r}")
+        if self.multi_topk and self.multi_topk_factor * self.k > self.n_latents:
+            raise ConfigError(
+                f"sae.multi_topk needs multi_topk_factor*k={self.multi_topk_factor * self.k} <= "
+                f"n_latents={self.n_latents}; disable multi_topk or lower k"
+            )
+        if self.multi_topk_factor < 2:
+            raise ConfigError(f"sae.multi_topk_factor must be >= 2, got {self.multi_topk_factor!r}")
+        if self.normalization not in ("none", "dataset_scale", "token_unit_norm"):
+            raise ConfigError(
+                f"sae.normalization must be one of none, dataset_scale, token_unit_norm; got {self.normalization!r}"
+            )
+        if self.aux_precision not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"sae.aux_precision must be auto, float32 or bfloat16; got {self.aux_precision!r}")
+
+    @property
+    def multi_k(self) -> int:
+        return self.multi_topk_factor * self.k
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SAEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown sae config keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (section A of the paper): Adam, constant lr by default."""
+
+    lr: float | None = None  # None -> 2e-4 / sqrt(n_latents / 2**14), the paper's 1/sqrt(n) law
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 6.25e-10
+    warmup_steps: int = 0
+    decay_start_frac: float | None = None  # linear decay to 0 from this fraction of total_steps
+    total_steps: int | None = None
+    clip_grad_norm: float | None = None
+    ema_decay: float | None = None  # e.g. 0.999; the bias-corrected EMA is used for eval/export
+    seed: int = 0
+    geometric_median_samples: int = 32768
+    init_transpose: bool = True  # W_enc = W_dec^T at init (then untied)
+    log_every: int = 10
+    histogram_every: int = 200
+    checkpoint_every: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and (not math.isfinite(self.lr) or self.lr <= 0):
+            raise ConfigError(f"train.lr must be a positive number, got {self.lr!r}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"train.{name} must be in [0, 1), got {value!r}")
+        if self.eps <= 0:
+            raise ConfigError(f"train.eps must be > 0, got {self.eps!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if self.decay_start_frac is not None:
+            if not 0.0 <= self.decay_start_frac < 1.0:
+                raise ConfigError(f"train.decay_start_frac must be in [0, 1), got {self.decay_start_frac!r}")
+            if not self.total_steps:
+                raise ConfigError("train.decay_start_frac needs train.total_steps to know when to decay")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ConfigError(f"train.clip_grad_norm must be > 0, got {self.clip_grad_norm!r}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in (0, 1), got {self.ema_decay!r}")
+        if self.log_every <= 0:
+            raise ConfigError(f"train.log_every must be >= 1, got {self.log_every!r}")
+        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
+            raise ConfigError(f"train.checkpoint_every must be >= 1, got {self.checkpoint_every!r}")
+
+    def resolved_lr(self, n_latents: int) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 2e-4 / math.sqrt(n_latents / 2**14)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown train config keys: {sorted(unknown)}")
+        return cls(**data)

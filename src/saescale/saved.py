@@ -1,0 +1,83 @@
+"""The saved SAE: `sae.safetensors` + `cfg.json` in one folder at any fsspec URL.
+
+Weights are safetensors only (no pickle anywhere); the folder is self-describing, so
+`load_sae(url)` needs nothing but the URL.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from saescale import storage
+from saescale.config import SAEConfig
+from saescale.model import TopKSAE
+
+FORMAT = "saescale.topk.v1"
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "cfg.json"
+
+
+class SavedSAEError(ValueError):
+    """A saved SAE folder is missing files or holds tensors that disagree with its config."""
+
+
+def sae_tensors(sae: TopKSAE, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    params = weights if weights is not None else {n: p.detach() for n, p in sae.named_parameters()}
+    out = {name: params[name].contiguous().cpu() for name in ("W_enc", "b_enc", "W_dec", "b_pre")}
+    out["input_scale"] = sae.input_scale.detach().reshape(()).cpu()
+    return out
+
+
+def save_sae(
+    sae: TopKSAE,
+    url: str,
+    metadata: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Write the SAE (optionally other weights, e.g. the EMA) to the folder at `url`; config last."""
+    tensors = sae_tensors(sae, weights)
+    storage.write_file_atomic(
+        storage.join(url, WEIGHTS_FILE), lambda p: save_file(tensors, p, metadata={"format": FORMAT}), storage_options
+    )
+    cfg = {"format": FORMAT, "sae": sae.cfg.to_dict(), "metadata": metadata or {}}
+    storage.write_json_atomic(storage.join(url, CONFIG_FILE), cfg, storage_options)
+
+
+def load_sae(
+    url: str, device: torch.device | str = "cpu", storage_options: dict[str, Any] | None = None
+) -> tuple[TopKSAE, dict[str, Any]]:
+    """Load a saved SAE; returns it with the metadata stored beside it."""
+    cfg_url = storage.join(url, CONFIG_FILE)
+    if not storage.exists(cfg_url, storage_options):
+        raise SavedSAEError(f"no {CONFIG_FILE} in {storage.redact(url)}: not a saved saescale SAE")
+    raw = storage.read_json(cfg_url, storage_options)
+    if raw.get("format") != FORMAT:
+        raise SavedSAEError(f"{storage.redact(cfg_url)} has format {raw.get('format')!r}, expected {FORMAT!r}")
+    cfg = SAEConfig.from_dict(raw["sae"])
+    with tempfile.TemporaryDirectory(prefix="saescale-load-") as tmp:
+        local = storage.local_copy(storage.join(url, WEIGHTS_FILE), os.path.join(tmp, WEIGHTS_FILE), storage_options)
+        tensors = load_file(local)
+    sae = TopKSAE(cfg, device=device)
+    load_sae_tensors(sae, tensors)
+    return sae, raw.get("metadata", {})
+
+
+@torch.no_grad()
+def load_sae_tensors(sae: TopKSAE, tensors: dict[str, torch.Tensor]) -> None:
+    expected = {name: tuple(p.shape) for name, p in sae.named_parameters()}
+    expected["input_scale"] = ()
+    missing = set(expected) - set(tensors)
+    if missing:
+        raise SavedSAEError(f"saved weights lack tensors {sorted(missing)}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise SavedSAEError(f"tensor {name} has shape {tuple(tensors[name].shape)}, config says {shape}")
+    for name, p in sae.named_parameters():
+        p.copy_(tensors[name])
+    sae.input_scale.copy_(tensors["input_scale"].reshape(()))

@@ -1,0 +1,186 @@
+"""One training forward pass with a hand-written sparse backward.
+
+The only O(batch * n_latents) work is the encoder GEMM and its top-k (the "floor"); the
+pre-activation lives in one reused buffer and AuxK reads its dead columns from it. Everything
+else is O(batch * k * d): the decoder gathers k rows per token, and gradients for W_dec, W_enc,
+b_enc and b_pre are accumulated from the active entries only (`saescale.kernels`). Gradients are
+written straight into the parameters' persistent `.grad` buffers, so a step allocates nothing
+as large as a weight matrix.
+
+Losses (all means over batch and d_in):
+  main      = mse_scale * mean((x_hat - x)^2)                 mse_scale fixed from a data sample
+  multi     = mse_scale * mean((x_hat_4k - x)^2) / 8          Multi-TopK, optional
+  auxk      = coef * mean((e_hat - e)^2) / mean((e - mean_b e)^2),  e = x - x_hat detached,
+              e_hat = W_dec z_aux (no bias) from the top-k_aux dead latents; NaN -> 0
+The dense reference in `saescale.reference` defines the same losses with autograd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from saescale.dead_latents import DeadLatentTracker
+from saescale.kernels import (
+    DeadBlock,
+    LatentOrder,
+    latent_sums,
+    resolve_aux_dtype,
+    rows_by_latent_,
+    sparse_decode,
+    use_dense_block,
+    values_grad,
+)
+from saescale.model import TopKSAE
+
+
+@dataclass
+class StepStats:
+    loss: Tensor
+    mse_loss: Tensor
+    fvu: Tensor  # per-batch fraction of variance unexplained (= the paper's normalised MSE)
+    auxk_loss: Tensor
+    multi_topk_loss: Tensor
+    l0: Tensor
+    n_dead: int
+    fired: Tensor  # latent indices that fired in this batch (for density statistics)
+
+
+class SparseTopKStep:
+    """Computes losses and writes parameter gradients for one batch of normalised inputs."""
+
+    def __init__(self, sae: TopKSAE, mse_scale: float, tracker: DeadLatentTracker) -> None:
+        self.sae = sae
+        self.cfg = sae.cfg
+        self.mse_scale = float(mse_scale)
+        self.tracker = tracker
+        self._pre: Tensor | None = None
+        for p in sae.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.aux_dtype = resolve_aux_dtype(self.cfg.aux_precision, sae.W_enc.device)
+
+    def _pre_buffer(self, batch: int) -> Tensor:
+        n = self.cfg.n_latents
+        if self._pre is None or self._pre.shape[0] != batch:
+            self._pre = None  # free the old buffer before allocating a new one
+            self._pre = torch.empty(batch, n, device=self.sae.W_enc.device)
+        return self._pre
+
+    def release_buffers(self) -> None:
+        self._pre = None
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> StepStats:
+        sae, cfg = self.sae, self.cfg
+        W_enc, b_enc, W_dec, b_pre = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre
+        batch, d = x.shape
+        n = cfg.n_latents
+        denom = batch * d
+
+        # ---- encoder: the floor (one GEMM + top-k) ------------------------------------
+        xc = x - b_pre
+        pre = torch.addmm(b_enc, xc, W_enc.t(), out=self._pre_buffer(batch))
+        width = cfg.multi_k if cfg.multi_topk else cfg.k
+        raw_vals, idx = pre.topk(width, dim=1, sorted=False)
+        vals = raw_vals.clamp_min(0)
+        if cfg.multi_topk:
+            _, pos = raw_vals.topk(cfg.k, dim=1, sorted=False)
+            main_idx, main_vals = idx.gather(1, pos), vals.gather(1, pos)
+        else:
+            pos, main_idx, main_vals = None, idx, vals
+
+        # ---- decoder and main loss ------------------------------------------------------
+        order_main = LatentOrder(main_idx, n)
+        x_hat = sparse_decode(main_idx, main_vals, W_dec) + b_pre
+        err = x_hat - x
+        mse = err.pow(2).mean()
+        mse_loss = self.mse_scale * mse
+        var_x = (x - x.mean(0)).pow(2).mean()
+        fvu = mse / var_x.clamp_min(1e-30)
+        grad_x_hat = err * (2.0 * self.mse_scale / denom)
+
+        fired_mask = main_vals > 0
+        fired = main_idx[fired_mask]
+        self.tracker.update(fired, batch)
+        l0 = fired_mask.sum(1).float().mean()
+
+        # gradient w.r.t. the encoder values at `idx` (width entries per token)
+        g_main = values_grad(main_idx, W_dec, grad_x_hat) * fired_mask
+        rows_by_latent_(W_dec.grad, order_main, main_vals, grad_x_hat, accumulate=False)
+        grad_b_pre = grad_x_hat.sum(0)
+
+        multi_loss = torch.zeros((), device=x.device)
+        if cfg.multi_topk:
+            order_wide = LatentOrder(idx, n)
+            x_hat_wide = sparse_decode(idx, vals, W_dec) + b_pre
+            err_wide = x_hat_wide - x
+            multi_loss = self.mse_scale * err_wide.pow(2).mean() / 8
+            grad_wide_out = err_wide * (2.0 * self.mse_scale / (8 * denom))
+            g_enc = values_grad(idx, W_dec, grad_wide_out) * (vals > 0)
+            g_enc.scatter_add_(1, pos, g_main)
+            rows_by_latent_(W_dec.grad, order_wide, vals, grad_wide_out, accumulate=True)
+            grad_b_pre += grad_wide_out.sum(0)
+            enc_idx, enc_order = idx, order_wide
+        else:
+            g_enc, enc_idx, enc_order = g_main, main_idx, order_main
+
+        # ---- encoder gradients from the active entries ------------------------------------
+        rows_by_latent_(W_enc.grad, enc_order, g_enc, xc, accumulate=False)
+        grad_b_enc = latent_sums(enc_idx, g_enc, n)
+
+        # ---- AuxK on the dead latents ------------------------------------------------------
+        auxk_loss = torch.zeros((), device=x.device)
+        dead_idx = self.tracker.dead_mask().nonzero().flatten()
+        n_dead = int(dead_idx.numel())
+        if n_dead > 0 and cfg.auxk_coef > 0:
+            auxk_loss = self._auxk(pre, dead_idx, x, x_hat, xc, grad_b_enc)
+
+        b_enc.grad.copy_(grad_b_enc)
+        grad_b_pre -= grad_b_enc @ W_enc
+        b_pre.grad.copy_(grad_b_pre)
+
+        loss = mse_loss + multi_loss + auxk_loss
+        return StepStats(loss, mse_loss, fvu, auxk_loss, multi_loss, l0, n_dead, fired)
+
+    def _auxk(
+        self, pre: Tensor, dead_idx: Tensor, x: Tensor, x_hat: Tensor, xc: Tensor, grad_b_enc: Tensor
+    ) -> Tensor:
+        cfg, sae = self.cfg, self.sae
+        W_enc, W_dec = sae.W_enc, sae.W_dec
+        batch, d = x.shape
+        k_aux = min(cfg.k_aux, int(dead_idx.numel()))
+        residual = x - x_hat
+        var_res = (residual - residual.mean(0)).pow(2).mean()
+        pre_dead = pre.index_select(1, dead_idx)
+        if use_dense_block(int(dead_idx.numel()), k_aux):
+            block = DeadBlock(pre_dead, k_aux, self.aux_dtype)
+            w_dead = W_dec.index_select(0, dead_idx)
+            e_hat = block.decode(w_dead)
+            aux_err = e_hat - residual
+            aux = cfg.auxk_coef * aux_err.pow(2).mean() / var_res
+            if not torch.isfinite(aux):
+                return torch.zeros((), device=x.device)
+            grad_e_hat = aux_err * (2.0 * cfg.auxk_coef / (batch * d * var_res))
+            g_wdec, g_wenc, g_benc = block.backward(grad_e_hat, w_dead, xc)
+            W_dec.grad.index_add_(0, dead_idx, g_wdec)
+            W_enc.grad.index_add_(0, dead_idx, g_wenc)
+            grad_b_enc.index_add_(0, dead_idx, g_benc)
+            return aux
+        raw, local = pre_dead.topk(k_aux, dim=1, sorted=False)
+        aux_idx = dead_idx[local]
+        aux_vals = raw.clamp_min(0)
+        e_hat = sparse_decode(aux_idx, aux_vals, W_dec)
+        aux_err = e_hat - residual
+        aux = cfg.auxk_coef * aux_err.pow(2).mean() / var_res
+        if not torch.isfinite(aux):
+            return torch.zeros((), device=x.device)
+        grad_e_hat = aux_err * (2.0 * cfg.auxk_coef / (batch * d * var_res))
+        order = LatentOrder(aux_idx, cfg.n_latents)
+        g_aux = values_grad(aux_idx, W_dec, grad_e_hat) * (aux_vals > 0)
+        rows_by_latent_(W_dec.grad, order, aux_vals, grad_e_hat, accumulate=True)
+        rows_by_latent_(W_enc.grad, order, g_aux, xc, accumulate=True)
+        grad_b_enc.add_(latent_sums(aux_idx, g_aux, cfg.n_latents))
+        return aux

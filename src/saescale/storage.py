@@ -1,0 +1,138 @@
+"""Atomic reads and writes on any fsspec URL (local path, file://, s3://, gs://, ...).
+
+A file becomes visible only when complete: locally it is written beside its target and renamed
+(`os.replace` is atomic on POSIX); on object stores it is uploaded as one object, which the
+store publishes only once the PUT (or multipart upload) completes. Credentials come from the
+environment or `storage_options` and are never logged or written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+class StorageError(RuntimeError):
+    """Storage is unreachable, a path is missing, or credentials are refused."""
+
+
+def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"cannot open storage for {redact(url)}: {exc}") from exc
+    return fs, path
+
+
+def redact(url: str) -> str:
+    """Drop any user:password@ part of a URL before it reaches a message or a log."""
+    if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def join(url: str, *parts: str) -> str:
+    out = url.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def _wrap(url: str, exc: Exception) -> StorageError:
+    return StorageError(f"storage operation on {redact(url)} failed: {type(exc).__name__}: {exc}")
+
+
+def write_file_atomic(
+    url: str, writer: Callable[[str], None], storage_options: dict[str, Any] | None = None
+) -> None:
+    """Call writer(local_path) to produce the file, then publish it at `url` in one step."""
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        if isinstance(fs, LocalFileSystem):
+            directory = os.path.dirname(path) or "."
+            os.makedirs(directory, exist_ok=True)
+            tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+            try:
+                writer(tmp)
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            return
+        with tempfile.TemporaryDirectory(prefix="saescale-upload-") as tmpdir:
+            local = os.path.join(tmpdir, os.path.basename(path) or "blob")
+            writer(local)
+            fs.put_file(local, path)
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every backend raises its own types
+        raise _wrap(url, exc) from exc
+
+
+def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    def writer(local: str) -> None:
+        with open(local, "wb") as handle:
+            handle.write(data)
+
+    write_file_atomic(url, writer, storage_options)
+
+
+def write_json_atomic(url: str, obj: Any, storage_options: dict[str, Any] | None = None) -> None:
+    write_bytes_atomic(url, json.dumps(obj, indent=2, sort_keys=True).encode(), storage_options)
+
+
+def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as exc:
+        raise StorageError(f"not found: {redact(url)}") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap(url, exc) from exc
+
+
+def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
+    return json.loads(read_bytes(url, storage_options))
+
+
+def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        return bool(fs.exists(path))
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap(url, exc) from exc
+
+
+def remove_tree(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap(url, exc) from exc
+
+
+def local_copy(url: str, local_path: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Return a local path holding the file at `url` (the path itself when already local)."""
+    fs, path = url_to_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        if not os.path.exists(path):
+            raise StorageError(f"not found: {redact(url)}")
+        return path
+    try:
+        fs.get_file(path, local_path)
+    except FileNotFoundError as exc:
+        raise StorageError(f"not found: {redact(url)}") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap(url, exc) from exc
+    return local_path

@@ -1,0 +1,113 @@
+"""The sparse step against the dense autograd reference, on the same weights: outputs and grads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saescale.config import SAEConfig
+from saescale.dead_latents import DeadLatentTracker
+from saescale.model import TopKSAE
+from saescale.reference import dense_losses
+from saescale.step import SparseTopKStep
+
+
+def make_sae(cfg: SAEConfig, seed: int = 0) -> TopKSAE:
+    g = torch.Generator().manual_seed(seed)
+    sae = TopKSAE(cfg)
+    sae.reset_parameters(generator=g)
+    with torch.no_grad():
+        # untie and perturb so that encoder and decoder gradients differ
+        sae.W_enc.add_(0.05 * torch.randn(sae.W_enc.shape, generator=g))
+        sae.b_enc.copy_(0.1 * torch.randn(sae.b_enc.shape, generator=g))
+        sae.b_pre.copy_(0.1 * torch.randn(sae.b_pre.shape, generator=g))
+    return sae
+
+
+def run_both(cfg: SAEConfig, dead: torch.Tensor | None, batch: int = 64, seed: int = 0):
+    sae = make_sae(cfg, seed)
+    x = torch.randn(batch, cfg.d_in, generator=torch.Generator().manual_seed(seed + 1))
+    tracker = DeadLatentTracker(cfg.n_latents, threshold_tokens=10)
+    if dead is not None:
+        # latents marked dead stay dead unless they fire in this batch
+        tracker.tokens_since_fired[dead] = 10
+    before = tracker.tokens_since_fired.clone()
+    step = SparseTopKStep(sae, mse_scale=0.7, tracker=tracker)
+    stats = step(x)
+
+    # reference: the same tracker update, then autograd through dense ops
+    ref_tracker = DeadLatentTracker(cfg.n_latents, threshold_tokens=10)
+    ref_tracker.tokens_since_fired.copy_(before)
+    params = {name: p.detach().clone().requires_grad_(True) for name, p in sae.named_parameters()}
+    with torch.no_grad():
+        pre = (x - params["b_pre"]) @ params["W_enc"].t() + params["b_enc"]
+        vals, idx = pre.topk(cfg.k, dim=1)
+        ref_tracker.update(idx[vals > 0], batch)
+    dead_mask = ref_tracker.dead_mask()
+    out = dense_losses(params, x, cfg, mse_scale=0.7, dead_mask=dead_mask if dead is not None else None)
+    out["loss"].backward()
+    return sae, stats, out, params
+
+
+def assert_grads_match(sae, params, rtol=1e-4, atol=1e-6):
+    for name, p in sae.named_parameters():
+        ref = params[name].grad
+        scale = ref.abs().max().item() + 1e-12
+        err = (p.grad - ref).abs().max().item()
+        assert err <= atol + rtol * scale * 10, f"{name}: max err {err:.3e} vs scale {scale:.3e}"
+
+
+@pytest.mark.parametrize("multi_topk", [False, True])
+def test_main_path_matches_dense_reference(multi_topk):
+    cfg = SAEConfig(d_in=24, n_latents=256, k=8, multi_topk=multi_topk, auxk_coef=0.0, normalization="none")
+    sae, stats, ref, params = run_both(cfg, dead=None)
+    torch.testing.assert_close(stats.mse_loss, ref["mse_loss"].detach(), rtol=1e-5, atol=1e-7)
+    if multi_topk:
+        torch.testing.assert_close(stats.multi_topk_loss, ref["multi_topk_loss"].detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stats.loss, ref["loss"].detach(), rtol=1e-5, atol=1e-7)
+    assert_grads_match(sae, params)
+
+
+@pytest.mark.parametrize("n_dead", [40, 250])  # dense dead block, then the sparse path
+@pytest.mark.parametrize("multi_topk", [False, True])
+def test_auxk_matches_dense_reference(n_dead, multi_topk):
+    cfg = SAEConfig(
+        d_in=24, n_latents=256, k=8, k_aux=8, multi_topk=multi_topk, normalization="none", aux_precision="float32"
+    )
+    dead = torch.randperm(256, generator=torch.Generator().manual_seed(3))[:n_dead]
+    sae, stats, ref, params = run_both(cfg, dead=dead)
+    assert stats.n_dead > 0
+    assert stats.auxk_loss > 0
+    torch.testing.assert_close(stats.auxk_loss, ref["auxk_loss"].detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stats.loss, ref["loss"].detach(), rtol=1e-5, atol=1e-7)
+    assert_grads_match(sae, params)
+
+
+def test_auxk_alone_moves_the_encoder():
+    """With the main loss's gradient removed, AuxK must still produce encoder gradients for dead
+    latents (a peer library's custom backward silently dropped them)."""
+    cfg = SAEConfig(d_in=24, n_latents=256, k=8, k_aux=8, normalization="none", aux_precision="float32")
+    dead = torch.arange(200, 256)
+    sae = make_sae(cfg)
+    x = torch.randn(64, 24)
+    tracker = DeadLatentTracker(256, threshold_tokens=10)
+    tracker.tokens_since_fired[dead] = 10
+    step = SparseTopKStep(sae, mse_scale=0.0, tracker=tracker)  # main loss scaled to zero
+    stats = step(x)
+    assert stats.auxk_loss > 0
+    dead_now = tracker.dead_mask()
+    assert sae.W_enc.grad[dead_now].abs().sum() > 0
+    assert sae.b_enc.grad[dead_now].abs().sum() > 0
+    assert sae.W_enc.grad[~dead_now].abs().sum() == 0  # only dead latents get AuxK gradient
+
+
+def test_bfloat16_dead_block_is_close():
+    cfg32 = SAEConfig(d_in=24, n_latents=256, k=8, k_aux=8, normalization="none", aux_precision="float32")
+    cfg16 = SAEConfig(d_in=24, n_latents=256, k=8, k_aux=8, normalization="none", aux_precision="bfloat16")
+    dead = torch.arange(0, 40)
+    sae32, stats32, _, _ = run_both(cfg32, dead=dead)
+    sae16, stats16, _, _ = run_both(cfg16, dead=dead)
+    torch.testing.assert_close(stats16.auxk_loss, stats32.auxk_loss, rtol=2e-2, atol=1e-6)
+    for (name, p32), (_, p16) in zip(sae32.named_parameters(), sae16.named_parameters()):
+        rel = (p16.grad - p32.grad).norm() / p32.grad.norm().clamp_min(1e-12)
+        assert rel < 2e-2, name
