@@ -34,10 +34,13 @@ def remove_parallel_grad_(w_dec: Tensor, grad: Tensor) -> None:
     """Project out each decoder row's gradient component along the (unit-norm) row.
 
     Adam would otherwise spend its step growing the norm that the renormalisation undoes.
-    Computed with batched dot products so no temporary the size of W_dec is allocated.
+    Done in row chunks so no temporary the size of W_dec is allocated (and chunks stay in cache).
     """
-    dots = torch.bmm(grad.unsqueeze(1), w_dec.unsqueeze(2)).view(-1, 1)
-    grad.addcmul_(w_dec, dots, value=-1.0)
+    rows = max(1, (4 * 2**20) // max(1, w_dec.shape[1] * w_dec.element_size()))
+    for start in range(0, w_dec.shape[0], rows):
+        w, g = w_dec[start : start + rows], grad[start : start + rows]
+        dots = (g * w).sum(dim=1, keepdim=True)
+        g.addcmul_(w, dots, value=-1.0)
 
 
 @torch.no_grad()

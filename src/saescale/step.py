@@ -36,6 +36,17 @@ from saescale.kernels import (
 from saescale.model import TopKSAE
 
 
+def _mean_sq(t: Tensor) -> Tensor:
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat) / flat.numel()
+
+
+def _variance(t: Tensor) -> Tensor:
+    """Mean over batch and features of the squared deviation from the batch mean (no temporaries)."""
+    mean = t.mean(0)
+    return _mean_sq(t) - torch.dot(mean, mean) / mean.numel()
+
+
 @dataclass
 class StepStats:
     loss: Tensor
@@ -94,12 +105,11 @@ class SparseTopKStep:
 
         # ---- decoder and main loss ------------------------------------------------------
         order_main = LatentOrder(main_idx, n)
-        x_hat = sparse_decode(main_idx, main_vals, W_dec) + b_pre
+        x_hat = sparse_decode(main_idx, main_vals, W_dec).add_(b_pre)
         err = x_hat - x
-        mse = err.pow(2).mean()
+        mse = _mean_sq(err)
         mse_loss = self.mse_scale * mse
-        var_x = (x - x.mean(0)).pow(2).mean()
-        fvu = mse / var_x.clamp_min(1e-30)
+        fvu = mse / _variance(x).clamp_min(1e-30)
         grad_x_hat = err * (2.0 * self.mse_scale / denom)
 
         fired_mask = main_vals > 0
@@ -115,9 +125,8 @@ class SparseTopKStep:
         multi_loss = torch.zeros((), device=x.device)
         if cfg.multi_topk:
             order_wide = LatentOrder(idx, n)
-            x_hat_wide = sparse_decode(idx, vals, W_dec) + b_pre
-            err_wide = x_hat_wide - x
-            multi_loss = self.mse_scale * err_wide.pow(2).mean() / 8
+            err_wide = sparse_decode(idx, vals, W_dec).add_(b_pre).sub_(x)
+            multi_loss = self.mse_scale * _mean_sq(err_wide) / 8
             grad_wide_out = err_wide * (2.0 * self.mse_scale / (8 * denom))
             g_enc = values_grad(idx, W_dec, grad_wide_out) * (vals > 0)
             g_enc.scatter_add_(1, pos, g_main)
@@ -136,7 +145,7 @@ class SparseTopKStep:
         dead_idx = self.tracker.dead_mask().nonzero().flatten()
         n_dead = int(dead_idx.numel())
         if n_dead > 0 and cfg.auxk_coef > 0:
-            auxk_loss = self._auxk(pre, dead_idx, x, x_hat, xc, grad_b_enc)
+            auxk_loss = self._auxk(pre, dead_idx, err, xc, grad_b_enc)
 
         b_enc.grad.copy_(grad_b_enc)
         grad_b_pre -= grad_b_enc @ W_enc
@@ -145,24 +154,23 @@ class SparseTopKStep:
         loss = mse_loss + multi_loss + auxk_loss
         return StepStats(loss, mse_loss, fvu, auxk_loss, multi_loss, l0, n_dead, fired)
 
-    def _auxk(
-        self, pre: Tensor, dead_idx: Tensor, x: Tensor, x_hat: Tensor, xc: Tensor, grad_b_enc: Tensor
-    ) -> Tensor:
+    def _auxk(self, pre: Tensor, dead_idx: Tensor, err: Tensor, xc: Tensor, grad_b_enc: Tensor) -> Tensor:
+        """AuxK loss; adds its gradients to W_dec.grad, W_enc.grad and grad_b_enc. err = x_hat - x."""
         cfg, sae = self.cfg, self.sae
         W_enc, W_dec = sae.W_enc, sae.W_dec
-        batch, d = x.shape
+        batch, d = err.shape
         k_aux = min(cfg.k_aux, int(dead_idx.numel()))
-        residual = x - x_hat
-        var_res = (residual - residual.mean(0)).pow(2).mean()
+        residual = -err
+        var_res = _variance(residual)
         pre_dead = pre.index_select(1, dead_idx)
         if use_dense_block(int(dead_idx.numel()), k_aux):
             block = DeadBlock(pre_dead, k_aux, self.aux_dtype)
             w_dead = W_dec.index_select(0, dead_idx)
             e_hat = block.decode(w_dead)
-            aux_err = e_hat - residual
-            aux = cfg.auxk_coef * aux_err.pow(2).mean() / var_res
+            aux_err = e_hat.sub_(residual)
+            aux = cfg.auxk_coef * _mean_sq(aux_err) / var_res
             if not torch.isfinite(aux):
-                return torch.zeros((), device=x.device)
+                return torch.zeros((), device=err.device)
             grad_e_hat = aux_err * (2.0 * cfg.auxk_coef / (batch * d * var_res))
             g_wdec, g_wenc, g_benc = block.backward(grad_e_hat, w_dead, xc)
             W_dec.grad.index_add_(0, dead_idx, g_wdec)
@@ -173,10 +181,10 @@ class SparseTopKStep:
         aux_idx = dead_idx[local]
         aux_vals = raw.clamp_min(0)
         e_hat = sparse_decode(aux_idx, aux_vals, W_dec)
-        aux_err = e_hat - residual
-        aux = cfg.auxk_coef * aux_err.pow(2).mean() / var_res
+        aux_err = e_hat.sub_(residual)
+        aux = cfg.auxk_coef * _mean_sq(aux_err) / var_res
         if not torch.isfinite(aux):
-            return torch.zeros((), device=x.device)
+            return torch.zeros((), device=err.device)
         grad_e_hat = aux_err * (2.0 * cfg.auxk_coef / (batch * d * var_res))
         order = LatentOrder(aux_idx, cfg.n_latents)
         g_aux = values_grad(aux_idx, W_dec, grad_e_hat) * (aux_vals > 0)

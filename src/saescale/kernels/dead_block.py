@@ -29,9 +29,8 @@ def use_dense_block(n_dead: int, k_aux: int) -> bool:
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU multiplies bfloat16 natively (AMX or AVX512-BF16)."""
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    cpu_mod = getattr(torch._C, "_cpu", None)
     for name in probes:
-        fn = getattr(cpu_mod, name, None)
+        fn = getattr(torch.cpu, name, None)
         try:
             if fn is not None and fn():
                 return True
@@ -52,34 +51,44 @@ def resolve_aux_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _mm(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    if dtype == torch.float32:
-        return a @ b
-    return (a.to(dtype) @ b.to(dtype)).float()
-
-
 class DeadBlock:
-    """Forward and backward of the AuxK reconstruction e_hat = Z @ W_dec[dead] on the dead block."""
+    """Forward and backward of the AuxK reconstruction e_hat = Z @ W_dec[dead] on the dead block.
+
+    Z [batch, n_dead] holds each token's top-k_aux dead-latent activations after ReLU (zeros
+    elsewhere), built directly in the matmul dtype. Shortcut, exact: when no token has more than
+    k_aux positive dead pre-activations, the top-k_aux set contains every positive entry and the
+    rest are zeroed by the ReLU, so Z = ReLU(pre) with no top-k at all (the usual case: dead
+    latents rarely have many positive pre-activations). Otherwise a top-k selects them.
+    """
 
     def __init__(self, pre_dead: Tensor, k_aux: int, dtype: torch.dtype) -> None:
         # pre_dead: [batch, n_dead] encoder pre-activations of the dead latents
-        vals, local = pre_dead.topk(k_aux, dim=1, sorted=False)
-        self.local = local
-        self.vals = vals.clamp_min(0)
-        self.code = torch.zeros_like(pre_dead).scatter_(1, local, self.vals)
         self.dtype = dtype
+        positive = pre_dead > 0
+        if k_aux >= pre_dead.shape[1] or int(positive.sum(1).max()) <= k_aux:
+            self.used_topk = False
+            self.mask = positive.to(dtype)
+            self.code = pre_dead.to(dtype).clamp_min_(0)
+        else:
+            self.used_topk = True
+            vals, local = pre_dead.topk(k_aux, dim=1, sorted=False)
+            self.mask = torch.zeros(pre_dead.shape, dtype=dtype, device=pre_dead.device)
+            self.mask.scatter_(1, local, (vals > 0).to(dtype))
+            self.code = torch.zeros(pre_dead.shape, dtype=dtype, device=pre_dead.device)
+            self.code.scatter_(1, local, vals.clamp_min(0).to(dtype))
 
     def decode(self, w_dec_dead: Tensor) -> Tensor:
-        return _mm(self.code, w_dec_dead, self.dtype)
+        return (self.code @ w_dec_dead.to(self.dtype)).float()
 
     def backward(
         self, grad_out: Tensor, w_dec_dead: Tensor, x_centred: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns the gradients for (W_dec[dead], W_enc[dead], b_enc[dead])."""
-        grad_code = _mm(grad_out, w_dec_dead.t(), self.dtype)
-        picked = grad_code.gather(1, self.local) * (self.vals > 0)
-        grad_pre = torch.zeros_like(grad_code).scatter_(1, self.local, picked)
-        grad_w_dec = _mm(self.code.t(), grad_out, self.dtype)
-        grad_w_enc = _mm(grad_pre.t(), x_centred, self.dtype)
-        grad_b_enc = grad_pre.sum(0)
+        """Returns the gradients for (W_dec[dead], W_enc[dead], b_enc[dead]), in float32."""
+        dtype = self.dtype
+        g_out = grad_out.to(dtype)
+        grad_pre = (g_out @ w_dec_dead.to(dtype).t()).mul_(self.mask)
+        grad_w_dec = (self.code.t() @ g_out).float()
+        grad_w_enc = (grad_pre.t() @ x_centred.to(dtype)).float()
+        ones = torch.ones(1, grad_pre.shape[0], dtype=dtype, device=grad_pre.device)
+        grad_b_enc = (ones @ grad_pre).float().view(-1)
         return grad_w_dec, grad_w_enc, grad_b_enc

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Rows per chunk of a [n, d] output are chosen so that one chunk is about this many bytes.
-_CHUNK_BYTES = 8 * 2**20
+_CHUNK_BYTES = 8 * 2**20  # ~4k rows at d=576: stays in cache, recycled by malloc
 
 
 class LatentOrder:
@@ -51,9 +51,37 @@ class LatentOrder:
         return self._offsets_cpu[i]
 
 
+def _needs_autograd(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def sparse_decode(indices: Tensor, values: Tensor, weight: Tensor) -> Tensor:
-    """x_hat[b] = sum_j values[b, j] * weight[indices[b, j]] without any dense [batch, n] tensor."""
-    return F.embedding_bag(indices, weight, per_sample_weights=values.to(weight.dtype), mode="sum")
+    """x_hat[b] = sum_j values[b, j] * weight[indices[b, j]] without any dense [batch, n] tensor.
+
+    Differentiable through autograd (embedding_bag's own backward) when inputs require grad;
+    the training step uses the explicit backward products below instead.
+    """
+    values = values.to(weight.dtype)
+    if _needs_autograd(values, weight):
+        return F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum")
+    batch, width = indices.shape
+    offsets = torch.arange(0, batch * width, width, device=indices.device)
+    out = torch.ops.aten._embedding_bag_forward_only(
+        weight, indices.reshape(-1), offsets, False, 0, False, values.reshape(-1), False, -1
+    )
+    return out[0]
+
+
+def _bag_into(out: Tensor, rows: Tensor, dense: Tensor, offsets: Tensor, weights: Tensor) -> None:
+    """out = embedding_bag(rows, dense, offsets, weights), written in place when the backend can."""
+    try:
+        empty = torch.empty(0, dtype=torch.long, device=out.device)
+        torch.ops.aten._embedding_bag_forward_only.out(
+            dense, rows, offsets, False, 0, False, weights, False, -1,
+            out0=out, out1=empty, out2=empty.clone(), out3=empty.clone(),
+        )
+    except (RuntimeError, AttributeError):  # pragma: no cover - backend without the out= variant
+        out.copy_(F.embedding_bag(rows, dense, offsets, per_sample_weights=weights, mode="sum"))
 
 
 def rows_by_latent_(
@@ -77,17 +105,11 @@ def rows_by_latent_(
             if not accumulate:
                 out[start:stop].zero_()
             continue
-        part = F.embedding_bag(
-            order.rows[lo:hi],
-            dense,
-            order.offsets[start:stop] - lo,
-            per_sample_weights=weights_sorted[lo:hi],
-            mode="sum",
-        )
+        rows, offsets, weights = order.rows[lo:hi], order.offsets[start:stop] - lo, weights_sorted[lo:hi]
         if accumulate:
-            out[start:stop].add_(part)
+            out[start:stop].add_(F.embedding_bag(rows, dense, offsets, per_sample_weights=weights, mode="sum"))
         else:
-            out[start:stop].copy_(part)
+            _bag_into(out[start:stop], rows, dense, offsets, weights)
     return out
 
 

@@ -1,0 +1,64 @@
+"""`saescale` command line: benchmarks and utilities (training jobs live in jobs/, run by Hydra)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _bench_step(args: argparse.Namespace) -> int:
+    from saescale.bench.step import bench_step
+
+    result = bench_step(
+        d_in=args.d_in,
+        n_latents=args.n_latents,
+        k=args.k,
+        batch=args.batch,
+        auxk=not args.no_auxk,
+        dead_fraction=args.dead_fraction,
+        multi_topk=args.multi_topk,
+        naive=not args.no_naive,
+        threads=args.threads,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        aux_precision=args.aux_precision,
+    )
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saescale", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="benchmarks that print JSON")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    step = bench_sub.add_parser("step", help="time one optimiser step against the GEMM+top-k floor and a naive step")
+    step.add_argument("--d-in", type=int, default=576)
+    step.add_argument("--n-latents", type=int, default=16384)
+    step.add_argument("--k", type=int, default=32)
+    step.add_argument("--batch", type=int, default=4096)
+    step.add_argument("--dead-fraction", type=float, default=0.0, help="fraction of latents marked dead (AuxK work)")
+    step.add_argument("--no-auxk", action="store_true", help="disable the AuxK loss")
+    step.add_argument("--multi-topk", action="store_true")
+    step.add_argument("--no-naive", action="store_true", help="skip the dense baseline (for large n)")
+    step.add_argument("--threads", type=int, default=2)
+    step.add_argument("--warmup", type=int, default=2)
+    step.add_argument("--repeats", type=int, default=7)
+    step.add_argument("--aux-precision", choices=["auto", "float32", "bfloat16"], default="auto")
+    step.set_defaults(func=_bench_step)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, RuntimeError) as exc:
+        print(f"saescale: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
