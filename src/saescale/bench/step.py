@@ -52,6 +52,11 @@ def bench_step(
     aux_precision: str = "auto",
     timeout: float = 1800,
 ) -> dict[str, Any]:
+    from saescale.config import SAEConfig
+
+    SAEConfig(d_in=d_in, n_latents=n_latents, k=k, multi_topk=multi_topk)  # fail fast on bad sizes
+    if not 0.0 <= dead_fraction < 1.0:
+        raise ValueError(f"--dead-fraction must be in [0, 1), got {dead_fraction}")
     spec = dict(
         d_in=d_in,
         n_latents=n_latents,
