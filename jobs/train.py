@@ -53,6 +53,8 @@ def main(cfg: DictConfig) -> dict:
 
     # ---- data: activations from the language model -------------------------------------
     lm = load_causal_lm(cfg.data.model)
+    d_model = lm.model.config.hidden_size
+    sae_cfg = SAEConfig(d_in=d_model, **OmegaConf.to_container(cfg.sae))  # validate before the slow part
     total = cfg.data.train_tokens + cfg.data.heldout_tokens
     acts = collect_activations(
         lm.model, lm.tokenizer, iter_documents(cfg.data.corpus, cfg.data.text_field),
@@ -64,7 +66,6 @@ def main(cfg: DictConfig) -> dict:
     print0(f"{train.shape[0]} training and {heldout.shape[0]} held-out activations, d_model={acts.shape[1]}")
 
     # ---- model and trainer ---------------------------------------------------------------
-    sae_cfg = SAEConfig(d_in=acts.shape[1], **OmegaConf.to_container(cfg.sae))
     steps_per_epoch = train.shape[0] // cfg.train.batch_size
     total_steps = steps_per_epoch * cfg.train.epochs
     train_keys = ("lr", "warmup_steps", "decay_start_frac", "clip_grad_norm", "ema_decay", "seed", "log_every",
