@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 train: install
+	$(BIN)/python jobs/cache.py
 	$(BIN)/python jobs/train.py $(ARGS)
 
 test: install

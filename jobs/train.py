@@ -1,19 +1,18 @@
 """Train a TopK sparse autoencoder on a language model's activations.
 
     python jobs/train.py                       # embedded default (make train)
-    python jobs/train.py sae.n_latents=8192 sae.k=64 data.layer=12
+    python jobs/train.py sae.n_latents=8192 sae.k=64 data.cache=s3://bucket/cache/run1
 
-Steps: collect activations at the hook site (the shortest honest path until the streaming cache
-lands), split off a held-out set, train with checkpoints (a rerun with the same run_name resumes),
-evaluate NMSE on held-out tokens, save the SAE and its SAELens/sparsify exports, log to wandb.
+Steps: open the activation cache (built by jobs/cache.py), hold out its last shard(s), stream the
+others in shuffled shard order into the trainer with checkpoints (a rerun with the same run_name
+resumes at the same batch), evaluate NMSE on held-out tokens, save the SAE and its SAELens and
+sparsify exports, log to wandb.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import random
 
 import hydra
 import torch
@@ -22,9 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from saescale import storage
 from saescale.config import SAEConfig, TrainConfig
 from saescale.export import export_saelens, export_sparsify
-from saescale.lm.activations import collect_activations
-from saescale.lm.corpus import iter_documents
-from saescale.lm.models import load_causal_lm
+from saescale.cache.reader import ActivationCache
 from saescale.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
 from saescale.model import TopKSAE
 from saescale.saved import save_sae
@@ -35,38 +32,29 @@ def print0(*args) -> None:
     print("[saescale]", *args, flush=True)
 
 
-def shuffled_batches(acts: torch.Tensor, batch_size: int, epochs: int, seed: int):
-    """Epochs of shuffled fixed-size batches; deterministic, so a resumed run can skip ahead."""
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(acts.shape[0], generator=g)
-        for start in range(0, acts.shape[0] - batch_size + 1, batch_size):
-            yield acts[order[start : start + batch_size]]
-
-
 @hydra.main(config_path="../conf", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> dict:
     torch.set_num_threads(cfg.train.threads)
-    random.seed(cfg.train.seed)
     out = cfg.output_dir
     os.makedirs(out, exist_ok=True)
 
-    # ---- data: activations from the language model -------------------------------------
-    lm = load_causal_lm(cfg.data.model)
-    d_model = lm.model.config.hidden_size
-    sae_cfg = SAEConfig(d_in=d_model, **OmegaConf.to_container(cfg.sae))  # validate before the slow part
-    total = cfg.data.train_tokens + cfg.data.heldout_tokens
-    acts = collect_activations(
-        lm.model, lm.tokenizer, iter_documents(cfg.data.corpus, cfg.data.text_field),
-        cfg.data.hook, cfg.data.layer, cfg.data.context_length, total, cfg.data.lm_batch_windows,
-    )
-    del lm
-    perm = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(cfg.train.seed))
-    heldout, train = acts[perm[: cfg.data.heldout_tokens]], acts[perm[cfg.data.heldout_tokens :]]
-    print0(f"{train.shape[0]} training and {heldout.shape[0]} held-out activations, d_model={acts.shape[1]}")
+    # ---- data: the activation cache ---------------------------------------------------------
+    options = {"client_kwargs": {"endpoint_url": cfg.data.endpoint_url}} if cfg.data.endpoint_url else None
+    cache = ActivationCache(cfg.data.cache, options)
+    manifest = cache.manifest
+    n_shards = len(manifest.shards)
+    if n_shards <= cfg.data.holdout_shards:
+        raise SystemExit(f"the cache has {n_shards} shard(s); need more than data.holdout_shards={cfg.data.holdout_shards}")
+    # every shard is a uniform sample of the cache; the first ones (always full) are held out
+    holdout = list(range(cfg.data.holdout_shards))
+    train_shards = list(range(cfg.data.holdout_shards, n_shards))
+    heldout = torch.cat([cache.read_shard(s) for s in holdout])[: cfg.data.heldout_tokens]
+    sae_cfg = SAEConfig(d_in=manifest.d_model, **OmegaConf.to_container(cfg.sae))
+    print0(f"cache {cfg.data.cache}: {manifest.n_rows} rows of {manifest.model} {manifest.hook}.{manifest.layer}, "
+           f"training on {len(train_shards)} shards, {heldout.shape[0]} held-out rows")
 
     # ---- model and trainer ---------------------------------------------------------------
-    steps_per_epoch = train.shape[0] // cfg.train.batch_size
+    steps_per_epoch = cache.batches_per_epoch(cfg.train.batch_size, train_shards)
     total_steps = steps_per_epoch * cfg.train.epochs
     train_keys = ("lr", "warmup_steps", "decay_start_frac", "clip_grad_norm", "ema_decay", "seed", "log_every",
                   "histogram_every", "checkpoint_every")
@@ -74,7 +62,8 @@ def main(cfg: DictConfig) -> dict:
     run_config = OmegaConf.to_container(cfg, resolve=True)
     loggers = [ConsoleLogger(total_steps), JsonlLogger(os.path.join(out, "metrics.jsonl"))]
     if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
-        tags = list(cfg.wandb.tags) + [f"N={sae_cfg.n_latents}", f"k={sae_cfg.k}", f"hook={cfg.data.hook}.{cfg.data.layer}"]
+        tags = list(cfg.wandb.tags) + [f"N={sae_cfg.n_latents}", f"k={sae_cfg.k}", f"model={manifest.model}",
+                                        f"hook={manifest.hook}.{manifest.layer}"]
         loggers.append(WandbLogger(cfg.wandb.project, cfg.run_name, cfg.wandb.group, tags, run_config,
                                    cfg.wandb.mode, os.path.join(out, "wandb")))
     logger = MultiLogger(*loggers)
@@ -83,9 +72,9 @@ def main(cfg: DictConfig) -> dict:
     if start:
         print0(f"resuming {cfg.run_name} from step {start}")
     else:
-        trainer.initialize(train[: train_cfg.geometric_median_samples])
-    batches = shuffled_batches(train, cfg.train.batch_size, cfg.train.epochs, cfg.train.seed)
-    summary = trainer.fit(itertools.islice(batches, start, None))
+        trainer.initialize(cache.read_shard(train_shards[0])[: train_cfg.geometric_median_samples])
+    batches = cache.iter_batches(cfg.train.batch_size, train_shards, cfg.train.epochs, cfg.train.seed, start_batch=start)
+    summary = trainer.fit(batches)
     trainer.save_checkpoint()
 
     # ---- evaluation, save, export ----------------------------------------------------------
@@ -103,8 +92,8 @@ def main(cfg: DictConfig) -> dict:
         "train_fvu": summary.final.get("fvu"), "n_latents": sae_cfg.n_latents, "k": sae_cfg.k,
     }
     logger.log({"heldout_nmse": nmse}, trainer.step)
-    meta = {"model_name": cfg.data.model, "hook_name": f"{cfg.data.hook}.{cfg.data.layer}",
-            "context_size": cfg.data.context_length, "corpus": cfg.data.corpus}
+    meta = {"model_name": manifest.model, "hook_name": f"{manifest.hook}.{manifest.layer}",
+            "context_size": manifest.context_length, "corpus": manifest.corpus, "cache": cfg.data.cache}
     save_sae(sae, os.path.join(out, "sae"), metadata=meta)
     if cfg.export.saelens:
         export_saelens(sae, os.path.join(out, "export", "saelens"), meta)

@@ -23,7 +23,11 @@ def s3_endpoint():
     """A real S3-compatible HTTP server (moto) on loopback, for the whole test session."""
     import socket
 
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -28,6 +28,14 @@ def _bench_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_cache(args: argparse.Namespace) -> int:
+    from saescale.bench.cache import bench_cache
+
+    print(json.dumps(bench_cache(args.d_model, args.shards, args.rows_per_shard, args.batch, args.writer_tokens,
+                                 args.s3_endpoint, args.skip_writer)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saescale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--repeats", type=int, default=7)
     step.add_argument("--aux-precision", choices=["auto", "float32", "bfloat16"], default="auto")
     step.set_defaults(func=_bench_step)
+    cache = bench_sub.add_parser("cache", help="activation cache writer tokens/s and reader rows/s (local, S3)")
+    cache.add_argument("--d-model", type=int, default=576)
+    cache.add_argument("--shards", type=int, default=8)
+    cache.add_argument("--rows-per-shard", type=int, default=16384)
+    cache.add_argument("--batch", type=int, default=4096)
+    cache.add_argument("--writer-tokens", type=int, default=4096)
+    cache.add_argument("--s3-endpoint", default=None, help="an S3 endpoint URL; default: moto on loopback")
+    cache.add_argument("--skip-writer", action="store_true")
+    cache.set_defaults(func=_bench_cache)
     return parser
 
 

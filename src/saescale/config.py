@@ -25,12 +25,31 @@ def default_k_aux(d_in: int) -> int:
     return int(2 ** round(math.log2(half)))
 
 
+class _DictConfig:
+    """to_dict/from_dict for the config dataclasses; unknown keys are an error, not ignored."""
+
+    _section = "config"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown {cls._section} config keys: {sorted(unknown)}")
+        return cls(**data)
+
+
 @dataclass
-class SAEConfig:
+class SAEConfig(_DictConfig):
     """Architecture of a TopK sparse autoencoder (Gao et al. 2024, section 2.3).
 
     encoder: z = ReLU(TopK_k(W_enc (x - b_pre) + b_enc)); decoder: x_hat = W_dec z + b_pre.
     """
+
+    _section = "sae"
 
     d_in: int
     n_latents: int
@@ -85,21 +104,13 @@ class SAEConfig:
     def multi_k(self) -> int:
         return self.multi_topk_factor * self.k
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SAEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown sae config keys: {sorted(unknown)}")
-        return cls(**data)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_DictConfig):
     """Optimisation settings (section A of the paper): Adam, constant lr by default."""
+
+    _section = "train"
 
     lr: float | None = None  # None -> 2e-4 / sqrt(n_latents / 2**14), the paper's 1/sqrt(n) law
     beta1: float = 0.9
@@ -148,13 +159,3 @@ class TrainConfig:
             return self.lr
         return 2e-4 / math.sqrt(n_latents / 2**14)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown train config keys: {sorted(unknown)}")
-        return cls(**data)

@@ -1,0 +1,44 @@
+"""Build an activation cache: run a causal LM over a corpus, write shuffled shards + manifest.
+
+    python jobs/cache.py                                   # embedded default -> runs/cache/...
+    python jobs/cache.py output=s3://bucket/cache/run1 storage.endpoint_url=http://127.0.0.1:5000
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/cache.py num_workers=8
+
+Rerunning the same command resumes an interrupted build, and is a no-op on a finished cache.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from saescale.cache.builder import CacheConfig, CacheError, build_cache
+from saescale.lm.corpus import CorpusError
+from saescale.lm.hooks import HookError
+from saescale.lm.models import ModelLoadError
+from saescale.storage import StorageError
+
+
+def storage_options(cfg: DictConfig) -> dict | None:
+    endpoint = cfg.storage.endpoint_url
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None
+
+
+@hydra.main(config_path="../conf", config_name="cache", version_base=None)
+def main(cfg: DictConfig) -> None:
+    fields = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "storage"}
+    t0 = time.time()
+    try:
+        manifest = build_cache(CacheConfig(**fields, storage_options=storage_options(cfg)))
+    except (CacheError, CorpusError, HookError, ModelLoadError, StorageError) as exc:
+        print(f"saescale cache: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(f"[saescale] cache ready: {manifest.n_rows} rows, {len(manifest.shards)} shards, "
+          f"d_model={manifest.d_model}, {time.time() - t0:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""Build an activation cache: LM forward passes -> globally shuffled Parquet shards + manifest.
+
+Shuffle (a two-pass bucket shuffle, exact and bounded in memory): the token rows of the chosen
+windows are numbered 0..N-1 in corpus order and a seeded permutation gives every row its final
+place (shard = perm // rows_per_shard, slot = perm % rows_per_shard). Pass 1 runs the model
+over "parts" (consecutive groups of windows) and writes each part's rows into one bucket file
+per destination shard under `_work/`. Pass 2 assembles each shard from its buckets, ordered by
+slot. Every shard is a uniform random sample of the whole cache in random order, so training
+can read shards in any order and never sees document order.
+
+Safety: every file is published atomically; a part is done once its marker exists, a shard once
+its file exists, and `manifest.json` is written last, after which `_work/` is removed. A rerun
+with the same config resumes (skipping finished parts and shards) and produces identical shards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from saescale import storage
+from saescale.cache.format import activation_array, activations_from_column, sha256, table_bytes, table_from_bytes
+from saescale.cache.format import DTYPES
+from saescale.cache.manifest import MANIFEST, Manifest, ShardInfo
+from saescale.lm.activations import TokenWindow, token_windows
+from saescale.lm.corpus import CorpusError, iter_documents
+
+
+class CacheError(RuntimeError):
+    """The cache cannot be built or read; the message names the problem."""
+
+
+@dataclass
+class CacheConfig:
+    model: str
+    corpus: str
+    output: str
+    hook: str = "resid_post"
+    layer: int = 8
+    context_length: int = 64
+    max_tokens: int = 150_000
+    dtype: str = "float16"
+    rows_per_shard: int = 16384
+    drop_special_tokens: bool = True
+    seed: int = 0
+    text_field: str = "text"
+    windows_per_batch: int = 16
+    num_workers: int = 1  # model replicas in the Ray actor pool
+    use_ray: bool = True
+    model_cache_dir: str | None = None
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the cache's content (a resume must match them)."""
+        keys = ("model", "corpus", "hook", "layer", "context_length", "max_tokens", "dtype", "rows_per_shard",
+                "drop_special_tokens", "seed", "text_field")
+        return {k: getattr(self, k) for k in keys}
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise CacheError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("context_length", "max_tokens", "rows_per_shard", "windows_per_batch", "num_workers"):
+            if getattr(self, name) <= 0:
+                raise CacheError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.layer < 0:
+            raise CacheError(f"layer must be >= 0, got {self.layer}")
+
+
+# ----------------------------------------------------------------------------- planning
+@dataclass
+class Plan:
+    windows: list[TokenWindow]
+    documents: list[str]
+    keep: list[list[bool]]  # per window, which positions become rows
+    row_offsets: list[int]  # first row number of each window
+    n_rows: int
+    parts: list[tuple[int, int]]  # [start, stop) window ranges
+    perm: np.ndarray  # row -> global destination index
+
+
+def make_plan(cfg: CacheConfig, tokenizer) -> Plan:
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) if cfg.drop_special_tokens else set()
+    windows, documents, keep, offsets = [], [], [], []
+    doc_index: dict[str, int] = {}
+    n_rows = 0
+    try:
+        docs = iter_documents(cfg.corpus, cfg.text_field)
+        for w in token_windows(tokenizer, docs, cfg.context_length):
+            if w.doc_id not in doc_index:
+                doc_index[w.doc_id] = len(documents)
+                documents.append(w.doc_id)
+            mask = [t not in special for t in w.ids]
+            windows.append(w)
+            keep.append(mask)
+            offsets.append(n_rows)
+            n_rows += sum(mask)
+            if n_rows >= cfg.max_tokens:
+                break
+    except FileNotFoundError as exc:
+        raise CorpusError(f"text source not found: {cfg.corpus}") from exc
+    if n_rows == 0:
+        raise CorpusError(f"the corpus {cfg.corpus!r} produced no tokens (empty, or shorter than one window)")
+    rows_per_part = max(cfg.rows_per_shard, cfg.context_length)
+    parts, start, acc = [], 0, 0
+    for i, mask in enumerate(keep):
+        acc += sum(mask)
+        if acc >= rows_per_part:
+            parts.append((start, i + 1))
+            start, acc = i + 1, 0
+    if start < len(windows):
+        parts.append((start, len(windows)))
+    perm = np.random.default_rng(cfg.seed).permutation(n_rows)
+    return Plan(windows, documents, keep, offsets, n_rows, parts, perm)
+
+
+def n_shards(plan: Plan, cfg: CacheConfig) -> int:
+    return (plan.n_rows + cfg.rows_per_shard - 1) // cfg.rows_per_shard
+
+
+# ------------------------------------------------------------------------- pass 1: parts
+def _work(cfg: CacheConfig, *parts: str) -> str:
+    return storage.join(cfg.output, "_work", *parts)
+
+
+def part_marker(cfg: CacheConfig, part: int) -> str:
+    return _work(cfg, "parts", f"part-{part:05d}.done")
+
+
+def compute_part(model, cfg: CacheConfig, plan: Plan, part: int) -> int:
+    """Forward the part's windows and write its rows into per-shard bucket files. Returns rows."""
+    from saescale.lm.hooks import run_to_hook
+
+    start, stop = plan.parts[part]
+    acts_list, tok_list, win_list, pos_list, row_list = [], [], [], [], []
+    for b in range(start, stop, cfg.windows_per_batch):
+        idx = list(range(b, min(stop, b + cfg.windows_per_batch)))
+        lengths = {len(plan.windows[i].ids) for i in idx}
+        if len(lengths) != 1:
+            raise CacheError("internal: windows of one batch differ in length")
+        ids = torch.tensor([plan.windows[i].ids for i in idx], dtype=torch.long)
+        acts = run_to_hook(model, ids, cfg.hook, cfg.layer)
+        mask = torch.tensor([plan.keep[i] for i in idx])
+        acts_list.append(acts[mask].to(DTYPES[cfg.dtype]))
+        tok_list.append(ids[mask])
+        win = torch.tensor(idx).unsqueeze(1).expand_as(ids)
+        pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+        win_list.append(win[mask])
+        pos_list.append(pos[mask])
+        first = plan.row_offsets[idx[0]]
+        row_list.append(torch.arange(first, first + int(mask.sum())))
+    acts = torch.cat(acts_list)
+    if not torch.isfinite(acts.float()).all():
+        raise CacheError(f"part {part}: the model produced NaN/inf activations (try dtype=float32)")
+    rows = torch.cat(row_list).numpy()
+    dest = plan.perm[rows]
+    shard = dest // cfg.rows_per_shard
+    slot = (dest % cfg.rows_per_shard).astype(np.int32)
+    tokens, wins, poss = torch.cat(tok_list).numpy(), torch.cat(win_list).numpy(), torch.cat(pos_list).numpy()
+    for s in np.unique(shard):
+        sel = np.nonzero(shard == s)[0]
+        table = pa.table({
+            "act": activation_array(acts[torch.from_numpy(sel)]),
+            "token_id": pa.array(tokens[sel].astype(np.int32)),
+            "window": pa.array(wins[sel].astype(np.int32)),
+            "pos": pa.array(poss[sel].astype(np.int16)),
+            "slot": pa.array(slot[sel]),
+        })
+        storage.write_bytes_atomic(_work(cfg, f"shard-{int(s):05d}", f"part-{part:05d}.parquet"), table_bytes(table),
+                                   cfg.storage_options)
+    storage.write_bytes_atomic(part_marker(cfg, part), b"done", cfg.storage_options)
+    return len(rows)
+
+
+class PartWorker:
+    """A Ray Data actor: one model replica that computes whole parts."""
+
+    def __init__(self, cfg_dict: dict[str, Any], plan: Plan) -> None:
+        from saescale.lm.models import load_causal_lm
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.cfg = CacheConfig(**cfg_dict)
+        self.plan = plan
+        self.model = load_causal_lm(self.cfg.model, self.cfg.model_cache_dir).model
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        parts = batch["part"].tolist()
+        rows = [compute_part(self.model, self.cfg, self.plan, p) for p in parts]
+        return {"part": np.array(parts), "rows": np.array(rows)}
+
+
+def part_rows(plan: Plan, part: int) -> int:
+    start, stop = plan.parts[part]
+    return sum(sum(plan.keep[i]) for i in range(start, stop))
+
+
+def run_parts(cfg: CacheConfig, plan: Plan, todo: list[int], model=None) -> None:
+    bar = tqdm(total=plan.n_rows, unit="tok", desc="caching activations")
+    bar.update(sum(part_rows(plan, p) for p in range(len(plan.parts)) if p not in todo))
+    if not todo:
+        bar.close()
+        return
+    if cfg.use_ray:
+        import ray
+
+        from saescale.ray_local import ensure_ray
+
+        ensure_ray()
+        ds = ray.data.from_items([{"part": p} for p in todo])
+        cfg_dict = {k: v for k, v in asdict(cfg).items()}
+        out = ds.map_batches(
+            PartWorker,
+            fn_constructor_kwargs={"cfg_dict": cfg_dict, "plan": plan},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
+            num_cpus=max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.num_workers),
+        )
+        for row in out.iter_rows():
+            bar.update(int(row["rows"]))
+    else:
+        if model is None:
+            from saescale.lm.models import load_causal_lm
+
+            model = load_causal_lm(cfg.model, cfg.model_cache_dir).model
+        for p in todo:
+            bar.update(compute_part(model, cfg, plan, p))
+    bar.close()
+
+
+# ------------------------------------------------------------------------ pass 2: shards
+def shard_file(s: int) -> str:
+    return f"shards/shard-{s:05d}.parquet"
+
+
+def assemble_shard(cfg: CacheConfig, plan: Plan, s: int) -> tuple[ShardInfo, np.ndarray, float]:
+    """Concatenate a shard's buckets in slot order, publish it; returns info and row stats."""
+    fs, path = storage.url_to_fs(_work(cfg, f"shard-{s:05d}"), cfg.storage_options)
+    files = sorted(fs.ls(path, detail=False))
+    tables = [table_from_bytes(fs.cat_file(f), name=f) for f in files]
+    table = pa.concat_tables(tables)
+    order = np.argsort(table.column("slot").to_numpy())
+    table = table.take(pa.array(order)).drop_columns(["slot"])
+    expected = min(cfg.rows_per_shard, plan.n_rows - s * cfg.rows_per_shard)
+    if table.num_rows != expected:
+        raise CacheError(f"shard {s}: assembled {table.num_rows} rows, expected {expected} (missing parts?)")
+    data = table_bytes(table)
+    storage.write_bytes_atomic(storage.join(cfg.output, shard_file(s)), data, cfg.storage_options)
+    acts = activations_from_column(table.column("act"), cfg.dtype, _d_model(table, cfg)).double()
+    return ShardInfo(shard_file(s), table.num_rows, sha256(data), len(data)), acts.sum(0).numpy(), float(acts.pow(2).sum())
+
+
+def _d_model(table: pa.Table, cfg: CacheConfig) -> int:
+    itemsize = torch.empty((), dtype=DTYPES[cfg.dtype]).element_size()
+    return table.schema.field("act").type.byte_width // itemsize
+
+
+# -------------------------------------------------------------------------------- driver
+def windows_table(plan: Plan) -> pa.Table:
+    """window -> (document, start offset, token ids): what a viewer needs to show contexts."""
+    return pa.table({
+        "window": pa.array(np.arange(len(plan.windows), dtype=np.int32)),
+        "doc": pa.array(_doc_ids(plan), pa.int32()),
+        "start": pa.array([w.start for w in plan.windows], pa.int64()),
+        "token_ids": pa.array([w.ids for w in plan.windows], pa.list_(pa.int32())),
+    })
+
+
+def _doc_ids(plan: Plan) -> list[int]:
+    index = {d: i for i, d in enumerate(plan.documents)}
+    return [index[w.doc_id] for w in plan.windows]
+
+
+def check_writable(cfg: CacheConfig) -> None:
+    """Fail early (unwritable path, unreachable store, missing credentials) with the cause."""
+    probe = _work(cfg, f".probe-{os.getpid()}")
+    try:
+        storage.write_bytes_atomic(probe, b"ok", cfg.storage_options)
+        storage.remove_tree(probe, cfg.storage_options)
+    except (storage.StorageError, OSError) as exc:
+        raise CacheError(f"cannot write to {storage.redact(cfg.output)}: {exc}") from exc
+
+
+def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
+    murl = storage.join(url, MANIFEST)
+    if not storage.exists(murl, storage_options):
+        raise CacheError(f"no {MANIFEST} at {storage.redact(url)}: not a finished activation cache")
+    return Manifest.from_dict(storage.read_json(murl, storage_options))
+
+
+def build_cache(cfg: CacheConfig, progress: Callable[[str], None] = print) -> Manifest:
+    cfg.validate()
+    try:
+        finished = storage.exists(storage.join(cfg.output, MANIFEST), cfg.storage_options)
+    except storage.StorageError as exc:
+        raise CacheError(f"cannot access {storage.redact(cfg.output)}: {exc}") from exc
+    if finished:
+        manifest = load_manifest(cfg.output, cfg.storage_options)
+        if manifest.build_config != cfg.identity():
+            raise CacheError(
+                f"{storage.redact(cfg.output)} already holds a cache built with different settings; "
+                "choose another output or delete it"
+            )
+        progress(f"cache already complete at {storage.redact(cfg.output)} ({manifest.n_rows} rows)")
+        return manifest
+    from saescale.lm.hooks import hook_module
+    from saescale.lm.models import load_causal_lm
+
+    # everything that can be checked is checked before the first byte is written
+    lm = load_causal_lm(cfg.model, cfg.model_cache_dir)
+    hook_module(lm.model, cfg.hook, cfg.layer)
+    d_model = lm.model.config.hidden_size
+    plan = make_plan(cfg, lm.tokenizer)
+    check_writable(cfg)
+    shards = n_shards(plan, cfg)
+    identity_url = _work(cfg, "build_config.json")
+    if storage.exists(identity_url, cfg.storage_options):
+        if storage.read_json(identity_url, cfg.storage_options) != cfg.identity():
+            raise CacheError("an interrupted build with different settings is in the way; delete its _work/ folder")
+    else:
+        storage.write_json_atomic(identity_url, cfg.identity(), cfg.storage_options)
+    todo = [p for p in range(len(plan.parts)) if not storage.exists(part_marker(cfg, p), cfg.storage_options)]
+    progress(f"{plan.n_rows} tokens in {len(plan.windows)} windows -> {shards} shards; "
+             f"{len(plan.parts) - len(todo)}/{len(plan.parts)} parts already done")
+    run_parts(cfg, plan, todo, model=None if cfg.use_ray else lm.model)
+    del lm
+
+    infos, total_sum, total_sq = [], np.zeros(d_model), 0.0
+    for s in tqdm(range(shards), desc="assembling shards", unit="shard"):
+        info, row_sum, row_sq = assemble_shard(cfg, plan, s)
+        infos.append(info)
+        total_sum += row_sum
+        total_sq += row_sq
+    storage.write_bytes_atomic(storage.join(cfg.output, "windows.parquet"), table_bytes(windows_table(plan)),
+                               cfg.storage_options)
+    manifest = Manifest(
+        model=cfg.model, tokenizer=cfg.model, hook=cfg.hook, layer=cfg.layer, d_model=d_model, dtype=cfg.dtype,
+        context_length=cfg.context_length, seed=cfg.seed, corpus=cfg.corpus, n_rows=plan.n_rows,
+        rows_per_shard=cfg.rows_per_shard, shards=infos, windows_file="windows.parquet", documents=plan.documents,
+        stats={"mean": (total_sum / plan.n_rows).tolist(), "mean_sq_norm": total_sq / plan.n_rows},
+        build_config=cfg.identity(),
+    )
+    storage.write_json_atomic(storage.join(cfg.output, MANIFEST), manifest.to_dict(), cfg.storage_options)
+    storage.remove_tree(storage.join(cfg.output, "_work"), cfg.storage_options)
+    progress(f"wrote {plan.n_rows} rows in {shards} shards to {storage.redact(cfg.output)}")
+    return manifest

@@ -1,0 +1,217 @@
+"""The activation cache: real models, real S3 server (moto) on loopback, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from saescale.cache.builder import CacheConfig, CacheError, build_cache, load_manifest
+from saescale.cache.format import CorruptShardError
+from saescale.cache.reader import ActivationCache
+from saescale.lm.corpus import CorpusError
+from saescale.lm.hooks import HookError, run_to_hook
+from saescale.lm.models import ModelLoadError, load_causal_lm, resolve_model_dir
+from saescale.storage import StorageError
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny randomly initialised Llama with SmolLM2's real tokenizer, saved as a local model dir."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from saescale.lm.embedded import EMBEDDED_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(EMBEDDED_MODEL))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    from saescale.lm.corpus import iter_documents
+    from saescale.lm.embedded import EMBEDDED_CORPUS
+
+    path = tmp_path_factory.mktemp("corpus")
+    for i, (name, text) in enumerate(list(iter_documents(EMBEDDED_CORPUS))[:6]):
+        (path / f"doc{i}.txt").write_text(text[5000:9000])  # ~1000 tokens each: all six are used
+    return str(path)
+
+
+def tiny_cfg(model, corpus, output, **kw):
+    base = dict(model=model, corpus=corpus, output=output, layer=1, max_tokens=3000, rows_per_shard=700,
+                use_ray=False, windows_per_batch=8)
+    base.update(kw)
+    return CacheConfig(**base)
+
+
+def check_rows_match_model(cache: ActivationCache, model, n_check=200, atol=2e-3):
+    """Every checked row equals the model's activation for the same token, recomputed directly."""
+    windows = cache.windows()
+    m = cache.manifest
+    table = cache.read_table(0)
+    acts = cache.read_shard(0)
+    wins = table.column("window").to_numpy()[:n_check]
+    poss = table.column("pos").to_numpy()[:n_check]
+    tokens = table.column("token_id").to_numpy()[:n_check]
+    ids = windows.column("token_ids").to_pylist()
+    needed = sorted(set(wins.tolist()))
+    direct = run_to_hook(model, torch.tensor([ids[w] for w in needed]), m.hook, m.layer)
+    where = {w: i for i, w in enumerate(needed)}
+    for r, (w, p, t) in enumerate(zip(wins, poss, tokens)):
+        assert ids[w][p] == t
+        expected = direct[where[w], p].to(torch.float16).float()
+        torch.testing.assert_close(acts[r], expected, atol=atol, rtol=1e-3)
+    return len(needed)
+
+
+def test_cache_on_s3_round_trip_equals_model(tiny_model_dir, corpus_dir, s3_bucket):
+    url, options = s3_bucket
+    cfg = tiny_cfg(tiny_model_dir, corpus_dir, f"{url}/caches/tiny", storage_options=options)
+    manifest = build_cache(cfg, progress=lambda s: None)
+    assert manifest.n_rows >= 3000 and len(manifest.shards) == -(-manifest.n_rows // 700)
+    assert sum(s.rows for s in manifest.shards) == manifest.n_rows
+    cache = ActivationCache(f"{url}/caches/tiny", options)
+    model = load_causal_lm(tiny_model_dir).model
+    windows_seen = check_rows_match_model(cache, model)
+    # globally shuffled: the first 200 rows of shard 0 come from many windows and documents
+    assert windows_seen > 30
+    docs = set(cache.windows().column("doc").to_numpy()[cache.read_table(0).column("window").to_numpy()].tolist())
+    assert len(docs) == len(manifest.documents) > 1
+    # statistics for normalisation match the data
+    all_rows = torch.cat([cache.read_shard(i, torch.float64) for i in range(len(manifest.shards))])
+    torch.testing.assert_close(torch.tensor(manifest.stats["mean"], dtype=torch.float64), all_rows.mean(0), rtol=1e-6, atol=1e-6)
+    assert manifest.stats["mean_sq_norm"] == pytest.approx(all_rows.pow(2).sum(1).mean().item(), rel=1e-6)
+    # nothing left from the build
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options)
+    assert not fs.exists(f"{url}/caches/tiny/_work")
+
+
+def test_rerun_is_identical_and_resumes(tiny_model_dir, corpus_dir, tmp_path, monkeypatch):
+    from saescale.cache import builder
+
+    first = build_cache(tiny_cfg(tiny_model_dir, corpus_dir, str(tmp_path / "a")), progress=lambda s: None)
+
+    calls = []
+    real = builder.compute_part
+
+    def crash_on_third(model, cfg, plan, part):
+        calls.append(part)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real(model, cfg, plan, part)
+
+    monkeypatch.setattr(builder, "compute_part", crash_on_third)
+    out_b = str(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(tiny_cfg(tiny_model_dir, corpus_dir, out_b), progress=lambda s: None)
+    assert not os.path.exists(os.path.join(out_b, "manifest.json"))  # nothing visible as a cache
+    with pytest.raises(CacheError, match="no manifest.json"):
+        ActivationCache(out_b)
+    calls.clear()
+    monkeypatch.setattr(builder, "compute_part", lambda *a: calls.append(a[3]) or real(*a))
+    second = build_cache(tiny_cfg(tiny_model_dir, corpus_dir, out_b), progress=lambda s: None)
+    assert 0 not in calls and 1 not in calls  # finished parts were skipped
+    assert [s.sha256 for s in first.shards] == [s.sha256 for s in second.shards]
+    # a finished cache is not rebuilt; different settings are refused
+    assert build_cache(tiny_cfg(tiny_model_dir, corpus_dir, out_b), progress=lambda s: None).shards == second.shards
+    with pytest.raises(CacheError, match="different settings"):
+        build_cache(tiny_cfg(tiny_model_dir, corpus_dir, out_b, seed=1), progress=lambda s: None)
+
+
+def test_corrupt_and_truncated_shards_are_detected(tiny_model_dir, corpus_dir, tmp_path):
+    out = tmp_path / "c"
+    build_cache(tiny_cfg(tiny_model_dir, corpus_dir, str(out)), progress=lambda s: None)
+    cache = ActivationCache(str(out))
+    shard0 = out / cache.manifest.shards[0].file
+    data = bytearray(shard0.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard0.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match="checksum mismatch"):
+        cache.read_shard(0)
+    shard1 = out / cache.manifest.shards[1].file
+    shard1.write_bytes(shard1.read_bytes()[:1000])
+    with pytest.raises(CorruptShardError):
+        cache.read_shard(1)
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(tiny_model_dir, corpus_dir, tmp_path, s3_endpoint, monkeypatch):
+    out = tmp_path / "bad"
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        build_cache(tiny_cfg(str(tmp_path / "no-such-model"), corpus_dir, str(out)), progress=lambda s: None)
+    with pytest.raises(HookError, match="layer 7 is out of range"):
+        build_cache(tiny_cfg(tiny_model_dir, corpus_dir, str(out), layer=7), progress=lambda s: None)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    with pytest.raises(CorpusError, match="produced no tokens"):
+        build_cache(tiny_cfg(tiny_model_dir, str(empty), str(out)), progress=lambda s: None)
+    assert not out.exists()
+
+
+def test_unwritable_file_destination(tiny_model_dir, corpus_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(CacheError, match="cannot write"):
+        build_cache(tiny_cfg(tiny_model_dir, corpus_dir, str(blocker / "cache")), progress=lambda s: None)
+
+
+def test_unreachable_s3_and_missing_credentials(tiny_model_dir, corpus_dir, s3_bucket, monkeypatch):
+    url, options = s3_bucket
+    dead = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, "skip_instance_cache": True,
+            "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
+    with pytest.raises(CacheError, match="cannot access.*Could not connect"):
+        build_cache(tiny_cfg(tiny_model_dir, corpus_dir, f"{url}/x", storage_options=dead), progress=lambda s: None)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(CacheError, match="cannot (access|write).*(credentials|Credentials)"):
+        build_cache(tiny_cfg(tiny_model_dir, corpus_dir, f"{url}/y", storage_options=options), progress=lambda s: None)
+    with pytest.raises(StorageError):
+        ActivationCache(f"{url}/y", options)
+
+
+@pytest.mark.slow
+def test_ray_actor_pool_gives_the_same_shards(tiny_model_dir, corpus_dir, tmp_path):
+    import ray
+
+    local = build_cache(tiny_cfg(tiny_model_dir, corpus_dir, str(tmp_path / "local")), progress=lambda s: None)
+    try:
+        via_ray = build_cache(tiny_cfg(tiny_model_dir, corpus_dir, str(tmp_path / "ray"), use_ray=True),
+                              progress=lambda s: None)
+    finally:
+        ray.shutdown()
+    assert [s.sha256 for s in local.shards] == [s.sha256 for s in via_ray.shards]
+
+
+@pytest.mark.slow
+def test_real_smollm2_cache_on_default_corpus(tmp_path):
+    from saescale.lm.embedded import EMBEDDED_CORPUS, EMBEDDED_MODEL
+
+    cfg = CacheConfig(model=EMBEDDED_MODEL, corpus=EMBEDDED_CORPUS, output=str(tmp_path / "smol"), layer=8,
+                      max_tokens=3000, rows_per_shard=1024, use_ray=False)
+    manifest = build_cache(cfg, progress=lambda s: None)
+    assert manifest.d_model == 576 and manifest.dtype == "float16" and manifest.context_length == 64
+    cache = ActivationCache(cfg.output)
+    model = load_causal_lm(EMBEDDED_MODEL).model
+    check_rows_match_model(cache, model, n_check=64, atol=0.05)
+    assert json.loads((tmp_path / "smol" / "manifest.json").read_text())["tokenizer"] == EMBEDDED_MODEL
+
+
+def test_bench_cache_reports_reader_rates():
+    from saescale.bench.cache import bench_cache
+
+    result = bench_cache(d_model=64, shards=3, rows_per_shard=2048, batch_size=1024, skip_writer=True)
+    assert result["reader_local"]["rows"] == 6144 and result["reader_local"]["rows_per_s"] > 0
+    assert result["reader_s3"]["rows"] == 6144 and result["reader_s3"]["rows_per_s"] > 0
