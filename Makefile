@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench bench-large clean
 
 install: $(STAMP)
 
@@ -28,8 +28,13 @@ test: install
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: install
+	$(BIN)/saescale bench cache
 	$(BIN)/saescale bench step --d-in 576 --n-latents 16384 --k 32 --batch 4096 --no-auxk
 	$(BIN)/saescale bench step --d-in 576 --n-latents 16384 --k 32 --batch 4096 --dead-fraction 0.1
+
+bench-large: install  ## peak memory at 2^16 and 2^18 latents (minutes; ~10 GB of RAM)
+	$(BIN)/saescale bench step --d-in 576 --n-latents 65536 --k 32 --batch 4096 --no-naive --no-auxk
+	$(BIN)/saescale bench step --d-in 576 --n-latents 262144 --k 32 --batch 4096 --no-naive --no-auxk --repeats 3 --warmup 1
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

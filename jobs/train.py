@@ -65,7 +65,7 @@ def main(cfg: DictConfig) -> dict:
         tags = list(cfg.wandb.tags) + [f"N={sae_cfg.n_latents}", f"k={sae_cfg.k}", f"model={manifest.model}",
                                         f"hook={manifest.hook}.{manifest.layer}"]
         loggers.append(WandbLogger(cfg.wandb.project, cfg.run_name, cfg.wandb.group, tags, run_config,
-                                   cfg.wandb.mode, os.path.join(out, "wandb")))
+                                   cfg.wandb.mode, out))  # wandb adds its own wandb/ folder
     logger = MultiLogger(*loggers)
     trainer = Trainer(TopKSAE(sae_cfg), train_cfg, logger, checkpoint_url=os.path.join(out, "checkpoints"))
     start = trainer.restore()
@@ -86,10 +86,14 @@ def main(cfg: DictConfig) -> dict:
     with torch.no_grad():
         recon = sae(heldout)
     nmse = (((recon - heldout) ** 2).mean() / ((heldout - heldout.mean(0)) ** 2).mean()).item()
+    result_url = os.path.join(out, "result.json")
+    previous = storage.read_json(result_url) if os.path.exists(result_url) else {}
     result = {
         "run_name": cfg.run_name, "steps": summary.steps, "tokens": summary.tokens,
         "heldout_nmse": nmse, "dead_fraction": trainer.tracker.dead_fraction(),
-        "train_fvu": summary.final.get("fvu"), "n_latents": sae_cfg.n_latents, "k": sae_cfg.k,
+        # a rerun of a finished run trains no step: keep the last training metrics it had
+        "train_fvu": summary.final.get("fvu", previous.get("train_fvu")),
+        "n_latents": sae_cfg.n_latents, "k": sae_cfg.k,
     }
     logger.log({"heldout_nmse": nmse}, trainer.step)
     meta = {"model_name": manifest.model, "hook_name": f"{manifest.hook}.{manifest.layer}",
@@ -99,7 +103,7 @@ def main(cfg: DictConfig) -> dict:
         export_saelens(sae, os.path.join(out, "export", "saelens"), meta)
     if cfg.export.sparsify:
         export_sparsify(sae, os.path.join(out, "export", "sparsify"))
-    storage.write_json_atomic(os.path.join(out, "result.json"), result)
+    storage.write_json_atomic(result_url, result)
     logger.close()
     print0(json.dumps(result))
     return result

@@ -47,7 +47,7 @@ def test_train_job_writes_sae_exports_metrics_and_resumes(tmp_path, small_cache)
     for rel in ("sae/sae.safetensors", "sae/cfg.json", "export/saelens/sae_weights.safetensors",
                 "export/sparsify/sae.safetensors", "checkpoints/latest.json", "metrics.jsonl"):
         assert (out / rel).exists(), rel
-    wandb_runs = list((out / "wandb" / "wandb").glob("offline-run-*"))
+    wandb_runs = list((out / "wandb").glob("offline-run-*"))  # the path the README gives
     assert len(wandb_runs) == 1 and list(wandb_runs[0].glob("*.wandb"))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("dead_fraction" in m for m in metrics)

@@ -31,10 +31,16 @@ def default_cache_dir() -> str:
 
 
 def _gguf_cache_path(gguf_path: str, cache_dir: str) -> str:
-    stat = os.stat(gguf_path)
-    key = hashlib.sha256(f"{os.path.abspath(gguf_path)}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    """Keyed by the file's content (size and its first and last MiB), not its location, so every
+    checkout or virtualenv with the same GGUF shares one converted copy."""
+    size = os.path.getsize(gguf_path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(gguf_path, "rb") as handle:
+        digest.update(handle.read(2**20))
+        handle.seek(max(0, size - 2**20))
+        digest.update(handle.read(2**20))
     base = os.path.splitext(os.path.basename(gguf_path))[0]
-    return os.path.join(cache_dir, "models", f"{base}-{key}")
+    return os.path.join(cache_dir, "models", f"{base}-{digest.hexdigest()[:16]}")
 
 
 def _convert_gguf(gguf_path: str, out_dir: str) -> None:
