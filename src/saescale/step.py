@@ -25,6 +25,7 @@ from torch import Tensor
 from saescale.dead_latents import DeadLatentTracker
 from saescale.kernels import (
     DeadBlock,
+    DeadBlockWorkspace,
     LatentOrder,
     latent_sums,
     resolve_aux_dtype,
@@ -72,6 +73,7 @@ class SparseTopKStep:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.aux_dtype = resolve_aux_dtype(self.cfg.aux_precision, sae.W_enc.device)
+        self._dead_workspace = DeadBlockWorkspace()
 
     def _pre_buffer(self, batch: int) -> Tensor:
         n = self.cfg.n_latents
@@ -82,6 +84,7 @@ class SparseTopKStep:
 
     def release_buffers(self) -> None:
         self._pre = None
+        self._dead_workspace = DeadBlockWorkspace()
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> StepStats:
@@ -162,9 +165,8 @@ class SparseTopKStep:
         k_aux = min(cfg.k_aux, int(dead_idx.numel()))
         residual = -err
         var_res = _variance(residual)
-        pre_dead = pre.index_select(1, dead_idx)
         if use_dense_block(int(dead_idx.numel()), k_aux):
-            block = DeadBlock(pre_dead, k_aux, self.aux_dtype)
+            block = DeadBlock(pre, xc, W_enc, sae.b_enc, dead_idx, k_aux, self.aux_dtype, self._dead_workspace)
             w_dead = W_dec.index_select(0, dead_idx)
             e_hat = block.decode(w_dead)
             aux_err = e_hat.sub_(residual)
@@ -177,7 +179,7 @@ class SparseTopKStep:
             W_enc.grad.index_add_(0, dead_idx, g_wenc)
             grad_b_enc.index_add_(0, dead_idx, g_benc)
             return aux
-        raw, local = pre_dead.topk(k_aux, dim=1, sorted=False)
+        raw, local = pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False)
         aux_idx = dead_idx[local]
         aux_vals = raw.clamp_min(0)
         e_hat = sparse_decode(aux_idx, aux_vals, W_dec)

@@ -51,6 +51,22 @@ def resolve_aux_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+class DeadBlockWorkspace:
+    """Flat buffers reused across steps for the [batch, n_dead] blocks (n_dead varies, so the
+    buffers grow to the largest seen and are viewed at the current size, contiguous)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def take(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < rows * cols or buf.dtype != dtype or buf.device != device:
+            self._buffers.pop(name, None)
+            buf = torch.empty(rows * cols, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[: rows * cols].view(rows, cols)
+
+
 class DeadBlock:
     """Forward and backward of the AuxK reconstruction e_hat = Z @ W_dec[dead] on the dead block.
 
@@ -58,24 +74,47 @@ class DeadBlock:
     elsewhere), built directly in the matmul dtype. Shortcut, exact: when no token has more than
     k_aux positive dead pre-activations, the top-k_aux set contains every positive entry and the
     rest are zeroed by the ReLU, so Z = ReLU(pre) with no top-k at all (the usual case: dead
-    latents rarely have many positive pre-activations). Otherwise a top-k selects them.
+    latents rarely have many positive pre-activations). Otherwise a top-k selects them. The
+    ReLU/selection mask is recovered in the backward as Z > 0 (a selected entry with value 0 has
+    zero gradient through the ReLU anyway). In float32 the block is read from the step's own
+    pre-activation buffer (bit-exact with the dense reference); in bfloat16 it is recomputed by
+    a [batch, d] x [d, n_dead] matmul, so the selection itself sees bfloat16-rounded values.
     """
 
-    def __init__(self, pre_dead: Tensor, k_aux: int, dtype: torch.dtype) -> None:
-        # pre_dead: [batch, n_dead] encoder pre-activations of the dead latents
+    def __init__(
+        self,
+        pre: Tensor,
+        x_centred: Tensor,
+        w_enc: Tensor,
+        b_enc: Tensor,
+        dead_idx: Tensor,
+        k_aux: int,
+        dtype: torch.dtype,
+        workspace: DeadBlockWorkspace,
+    ) -> None:
+        batch, n_dead = pre.shape[0], int(dead_idx.numel())
         self.dtype = dtype
-        positive = pre_dead > 0
-        if k_aux >= pre_dead.shape[1] or int(positive.sum(1).max()) <= k_aux:
-            self.used_topk = False
-            self.mask = positive.to(dtype)
-            self.code = pre_dead.to(dtype).clamp_min_(0)
+        self.workspace = workspace
+        self.code = workspace.take("code", batch, n_dead, dtype, pre.device)
+        if dtype == torch.float32:
+            # exact: the dead columns of the step's own pre-activation buffer
+            torch.index_select(pre, 1, dead_idx, out=self.code)
         else:
-            self.used_topk = True
-            vals, local = pre_dead.topk(k_aux, dim=1, sorted=False)
-            self.mask = torch.zeros(pre_dead.shape, dtype=dtype, device=pre_dead.device)
-            self.mask.scatter_(1, local, (vals > 0).to(dtype))
-            self.code = torch.zeros(pre_dead.shape, dtype=dtype, device=pre_dead.device)
-            self.code.scatter_(1, local, vals.clamp_min(0).to(dtype))
+            # low precision: recompute the dead block with one small matmul in `dtype`, cheaper
+            # than gathering scattered columns of the [batch, n] buffer and converting them; the
+            # bias rides along as an extra input column (no broadcast copy into the output)
+            ones = torch.ones(batch, 1, dtype=dtype, device=pre.device)
+            x_aug = torch.cat([x_centred.to(dtype), ones], dim=1)
+            w_aug = torch.cat([w_enc[dead_idx], b_enc[dead_idx, None]], dim=1).to(dtype)
+            torch.mm(x_aug, w_aug.t(), out=self.code)
+        self.inactive = self.code <= 0  # ReLU mask, reused by the backward
+        self.used_topk = k_aux < n_dead and n_dead - int(self.inactive.sum(1).min()) > k_aux
+        if not self.used_topk:
+            self.code.masked_fill_(self.inactive, 0)
+        else:
+            vals, local = self.code.topk(k_aux, dim=1, sorted=False)
+            self.code.zero_().scatter_(1, local, vals.clamp_min(0))
+            self.inactive = self.code <= 0
 
     def decode(self, w_dec_dead: Tensor) -> Tensor:
         return (self.code @ w_dec_dead.to(self.dtype)).float()
@@ -86,9 +125,12 @@ class DeadBlock:
         """Returns the gradients for (W_dec[dead], W_enc[dead], b_enc[dead]), in float32."""
         dtype = self.dtype
         g_out = grad_out.to(dtype)
-        grad_pre = (g_out @ w_dec_dead.to(dtype).t()).mul_(self.mask)
+        batch, n_dead = self.code.shape
+        grad_pre = self.workspace.take("grad_pre", batch, n_dead, dtype, self.code.device)
+        torch.mm(g_out, w_dec_dead.to(dtype).t(), out=grad_pre)
+        grad_pre.masked_fill_(self.inactive, 0)
         grad_w_dec = (self.code.t() @ g_out).float()
         grad_w_enc = (grad_pre.t() @ x_centred.to(dtype)).float()
-        ones = torch.ones(1, grad_pre.shape[0], dtype=dtype, device=grad_pre.device)
+        ones = torch.ones(1, batch, dtype=dtype, device=grad_pre.device)
         grad_b_enc = (ones @ grad_pre).float().view(-1)
         return grad_w_dec, grad_w_enc, grad_b_enc
