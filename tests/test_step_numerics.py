@@ -24,19 +24,25 @@ def make_sae(cfg: SAEConfig, seed: int = 0) -> TopKSAE:
     return sae
 
 
-def run_both(cfg: SAEConfig, dead: torch.Tensor | None, batch: int = 64, seed: int = 0):
+def run_both(cfg: SAEConfig, dead: torch.Tensor | None, batch: int = 64, seed: int = 0, dead_bias=None,
+             expect_path=None):
     sae = make_sae(cfg, seed)
+    if dead_bias is not None:
+        with torch.no_grad():
+            sae.b_enc[dead] = dead_bias
     x = torch.randn(batch, cfg.d_in, generator=torch.Generator().manual_seed(seed + 1))
-    tracker = DeadLatentTracker(cfg.n_latents, threshold_tokens=10)
+    tracker = DeadLatentTracker(cfg.n_latents, threshold_tokens=1000)
     if dead is not None:
-        # latents marked dead stay dead unless they fire in this batch
-        tracker.tokens_since_fired[dead] = 10
+        # latents marked dead stay dead unless they fire in this batch; the others stay alive
+        tracker.tokens_since_fired[dead] = 1000
     before = tracker.tokens_since_fired.clone()
     step = SparseTopKStep(sae, mse_scale=0.7, tracker=tracker)
     stats = step(x)
+    if expect_path is not None:
+        assert step.last_aux_path == expect_path
 
     # reference: the same tracker update, then autograd through dense ops
-    ref_tracker = DeadLatentTracker(cfg.n_latents, threshold_tokens=10)
+    ref_tracker = DeadLatentTracker(cfg.n_latents, threshold_tokens=1000)
     ref_tracker.tokens_since_fired.copy_(before)
     params = {name: p.detach().clone().requires_grad_(True) for name, p in sae.named_parameters()}
     with torch.no_grad():
@@ -68,14 +74,22 @@ def test_main_path_matches_dense_reference(multi_topk):
     assert_grads_match(sae, params)
 
 
-@pytest.mark.parametrize("n_dead", [40, 250])  # dense dead block, then the sparse path
+@pytest.mark.parametrize(
+    "n_dead,k_aux,dead_bias,path",
+    [
+        (40, 8, -1.0, "dense_topk"),  # dense dead block, top-k_aux selection
+        (40, 32, -1.0, "dense"),  # every positive entry fits in k_aux: no top-k needed
+        (120, 32, -3.0, "ragged"),  # few active entries: gathered through the sparse kernels
+        (250, 4, -2.0, "sparse_topk"),  # many dead latents: top-k_aux through the sparse kernels
+    ],
+)
 @pytest.mark.parametrize("multi_topk", [False, True])
-def test_auxk_matches_dense_reference(n_dead, multi_topk):
+def test_auxk_matches_dense_reference(n_dead, k_aux, dead_bias, path, multi_topk):
     cfg = SAEConfig(
-        d_in=24, n_latents=256, k=8, k_aux=8, multi_topk=multi_topk, normalization="none", aux_precision="float32"
+        d_in=24, n_latents=256, k=8, k_aux=k_aux, multi_topk=multi_topk, normalization="none", aux_precision="float32"
     )
     dead = torch.randperm(256, generator=torch.Generator().manual_seed(3))[:n_dead]
-    sae, stats, ref, params = run_both(cfg, dead=dead)
+    sae, stats, ref, params = run_both(cfg, dead=dead, dead_bias=dead_bias, expect_path=path)
     assert stats.n_dead > 0
     assert stats.auxk_loss > 0
     torch.testing.assert_close(stats.auxk_loss, ref["auxk_loss"].detach(), rtol=1e-5, atol=1e-7)

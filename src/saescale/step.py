@@ -25,8 +25,8 @@ from torch import Tensor
 from saescale.dead_latents import DeadLatentTracker
 from saescale.kernels import (
     DeadBlock,
-    DeadBlockWorkspace,
     LatentOrder,
+    RaggedCode,
     latent_sums,
     resolve_aux_dtype,
     rows_by_latent_,
@@ -73,7 +73,7 @@ class SparseTopKStep:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.aux_dtype = resolve_aux_dtype(self.cfg.aux_precision, sae.W_enc.device)
-        self._dead_workspace = DeadBlockWorkspace()
+        self.last_aux_path = "none"  # which AuxK implementation the last step used
 
     def _pre_buffer(self, batch: int) -> Tensor:
         n = self.cfg.n_latents
@@ -84,7 +84,7 @@ class SparseTopKStep:
 
     def release_buffers(self) -> None:
         self._pre = None
-        self._dead_workspace = DeadBlockWorkspace()
+        self.last_aux_path = "none"  # which AuxK implementation the last step used
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> StepStats:
@@ -166,7 +166,11 @@ class SparseTopKStep:
         residual = -err
         var_res = _variance(residual)
         if use_dense_block(int(dead_idx.numel()), k_aux):
-            block = DeadBlock(pre, xc, W_enc, sae.b_enc, dead_idx, k_aux, self.aux_dtype, self._dead_workspace)
+            block = DeadBlock(pre, xc, W_enc, sae.b_enc, dead_idx, k_aux, self.aux_dtype)
+            if block.sparse_enough():
+                self.last_aux_path = "ragged"
+                return self._auxk_ragged(block.ragged(dead_idx), residual, var_res, xc, grad_b_enc)
+            self.last_aux_path = "dense_topk" if block.used_topk else "dense"
             w_dead = W_dec.index_select(0, dead_idx)
             e_hat = block.decode(w_dead)
             aux_err = e_hat.sub_(residual)
@@ -179,6 +183,7 @@ class SparseTopKStep:
             W_enc.grad.index_add_(0, dead_idx, g_wenc)
             grad_b_enc.index_add_(0, dead_idx, g_benc)
             return aux
+        self.last_aux_path = "sparse_topk"
         raw, local = pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False)
         aux_idx = dead_idx[local]
         aux_vals = raw.clamp_min(0)
@@ -193,4 +198,22 @@ class SparseTopKStep:
         rows_by_latent_(W_dec.grad, order, aux_vals, grad_e_hat, accumulate=True)
         rows_by_latent_(W_enc.grad, order, g_aux, xc, accumulate=True)
         grad_b_enc.add_(latent_sums(aux_idx, g_aux, cfg.n_latents))
+        return aux
+
+    def _auxk_ragged(
+        self, code: RaggedCode, residual: Tensor, var_res: Tensor, xc: Tensor, grad_b_enc: Tensor
+    ) -> Tensor:
+        """AuxK through the sparse kernels when only a few dead entries per token are active."""
+        cfg, W_enc, W_dec = self.cfg, self.sae.W_enc, self.sae.W_dec
+        batch, d = residual.shape
+        aux_err = code.decode(W_dec).sub_(residual)
+        aux = cfg.auxk_coef * _mean_sq(aux_err) / var_res
+        if not torch.isfinite(aux):
+            return torch.zeros((), device=residual.device)
+        grad_e_hat = aux_err * (2.0 * cfg.auxk_coef / (batch * d * var_res))
+        order = LatentOrder(code.latents, cfg.n_latents, rows=code.rows)
+        g_aux = code.values_grad(W_dec, grad_e_hat)  # every entry is positive: ReLU passes it
+        rows_by_latent_(W_dec.grad, order, code.values, grad_e_hat, accumulate=True)
+        rows_by_latent_(W_enc.grad, order, g_aux, xc, accumulate=True)
+        grad_b_enc.index_add_(0, code.latents, g_aux)
         return aux

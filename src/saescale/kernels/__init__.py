@@ -1,12 +1,12 @@
 """Sparse kernels for TopK autoencoders, each tested against a dense eager reference."""
 
-from saescale.kernels.dead_block import DeadBlock, DeadBlockWorkspace, resolve_aux_dtype, use_dense_block
-from saescale.kernels.sparse import LatentOrder, latent_sums, rows_by_latent_, sparse_decode, values_grad
+from saescale.kernels.dead_block import DeadBlock, resolve_aux_dtype, use_dense_block
+from saescale.kernels.sparse import LatentOrder, RaggedCode, latent_sums, rows_by_latent_, sparse_decode, values_grad
 
 __all__ = [
     "DeadBlock",
-    "DeadBlockWorkspace",
     "LatentOrder",
+    "RaggedCode",
     "latent_sums",
     "resolve_aux_dtype",
     "rows_by_latent_",

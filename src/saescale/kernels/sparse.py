@@ -31,15 +31,19 @@ class LatentOrder:
     scatters into weight rows.
     """
 
-    def __init__(self, indices: Tensor, n_latents: int) -> None:
-        if indices.dim() != 2:
+    def __init__(self, indices: Tensor, n_latents: int, rows: Tensor | None = None) -> None:
+        """indices: a [batch, K] code, or (with `rows`, the batch row of each entry) a flat
+        ragged code whose rows may hold different numbers of entries."""
+        if rows is None and indices.dim() != 2:
             raise ValueError(f"indices must be [batch, K], got shape {tuple(indices.shape)}")
-        self.batch, self.width = indices.shape
         self.n_latents = n_latents
         flat = indices.reshape(-1)
         self.latent_sorted, self.perm = flat.sort(stable=True)
         # batch row of each entry, in latent order
-        self.rows = torch.div(self.perm, self.width, rounding_mode="floor")
+        if rows is None:
+            self.rows = torch.div(self.perm, indices.shape[1], rounding_mode="floor")
+        else:
+            self.rows = rows[self.perm]
         counts = torch.bincount(flat, minlength=n_latents)
         self.offsets = torch.zeros(n_latents + 1, dtype=torch.long, device=indices.device)
         torch.cumsum(counts, 0, out=self.offsets[1:])
@@ -98,18 +102,27 @@ def rows_by_latent_(
         raise ValueError(f"out has {n} rows but the order covers {order.n_latents} latents")
     weights_sorted = coeffs.reshape(-1).to(dense.dtype)[order.perm]
     chunk = max(1, _CHUNK_BYTES // max(1, d * out.element_size()))
+    if accumulate:
+        # only the latents that have entries: bag them, then add into their rows
+        latents, counts = torch.unique_consecutive(order.latent_sorted, return_counts=True)
+        starts = torch.zeros_like(counts)
+        torch.cumsum(counts[:-1], 0, out=starts[1:])
+        bounds = starts.tolist() + [order.latent_sorted.numel()]
+        for first in range(0, latents.numel(), chunk):
+            last = min(latents.numel(), first + chunk)
+            lo, hi = bounds[first], bounds[last]
+            part = F.embedding_bag(order.rows[lo:hi], dense, starts[first:last] - lo,
+                                   per_sample_weights=weights_sorted[lo:hi], mode="sum")
+            out.index_add_(0, latents[first:last], part)
+        return out
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         lo, hi = order.offset(start), order.offset(stop)
         if hi == lo:
-            if not accumulate:
-                out[start:stop].zero_()
+            out[start:stop].zero_()
             continue
         rows, offsets, weights = order.rows[lo:hi], order.offsets[start:stop] - lo, weights_sorted[lo:hi]
-        if accumulate:
-            out[start:stop].add_(F.embedding_bag(rows, dense, offsets, per_sample_weights=weights, mode="sum"))
-        else:
-            _bag_into(out[start:stop], rows, dense, offsets, weights)
+        _bag_into(out[start:stop], rows, dense, offsets, weights)
     return out
 
 
@@ -131,6 +144,30 @@ def values_grad(indices: Tensor, weight: Tensor, dense: Tensor) -> Tensor:
             rows = weight[indices[s : s + step]]
             out[s : s + step] = torch.bmm(rows, dense[s : s + step, :, None]).squeeze(-1)
         return out
+
+
+class RaggedCode:
+    """A sparse code whose tokens hold different numbers of entries (e.g. all positive AuxK
+    pre-activations): flat latent indices and values, the batch row of each entry, and each
+    row's first entry (`offsets`, as embedding_bag takes them). Entries are grouped by row."""
+
+    def __init__(self, rows: Tensor, latents: Tensor, values: Tensor, batch: int) -> None:
+        self.rows, self.latents, self.values, self.batch = rows, latents, values, batch
+        counts = torch.bincount(rows, minlength=batch)
+        self.offsets = torch.zeros(batch, dtype=torch.long, device=rows.device)
+        torch.cumsum(counts[:-1], 0, out=self.offsets[1:])
+
+    def decode(self, weight: Tensor) -> Tensor:
+        out = torch.ops.aten._embedding_bag_forward_only(
+            weight, self.latents, self.offsets, False, 0, False, self.values.to(weight.dtype), False, -1
+        )
+        return out[0]
+
+    def values_grad(self, weight: Tensor, dense: Tensor) -> Tensor:
+        """d(decode)/d(values) contracted with `dense` [batch, d]: dense[row] . weight[latent]."""
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            dense.contiguous(), weight, self.latents, self.offsets, self.rows, 0, -1
+        )
 
 
 def latent_sums(indices: Tensor, coeffs: Tensor, n_latents: int) -> Tensor:
