@@ -9,29 +9,18 @@ import torch
 
 from saescale.config import SAEConfig, TrainConfig
 from saescale.model import TopKSAE
-from saescale.synthetic import SparseDictionary
 from saescale.trainer import Trainer
 
 
 def test_recovers_a_known_sparse_dictionary():
     """64-d data built from 256 unit atoms (4 active per sample) plus noise: the SAE must find
     >= 80% of the atoms (best cosine > 0.9), with NMSE < 0.15 and < 5% dead latents."""
-    truth = SparseDictionary.random(d=64, n_atoms=256, active=4, noise=0.01, seed=0)
-    batch = 1024
-    sae = TopKSAE(SAEConfig(d_in=64, n_latents=384, k=8, dead_tokens_threshold=20 * batch))
-    trainer = Trainer(sae, TrainConfig(lr=2e-3, log_every=50))
-    summary = trainer.fit(truth.batches(batch, 1500))
+    from saescale.bench.recovery import bench_recovery
 
-    held_out = truth.sample(8192, torch.Generator().manual_seed(123))
-    with torch.no_grad():
-        recon = sae(held_out)
-    nmse = ((recon - held_out) ** 2).mean() / ((held_out - held_out.mean(0)) ** 2).mean()
-    recovered = truth.recovery(sae.W_dec.detach())
-    dead = trainer.tracker.dead_fraction()
-    assert recovered >= 0.8, recovered
-    assert nmse < 0.15, nmse
-    assert dead < 0.05, dead
-    assert summary.final["fvu"] < 0.15
+    result = bench_recovery()
+    assert result["recovered_frac"] >= 0.8, result
+    assert result["heldout_nmse"] < 0.15, result
+    assert result["dead_fraction"] < 0.05, result
 
 
 def _batches(seed: int, n: int, d: int = 32, batch: int = 256):

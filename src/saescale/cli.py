@@ -36,6 +36,13 @@ def _bench_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_recovery(args: argparse.Namespace) -> int:
+    from saescale.bench.recovery import bench_recovery
+
+    print(json.dumps(bench_recovery(auxk=not args.no_auxk, transpose_init=not args.no_transpose_init, seed=args.seed)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saescale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--s3-endpoint", default=None, help="an S3 endpoint URL; default: moto on loopback")
     cache.add_argument("--skip-writer", action="store_true")
     cache.set_defaults(func=_bench_cache)
+    rec = bench_sub.add_parser("recovery", help="recovery of a known sparse dictionary (AuxK / init ablations)")
+    rec.add_argument("--no-auxk", action="store_true")
+    rec.add_argument("--no-transpose-init", action="store_true")
+    rec.add_argument("--seed", type=int, default=0)
+    rec.set_defaults(func=_bench_recovery)
     return parser
 
 
