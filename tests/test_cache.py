@@ -215,3 +215,44 @@ def test_bench_cache_reports_reader_rates():
     result = bench_cache(d_model=64, shards=3, rows_per_shard=2048, batch_size=1024, skip_writer=True)
     assert result["reader_local"]["rows"] == 6144 and result["reader_local"]["rows_per_s"] > 0
     assert result["reader_s3"]["rows"] == 6144 and result["reader_s3"]["rows_per_s"] > 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_cache_job_through_ray_job_submit(tmp_path):
+    """`ray start --head` on loopback, then `ray job submit -- python jobs/cache.py ...`."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bin_dir = os.path.dirname(sys.executable)
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RAY_TMPDIR=ray_tmp,
+               RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.pop("RAY_ADDRESS", None)
+    dash = _free_port()
+    start = subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", "--num-cpus=2",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--port={_free_port()}",
+                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        out = tmp_path / "submitted-cache"
+        job = subprocess.run([os.path.join(bin_dir, "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                              "--working-dir", root, "--", "python", "jobs/cache.py", f"output={out}",
+                              "max_tokens=2000", "rows_per_shard=1024"],
+                             env=env, capture_output=True, text=True, timeout=300, cwd=root)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+        assert "cache ready" in job.stdout
+        manifest = load_manifest(str(out))
+        assert manifest.n_rows >= 2000 and manifest.d_model == 576
+    finally:
+        subprocess.run([os.path.join(bin_dir, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
