@@ -256,3 +256,33 @@ def test_cache_job_through_ray_job_submit(tmp_path):
         assert manifest.n_rows >= 2000 and manifest.d_model == 576
     finally:
         subprocess.run([os.path.join(bin_dir, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_activation_column_round_trip(dtype):
+    from saescale.cache.format import DTYPES, activation_array, activations_from_column
+
+    x = torch.randn(37, 24).to(DTYPES[dtype])
+    back = activations_from_column(activation_array(x), dtype, 24)
+    assert back.dtype == DTYPES[dtype] and torch.equal(back, x)
+
+
+def test_jsonl_and_parquet_corpora(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from saescale.lm.corpus import iter_documents
+
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "first doc"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
+    pq.write_table(pa.table({"text": ["third", "fourth"]}), tmp_path / "b.parquet")
+    docs = list(iter_documents(str(tmp_path)))
+    assert [t for _, t in docs] == ["first doc", "second", "third", "fourth"]
+    assert len({name for name, _ in docs}) == 4
+
+
+def test_doc_column_matches_windows(tiny_model_dir, corpus_dir, tmp_path):
+    build_cache(tiny_cfg(tiny_model_dir, corpus_dir, str(tmp_path / "d")), progress=lambda s: None)
+    cache = ActivationCache(str(tmp_path / "d"))
+    table = cache.read_table(1)
+    window_doc = cache.windows().column("doc").to_numpy()
+    assert (table.column("doc").to_numpy() == window_doc[table.column("window").to_numpy()]).all()

@@ -30,7 +30,7 @@ def write_synthetic_cache(url: str, d_model: int, shards: int, rows_per_shard: i
     for s in range(shards):
         acts = torch.randn(rows_per_shard, d_model, generator=g).to(torch.float16)
         zeros = pa.array([0] * rows_per_shard, pa.int32())
-        table = pa.table({"act": activation_array(acts), "token_id": zeros, "window": zeros,
+        table = pa.table({"act": activation_array(acts), "token_id": zeros, "doc": zeros, "window": zeros,
                           "pos": pa.array([0] * rows_per_shard, pa.int16())})
         data = table_bytes(table)
         name = f"shards/shard-{s:05d}.parquet"

@@ -84,6 +84,11 @@ class Plan:
     parts: list[tuple[int, int]]  # [start, stop) window ranges
     perm: np.ndarray  # row -> global destination index
 
+    @property
+    def window_docs(self) -> list[int]:
+        index = {d: i for i, d in enumerate(self.documents)}
+        return [index[w.doc_id] for w in self.windows]
+
 
 def make_plan(cfg: CacheConfig, tokenizer) -> Plan:
     special = set(getattr(tokenizer, "all_special_ids", []) or []) if cfg.drop_special_tokens else set()
@@ -138,6 +143,7 @@ def compute_part(model, cfg: CacheConfig, plan: Plan, part: int) -> int:
     from saescale.lm.hooks import run_to_hook
 
     start, stop = plan.parts[part]
+    device = next(model.parameters()).device
     acts_list, tok_list, win_list, pos_list, row_list = [], [], [], [], []
     for b in range(start, stop, cfg.windows_per_batch):
         idx = list(range(b, min(stop, b + cfg.windows_per_batch)))
@@ -145,7 +151,7 @@ def compute_part(model, cfg: CacheConfig, plan: Plan, part: int) -> int:
         if len(lengths) != 1:
             raise CacheError("internal: windows of one batch differ in length")
         ids = torch.tensor([plan.windows[i].ids for i in idx], dtype=torch.long)
-        acts = run_to_hook(model, ids, cfg.hook, cfg.layer)
+        acts = run_to_hook(model, ids.to(device), cfg.hook, cfg.layer).cpu()
         mask = torch.tensor([plan.keep[i] for i in idx])
         acts_list.append(acts[mask].to(DTYPES[cfg.dtype]))
         tok_list.append(ids[mask])
@@ -163,11 +169,13 @@ def compute_part(model, cfg: CacheConfig, plan: Plan, part: int) -> int:
     shard = dest // cfg.rows_per_shard
     slot = (dest % cfg.rows_per_shard).astype(np.int32)
     tokens, wins, poss = torch.cat(tok_list).numpy(), torch.cat(win_list).numpy(), torch.cat(pos_list).numpy()
+    docs = np.asarray(plan.window_docs, dtype=np.int32)[wins]
     for s in np.unique(shard):
         sel = np.nonzero(shard == s)[0]
         table = pa.table({
             "act": activation_array(acts[torch.from_numpy(sel)]),
             "token_id": pa.array(tokens[sel].astype(np.int32)),
+            "doc": pa.array(docs[sel]),
             "window": pa.array(wins[sel].astype(np.int32)),
             "pos": pa.array(poss[sel].astype(np.int16)),
             "slot": pa.array(slot[sel]),
@@ -188,6 +196,8 @@ class PartWorker:
         self.cfg = CacheConfig(**cfg_dict)
         self.plan = plan
         self.model = load_causal_lm(self.cfg.model, self.cfg.model_cache_dir).model
+        if torch.cuda.is_available():  # Ray gave this actor a GPU
+            self.model = self.model.to("cuda")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         parts = batch["part"].tolist()
@@ -214,12 +224,16 @@ def run_parts(cfg: CacheConfig, plan: Plan, todo: list[int], model=None) -> None
         ensure_ray()
         ds = ray.data.from_items([{"part": p} for p in todo])
         cfg_dict = {k: v for k, v in asdict(cfg).items()}
+        resources = ray.cluster_resources()
+        # one model replica per actor: a GPU each when the cluster has them, else a CPU share
+        per_actor = ({"num_gpus": 1} if resources.get("GPU", 0) >= cfg.num_workers
+                     else {"num_cpus": max(1, int(resources.get("CPU", 1)) // cfg.num_workers)})
         out = ds.map_batches(
             PartWorker,
             fn_constructor_kwargs={"cfg_dict": cfg_dict, "plan": plan},
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
-            num_cpus=max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.num_workers),
+            **per_actor,
         )
         for row in out.iter_rows():
             bar.update(int(row["rows"]))
@@ -265,15 +279,10 @@ def windows_table(plan: Plan) -> pa.Table:
     """window -> (document, start offset, token ids): what a viewer needs to show contexts."""
     return pa.table({
         "window": pa.array(np.arange(len(plan.windows), dtype=np.int32)),
-        "doc": pa.array(_doc_ids(plan), pa.int32()),
+        "doc": pa.array(plan.window_docs, pa.int32()),
         "start": pa.array([w.start for w in plan.windows], pa.int64()),
         "token_ids": pa.array([w.ids for w in plan.windows], pa.list_(pa.int32())),
     })
-
-
-def _doc_ids(plan: Plan) -> list[int]:
-    index = {d: i for i, d in enumerate(plan.documents)}
-    return [index[w.doc_id] for w in plan.windows]
 
 
 def check_writable(cfg: CacheConfig) -> None:

@@ -6,8 +6,9 @@ without, but a fixed_size_binary(1152) column at 1.1-1.5 M rows/s, and it conver
 [rows, d] tensor with one `np.frombuffer` (zero copy). Shards are written without dictionary
 encoding or compression (activations do not compress; decoding time is what matters).
 
-Columns: act (fixed_size_binary[itemsize * d_model]), token_id (int32), window (int32: index
-into the cache's windows table), pos (int16: position in the window).
+Columns: act (fixed_size_binary[itemsize * d_model]), token_id (int32), doc (int32: index into
+the manifest's documents), window (int32: index into the cache's windows table, which gives the
+window's start offset in its document and its token ids), pos (int16: position in the window).
 """
 
 from __future__ import annotations
