@@ -87,7 +87,9 @@ class SparseTopKStep:
         self.last_aux_path = "none"  # which AuxK implementation the last step used
 
     @torch.no_grad()
-    def __call__(self, x: Tensor) -> StepStats:
+    def __call__(self, x: Tensor, compute_fvu: bool = True) -> StepStats:
+        """One step on normalised inputs x [batch, d]; `compute_fvu=False` skips the per-batch
+        variance (only needed for logging) and reports fvu as NaN."""
         sae, cfg = self.sae, self.cfg
         W_enc, b_enc, W_dec, b_pre = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre
         batch, d = x.shape
@@ -109,10 +111,10 @@ class SparseTopKStep:
         # ---- decoder and main loss ------------------------------------------------------
         order_main = LatentOrder(main_idx, n)
         x_hat = sparse_decode(main_idx, main_vals, W_dec).add_(b_pre)
-        err = x_hat - x
+        err = x_hat.sub_(x)  # x_hat - x, in place: x_hat itself is not needed again
         mse = _mean_sq(err)
         mse_loss = self.mse_scale * mse
-        fvu = mse / _variance(x).clamp_min(1e-30)
+        fvu = mse / _variance(x).clamp_min(1e-30) if compute_fvu else torch.full((), float("nan"))
         grad_x_hat = err * (2.0 * self.mse_scale / denom)
 
         fired_mask = main_vals > 0

@@ -98,13 +98,13 @@ class Trainer:
             raise
         t0 = time.perf_counter()
         x_normed, _ = self.sae.normalize(x)
-        stats = self._step_fn(x_normed)
+        logging_now = (self.step + 1) % self.cfg.log_every == 0
+        stats = self._step_fn(x_normed, compute_fvu=logging_now)
         if not torch.isfinite(stats.loss):
             raise FloatingPointError(
                 f"loss became {stats.loss.item()} at step {self.step}; lower train.lr or enable train.clip_grad_norm"
             )
         remove_parallel_grad_(self.sae.W_dec, self.sae.W_dec.grad)
-        logging_now = (self.step + 1) % self.cfg.log_every == 0
         gnorm = None
         if self.cfg.clip_grad_norm is not None:
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad_norm, foreach=True)

@@ -63,7 +63,7 @@ def run(spec: dict) -> dict:
 
         def train_step() -> None:
             tracker.tokens_since_fired[dead] = threshold
-            step(x)
+            step(x, compute_fvu=False)  # as the trainer does on non-logging steps
             remove_parallel_grad_(sae.W_dec, sae.W_dec.grad)
             opt.step()
             sae.normalize_decoder_()
