@@ -40,7 +40,7 @@ def corpus_dir(tmp_path_factory):
     from saescale.lm.embedded import EMBEDDED_CORPUS
 
     path = tmp_path_factory.mktemp("corpus")
-    for i, (name, text) in enumerate(list(iter_documents(EMBEDDED_CORPUS))[:6]):
+    for i, (_name, text) in enumerate(list(iter_documents(EMBEDDED_CORPUS))[:6]):
         (path / f"doc{i}.txt").write_text(text[5000:9000])  # ~1000 tokens each: all six are used
     return str(path)
 

@@ -35,6 +35,7 @@ from saescale.kernels import (
     values_grad,
 )
 from saescale.model import TopKSAE
+from saescale.parallel import TensorParallel
 
 
 def _mean_sq(t: Tensor) -> Tensor:
@@ -63,9 +64,16 @@ class StepStats:
 class SparseTopKStep:
     """Computes losses and writes parameter gradients for one batch of normalised inputs."""
 
-    def __init__(self, sae: TopKSAE, mse_scale: float, tracker: DeadLatentTracker) -> None:
+    def __init__(
+        self, sae: TopKSAE, mse_scale: float, tracker: DeadLatentTracker, tp: TensorParallel | None = None
+    ) -> None:
+        """`sae` holds this rank's latents; with `tp`, its config's n_latents is the local slice
+        and `tp.n_global` the whole autoencoder's (k, k_aux are global)."""
         self.sae = sae
         self.cfg = sae.cfg
+        self.tp = tp
+        if tp is not None and sae.cfg.n_latents != tp.n_local:
+            raise ValueError(f"TP shard holds {sae.cfg.n_latents} latents, expected {tp.n_local}")
         self.mse_scale = float(mse_scale)
         self.tracker = tracker
         self._pre: Tensor | None = None
@@ -84,7 +92,6 @@ class SparseTopKStep:
 
     def release_buffers(self) -> None:
         self._pre = None
-        self.last_aux_path = "none"  # which AuxK implementation the last step used
 
     @torch.no_grad()
     def __call__(self, x: Tensor, compute_fvu: bool = True) -> StepStats:
@@ -100,27 +107,31 @@ class SparseTopKStep:
         xc = x - b_pre
         pre = torch.addmm(b_enc, xc, W_enc.t(), out=self._pre_buffer(batch))
         width = cfg.multi_k if cfg.multi_topk else cfg.k
-        raw_vals, idx = pre.topk(width, dim=1, sorted=False)
-        vals = raw_vals.clamp_min(0)
+        raw_vals, idx = pre.topk(min(width, n), dim=1, sorted=False)
+        if self.tp is not None:  # exact global top-k; entries of other ranks get value 0 here
+            raw_vals, idx, owned = self.tp.global_topk(raw_vals, idx, width)
+            vals = raw_vals.clamp_min(0) * owned
+        else:
+            vals = raw_vals.clamp_min(0)
         if cfg.multi_topk:
             _, pos = raw_vals.topk(cfg.k, dim=1, sorted=False)
-            main_idx, main_vals = idx.gather(1, pos), vals.gather(1, pos)
+            main_idx, main_vals, main_raw = idx.gather(1, pos), vals.gather(1, pos), raw_vals.gather(1, pos)
         else:
-            pos, main_idx, main_vals = None, idx, vals
+            pos, main_idx, main_vals, main_raw = None, idx, vals, raw_vals
 
         # ---- decoder and main loss ------------------------------------------------------
         order_main = LatentOrder(main_idx, n)
-        x_hat = sparse_decode(main_idx, main_vals, W_dec).add_(b_pre)
+        x_hat = self._reduce(sparse_decode(main_idx, main_vals, W_dec)).add_(b_pre)
         err = x_hat.sub_(x)  # x_hat - x, in place: x_hat itself is not needed again
         mse = _mean_sq(err)
         mse_loss = self.mse_scale * mse
         fvu = mse / _variance(x).clamp_min(1e-30) if compute_fvu else torch.full((), float("nan"))
         grad_x_hat = err * (2.0 * self.mse_scale / denom)
 
-        fired_mask = main_vals > 0
+        fired_mask = main_vals > 0  # this rank's latents that fired
         fired = main_idx[fired_mask]
         self.tracker.update(fired, batch)
-        l0 = fired_mask.sum(1).float().mean()
+        l0 = (main_raw > 0).sum(1).float().mean()
 
         # gradient w.r.t. the encoder values at `idx` (width entries per token)
         g_main = values_grad(main_idx, W_dec, grad_x_hat) * fired_mask
@@ -130,7 +141,7 @@ class SparseTopKStep:
         multi_loss = torch.zeros((), device=x.device)
         if cfg.multi_topk:
             order_wide = LatentOrder(idx, n)
-            err_wide = sparse_decode(idx, vals, W_dec).add_(b_pre).sub_(x)
+            err_wide = self._reduce(sparse_decode(idx, vals, W_dec)).add_(b_pre).sub_(x)
             multi_loss = self.mse_scale * _mean_sq(err_wide) / 8
             grad_wide_out = err_wide * (2.0 * self.mse_scale / (8 * denom))
             g_enc = values_grad(idx, W_dec, grad_wide_out) * (vals > 0)
@@ -149,15 +160,55 @@ class SparseTopKStep:
         auxk_loss = torch.zeros((), device=x.device)
         dead_idx = self.tracker.dead_mask().nonzero().flatten()
         n_dead = int(dead_idx.numel())
-        if n_dead > 0 and cfg.auxk_coef > 0:
+        if self.tp is not None:
+            n_dead = int(self.tp.all_reduce_(torch.tensor([n_dead], device=x.device)).item())
+            if n_dead > 0 and cfg.auxk_coef > 0:
+                auxk_loss = self._auxk_tp(pre, dead_idx, n_dead, err, xc, grad_b_enc)
+        elif n_dead > 0 and cfg.auxk_coef > 0:
             auxk_loss = self._auxk(pre, dead_idx, err, xc, grad_b_enc)
 
         b_enc.grad.copy_(grad_b_enc)
-        grad_b_pre -= grad_b_enc @ W_enc
+        grad_b_pre -= self._reduce(grad_b_enc @ W_enc)  # the encoder's share, summed over shards
         b_pre.grad.copy_(grad_b_pre)
 
         loss = mse_loss + multi_loss + auxk_loss
         return StepStats(loss, mse_loss, fvu, auxk_loss, multi_loss, l0, n_dead, fired)
+
+    def _reduce(self, partial: Tensor) -> Tensor:
+        """Sum a partial result over the TP group (identity without TP)."""
+        return partial if self.tp is None else self.tp.all_reduce_(partial)
+
+    def _auxk_tp(
+        self, pre: Tensor, dead_idx: Tensor, n_dead: int, err: Tensor, xc: Tensor, grad_b_enc: Tensor
+    ) -> Tensor:
+        """AuxK with latent-sharded weights: exact global top-k_aux over every rank's dead
+        latents (candidates padded to a common width), then the sparse kernels on each shard."""
+        assert self.tp is not None
+        cfg, W_enc, W_dec = self.cfg, self.sae.W_enc, self.sae.W_dec
+        batch, d = err.shape
+        k_aux = min(cfg.k_aux, n_dead)
+        cand_vals = torch.full((batch, k_aux), float("-inf"), device=pre.device)
+        cand_idx = torch.full((batch, k_aux), -1, dtype=torch.long, device=pre.device)
+        k_local = min(k_aux, int(dead_idx.numel()))
+        if k_local > 0:
+            v, loc = pre.index_select(1, dead_idx).topk(k_local, dim=1, sorted=False)
+            cand_vals[:, :k_local], cand_idx[:, :k_local] = v, dead_idx[loc]
+        raw, aux_idx, owned = self.tp.global_topk(cand_vals, cand_idx, k_aux)
+        aux_vals = raw.clamp_min(0) * owned
+        self.last_aux_path = "tp_sparse_topk"
+        residual = -err
+        var_res = _variance(residual)
+        aux_err = self._reduce(sparse_decode(aux_idx, aux_vals, W_dec)).sub_(residual)
+        aux = cfg.auxk_coef * _mean_sq(aux_err) / var_res
+        if not torch.isfinite(aux):
+            return torch.zeros((), device=err.device)
+        grad_e_hat = aux_err * (2.0 * cfg.auxk_coef / (batch * d * var_res))
+        order = LatentOrder(aux_idx, cfg.n_latents)
+        g_aux = values_grad(aux_idx, W_dec, grad_e_hat) * (aux_vals > 0)
+        rows_by_latent_(W_dec.grad, order, aux_vals, grad_e_hat, accumulate=True)
+        rows_by_latent_(W_enc.grad, order, g_aux, xc, accumulate=True)
+        grad_b_enc.add_(latent_sums(aux_idx, g_aux, cfg.n_latents))
+        return aux
 
     def _auxk(self, pre: Tensor, dead_idx: Tensor, err: Tensor, xc: Tensor, grad_b_enc: Tensor) -> Tensor:
         """AuxK loss; adds its gradients to W_dec.grad, W_enc.grad and grad_b_enc. err = x_hat - x."""

@@ -92,10 +92,7 @@ class Trainer:
             self.initialize(batch)
         assert self._step_fn is not None
         x = batch.to(self.device, torch.float32, non_blocking=True)
-        try:
-            check_activations(x, self.sae.cfg.d_in, name=f"batch at step {self.step}")
-        except ValueError:
-            raise
+        check_activations(x, self.sae.cfg.d_in, name=f"batch at step {self.step}")
         t0 = time.perf_counter()
         x_normed, _ = self.sae.normalize(x)
         logging_now = (self.step + 1) % self.cfg.log_every == 0

@@ -1,0 +1,101 @@
+"""Latent-sharded (tensor-parallel) step against the single-process step on the same weights:
+losses and every gradient, with plain torch.distributed (gloo) in two processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from saescale.config import SAEConfig
+from saescale.dead_latents import DeadLatentTracker
+from saescale.model import TopKSAE
+from saescale.parallel import TensorParallel
+from saescale.step import SparseTopKStep
+
+THRESHOLD = 1000
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _setup(cfg: SAEConfig, n_dead: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    sae = TopKSAE(cfg)
+    sae.reset_parameters(generator=g)
+    with torch.no_grad():
+        sae.W_enc.add_(0.05 * torch.randn(sae.W_enc.shape, generator=g))
+        sae.b_enc.copy_(0.1 * torch.randn(sae.b_enc.shape, generator=g))
+        sae.b_pre.copy_(0.1 * torch.randn(sae.b_pre.shape, generator=g))
+    dead = torch.randperm(cfg.n_latents, generator=g)[:n_dead]
+    with torch.no_grad():
+        sae.b_enc[dead] -= 1.0  # keep them out of the main top-k, with some positive pre-activations
+    x = torch.randn(48, cfg.d_in, generator=g)
+    counters = torch.zeros(cfg.n_latents, dtype=torch.long)
+    counters[dead] = THRESHOLD
+    return sae, x, counters
+
+
+def _worker(rank: int, world: int, port: int, cfg_dict: dict, n_dead: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        cfg = SAEConfig(**cfg_dict)
+        full, x, counters = _setup(cfg, n_dead)
+        tp = TensorParallel(rank=rank, size=world, n_global=cfg.n_latents)
+        local = TopKSAE(dataclasses.replace(cfg, n_latents=tp.n_local))
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec"):
+                getattr(local, name).copy_(tp.shard(getattr(full, name)))
+            local.b_pre.copy_(full.b_pre)
+        tracker = DeadLatentTracker(tp.n_local, THRESHOLD)
+        tracker.tokens_since_fired.copy_(tp.shard(counters))
+        stats = SparseTopKStep(local, 0.7, tracker, tp)(x)
+        out = {f"grad.{n}": p.grad for n, p in local.named_parameters()}
+        out.update(loss=stats.loss.reshape(1), auxk=stats.auxk_loss.reshape(1), multi=stats.multi_topk_loss.reshape(1),
+                   l0=stats.l0.reshape(1), n_dead=torch.tensor([stats.n_dead]), counters=tracker.tokens_since_fired)
+        save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("multi_topk,n_dead", [(False, 0), (False, 40), (True, 40)])
+def test_tensor_parallel_step_matches_single_process(tmp_path, world, multi_topk, n_dead):
+    cfg = SAEConfig(d_in=24, n_latents=256, k=8, k_aux=16, multi_topk=multi_topk, normalization="none",
+                    aux_precision="float32", auxk_coef=1 / 32)
+    mp.spawn(_worker, args=(world, _free_port(), dataclasses.asdict(cfg), n_dead, str(tmp_path)), nprocs=world)
+    ranks = [load_file(os.path.join(tmp_path, f"rank{r}.safetensors")) for r in range(world)]
+
+    full, x, counters = _setup(cfg, n_dead)
+    tracker = DeadLatentTracker(cfg.n_latents, THRESHOLD)
+    tracker.tokens_since_fired.copy_(counters)
+    ref = SparseTopKStep(full, 0.7, tracker)(x)
+
+    for r in ranks:  # replicated results agree on every rank and with the single process
+        torch.testing.assert_close(r["loss"][0], ref.loss, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(r["auxk"][0], ref.auxk_loss, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(r["multi"][0], ref.multi_topk_loss, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(r["l0"][0], ref.l0)
+        assert int(r["n_dead"][0]) == ref.n_dead
+        torch.testing.assert_close(r["grad.b_pre"], full.b_pre.grad, rtol=1e-4, atol=1e-7)
+    if n_dead:
+        assert ref.auxk_loss > 0
+    for name in ("W_enc", "b_enc", "W_dec"):
+        sharded = torch.cat([r[f"grad.{name}"] for r in ranks])
+        torch.testing.assert_close(sharded, getattr(full, name).grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(torch.cat([r["counters"] for r in ranks]), tracker.tokens_since_fired)
+
+
+def test_tp_size_must_divide_latents():
+    with pytest.raises(ValueError, match="not divisible by tp=3"):
+        TensorParallel(rank=0, size=3, n_global=256)
