@@ -43,6 +43,24 @@ def _bench_recovery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from saescale.plan import PlanError, check_fits, plan_memory
+
+    try:
+        plan = plan_memory(args.n_latents, args.d_model, args.k, args.workers, args.tp, args.batch,
+                           args.micro_batches, args.ema, args.device_gib)
+    except PlanError as exc:
+        print(f"saescale plan: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_dict()) if args.json else plan.table())
+    try:
+        check_fits(plan)
+    except PlanError as exc:
+        print(f"saescale plan: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saescale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--s3-endpoint", default=None, help="an S3 endpoint URL; default: moto on loopback")
     cache.add_argument("--skip-writer", action="store_true")
     cache.set_defaults(func=_bench_cache)
+    plan = sub.add_parser("plan", help="per-rank memory of a (dp x tp) run; exit 1 if it cannot fit")
+    plan.add_argument("--n-latents", type=int, required=True)
+    plan.add_argument("--d-model", type=int, required=True)
+    plan.add_argument("--k", type=int, default=256)
+    plan.add_argument("--workers", type=int, required=True)
+    plan.add_argument("--tp", type=int, required=True)
+    plan.add_argument("--batch", type=int, default=131072, help="global batch in tokens")
+    plan.add_argument("--micro-batches", type=int, default=1)
+    plan.add_argument("--ema", action="store_true")
+    plan.add_argument("--device-gib", type=float, default=80.0)
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=_plan)
     rec = bench_sub.add_parser("recovery", help="recovery of a known sparse dictionary (AuxK / init ablations)")
     rec.add_argument("--no-auxk", action="store_true")
     rec.add_argument("--no-transpose-init", action="store_true")
