@@ -11,17 +11,11 @@ from saescale.model import TopKSAE
 from saescale.reference import dense_losses
 from saescale.step import SparseTopKStep
 
+from helpers import perturbed_sae
+
 
 def make_sae(cfg: SAEConfig, seed: int = 0) -> TopKSAE:
-    g = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(cfg)
-    sae.reset_parameters(generator=g)
-    with torch.no_grad():
-        # untie and perturb so that encoder and decoder gradients differ
-        sae.W_enc.add_(0.05 * torch.randn(sae.W_enc.shape, generator=g))
-        sae.b_enc.copy_(0.1 * torch.randn(sae.b_enc.shape, generator=g))
-        sae.b_pre.copy_(0.1 * torch.randn(sae.b_pre.shape, generator=g))
-    return sae
+    return perturbed_sae(cfg, torch.Generator().manual_seed(seed))
 
 
 def run_both(cfg: SAEConfig, dead: torch.Tensor | None, batch: int = 64, seed: int = 0, dead_bias=None,

@@ -19,6 +19,8 @@ from saescale.model import TopKSAE
 from saescale.parallel import TensorParallel
 from saescale.step import SparseTopKStep
 
+from helpers import perturbed_sae
+
 THRESHOLD = 1000
 
 
@@ -30,12 +32,7 @@ def _free_port() -> int:
 
 def _setup(cfg: SAEConfig, n_dead: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(cfg)
-    sae.reset_parameters(generator=g)
-    with torch.no_grad():
-        sae.W_enc.add_(0.05 * torch.randn(sae.W_enc.shape, generator=g))
-        sae.b_enc.copy_(0.1 * torch.randn(sae.b_enc.shape, generator=g))
-        sae.b_pre.copy_(0.1 * torch.randn(sae.b_pre.shape, generator=g))
+    sae = perturbed_sae(cfg, g)
     dead = torch.randperm(cfg.n_latents, generator=g)[:n_dead]
     with torch.no_grad():
         sae.b_enc[dead] -= 1.0  # keep them out of the main top-k, with some positive pre-activations

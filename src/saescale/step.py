@@ -174,6 +174,14 @@ class SparseTopKStep:
         loss = mse_loss + multi_loss + auxk_loss
         return StepStats(loss, mse_loss, fvu, auxk_loss, multi_loss, l0, n_dead, fired)
 
+    def _aux_loss(self, aux_err: Tensor, var_res: Tensor) -> tuple[Tensor, Tensor | None]:
+        """AuxK loss from e_hat - e, and its gradient w.r.t. e_hat (None when the loss is not
+        finite: the paper zeroes a NaN AuxK loss, so that step gets no AuxK gradient)."""
+        aux = self.cfg.auxk_coef * _mean_sq(aux_err) / var_res
+        if not torch.isfinite(aux):
+            return torch.zeros((), device=aux_err.device), None
+        return aux, aux_err * (2.0 * self.cfg.auxk_coef / (aux_err.numel() * var_res))
+
     def _reduce(self, partial: Tensor) -> Tensor:
         """Sum a partial result over the TP group (identity without TP)."""
         return partial if self.tp is None else self.tp.all_reduce_(partial)
@@ -184,9 +192,8 @@ class SparseTopKStep:
         """AuxK with latent-sharded weights: exact global top-k_aux over every rank's dead
         latents (candidates padded to a common width), then the sparse kernels on each shard."""
         assert self.tp is not None
-        cfg, W_enc, W_dec = self.cfg, self.sae.W_enc, self.sae.W_dec
-        batch, d = err.shape
-        k_aux = min(cfg.k_aux, n_dead)
+        batch = err.shape[0]
+        k_aux = min(self.cfg.k_aux, n_dead)
         cand_vals = torch.full((batch, k_aux), float("-inf"), device=pre.device)
         cand_idx = torch.full((batch, k_aux), -1, dtype=torch.long, device=pre.device)
         k_local = min(k_aux, int(dead_idx.numel()))
@@ -194,27 +201,13 @@ class SparseTopKStep:
             v, loc = pre.index_select(1, dead_idx).topk(k_local, dim=1, sorted=False)
             cand_vals[:, :k_local], cand_idx[:, :k_local] = v, dead_idx[loc]
         raw, aux_idx, owned = self.tp.global_topk(cand_vals, cand_idx, k_aux)
-        aux_vals = raw.clamp_min(0) * owned
         self.last_aux_path = "tp_sparse_topk"
-        residual = -err
-        var_res = _variance(residual)
-        aux_err = self._reduce(sparse_decode(aux_idx, aux_vals, W_dec)).sub_(residual)
-        aux = cfg.auxk_coef * _mean_sq(aux_err) / var_res
-        if not torch.isfinite(aux):
-            return torch.zeros((), device=err.device)
-        grad_e_hat = aux_err * (2.0 * cfg.auxk_coef / (batch * d * var_res))
-        order = LatentOrder(aux_idx, cfg.n_latents)
-        g_aux = values_grad(aux_idx, W_dec, grad_e_hat) * (aux_vals > 0)
-        rows_by_latent_(W_dec.grad, order, aux_vals, grad_e_hat, accumulate=True)
-        rows_by_latent_(W_enc.grad, order, g_aux, xc, accumulate=True)
-        grad_b_enc.add_(latent_sums(aux_idx, g_aux, cfg.n_latents))
-        return aux
+        return self._auxk_fixed_width(aux_idx, raw.clamp_min(0) * owned, -err, xc, grad_b_enc)
 
     def _auxk(self, pre: Tensor, dead_idx: Tensor, err: Tensor, xc: Tensor, grad_b_enc: Tensor) -> Tensor:
         """AuxK loss; adds its gradients to W_dec.grad, W_enc.grad and grad_b_enc. err = x_hat - x."""
         cfg, sae = self.cfg, self.sae
         W_enc, W_dec = sae.W_enc, sae.W_dec
-        batch, d = err.shape
         k_aux = min(cfg.k_aux, int(dead_idx.numel()))
         residual = -err
         var_res = _variance(residual)
@@ -225,12 +218,9 @@ class SparseTopKStep:
                 return self._auxk_ragged(block.ragged(dead_idx), residual, var_res, xc, grad_b_enc)
             self.last_aux_path = "dense_topk" if block.used_topk else "dense"
             w_dead = W_dec.index_select(0, dead_idx)
-            e_hat = block.decode(w_dead)
-            aux_err = e_hat.sub_(residual)
-            aux = cfg.auxk_coef * _mean_sq(aux_err) / var_res
-            if not torch.isfinite(aux):
-                return torch.zeros((), device=err.device)
-            grad_e_hat = aux_err * (2.0 * cfg.auxk_coef / (batch * d * var_res))
+            aux, grad_e_hat = self._aux_loss(block.decode(w_dead).sub_(residual), var_res)
+            if grad_e_hat is None:
+                return aux
             g_wdec, g_wenc, g_benc = block.backward(grad_e_hat, w_dead, xc)
             W_dec.grad.index_add_(0, dead_idx, g_wdec)
             W_enc.grad.index_add_(0, dead_idx, g_wenc)
@@ -238,14 +228,18 @@ class SparseTopKStep:
             return aux
         self.last_aux_path = "sparse_topk"
         raw, local = pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False)
-        aux_idx = dead_idx[local]
-        aux_vals = raw.clamp_min(0)
-        e_hat = sparse_decode(aux_idx, aux_vals, W_dec)
-        aux_err = e_hat.sub_(residual)
-        aux = cfg.auxk_coef * _mean_sq(aux_err) / var_res
-        if not torch.isfinite(aux):
-            return torch.zeros((), device=err.device)
-        grad_e_hat = aux_err * (2.0 * cfg.auxk_coef / (batch * d * var_res))
+        return self._auxk_fixed_width(dead_idx[local], raw.clamp_min(0), residual, xc, grad_b_enc)
+
+    def _auxk_fixed_width(
+        self, aux_idx: Tensor, aux_vals: Tensor, residual: Tensor, xc: Tensor, grad_b_enc: Tensor
+    ) -> Tensor:
+        """AuxK loss and gradients through the sparse kernels for a [batch, k_aux] code over this
+        rank's latents (entries owned by other TP ranks carry value 0)."""
+        cfg, W_enc, W_dec = self.cfg, self.sae.W_enc, self.sae.W_dec
+        var_res = _variance(residual)
+        aux, grad_e_hat = self._aux_loss(self._reduce(sparse_decode(aux_idx, aux_vals, W_dec)).sub_(residual), var_res)
+        if grad_e_hat is None:
+            return aux
         order = LatentOrder(aux_idx, cfg.n_latents)
         g_aux = values_grad(aux_idx, W_dec, grad_e_hat) * (aux_vals > 0)
         rows_by_latent_(W_dec.grad, order, aux_vals, grad_e_hat, accumulate=True)
@@ -258,12 +252,9 @@ class SparseTopKStep:
     ) -> Tensor:
         """AuxK through the sparse kernels when only a few dead entries per token are active."""
         cfg, W_enc, W_dec = self.cfg, self.sae.W_enc, self.sae.W_dec
-        batch, d = residual.shape
-        aux_err = code.decode(W_dec).sub_(residual)
-        aux = cfg.auxk_coef * _mean_sq(aux_err) / var_res
-        if not torch.isfinite(aux):
-            return torch.zeros((), device=residual.device)
-        grad_e_hat = aux_err * (2.0 * cfg.auxk_coef / (batch * d * var_res))
+        aux, grad_e_hat = self._aux_loss(code.decode(W_dec).sub_(residual), var_res)
+        if grad_e_hat is None:
+            return aux
         order = LatentOrder(code.latents, cfg.n_latents, rows=code.rows)
         g_aux = code.values_grad(W_dec, grad_e_hat)  # every entry is positive: ReLU passes it
         rows_by_latent_(W_dec.grad, order, code.values, grad_e_hat, accumulate=True)
