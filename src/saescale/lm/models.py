@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,12 @@ def _convert_gguf(gguf_path: str, out_dir: str) -> None:
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    os.replace(tmp, out_dir)  # the converted copy appears only when complete
+    try:
+        os.replace(tmp, out_dir)  # the converted copy appears only when complete
+    except OSError:
+        if not os.path.isdir(out_dir):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same conversion first
 
 
 def resolve_model_dir(spec: str, cache_dir: str | None = None) -> str:
