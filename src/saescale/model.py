@@ -59,6 +59,9 @@ def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> 
     return median.float()
 
 
+INIT_BLOCK_ROWS = 4096  # rows drawn per seeded generator (see reset_parameters_seeded)
+
+
 class TopKSAE(nn.Module):
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -85,6 +88,31 @@ class TopKSAE(nn.Module):
             self.W_enc.copy_(self.W_dec)
         else:
             self.W_enc.uniform_(-bound, bound, generator=generator)
+        self.b_enc.zero_()
+        self.b_pre.zero_()
+
+    @torch.no_grad()
+    def reset_parameters_seeded(self, seed: int, row_offset: int = 0, transpose_init: bool = True) -> None:
+        """The same init, drawn in fixed blocks of INIT_BLOCK_ROWS global rows, each from its own
+        seeded generator: latent i gets the same initial row whether this module holds the whole
+        autoencoder or a tensor-parallel slice starting at `row_offset` (no rank ever draws more
+        than one block beyond its slice, so a 16M-latent init needs no full-size temporary)."""
+        n, d = self.cfg.n_latents, self.cfg.d_in
+        bound = 1.0 / math.sqrt(d)
+        first, last = row_offset // INIT_BLOCK_ROWS, (row_offset + n - 1) // INIT_BLOCK_ROWS
+        for block in range(first, last + 1):
+            lo = max(block * INIT_BLOCK_ROWS, row_offset)
+            hi = min((block + 1) * INIT_BLOCK_ROWS, row_offset + n)
+            skip = lo - block * INIT_BLOCK_ROWS
+            for target, stream in ((self.W_dec, 0), (self.W_enc, 1)):
+                if stream == 1 and transpose_init:
+                    continue
+                g = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + block) * 2 + stream)
+                rows = torch.empty(skip + hi - lo, d).uniform_(-bound, bound, generator=g)[skip:]
+                target[lo - row_offset : hi - row_offset].copy_(rows)
+        self.normalize_decoder_()
+        if transpose_init:
+            self.W_enc.copy_(self.W_dec)
         self.b_enc.zero_()
         self.b_pre.zero_()
 

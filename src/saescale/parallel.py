@@ -1,19 +1,46 @@
-"""Tensor parallelism over the latent dimension: the communication a latent-sharded step needs.
+"""Data and tensor parallelism: the communication a latent-sharded, data-parallel step needs.
 
 Each rank of a TP group holds a contiguous slice [offset, offset + n_local) of the latents
 (W_enc / b_enc / W_dec rows, their Adam state and dead counters); b_pre is replicated. The step
 needs only three collectives: an all-gather of each rank's local top-k candidates (values and
 global indices) to pick the exact global top-k, and all-reduces of the partial reconstructions
-and of the encoder's contribution to b_pre's gradient. The model code never imports Ray.
+and of the encoder's contribution to b_pre's gradient. Data parallelism averages gradients over
+replicas and makes the per-batch statistics (dead latents, the AuxK normaliser) global, so a
+dp x tp run takes the same steps as one process on the whole batch. The model code never
+imports Ray.
+
+Every collective goes through `CommStats`, which counts seconds and bytes (ring-algorithm bytes
+sent per rank: (p-1)/p of the result for an all-gather, 2(p-1)/p of the tensor for an
+all-reduce), so benchmarks and the trainer can report communication separately from compute.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+@dataclass
+class CommStats:
+    """Seconds spent in collectives and bytes sent by this rank (ring model), since reset()."""
+
+    seconds: float = 0.0
+    bytes_sent: int = 0
+
+    def reset(self) -> None:
+        self.seconds, self.bytes_sent = 0.0, 0
+
+
+def _all_reduce(t: Tensor, size: int, group, stats: CommStats, op=dist.ReduceOp.SUM) -> Tensor:
+    t0 = time.perf_counter()
+    dist.all_reduce(t, op=op, group=group)
+    stats.seconds += time.perf_counter() - t0
+    stats.bytes_sent += 2 * (size - 1) * t.numel() * t.element_size() // size
+    return t
 
 
 @dataclass
@@ -22,6 +49,7 @@ class TensorParallel:
     size: int  # TP group size
     n_global: int  # latents of the whole autoencoder
     group: dist.ProcessGroup | None = None  # None: the default group
+    stats: CommStats = field(default_factory=CommStats)
 
     def __post_init__(self) -> None:
         if self.n_global % self.size:
@@ -41,13 +69,23 @@ class TensorParallel:
 
     def all_gather_cat(self, t: Tensor) -> Tensor:
         """Concatenate every rank's [batch, w] tensor along dim 1 (rank order)."""
+        return torch.cat(self._all_gather(t), dim=1)
+
+    def all_gather_rows(self, t: Tensor) -> Tensor:
+        """Concatenate every rank's [rows, ...] tensor along dim 0 (rank order): how the ranks
+        of a TP group, each holding a share of the batch, assemble the batch they all train on."""
+        return torch.cat(self._all_gather(t), dim=0)
+
+    def _all_gather(self, t: Tensor) -> list[Tensor]:
+        t0 = time.perf_counter()
         parts = [torch.empty_like(t) for _ in range(self.size)]
         dist.all_gather(parts, t.contiguous(), group=self.group)
-        return torch.cat(parts, dim=1)
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.bytes_sent += (self.size - 1) * t.numel() * t.element_size()
+        return parts
 
-    def all_reduce_(self, t: Tensor) -> Tensor:
-        dist.all_reduce(t, group=self.group)
-        return t
+    def all_reduce_(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+        return _all_reduce(t, self.size, self.group, self.stats, op)
 
     def global_topk(self, values: Tensor, local_idx: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """Exact global top-k from each rank's local candidates: one all-gather of values and
@@ -62,3 +100,21 @@ class TensorParallel:
         owned = (chosen >= self.offset) & (chosen < self.offset + self.n_local)
         local = torch.where(owned, chosen - self.offset, torch.zeros_like(chosen))
         return vals, local, owned
+
+
+@dataclass
+class DataParallel:
+    """Replicas of the same (shard of the) autoencoder, each on its own part of the batch."""
+
+    rank: int
+    size: int
+    group: dist.ProcessGroup | None = None
+    stats: CommStats = field(default_factory=CommStats)
+
+    def all_reduce_(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+        return _all_reduce(t, self.size, self.group, self.stats, op)
+
+    def average_grads_(self, params: list[Tensor]) -> None:
+        """Average gradients over replicas, in place (no copy the size of a weight matrix)."""
+        for p in params:
+            self.all_reduce_(p.grad).div_(self.size)

@@ -35,7 +35,7 @@ from saescale.kernels import (
     values_grad,
 )
 from saescale.model import TopKSAE
-from saescale.parallel import TensorParallel
+from saescale.parallel import DataParallel, TensorParallel
 
 
 def _mean_sq(t: Tensor) -> Tensor:
@@ -65,13 +65,21 @@ class SparseTopKStep:
     """Computes losses and writes parameter gradients for one batch of normalised inputs."""
 
     def __init__(
-        self, sae: TopKSAE, mse_scale: float, tracker: DeadLatentTracker, tp: TensorParallel | None = None
+        self,
+        sae: TopKSAE,
+        mse_scale: float,
+        tracker: DeadLatentTracker,
+        tp: TensorParallel | None = None,
+        dp: DataParallel | None = None,
     ) -> None:
         """`sae` holds this rank's latents; with `tp`, its config's n_latents is the local slice
-        and `tp.n_global` the whole autoencoder's (k, k_aux are global)."""
+        and `tp.n_global` the whole autoencoder's (k, k_aux are global). With `dp`, `x` is this
+        replica's part of the batch: dead-latent counters and the AuxK/FVU normalisers are
+        computed over the whole batch, and the caller averages gradients over replicas."""
         self.sae = sae
         self.cfg = sae.cfg
         self.tp = tp
+        self.dp = dp if dp is not None and dp.size > 1 else None
         if tp is not None and sae.cfg.n_latents != tp.n_local:
             raise ValueError(f"TP shard holds {sae.cfg.n_latents} latents, expected {tp.n_local}")
         self.mse_scale = float(mse_scale)
@@ -125,12 +133,12 @@ class SparseTopKStep:
         err = x_hat.sub_(x)  # x_hat - x, in place: x_hat itself is not needed again
         mse = _mean_sq(err)
         mse_loss = self.mse_scale * mse
-        fvu = mse / _variance(x).clamp_min(1e-30) if compute_fvu else torch.full((), float("nan"))
+        fvu = mse / self._batch_variance(x).clamp_min(1e-30) if compute_fvu else torch.full((), float("nan"))
         grad_x_hat = err * (2.0 * self.mse_scale / denom)
 
         fired_mask = main_vals > 0  # this rank's latents that fired
         fired = main_idx[fired_mask]
-        self.tracker.update(fired, batch)
+        self._update_tracker(fired, batch)
         l0 = (main_raw > 0).sum(1).float().mean()
 
         # gradient w.r.t. the encoder values at `idx` (width entries per token)
@@ -182,6 +190,29 @@ class SparseTopKStep:
             return torch.zeros((), device=aux_err.device), None
         return aux, aux_err * (2.0 * self.cfg.auxk_coef / (aux_err.numel() * var_res))
 
+    def _batch_variance(self, t: Tensor) -> Tensor:
+        """`_variance` over the whole batch: with data parallelism, from the replicas' summed
+        squares and sums (one all-reduce of d + 1 numbers)."""
+        if self.dp is None:
+            return _variance(t)
+        flat = t.reshape(-1)
+        sums = torch.cat([torch.dot(flat, flat).reshape(1), t.sum(0)])
+        self.dp.all_reduce_(sums)
+        rows = t.shape[0] * self.dp.size
+        mean = sums[1:] / rows
+        return sums[0] / (rows * t.shape[1]) - torch.dot(mean, mean) / mean.numel()
+
+    def _update_tracker(self, fired: Tensor, batch: int) -> None:
+        """Advance the dead-latent counters by the whole batch: under data parallelism a latent
+        fired if it fired on any replica (an all-reduce MAX of a byte per local latent)."""
+        if self.dp is None:
+            self.tracker.update(fired, batch)
+            return
+        mask = torch.zeros(self.cfg.n_latents, dtype=torch.uint8, device=fired.device)
+        mask[fired] = 1
+        self.dp.all_reduce_(mask, op=torch.distributed.ReduceOp.MAX)
+        self.tracker.update(mask.nonzero().flatten(), batch * self.dp.size)
+
     def _reduce(self, partial: Tensor) -> Tensor:
         """Sum a partial result over the TP group (identity without TP)."""
         return partial if self.tp is None else self.tp.all_reduce_(partial)
@@ -210,7 +241,7 @@ class SparseTopKStep:
         W_enc, W_dec = sae.W_enc, sae.W_dec
         k_aux = min(cfg.k_aux, int(dead_idx.numel()))
         residual = -err
-        var_res = _variance(residual)
+        var_res = self._batch_variance(residual)
         if use_dense_block(int(dead_idx.numel()), k_aux):
             block = DeadBlock(pre, xc, W_enc, sae.b_enc, dead_idx, k_aux, self.aux_dtype)
             if block.sparse_enough():
@@ -236,7 +267,7 @@ class SparseTopKStep:
         """AuxK loss and gradients through the sparse kernels for a [batch, k_aux] code over this
         rank's latents (entries owned by other TP ranks carry value 0)."""
         cfg, W_enc, W_dec = self.cfg, self.sae.W_enc, self.sae.W_dec
-        var_res = _variance(residual)
+        var_res = self._batch_variance(residual)
         aux, grad_e_hat = self._aux_loss(self._reduce(sparse_decode(aux_idx, aux_vals, W_dec)).sub_(residual), var_res)
         if grad_e_hat is None:
             return aux

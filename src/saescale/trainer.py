@@ -24,7 +24,8 @@ from saescale.config import TrainConfig
 from saescale.dead_latents import DeadLatentTracker
 from saescale.loggers import MetricsLogger, NullLogger
 from saescale.model import TopKSAE, check_activations
-from saescale.optim import WeightEMA, grad_norm, lr_at, make_adam, remove_parallel_grad_
+from saescale.optim import WeightEMA, lr_at, make_adam, remove_parallel_grad_
+from saescale.parallel import DataParallel, TensorParallel
 from saescale.step import SparseTopKStep
 
 
@@ -45,8 +46,15 @@ class Trainer:
         checkpoint_url: str | None = None,
         storage_options: dict[str, Any] | None = None,
         keep_history: bool = True,
+        tp: TensorParallel | None = None,
+        dp: DataParallel | None = None,
     ) -> None:
+        """With `tp`, `sae` is this rank's slice of the latents; with `dp`, each batch passed to
+        `train_step` is this replica's part of the global batch (see `saescale.parallel`)."""
         self.sae = sae
+        self.tp = tp
+        self.dp = dp if dp is not None and dp.size > 1 else None
+        self.n_global = tp.n_global if tp is not None else sae.cfg.n_latents
         self.cfg = cfg
         self.logger = logger or NullLogger()
         self.checkpoint_url = checkpoint_url
@@ -54,7 +62,7 @@ class Trainer:
         self.keep_history = keep_history
         self.device = sae.W_enc.device
         self.params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre]
-        self.base_lr = cfg.resolved_lr(sae.cfg.n_latents)
+        self.base_lr = cfg.resolved_lr(self.n_global)
         self.optimizer = make_adam(self.params, cfg, self.base_lr)
         self.tracker = DeadLatentTracker(sae.cfg.n_latents, sae.cfg.dead_tokens_threshold, self.device)
         self.ema = WeightEMA(self.params, cfg.ema_decay) if cfg.ema_decay else None
@@ -70,8 +78,8 @@ class Trainer:
     @torch.no_grad()
     def initialize(self, sample: Tensor) -> None:
         """Data-dependent init: input normalisation, b_pre = geometric median, MSE constant."""
-        gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
-        self.sae.reset_parameters(generator=gen, transpose_init=self.cfg.init_transpose)
+        offset = self.tp.offset if self.tp is not None else 0
+        self.sae.reset_parameters_seeded(self.cfg.seed, offset, transpose_init=self.cfg.init_transpose)
         sample = sample.to(self.device, torch.float32)
         self.sae.init_from_data_(sample, self.cfg.geometric_median_samples)
         normed, _ = self.sae.normalize(sample)
@@ -83,7 +91,7 @@ class Trainer:
 
     def _make_step_fn(self) -> None:
         assert self.mse_scale is not None
-        self._step_fn = SparseTopKStep(self.sae, self.mse_scale, self.tracker)
+        self._step_fn = SparseTopKStep(self.sae, self.mse_scale, self.tracker, tp=self.tp, dp=self.dp)
 
     # ------------------------------------------------------------- training
     def train_step(self, batch: Tensor) -> dict[str, float] | None:
@@ -101,12 +109,15 @@ class Trainer:
             raise FloatingPointError(
                 f"loss became {stats.loss.item()} at step {self.step}; lower train.lr or enable train.clip_grad_norm"
             )
+        if self.dp is not None:
+            self.dp.average_grads_(self.params)
         remove_parallel_grad_(self.sae.W_dec, self.sae.W_dec.grad)
         gnorm = None
+        if self.cfg.clip_grad_norm is not None or logging_now:
+            gnorm = self._grad_norm()
         if self.cfg.clip_grad_norm is not None:
-            gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad_norm, foreach=True)
-        elif logging_now:
-            gnorm = grad_norm(self.params)
+            coef = torch.clamp(self.cfg.clip_grad_norm / (gnorm + 1e-6), max=1.0)
+            torch._foreach_mul_([p.grad for p in self.params], coef)
         lr = lr_at(self.step, self.base_lr, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -116,26 +127,41 @@ class Trainer:
             self.ema.update(self.params)
         batch_tokens = x.shape[0]
         self.step += 1
-        self.tokens_seen += batch_tokens
+        self.tokens_seen += batch_tokens * (self.dp.size if self.dp is not None else 1)
         self._fire_counts += torch.bincount(stats.fired, minlength=self.sae.cfg.n_latents)
         self._window_tokens += batch_tokens
         self._step_seconds = time.perf_counter() - t0
         if not logging_now:
             return None
+        replica = torch.stack([stats.loss, stats.mse_loss, stats.fvu, stats.auxk_loss, stats.l0,
+                               stats.multi_topk_loss]).float()
+        if self.dp is not None:  # means over the replicas' equal parts = means over the batch
+            self.dp.all_reduce_(replica).div_(self.dp.size)
+        loss, mse_loss, fvu, auxk_loss, l0, multi_loss = replica.tolist()
         metrics = {
-            "loss": stats.loss.item(),
-            "mse_loss": stats.mse_loss.item(),
-            "fvu": stats.fvu.item(),
-            "auxk_loss": stats.auxk_loss.item(),
-            "l0": stats.l0.item(),
-            "dead_fraction": stats.n_dead / self.sae.cfg.n_latents,
+            "loss": loss,
+            "mse_loss": mse_loss,
+            "fvu": fvu,
+            "auxk_loss": auxk_loss,
+            "l0": l0,
+            "dead_fraction": stats.n_dead / self.n_global,
             "lr": lr,
             "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
             "tokens": float(self.tokens_seen),
         }
         if self.sae.cfg.multi_topk:
-            metrics["multi_topk_loss"] = stats.multi_topk_loss.item()
+            metrics["multi_topk_loss"] = multi_loss
         return metrics
+
+    @torch.no_grad()
+    def _grad_norm(self) -> Tensor:
+        """Global gradient norm: latent-sharded parameters summed over the TP group, the
+        replicated b_pre counted once (gradients are already averaged over replicas)."""
+        sharded = torch.stack(torch._foreach_norm([self.sae.W_enc.grad, self.sae.b_enc.grad, self.sae.W_dec.grad]))
+        sq = sharded.double().pow(2).sum().reshape(1)
+        if self.tp is not None:
+            self.tp.all_reduce_(sq)
+        return (sq[0] + self.sae.b_pre.grad.double().pow(2).sum()).sqrt().float()
 
     def fit(self, batches: Iterable[Tensor], max_steps: int | None = None) -> TrainSummary:
         """Train until `batches` is exhausted or `max_steps` (total, counting restored steps)."""
@@ -225,6 +251,10 @@ class Trainer:
         snap = checkpoint.load_checkpoint(self.checkpoint_url, self.sae, step, self.storage_options)
         if snap is None:
             return 0
+        return self.load_snapshot(snap)
+
+    def load_snapshot(self, snap: checkpoint.TrainerSnapshot) -> int:
+        """Restore everything but the weights (already loaded into `self.sae`) from a snapshot."""
         info, tensors = snap.info, snap.tensors
         if info["sae_cfg"] != self.sae.cfg.to_dict():
             raise ValueError("checkpoint was written for a different SAE config; use a new run name")
