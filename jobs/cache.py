@@ -16,10 +16,20 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from saescale.cache.builder import CacheConfig, CacheError, build_cache
+from saescale.cache.format import CorruptShardError
 from saescale.lm.corpus import CorpusError
 from saescale.lm.hooks import HookError
 from saescale.lm.models import ModelLoadError
 from saescale.storage import StorageError
+
+
+# what a bad input, a bad store or a damaged build raises: reported in one line, not a traceback
+USER_ERRORS = (CacheError, CorruptShardError, CorpusError, HookError, ModelLoadError, StorageError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The error message on one line (pyarrow and boto put newlines in theirs)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def storage_options(cfg: DictConfig) -> dict | None:
@@ -33,8 +43,8 @@ def main(cfg: DictConfig) -> None:
     t0 = time.time()
     try:
         manifest = build_cache(CacheConfig(**fields, storage_options=storage_options(cfg)))
-    except (CacheError, CorpusError, HookError, ModelLoadError, StorageError) as exc:
-        print(f"saescale cache: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        print(f"saescale cache: error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     print(f"[saescale] cache ready: {manifest.n_rows} rows, {len(manifest.shards)} shards, "
           f"d_model={manifest.d_model}, {time.time() - t0:.1f} s", flush=True)

@@ -286,3 +286,106 @@ def test_doc_column_matches_windows(tiny_model_dir, corpus_dir, tmp_path):
     table = cache.read_table(1)
     window_doc = cache.windows().column("doc").to_numpy()
     assert (table.column("doc").to_numpy() == window_doc[table.column("window").to_numpy()]).all()
+
+
+# ------------------------------------------------------------- resume after a killed build
+@pytest.fixture(scope="module")
+def reference_cache(tiny_model_dir, corpus_dir, tmp_path_factory):
+    """An uninterrupted build of the tiny config, to compare resumed builds against."""
+    out = tmp_path_factory.mktemp("reference") / "cache"
+    return build_cache(tiny_cfg(tiny_model_dir, corpus_dir, str(out)), progress=lambda s: None)
+
+
+def killed_build(cfg: CacheConfig, parts: int | None = None):
+    """The `_work/` a build killed during pass 1 leaves: its first `parts` parts (default all)
+    computed by the real model, no shard assembled. Returns the build's plan."""
+    from saescale.cache.builder import compute_part, make_plan
+
+    lm = load_causal_lm(cfg.model)
+    plan = make_plan(cfg, lm.tokenizer)
+    for p in range(len(plan.parts) if parts is None else parts):
+        compute_part(lm.model, cfg, plan, p)
+    return plan
+
+
+def assert_same_cache(got, want):
+    assert [s.sha256 for s in got.shards] == [s.sha256 for s in want.shards]
+    assert got.stats == want.stats and got.n_rows == want.n_rows
+
+
+def test_resume_ignores_temp_files_a_killed_write_left(tiny_model_dir, corpus_dir, tmp_path, reference_cache):
+    out = tmp_path / "killed"
+    cfg = tiny_cfg(tiny_model_dir, corpus_dir, str(out))
+    killed_build(cfg, parts=2)
+    bucket = out / "_work" / "shard-00000"
+    real = sorted(bucket.glob("part-*.parquet"))[0]
+    # killed between write and rename: a complete copy under a temp name (its rows would be
+    # counted twice), and a torn file (unreadable Parquet)
+    (bucket / f".{real.name}.tmp-0123abcd").write_bytes(real.read_bytes())
+    (bucket / ".something.tmp-xyz").write_bytes(b"PAR1 torn write")
+    assert_same_cache(build_cache(cfg, progress=lambda s: None), reference_cache)
+    assert not (out / "_work").exists()
+
+
+def test_resume_skips_published_shards_and_reassembles_damaged_ones(tiny_model_dir, corpus_dir, tmp_path,
+                                                                     reference_cache):
+    import shutil
+
+    from saescale.cache.builder import publish_shard
+
+    out = tmp_path / "pass2"
+    cfg = tiny_cfg(tiny_model_dir, corpus_dir, str(out))
+    plan = killed_build(cfg)
+    publish_shard(cfg, plan, 0)  # killed in pass 2, after shards 0 and 1
+    publish_shard(cfg, plan, 1)
+    shutil.rmtree(out / "_work" / "shard-00000")  # shard 0 can only succeed by not being re-assembled
+    damaged = out / "shards" / "shard-00001.parquet"  # shard 1's file no longer has the recorded bytes
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    assert_same_cache(build_cache(cfg, progress=lambda s: None), reference_cache)
+
+
+def test_cache_job_reports_a_corrupt_bucket_in_one_line(tiny_model_dir, corpus_dir, tmp_path, monkeypatch, capsys):
+    """`python jobs/cache.py`, run as __main__ in this process (a fresh interpreter spends ~8 s
+    importing): a damaged bucket file is one error line and exit status 2, not a traceback."""
+    import runpy
+    import sys
+
+    out = tmp_path / "corrupt"
+    cfg = tiny_cfg(tiny_model_dir, corpus_dir, str(out), max_tokens=800)
+    killed_build(cfg)
+    (out / "_work" / "shard-00000" / "part-00000.parquet").write_bytes(b"not parquet\nat all")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [f"{k}={v}" for k, v in cfg.identity().items()] + [f"output={out}", "use_ray=false", "windows_per_batch=8"]
+    monkeypatch.setattr(sys, "argv", ["jobs/cache.py", *args, "hydra/job_logging=none", "hydra/hydra_logging=none"])
+    monkeypatch.setenv("SAESCALE_RUNS", str(tmp_path / "runs"))
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(os.path.join(root, "jobs", "cache.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err[-3000:]
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("saescale cache: error: "), err[-3000:]
+    assert "part-00000.parquet: unreadable Parquet" in errors[0]
+    assert not (out / "manifest.json").exists()
+
+
+def test_special_tokens_are_not_cached_by_default(tiny_model_dir, tmp_path):
+    """BOS starts every window and the text spells chat/eos tokens, which the tokenizer turns into
+    their special ids: none of them may become a cached row."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    special = set(AutoTokenizer.from_pretrained(tiny_model_dir).all_special_ids)
+    corpus = tmp_path / "chat"
+    corpus.mkdir()
+    (corpus / "chat.txt").write_text(" ".join(f"<|im_start|>user line {i} of a chat<|im_end|><|endoftext|>"
+                                              for i in range(80)))
+    cfg = tiny_cfg(tiny_model_dir, str(corpus), str(tmp_path / "out"), max_tokens=600, rows_per_shard=256)
+    assert cfg.drop_special_tokens  # the default under test
+    manifest = build_cache(cfg, progress=lambda s: None)
+    cache = ActivationCache(cfg.output)
+    window_ids = [t for ids in cache.windows().column("token_ids").to_pylist() for t in ids]
+    assert special <= set(window_ids)  # the input really holds every special token
+    cached = np.concatenate([cache.read_table(i).column("token_id").to_numpy() for i in range(len(manifest.shards))])
+    assert not special & set(cached.tolist())
+    assert manifest.n_rows == len(cached) == sum(t not in special for t in window_ids)

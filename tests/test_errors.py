@@ -64,11 +64,23 @@ def test_bad_sae_config(kwargs, match):
         (dict(decay_start_frac=0.5), "total_steps"),
         (dict(ema_decay=1.5), "train.ema_decay"),
         (dict(clip_grad_norm=0.0), "train.clip_grad_norm"),
+        (dict(histogram_every=0), "train.histogram_every"),
+        (dict(histogram_every=-5), "train.histogram_every"),
+        (dict(log_every=0), "train.log_every"),
+        (dict(log_every=-1), "train.log_every"),
+        (dict(checkpoint_every=0), "train.checkpoint_every"),
+        (dict(checkpoint_every=-10), "train.checkpoint_every"),
     ],
 )
 def test_bad_train_config(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_every_one_step_intervals_are_accepted():
+    """1 is the smallest interval; checkpoint_every=None (no periodic checkpoints) stays allowed."""
+    cfg = TrainConfig(log_every=1, histogram_every=1, checkpoint_every=None)
+    assert (cfg.log_every, cfg.histogram_every, cfg.checkpoint_every) == (1, 1, None)
 
 
 def test_k_aux_default_is_power_of_two_near_half_d():

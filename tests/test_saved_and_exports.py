@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from saescale.config import SAEConfig, TrainConfig
-from saescale.export import ExportError, export_saelens, export_sparsify
+from saescale.export import ExportError, export_saelens, export_sparsify, transformer_lens_hook_name
 from saescale.model import TopKSAE
 from saescale.saved import SavedSAEError, load_sae, save_sae
 from saescale.trainer import Trainer
@@ -126,3 +126,33 @@ def test_export_loads_in_sparsify(tmp_path, normalization):
 def test_export_refuses_token_unit_norm(tmp_path):
     with pytest.raises(ExportError, match="unit norm"):
         export_saelens(trained_sae("token_unit_norm"), str(tmp_path / "x"))
+
+
+@pytest.mark.parametrize(
+    "ours,tl",
+    [
+        ("resid_post.8", "blocks.8.hook_resid_post"),
+        ("mlp_out.0", "blocks.0.hook_mlp_out"),
+        ("attn_out.11", "blocks.11.hook_attn_out"),
+        ("blocks.8.hook_resid_post", "blocks.8.hook_resid_post"),  # already a TransformerLens name
+        ("resid_pre.3", "resid_pre.3"),  # not a site our cache writes: unchanged
+        ("resid_post", "resid_post"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_transformer_lens_hook_names(ours, tl):
+    assert transformer_lens_hook_name(ours) == tl
+
+
+def test_every_cache_hook_site_has_a_transformer_lens_name():
+    from saescale.lm.hooks import HOOK_SITES
+
+    for site in HOOK_SITES:
+        assert transformer_lens_hook_name(f"{site}.2") == f"blocks.2.hook_{site}"
+
+
+def test_saelens_metadata_uses_the_transformer_lens_hook_name(tmp_path):
+    """The train job passes our cache's `<hook>.<layer>`; SAELens users look SAEs up by TL name."""
+    export_saelens(trained_sae(steps=1), str(tmp_path / "saelens"), {"model_name": "m", "hook_name": "resid_post.8"})
+    meta = json.loads((tmp_path / "saelens" / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == "blocks.8.hook_resid_post"

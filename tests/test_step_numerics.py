@@ -119,3 +119,45 @@ def test_bfloat16_dead_block_is_close():
     for (name, p32), (_, p16) in zip(sae32.named_parameters(), sae16.named_parameters()):
         rel = (p16.grad - p32.grad).norm() / p32.grad.norm().clamp_min(1e-12)
         assert rel < 2e-2, name
+
+
+@pytest.mark.parametrize(
+    "n_dead,k_aux,dead_bias,path",
+    [(40, 8, -1.0, "dense_topk"), (40, 32, -1.0, "dense"), (120, 32, -3.0, "ragged"), (250, 4, -2.0, "sparse_topk")],
+)
+def test_non_finite_auxk_loss_is_zero_and_adds_no_gradient(n_dead, k_aux, dead_bias, path):
+    """One token per batch: the residual has zero variance over the batch, so AuxK's normaliser
+    is 0 and its loss inf. The step must report AuxK 0 and give exactly the gradients of the
+    same step without AuxK (auxk_coef=0)."""
+    dead = torch.randperm(256, generator=torch.Generator().manual_seed(3))[:n_dead]
+    x = torch.randn(1, 24, generator=torch.Generator().manual_seed(1))
+    grads, losses = {}, {}
+    for coef in (1 / 32, 0.0):
+        cfg = SAEConfig(d_in=24, n_latents=256, k=8, k_aux=k_aux, auxk_coef=coef, normalization="none",
+                        aux_precision="float32")
+        sae = make_sae(cfg)
+        with torch.no_grad():
+            sae.b_enc[dead] = dead_bias
+        tracker = DeadLatentTracker(256, threshold_tokens=1000)
+        tracker.tokens_since_fired[dead] = 1000
+        step = SparseTopKStep(sae, mse_scale=0.7, tracker=tracker)
+        stats = step(x)
+        if coef > 0:
+            assert step.last_aux_path == path and stats.n_dead > 0  # AuxK really ran
+            assert stats.auxk_loss.item() == 0.0
+        losses[coef] = stats.loss
+        grads[coef] = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    assert torch.isfinite(losses[1 / 32])
+    torch.testing.assert_close(losses[1 / 32], losses[0.0], rtol=0, atol=0)
+    for name, g in grads[0.0].items():
+        torch.testing.assert_close(grads[1 / 32][name], g, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("err,var_res", [(1.0, 0.0), (0.0, 0.0), (float("nan"), 1.0)])  # inf, 0/0, NaN
+def test_aux_loss_helper_zeroes_non_finite_losses(err, var_res):
+    cfg = SAEConfig(d_in=4, n_latents=16, k=2, k_aux=2, normalization="none")
+    step = SparseTopKStep(TopKSAE(cfg), mse_scale=1.0, tracker=DeadLatentTracker(16, threshold_tokens=10))
+    aux, grad = step._aux_loss(torch.full((3, 4), err), torch.tensor(var_res))
+    assert aux.item() == 0.0 and grad is None
+    aux, grad = step._aux_loss(torch.ones(3, 4), torch.tensor(2.0))  # a finite loss keeps its gradient
+    assert aux.item() == pytest.approx(cfg.auxk_coef / 2) and grad is not None

@@ -25,6 +25,12 @@ def default_k_aux(d_in: int) -> int:
     return int(2 ** round(math.log2(half)))
 
 
+def _check_interval(name: str, value: Any) -> None:
+    """An every-N-steps setting must be a whole number of steps >= 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 class _DictConfig:
     """to_dict/from_dict for the config dataclasses; unknown keys are an error, not ignored."""
 
@@ -149,10 +155,11 @@ class TrainConfig(_DictConfig):
             raise ConfigError(f"train.clip_grad_norm must be > 0, got {self.clip_grad_norm!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in (0, 1), got {self.ema_decay!r}")
-        if self.log_every <= 0:
-            raise ConfigError(f"train.log_every must be >= 1, got {self.log_every!r}")
-        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
-            raise ConfigError(f"train.checkpoint_every must be >= 1, got {self.checkpoint_every!r}")
+        # the trainer takes `step % every`: 0 would divide by zero, a negative value is meaningless
+        for name in ("log_every", "histogram_every"):
+            _check_interval(f"train.{name}", getattr(self, name))
+        if self.checkpoint_every is not None:  # None: no periodic checkpoints
+            _check_interval("train.checkpoint_every", self.checkpoint_every)
 
     def resolved_lr(self, n_latents: int) -> float:
         if self.lr is not None:

@@ -7,12 +7,14 @@ Both compute topk(relu(W_enc (x - b_dec) + b_enc)) on raw activations, so our `d
 normalisation is folded into the weights: with x' = s x, the top-k indices are unchanged and
   b_enc -> b_enc / s,  b_dec -> b_pre / s,  W_enc and W_dec unchanged (decoder stays unit norm),
 which reproduces our reconstruction exactly. Per-token unit-norm inputs cannot be folded and
-are refused with an explanation.
+are refused with an explanation. SAELens metadata names the hook the TransformerLens way
+(`blocks.8.hook_resid_post`), not our cache's `resid_post.8`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import torch
@@ -23,6 +25,20 @@ from saescale.model import TopKSAE
 
 class ExportError(ValueError):
     """The SAE cannot be represented in the requested format."""
+
+
+# our cache's hook sites (saescale.lm.hooks.HOOK_SITES) -> TransformerLens hook point in blocks.L
+_TL_HOOKS = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out"}
+_OUR_HOOK = re.compile(r"(?P<site>[a-z_]+)\.(?P<layer>\d+)")
+
+
+def transformer_lens_hook_name(hook: str) -> str:
+    """`resid_post.8` -> `blocks.8.hook_resid_post` (what SAELens users look SAEs up by); any
+    other form, e.g. a name that already is a TransformerLens hook, is returned unchanged."""
+    match = _OUR_HOOK.fullmatch(hook)
+    if match is None or match["site"] not in _TL_HOOKS:
+        return hook
+    return f"blocks.{int(match['layer'])}.{_TL_HOOKS[match['site']]}"
 
 
 def folded_weights(sae: TopKSAE) -> dict[str, torch.Tensor]:
@@ -72,6 +88,7 @@ def export_saelens(sae: TopKSAE, out_dir: str, metadata: dict[str, Any] | None =
         "exclude_special_tokens": True,
     }
     meta.update(metadata or {})
+    meta["hook_name"] = transformer_lens_hook_name(str(meta["hook_name"]))
     cfg = {
         "architecture": "topk",
         "d_in": sae.cfg.d_in,

@@ -8,14 +8,22 @@ per destination shard under `_work/`. Pass 2 assembles each shard from its bucke
 slot. Every shard is a uniform random sample of the whole cache in random order, so training
 can read shards in any order and never sees document order.
 
-Safety: every file is published atomically; a part is done once its marker exists, a shard once
-its file exists, and `manifest.json` is written last, after which `_work/` is removed. A rerun
-with the same config resumes (skipping finished parts and shards) and produces identical shards.
+Safety: every file is published atomically and `manifest.json` is written last, after which
+`_work/` is removed. A rerun with the same config resumes and produces identical shards:
+  * a part is skipped when its marker `_work/parts/part-P.done` exists (its bucket files were
+    all published before the marker);
+  * a shard is skipped (not re-assembled) when its record `_work/shards/shard-S.json` exists and
+    the published shard file's sha256 equals the record's; the record, written right after the
+    shard file, also keeps the shard's row statistics for the manifest. Any other shard (no
+    record, file missing, or different bytes) is assembled again from its buckets;
+  * only the part files `part-P.parquet` of a bucket folder are read: temporary files that a
+    killed atomic write left behind (`.name.tmp-...`) are ignored.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -252,10 +260,20 @@ def shard_file(s: int) -> str:
     return f"shards/shard-{s:05d}.parquet"
 
 
-def assemble_shard(cfg: CacheConfig, plan: Plan, s: int) -> tuple[ShardInfo, np.ndarray, float]:
+ShardResult = tuple[ShardInfo, np.ndarray, float]  # info, per-feature row sum, sum of squared norms
+_PART_FILE = re.compile(r"part-\d{5}\.parquet")
+
+
+def bucket_files(fs, path: str) -> list[str]:
+    """The part files of a bucket folder, sorted; anything else (a temp file a killed write left,
+    `.part-00003.parquet.tmp-<uuid>`, or a stray object) would add rows that are not the shard's."""
+    return sorted(f for f in fs.ls(path, detail=False) if _PART_FILE.fullmatch(f.rstrip("/").rsplit("/", 1)[-1]))
+
+
+def assemble_shard(cfg: CacheConfig, plan: Plan, s: int) -> ShardResult:
     """Concatenate a shard's buckets in slot order, publish it; returns info and row stats."""
     fs, path = storage.url_to_fs(_work(cfg, f"shard-{s:05d}"), cfg.storage_options)
-    files = sorted(fs.ls(path, detail=False))
+    files = bucket_files(fs, path)
     tables = [table_from_bytes(fs.cat_file(f), name=f) for f in files]
     table = pa.concat_tables(tables)
     order = np.argsort(table.column("slot").to_numpy())
@@ -267,6 +285,36 @@ def assemble_shard(cfg: CacheConfig, plan: Plan, s: int) -> tuple[ShardInfo, np.
     storage.write_bytes_atomic(storage.join(cfg.output, shard_file(s)), data, cfg.storage_options)
     acts = activations_from_column(table.column("act"), cfg.dtype, _d_model(table, cfg)).double()
     return ShardInfo(shard_file(s), table.num_rows, sha256(data), len(data)), acts.sum(0).numpy(), float(acts.pow(2).sum())
+
+
+def shard_record(cfg: CacheConfig, s: int) -> str:
+    return _work(cfg, "shards", f"shard-{s:05d}.json")
+
+
+def published_shard(cfg: CacheConfig, s: int) -> ShardResult | None:
+    """What an earlier run recorded for shard s, if its published file still has those bytes."""
+    record_url = shard_record(cfg, s)
+    if not storage.exists(record_url, cfg.storage_options):
+        return None
+    record = storage.read_json(record_url, cfg.storage_options)
+    info = ShardInfo(**record["info"])
+    file_url = storage.join(cfg.output, info.file)
+    if info.file != shard_file(s) or not storage.exists(file_url, cfg.storage_options):
+        return None
+    if sha256(storage.read_bytes(file_url, cfg.storage_options)) != info.sha256:
+        return None
+    return info, np.asarray(record["row_sum"], dtype=np.float64), float(record["row_sq"])
+
+
+def publish_shard(cfg: CacheConfig, plan: Plan, s: int) -> ShardResult:
+    """Assemble shard s unless a previous run already published it; record it for the next resume."""
+    done = published_shard(cfg, s)
+    if done is not None:
+        return done
+    info, row_sum, row_sq = assemble_shard(cfg, plan, s)
+    record = {"info": asdict(info), "row_sum": row_sum.tolist(), "row_sq": row_sq}  # floats round-trip exactly
+    storage.write_json_atomic(shard_record(cfg, s), record, cfg.storage_options)
+    return info, row_sum, row_sq
 
 
 def _d_model(table: pa.Table, cfg: CacheConfig) -> int:
@@ -299,7 +347,10 @@ def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
     murl = storage.join(url, MANIFEST)
     if not storage.exists(murl, storage_options):
         raise CacheError(f"no {MANIFEST} at {storage.redact(url)}: not a finished activation cache")
-    return Manifest.from_dict(storage.read_json(murl, storage_options))
+    try:
+        return Manifest.from_dict(storage.read_json(murl, storage_options))
+    except (ValueError, KeyError, TypeError) as exc:  # bad JSON, another format, missing fields
+        raise CacheError(f"{storage.redact(murl)} is not a readable cache manifest: {exc}") from exc
 
 
 def build_cache(cfg: CacheConfig, progress: Callable[[str], None] = print) -> Manifest:
@@ -341,7 +392,7 @@ def build_cache(cfg: CacheConfig, progress: Callable[[str], None] = print) -> Ma
 
     infos, total_sum, total_sq = [], np.zeros(d_model), 0.0
     for s in tqdm(range(shards), desc="assembling shards", unit="shard"):
-        info, row_sum, row_sq = assemble_shard(cfg, plan, s)
+        info, row_sum, row_sq = publish_shard(cfg, plan, s)
         infos.append(info)
         total_sum += row_sum
         total_sq += row_sq
