@@ -31,10 +31,12 @@ bench: install
 	$(BIN)/saescale bench cache
 	$(BIN)/saescale bench step --d-in 576 --n-latents 16384 --k 32 --batch 4096 --no-auxk
 	$(BIN)/saescale bench step --d-in 576 --n-latents 16384 --k 32 --batch 4096 --dead-fraction 0.1
+	$(BIN)/saescale bench dist --d-in 576 --n-latents 16384 --k 32 --batch 4096 --tp 2
 
-bench-large: install  ## peak memory at 2^16 and 2^18 latents (minutes; ~10 GB of RAM)
+bench-large: install  ## peak memory at 2^16, 2^18 latents and 2^19 at tp=2 (minutes; ~14 GB of RAM)
 	$(BIN)/saescale bench step --d-in 576 --n-latents 65536 --k 32 --batch 4096 --no-naive --no-auxk
 	$(BIN)/saescale bench step --d-in 576 --n-latents 262144 --k 32 --batch 4096 --no-naive --no-auxk --repeats 3 --warmup 1
+	$(BIN)/saescale bench dist --peak-memory --d-in 576 --n-latents 524288 --k 32 --batch 1024 --tp 2 --repeats 3
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

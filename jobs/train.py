@@ -1,112 +1,171 @@
-"""Train a TopK sparse autoencoder on a language model's activations.
+"""Train a TopK sparse autoencoder on cached activations, on Ray (embedded locally or a cluster).
 
-    python jobs/train.py                       # embedded default (make train)
-    python jobs/train.py sae.n_latents=8192 sae.k=64 data.cache=s3://bucket/cache/run1
+    python jobs/train.py                                        # embedded default (make train)
+    python jobs/train.py sae.n_latents=8192 parallel.workers=4 parallel.tp=2
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/train.py \
+        data.cache=s3://bucket/cache/run1 storage.url=s3://bucket/runs parallel.workers=16 parallel.tp=8
 
-Steps: open the activation cache (built by jobs/cache.py), hold out its last shard(s), stream the
-others in shuffled shard order into the trainer with checkpoints (a rerun with the same run_name
-resumes at the same batch), evaluate NMSE on held-out tokens, save the SAE and its SAELens and
-sparsify exports, log to wandb.
+Steps: open the activation cache (built by jobs/cache.py) and hold out its first shard(s);
+check the (dp x tp) layout and the per-worker memory plan; run the Ray Train job (Ray Data
+streams the other shards into the workers; per-rank checkpoints; a rerun with the same run_name
+resumes); gather the final SAE from the last checkpoint one shard at a time; evaluate NMSE on the
+held-out tokens and write the SAELens and sparsify exports; log to wandb (rank 0 only).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import hydra
-import torch
+import psutil
 from omegaconf import DictConfig, OmegaConf
 
 from saescale import storage
-from saescale.config import SAEConfig, TrainConfig
-from saescale.export import export_saelens, export_sparsify
 from saescale.cache.reader import ActivationCache
-from saescale.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
-from saescale.model import TopKSAE
-from saescale.saved import save_sae
-from saescale.trainer import Trainer
+from saescale.config import ConfigError, SAEConfig, TrainConfig
+from saescale.mesh import MeshError, ParallelDims
+from saescale.plan import PlanError, check_fits, plan_memory
 
 
 def print0(*args) -> None:
     print("[saescale]", *args, flush=True)
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base=None)
-def main(cfg: DictConfig) -> dict:
-    torch.set_num_threads(cfg.train.threads)
-    out = cfg.output_dir
-    os.makedirs(out, exist_ok=True)
+def absolute(url: str) -> str:
+    """Workers run in another directory: make local paths absolute (URLs stay as they are)."""
+    return url if "://" in url else os.path.abspath(url)
 
-    # ---- data: the activation cache ---------------------------------------------------------
-    options = {"client_kwargs": {"endpoint_url": cfg.data.endpoint_url}} if cfg.data.endpoint_url else None
-    cache = ActivationCache(cfg.data.cache, options)
+
+def endpoint_options(endpoint: str | None) -> dict | None:
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None
+
+
+def prepare(cfg: DictConfig):
+    """Validate everything that can be checked before Ray starts; returns the launch spec."""
+    from saescale.ray_train import LaunchSpec, plan_data
+
+    cache_url, out = absolute(cfg.data.cache), absolute(cfg.output_dir)
+    cache = ActivationCache(cache_url, endpoint_options(cfg.data.endpoint_url))
     manifest = cache.manifest
     n_shards = len(manifest.shards)
     if n_shards <= cfg.data.holdout_shards:
-        raise SystemExit(f"the cache has {n_shards} shard(s); need more than data.holdout_shards={cfg.data.holdout_shards}")
-    # every shard is a uniform sample of the cache; the first ones (always full) are held out
-    holdout = list(range(cfg.data.holdout_shards))
+        raise ConfigError(f"the cache has {n_shards} shard(s); need more than data.holdout_shards={cfg.data.holdout_shards}")
     train_shards = list(range(cfg.data.holdout_shards, n_shards))
-    heldout = torch.cat([cache.read_shard(s) for s in holdout])[: cfg.data.heldout_tokens]
     sae_cfg = SAEConfig(d_in=manifest.d_model, **OmegaConf.to_container(cfg.sae))
-    print0(f"cache {cfg.data.cache}: {manifest.n_rows} rows of {manifest.model} {manifest.hook}.{manifest.layer}, "
-           f"training on {len(train_shards)} shards, {heldout.shape[0]} held-out rows")
+    dims = ParallelDims.from_world(cfg.parallel.workers, cfg.parallel.tp)
+    dims.validate(sae_cfg.n_latents, cfg.train.batch_size)
 
-    # ---- model and trainer ---------------------------------------------------------------
-    steps_per_epoch = cache.batches_per_epoch(cfg.train.batch_size, train_shards)
-    total_steps = steps_per_epoch * cfg.train.epochs
+    _, cache_root = storage.url_to_fs(cache_url, cache.storage_options)
+    files = [f"{cache_root.rstrip('/')}/{manifest.shards[s].file}" for s in train_shards]
+    rows = sum(manifest.shards[s].rows for s in train_shards)
+    data = plan_data(rows, files, cfg.train.batch_size, dims.world_size, cfg.train.epochs)
+    total_steps = min(data.total_steps, cfg.train.max_steps or data.total_steps)
     train_keys = ("lr", "warmup_steps", "decay_start_frac", "clip_grad_norm", "ema_decay", "seed", "log_every",
                   "histogram_every", "checkpoint_every")
     train_cfg = TrainConfig(total_steps=total_steps, **{k: cfg.train[k] for k in train_keys})
+
+    memory = cfg.parallel.memory_per_worker_gib or psutil.virtual_memory().total / 2**30 / dims.world_size
+    plan = plan_memory(sae_cfg.n_latents, sae_cfg.d_in, sae_cfg.k, dims.world_size, dims.tp, cfg.train.batch_size,
+                       ema=bool(cfg.train.ema_decay), device_gib=memory)
+    print0("memory plan per worker:\n" + plan.table())
+    check_fits(plan)
+
+    local_out = out if "://" not in out else absolute(os.path.join(os.environ.get("SAESCALE_RUNS", "runs"), cfg.run_name))
+    os.makedirs(local_out, exist_ok=True)
     run_config = OmegaConf.to_container(cfg, resolve=True)
-    loggers = [ConsoleLogger(total_steps), JsonlLogger(os.path.join(out, "metrics.jsonl"))]
+    run_config["data"]["cache"] = storage.redact(run_config["data"]["cache"])  # never a secret in wandb
+    wandb = None
     if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
         tags = list(cfg.wandb.tags) + [f"N={sae_cfg.n_latents}", f"k={sae_cfg.k}", f"model={manifest.model}",
-                                        f"hook={manifest.hook}.{manifest.layer}"]
-        loggers.append(WandbLogger(cfg.wandb.project, cfg.run_name, cfg.wandb.group, tags, run_config,
-                                   cfg.wandb.mode, out))  # wandb adds its own wandb/ folder
-    logger = MultiLogger(*loggers)
-    trainer = Trainer(TopKSAE(sae_cfg), train_cfg, logger, checkpoint_url=os.path.join(out, "checkpoints"))
-    start = trainer.restore()
-    if start:
-        print0(f"resuming {cfg.run_name} from step {start}")
-    else:
-        trainer.initialize(cache.read_shard(train_shards[0])[: train_cfg.geometric_median_samples])
-    batches = cache.iter_batches(cfg.train.batch_size, train_shards, cfg.train.epochs, cfg.train.seed, start_batch=start)
-    summary = trainer.fit(batches)
-    trainer.save_checkpoint()
+                                        f"hook={manifest.hook}.{manifest.layer}", f"tp={dims.tp}", f"dp={dims.dp}"]
+        wandb = {"project": cfg.wandb.project, "name": cfg.run_name, "group": cfg.wandb.group, "tags": tags,
+                 "config": run_config, "mode": cfg.wandb.mode, "dir": local_out, "run_id": cfg.run_name}
+    record = os.path.join(local_out, "rows") if cfg.debug.record_rows else None
+    if record:
+        os.makedirs(record, exist_ok=True)
+    fault = dict(cfg.fault, marker=os.path.join(local_out, ".fault-injected")) if cfg.fault.step is not None else None
+    worker_config = {
+        "sae": sae_cfg.to_dict(), "train": train_cfg.to_dict(), "tp": dims.tp,
+        "threads_per_worker": max(1, int(cfg.parallel.cpus_per_worker)), "use_gpu": bool(cfg.parallel.use_gpu),
+        "cache": {"url": cache_url, "options": cache.storage_options, "dtype": manifest.dtype,
+                  "init_shard": train_shards[0]},
+        "data": vars(data), "seed": cfg.train.seed, "shuffle_buffer_rows": cfg.data.shuffle_buffer_rows,
+        "prefetch_batches": cfg.data.prefetch_batches, "checkpoint_every": cfg.train.checkpoint_every,
+        "logging": {"jsonl": os.path.join(local_out, "metrics.jsonl"), "wandb": wandb},
+        "fault": fault, "record_rows_dir": record,
+    }
+    spec = LaunchSpec(run_name=cfg.run_name, storage_url=absolute(cfg.storage.url),
+                      storage_options=endpoint_options(cfg.storage.endpoint_url), workers=dims.world_size,
+                      tp=dims.tp, cpus_per_worker=cfg.parallel.cpus_per_worker, use_gpu=cfg.parallel.use_gpu,
+                      max_failures=cfg.ray.max_failures, worker_config=worker_config)
+    print0(f"cache {storage.redact(cfg.data.cache)}: {manifest.n_rows} rows of {manifest.model} "
+           f"{manifest.hook}.{manifest.layer}; training on {len(train_shards)} shards ({rows} rows), "
+           f"{total_steps} steps of {cfg.train.batch_size} over dp={dims.dp} x tp={dims.tp} workers")
+    return spec, cache, manifest, sae_cfg, out
 
-    # ---- evaluation, save, export ----------------------------------------------------------
-    sae = trainer.sae
-    if trainer.ema is not None:
-        from saescale.saved import load_sae_tensors
 
-        load_sae_tensors(sae, {**trainer.eval_weights(), "input_scale": sae.input_scale})
+def evaluate_and_export(cfg: DictConfig, cache: ActivationCache, manifest, sae_url: str, out: str) -> dict:
+    import torch
+
+    from saescale.export import export_saelens, export_sparsify
+    from saescale.saved import load_sae
+
+    sae, _ = load_sae(sae_url, storage_options=None if "://" not in sae_url else endpoint_options(cfg.storage.endpoint_url))
+    heldout = torch.cat([cache.read_shard(s) for s in range(cfg.data.holdout_shards)])[: cfg.data.heldout_tokens]
     with torch.no_grad():
         recon = sae(heldout)
     nmse = (((recon - heldout) ** 2).mean() / ((heldout - heldout.mean(0)) ** 2).mean()).item()
-    result_url = os.path.join(out, "result.json")
-    previous = storage.read_json(result_url) if os.path.exists(result_url) else {}
-    result = {
-        "run_name": cfg.run_name, "steps": summary.steps, "tokens": summary.tokens,
-        "heldout_nmse": nmse, "dead_fraction": trainer.tracker.dead_fraction(),
-        # a rerun of a finished run trains no step: keep the last training metrics it had
-        "train_fvu": summary.final.get("fvu", previous.get("train_fvu")),
-        "n_latents": sae_cfg.n_latents, "k": sae_cfg.k,
-    }
-    logger.log({"heldout_nmse": nmse}, trainer.step)
     meta = {"model_name": manifest.model, "hook_name": f"{manifest.hook}.{manifest.layer}",
-            "context_size": manifest.context_length, "corpus": manifest.corpus, "cache": cfg.data.cache}
-    save_sae(sae, os.path.join(out, "sae"), metadata=meta)
+            "context_size": manifest.context_length, "corpus": manifest.corpus}
     if cfg.export.saelens:
-        export_saelens(sae, os.path.join(out, "export", "saelens"), meta)
+        export_saelens(sae, storage.join(out, "export", "saelens"), meta)
     if cfg.export.sparsify:
-        export_sparsify(sae, os.path.join(out, "export", "sparsify"))
-    storage.write_json_atomic(result_url, result)
-    logger.close()
-    print0(json.dumps(result))
-    return result
+        export_sparsify(sae, storage.join(out, "export", "sparsify"))
+    return {"heldout_nmse": nmse}
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base=None)
+def main(cfg: DictConfig) -> dict:
+    from saescale.ray_local import ensure_ray
+
+    try:
+        spec, cache, manifest, sae_cfg, out = prepare(cfg)
+    except (ConfigError, MeshError, PlanError, storage.StorageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+    import ray.train
+
+    from saescale.ray_train import checkpoint_url, launch
+    from saescale.shard_checkpoint import export_gathered
+
+    ensure_ray(cfg.ray.address, num_cpus=int(spec.workers * spec.cpus_per_worker) + 2)
+    try:
+        result = launch(spec)
+    except ray.train.TrainingFailedError as exc:
+        print(f"error: training failed after {cfg.ray.max_failures} restart(s): {exc}", file=sys.stderr)
+        sys.exit(1)
+    final = dict(result.metrics or {})
+    ckpt = checkpoint_url(result, spec.storage_url)
+    sae_url = storage.join(out, "sae")
+    meta = {"model_name": manifest.model, "hook_name": f"{manifest.hook}.{manifest.layer}",
+            "context_size": manifest.context_length, "corpus": manifest.corpus, "cache": storage.redact(cfg.data.cache)}
+    export_gathered(ckpt, sae_url, meta, spec.storage_options)
+    summary = {"run_name": cfg.run_name, "steps": final.get("step"), "tokens": final.get("tokens"),
+               "n_latents": sae_cfg.n_latents, "k": sae_cfg.k, "dp": spec.workers // spec.tp, "tp": spec.tp,
+               "dead_fraction": final.get("dead_fraction"), "train_fvu": final.get("fvu"),
+               "data_wait_frac": final.get("data_wait_frac"), "comm_bytes_per_step": final.get("comm_bytes_per_step"),
+               "time_split_s": {k: final.get(f"total_{k}_s") for k in ("data_wait", "compute", "comm")},
+               "startup_wait_s": final.get("startup_wait_s"),
+               "checkpoint": storage.redact(ckpt)}
+    if cfg.export.evaluate:
+        summary.update(evaluate_and_export(cfg, cache, manifest, sae_url, out))
+    storage.write_json_atomic(storage.join(out, "result.json"), summary, endpoint_options(cfg.storage.endpoint_url)
+                              if "://" in out else None)
+    print0(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":

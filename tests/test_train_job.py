@@ -1,16 +1,31 @@
-"""The Hydra training job end to end on the embedded default (real SmolLM2, real Shakespeare,
-real wandb offline), including resume of a rerun with the same run name."""
+"""The Ray training job end to end on the embedded default's real activations (SmolLM2 layer 8
+on Shakespeare): Ray Data -> Ray Train workers (tp=2) -> per-rank checkpoints -> streamed export.
+
+- a driver restart resumes the run, a worker SIGKILLed inside a checkpoint save is restarted
+  from the previous checkpoint, and the run still trains every training row exactly once;
+- `ray start --head` + `ray job submit`, with the cache read from and checkpoints written to a
+  real S3 server on loopback (moto).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 
+import pyarrow.parquet as pq
 import pytest
+import torch
+
+from saescale.saved import load_sae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+BATCH = 256
 
 
 @pytest.fixture(scope="module")
@@ -25,46 +40,163 @@ def small_cache(tmp_path_factory):
     return str(out)
 
 
+def job_args(cache: str, *overrides: str) -> list[str]:
+    return ["run_name=tiny", f"data.cache={cache}", "data.heldout_tokens=512", "sae.n_latents=1024", "sae.k=16",
+            f"train.batch_size={BATCH}", "train.log_every=2", "train.checkpoint_every=4", "train.epochs=1",
+            "data.shuffle_buffer_rows=512", *overrides]
+
+
 def run_job(tmp_path, cache, *overrides):
-    env = dict(os.environ, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline")
-    cmd = [sys.executable, os.path.join(ROOT, "jobs", "train.py"), "run_name=tiny", f"data.cache={cache}",
-           "data.heldout_tokens=512", "sae.n_latents=1024", "sae.k=16",
-           "train.batch_size=256", "train.log_every=2", "train.checkpoint_every=4", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    env = dict(os.environ, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline", RAY_DEDUP_LOGS="0")
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, os.path.join(ROOT, "jobs", "train.py"), *job_args(cache, *overrides)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def training_row_ids(cache: str) -> set[int]:
+    """(window, pos) of every row in the training shards (shard 0 is held out)."""
+    manifest = json.loads(open(os.path.join(cache, "manifest.json")).read())
+    ids: set[int] = set()
+    for shard in manifest["shards"][1:]:
+        table = pq.read_table(os.path.join(cache, shard["file"]), columns=["window", "pos"])
+        ids.update(int(w) * 65536 + int(p) for w, p in zip(table.column("window").to_pylist(),
+                                                           table.column("pos").to_pylist()))
+    return ids
+
+
+def rows_trained(rows_dir) -> dict[int, list[int]]:
+    """Each step's rows over all ranks, from the last attempt that trained the step."""
+    per_rank_step: dict[tuple[int, int], list[int]] = {}
+    for path in rows_dir.glob("rows_rank*.jsonl"):
+        rank = int(path.stem.removeprefix("rows_rank"))
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            per_rank_step[(rank, rec["step"])] = rec["ids"]  # a re-trained step overwrites
+    steps: dict[int, list[int]] = {}
+    for (_, step), ids in sorted(per_rank_step.items()):
+        steps.setdefault(step, []).extend(ids)
+    return steps
 
 
 @pytest.mark.slow
-def test_train_job_writes_sae_exports_metrics_and_resumes(tmp_path, small_cache):
-    run_job(tmp_path, small_cache, "train.epochs=1")
+def test_driver_restart_and_worker_kill_resume_without_losing_or_repeating_rows(tmp_path, small_cache):
     out = tmp_path / "tiny"
-    first = json.loads((out / "result.json").read_text())
-    manifest = json.loads(open(os.path.join(small_cache, "manifest.json")).read())
-    train_rows = sum(s["rows"] for s in manifest["shards"][1:])  # shard 0 is held out
-    assert first["steps"] == train_rows // 256 and first["tokens"] == first["steps"] * 256
-    assert 0 < first["heldout_nmse"] < 1.0
-    for rel in ("sae/sae.safetensors", "sae/cfg.json", "export/saelens/sae_weights.safetensors",
-                "export/sparsify/sae.safetensors", "checkpoints/latest.json", "metrics.jsonl"):
-        assert (out / rel).exists(), rel
-    wandb_runs = list((out / "wandb").glob("offline-run-*"))  # the path the README gives
-    assert len(wandb_runs) == 1 and list(wandb_runs[0].glob("*.wandb"))
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any("dead_fraction" in m for m in metrics)
+    # 1) the driver stops after 4 steps (as if it were restarted there)
+    run_job(tmp_path, small_cache, "train.max_steps=4", "debug.record_rows=true")
+    assert json.loads((out / "result.json").read_text())["steps"] == 4
 
-    # same run name, more epochs: resumes from the last checkpoint instead of starting over
-    proc = run_job(tmp_path, small_cache, "train.epochs=2")
-    assert f"resuming tiny from step {first['steps']}" in proc.stdout
-    second = json.loads((out / "result.json").read_text())
-    assert second["steps"] == 2 * first["steps"] and second["tokens"] == 2 * first["tokens"]
+    # 2) same run name: resumes at step 4; rank 1 is SIGKILLed while saving the step-8
+    #    checkpoint, so that checkpoint never registers and the new worker group resumes from 4
+    log = run_job(tmp_path, small_cache, "debug.record_rows=true", "fault.rank=1", "fault.step=8",
+                  "fault.during_save=true")
+    assert (out / ".fault-injected").read_text() == "8"
+    # resumed twice from step 4 (driver restart, then after the kill); never from the lost step 8
+    assert log.count("resumed from the step-4 checkpoint") >= 2, log[-4000:]
+    assert "resumed from the step-8 checkpoint" not in log
+    result = json.loads((out / "result.json").read_text())
+    train_ids = training_row_ids(small_cache)
+    # one epoch: equal splits give each of the 2 ranks floor(rows / 2) rows, in whole batches
+    steps = (len(train_ids) // 2) // (BATCH // 2)
+    assert result["steps"] == steps and result["tokens"] == steps * BATCH
+
+    trained = rows_trained(out / "rows")
+    assert sorted(trained) == list(range(1, steps + 1))
+    all_rows = [i for ids in trained.values() for i in ids]
+    assert all(len(ids) == BATCH for ids in trained.values())
+    assert len(set(all_rows)) == len(all_rows) == steps * BATCH  # no row trained twice
+    assert set(all_rows) <= train_ids  # only the epoch's remainder (< 2 batches) is left out
+    assert len(train_ids) - len(all_rows) < 2 * BATCH
+
+    # the final SAE, gathered shard by shard, loads and matches the last checkpoint's shards
+    sae, meta = load_sae(str(out / "sae"))
+    ckpt = result["checkpoint"]
+    halves = [load_sae_shard(ckpt, r) for r in range(2)]
+    torch.testing.assert_close(sae.W_dec.detach(), torch.cat([h["W_dec"] for h in halves]))
+    assert 0 < result["heldout_nmse"] < 1.0 and result["dead_fraction"] is not None
+    assert result["data_wait_frac"] is not None and result["comm_bytes_per_step"] > 0
+    for rel in ("export/saelens/sae_weights.safetensors", "export/sparsify/sae.safetensors", "metrics.jsonl"):
+        assert (out / rel).exists(), rel
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("dead_fraction" in m and "time/comm_s" in m for m in metrics)
+    assert list((out / "wandb").glob("offline-run-*/*.wandb"))
+
+
+def load_sae_shard(checkpoint: str, tp_rank: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from saescale.shard_checkpoint import shard_name
+
+    return load_file(os.path.join(checkpoint, f"{shard_name(tp_rank, 2)}.sae.safetensors"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_head(env: dict[str, str], num_cpus: int = 4):
+    """`ray start --head` on loopback with its own temp dir; yields the dashboard address."""
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
+    env.update(RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_DATA_USE_DATASOURCE_V2="0",
+               PATH=f"{BIN}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    dash = _free_port()
+    start = subprocess.run([os.path.join(BIN, "ray"), "start", "--head", f"--num-cpus={num_cpus}",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--port={_free_port()}",
+                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([os.path.join(BIN, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_reads_cache_from_s3_and_checkpoints_there(tmp_path, small_cache, s3_bucket):
+    import s3fs
+
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    fs.put(small_cache, f"{bucket}/cache", recursive=True)
+    endpoint = options["client_kwargs"]["endpoint_url"]
+    env = dict(os.environ, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline")
+    with ray_head(env) as address:
+        job = subprocess.run(
+            [os.path.join(BIN, "ray"), "job", "submit", "--address", address, "--working-dir", ROOT, "--",
+             "python", "jobs/train.py",
+             *job_args(f"{bucket}/cache", f"data.endpoint_url={endpoint}", f"storage.url={bucket}/runs",
+                       f"storage.endpoint_url={endpoint}", f"output_dir={bucket}/out", "export.sparsify=false",
+                       "train.max_steps=6")],
+            env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    fs.invalidate_cache()
+    result = json.loads(fs.cat_file(f"{bucket}/out/result.json"))
+    assert result["steps"] == 6 and result["tokens"] == 6 * BATCH
+    assert result["checkpoint"].startswith(f"{bucket}/runs/tiny/checkpoint_")
+    names = {os.path.basename(p) for p in fs.ls(result["checkpoint"])}
+    assert {"meta.json", "tp00000-of-00002.sae.safetensors", "tp00001-of-00002.sae.safetensors",
+            "tp00000-of-00002.state.safetensors", "tp00001-of-00002.state.safetensors"} <= names
+    sae, _ = load_sae(f"{bucket}/out/sae", storage_options=options)
+    assert sae.cfg.n_latents == 1024
 
 
 def test_train_job_rejects_bad_config(tmp_path, small_cache):
     env = dict(os.environ, SAESCALE_RUNS=str(tmp_path))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "train.py"), f"data.cache={small_cache}", "sae.k=0"],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert proc.returncode != 0
-    assert "sae.k must be a positive integer" in proc.stderr
+    cases = {"sae.k=0": "sae.k must be a positive integer",
+             "parallel.workers=3": "worker count (3) must be a positive multiple of parallel.tp=2",
+             "sae.n_latents=1000 parallel.tp=16 parallel.workers=16": "not divisible by parallel.tp=16",
+             "train.batch_size=100 parallel.workers=8 parallel.tp=2": "batch_size=100 must be divisible",
+             "sae.n_latents=67108864 parallel.memory_per_worker_gib=8": "raise tp"}
+    for override, message in cases.items():
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "train.py"), f"data.cache={small_cache}",
+                               *override.split()], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        assert proc.returncode == 2, (override, proc.stderr[-2000:])
+        assert message in proc.stderr, (override, proc.stderr[-2000:])
 
 
 def test_cache_job_rejects_unknown_model(tmp_path):

@@ -43,6 +43,18 @@ def _bench_recovery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_dist(args: argparse.Namespace) -> int:
+    from saescale.bench.dist import bench_dist, bench_peak_memory
+
+    if args.peak_memory:
+        result = bench_peak_memory(args.d_in, args.n_latents, args.k, args.batch, args.tp, args.repeats)
+    else:
+        result = bench_dist(args.d_in, args.n_latents, args.k, args.batch, args.tp, args.threads, args.repeats,
+                            args.warmup, args.rounds)
+    print(json.dumps(result))
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from saescale.plan import PlanError, check_fits, plan_memory
 
@@ -101,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device-gib", type=float, default=80.0)
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=_plan)
+    dist = bench_sub.add_parser("dist", help="single-process step vs the tp step (gloo), bytes sent per step")
+    dist.add_argument("--d-in", type=int, default=576)
+    dist.add_argument("--n-latents", type=int, default=16384)
+    dist.add_argument("--k", type=int, default=32)
+    dist.add_argument("--batch", type=int, default=4096)
+    dist.add_argument("--tp", type=int, default=2)
+    dist.add_argument("--threads", type=int, default=2, help="threads of the single process")
+    dist.add_argument("--repeats", type=int, default=5)
+    dist.add_argument("--warmup", type=int, default=2)
+    dist.add_argument("--rounds", type=int, default=2, help="alternating single/tp rounds")
+    dist.add_argument("--peak-memory", action="store_true",
+                      help="instead: train --repeats steps at tp ranks, per-rank peak RSS vs saescale plan")
+    dist.set_defaults(func=_bench_dist)
+
     rec = bench_sub.add_parser("recovery", help="recovery of a known sparse dictionary (AuxK / init ablations)")
     rec.add_argument("--no-auxk", action="store_true")
     rec.add_argument("--no-transpose-init", action="store_true")

@@ -60,21 +60,27 @@ def local_share(global_batch: Tensor, dims: ParallelDims, rank: int) -> Tensor:
 class StepTimes:
     """Where a window of steps spent its time, summed over the window (seconds)."""
 
-    data_wait: float = 0.0
+    data_wait: float = 0.0  # waiting for the next batch, excluding the pipeline's start-up
+    startup_wait: float = 0.0  # waiting for the first batch of this attempt (the pipeline starting)
     compute: float = 0.0
     comm: float = 0.0
     comm_bytes: int = 0
     steps: int = 0
     tokens: int = 0
 
+    def add(self, other: "StepTimes") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
     def as_metrics(self, wall: float) -> dict[str, float]:
         steps = max(self.steps, 1)
         return {
             "tokens_per_s": self.tokens / max(wall, 1e-9),
             "time/data_wait_s": self.data_wait / steps,
+            "time/startup_wait_s": self.startup_wait,
             "time/compute_s": self.compute / steps,
             "time/comm_s": self.comm / steps,
-            "data_wait_frac": self.data_wait / max(wall, 1e-9),
+            "data_wait_frac": self.data_wait / max(wall - self.startup_wait, 1e-9),
             "comm_bytes_per_step": self.comm_bytes / steps,
         }
 
@@ -88,6 +94,7 @@ class RankLoop:
         self.trainer, self.tp, self.dp = trainer, tp, dp
         self.checkpoint_every = checkpoint_every
         self.history: list[dict[str, float]] = []
+        self.totals = StepTimes()  # the whole run on this rank, for the final report
 
     def _comm(self) -> tuple[float, int]:
         seconds = sum(h.stats.seconds for h in (self.tp, self.dp) if h is not None)
@@ -120,12 +127,12 @@ class RankLoop:
             metrics = trainer.train_step(x)
             t2 = time.perf_counter()
             comm1, bytes1 = self._comm()
-            times.data_wait += t1 - t0
-            times.comm += comm1 - comm0
-            times.compute += (t2 - t1) - (comm1 - comm0)
-            times.comm_bytes += bytes1 - bytes0
-            times.steps += 1
-            times.tokens += x.shape[0] * (self.dp.size if self.dp is not None else 1)
+            first = self.totals.steps == 0
+            one = StepTimes(data_wait=0.0 if first else t1 - t0, startup_wait=t1 - t0 if first else 0.0, compute=(t2 - t1) - (comm1 - comm0), comm=comm1 - comm0,
+                            comm_bytes=bytes1 - bytes0, steps=1,
+                            tokens=x.shape[0] * (self.dp.size if self.dp is not None else 1))
+            times.add(one)
+            self.totals.add(one)
             if metrics is not None:
                 metrics.update(times.as_metrics(time.perf_counter() - window_start))
                 trainer.logger.log(metrics, trainer.step)

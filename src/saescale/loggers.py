@@ -78,7 +78,9 @@ class WandbLogger:
         config: dict[str, Any] | None = None,
         mode: str = "offline",
         dir: str | None = None,
+        run_id: str | None = None,
     ) -> None:
+        """`run_id` makes a restarted or resumed run continue the same wandb run."""
         import wandb
 
         self._wandb = wandb
@@ -92,6 +94,8 @@ class WandbLogger:
             config=config,
             mode=mode,
             dir=dir,
+            id=run_id,
+            resume="allow" if run_id else None,
             reinit="finish_previous",
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
         )

@@ -1,0 +1,141 @@
+"""`saescale bench dist`: the same optimiser step (same weights, same global batch) run by one
+process on all cores and by tp ranks (one core each, gloo), interleaved in one run, with the
+bytes each rank sends per step. Also `--peak-memory` for one large tp run: per-rank peak RSS
+against `saescale plan`'s prediction. Prints one JSON object.
+
+Each TP rank loads its share of the batch and the group all-gathers it, as in training, so the
+communication counted is everything a training step sends: that all-gather, the top-k
+candidates, the partial reconstructions and the b_pre gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+MB = 2**20
+
+
+def _setup(d_in: int, n_latents: int, k: int, batch: int, seed: int = 0):
+    from saescale.config import SAEConfig, TrainConfig
+
+    sae_cfg = SAEConfig(d_in=d_in, n_latents=n_latents, k=k, normalization="none", dead_tokens_threshold=10**12)
+    train_cfg = TrainConfig(log_every=10**9, histogram_every=10**9, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, d_in, generator=g)
+    return sae_cfg, train_cfg, x
+
+
+def _time_steps(step, repeats: int, warmup: int, sync=None) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        step()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def single_process_step(d_in: int, n_latents: int, k: int, batch: int, threads: int, repeats: int,
+                        warmup: int) -> list[float]:
+    from saescale.model import TopKSAE
+    from saescale.trainer import Trainer
+
+    torch.set_num_threads(threads)
+    sae_cfg, train_cfg, x = _setup(d_in, n_latents, k, batch)
+    trainer = Trainer(TopKSAE(sae_cfg), train_cfg, keep_history=False)
+    trainer.initialize(x)
+    return _time_steps(lambda: trainer.train_step(x), repeats, warmup)
+
+
+def _tp_worker(rank: int, world: int, port: int, spec: dict[str, Any], out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from saescale.dist_train import build_rank_trainer, local_share
+    from saescale.mesh import ParallelDims
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        sae_cfg, train_cfg, x = _setup(spec["d_in"], spec["n_latents"], spec["k"], spec["batch"])
+        dims = ParallelDims(dp=1, tp=world)
+        trainer, tp, _ = build_rank_trainer(sae_cfg, train_cfg, dims, rank)
+        trainer.initialize(x)
+        mine = local_share(x, dims, rank)
+
+        def step() -> None:
+            trainer.train_step(tp.all_gather_rows(mine))
+
+        for _ in range(spec["warmup"]):
+            step()
+        tp.stats.reset()
+        times = _time_steps(step, spec["repeats"], 0, sync=dist.barrier)
+        result = {"times": times, "bytes_per_step": tp.stats.bytes_sent / spec["repeats"],
+                  "comm_s_per_step": tp.stats.seconds / spec["repeats"],
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
+            json.dump(result, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def tp_step(spec: dict[str, Any], tp: int) -> list[dict[str, Any]]:
+    import json
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_tp_worker, args=(tp, port, spec, out), nprocs=tp)
+        return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(tp)]
+
+
+def bench_dist(d_in: int = 576, n_latents: int = 16384, k: int = 32, batch: int = 4096, tp: int = 2,
+               threads: int = 2, repeats: int = 5, warmup: int = 2, rounds: int = 2) -> dict[str, Any]:
+    """Alternate single-process and tp rounds (the machine is noisy) and compare medians."""
+    spec = {"d_in": d_in, "n_latents": n_latents, "k": k, "batch": batch, "repeats": repeats, "warmup": warmup}
+    single, parallel, ranks = [], [], []
+    for _ in range(rounds):
+        single += single_process_step(d_in, n_latents, k, batch, threads, repeats, warmup)
+        ranks = tp_step(spec, tp)
+        parallel += [max(ts) for ts in zip(*(r["times"] for r in ranks))]  # a step ends when its slowest rank does
+    single_s, tp_s = statistics.median(single), statistics.median(parallel)
+    return {
+        "d_in": d_in, "n_latents": n_latents, "k": k, "batch": batch, "tp": tp,
+        "single_threads": threads, "single_step_s": round(single_s, 4), "tp_step_s": round(tp_s, 4),
+        "tp_over_single": round(tp_s / single_s, 3),
+        "bytes_sent_per_step_per_rank": int(ranks[0]["bytes_per_step"]),
+        "comm_s_per_step": round(ranks[0]["comm_s_per_step"], 4),
+        "tokens_per_s_single": round(batch / single_s, 1), "tokens_per_s_tp": round(batch / tp_s, 1),
+    }
+
+
+def bench_peak_memory(d_in: int, n_latents: int, k: int, batch: int, tp: int, steps: int = 3) -> dict[str, Any]:
+    """Train `steps` steps at tp ranks; per-rank peak RSS against the planner's per-rank total."""
+    from saescale.plan import plan_memory
+
+    spec = {"d_in": d_in, "n_latents": n_latents, "k": k, "batch": batch, "repeats": steps, "warmup": 0}
+    t0 = time.perf_counter()
+    ranks = tp_step(spec, tp)
+    plan = plan_memory(n_latents, d_in, k, tp, tp, batch)
+    peak = max(r["peak_rss_mb"] for r in ranks)
+    return {"n_latents": n_latents, "d_in": d_in, "batch": batch, "tp": tp, "steps": steps,
+            "step_s": round(statistics.median(max(ts) for ts in zip(*(r["times"] for r in ranks))), 3),
+            "peak_rss_mb_per_rank": round(peak, 1), "planned_mb_per_rank": round(plan.total / MB, 1),
+            "peak_over_plan": round(peak * MB / plan.total, 3), "wall_s": round(time.perf_counter() - t0, 1)}
