@@ -74,7 +74,8 @@ def make_collate(dtype: str, d_model: int, with_ids: bool):
 
     class ActivationCollate(ArrowBatchCollateFn):
         def __call__(self, batch):  # batch: pyarrow.Table
-            acts = activations_from_column(batch.column(ACT_COLUMN), dtype, d_model).float()
+            # kept in the cache dtype: the TP all-gather moves half the bytes; the trainer upcasts
+            acts = activations_from_column(batch.column(ACT_COLUMN), dtype, d_model)
             if not with_ids:
                 return acts
             window = torch.from_numpy(batch.column("window").to_numpy().astype(np.int64))

@@ -127,42 +127,53 @@ class SparseTopKStep:
         else:
             pos, main_idx, main_vals, main_raw = None, idx, vals, raw_vals
 
-        # ---- decoder and main loss ------------------------------------------------------
-        order_main = LatentOrder(main_idx, n)
-        x_hat = self._reduce(sparse_decode(main_idx, main_vals, W_dec)).add_(b_pre)
-        err = x_hat.sub_(x)  # x_hat - x, in place: x_hat itself is not needed again
-        mse = _mean_sq(err)
-        mse_loss = self.mse_scale * mse
-        fvu = mse / self._batch_variance(x).clamp_min(1e-30) if compute_fvu else torch.full((), float("nan"))
-        grad_x_hat = err * (2.0 * self.mse_scale / denom)
-
-        fired_mask = main_vals > 0  # this rank's latents that fired
-        fired = main_idx[fired_mask]
-        self._update_tracker(fired, batch)
-        l0 = (main_raw > 0).sum(1).float().mean()
-
-        # gradient w.r.t. the encoder values at `idx` (width entries per token)
-        g_main = values_grad(main_idx, W_dec, grad_x_hat) * fired_mask
-        rows_by_latent_(W_dec.grad, order_main, main_vals, grad_x_hat, accumulate=False)
-        grad_b_pre = grad_x_hat.sum(0)
-
-        multi_loss = torch.zeros((), device=x.device)
-        if cfg.multi_topk:
-            order_wide = LatentOrder(idx, n)
-            err_wide = self._reduce(sparse_decode(idx, vals, W_dec)).add_(b_pre).sub_(x)
-            multi_loss = self.mse_scale * _mean_sq(err_wide) / 8
-            grad_wide_out = err_wide * (2.0 * self.mse_scale / (8 * denom))
-            g_enc = values_grad(idx, W_dec, grad_wide_out) * (vals > 0)
-            g_enc.scatter_add_(1, pos, g_main)
-            rows_by_latent_(W_dec.grad, order_wide, vals, grad_wide_out, accumulate=True)
-            grad_b_pre += grad_wide_out.sum(0)
-            enc_idx, enc_order = idx, order_wide
+        if self.tp is not None and not cfg.multi_topk:
+            # each rank works only on the entries it owns (about k / tp per token), so the
+            # O(batch * k * d) work is split across the TP group instead of repeated on each rank
+            err, grad_b_enc, mse, fired = self._main_tp_owned(x, xc, idx, vals, owned, denom)
+            batch_var = self._batch_variance(x) if compute_fvu else None
+            fvu = mse / batch_var.clamp_min(1e-30) if batch_var is not None else torch.full((), float("nan"))
+            mse_loss = self.mse_scale * mse
+            multi_loss = torch.zeros((), device=x.device)
+            l0 = (main_raw > 0).sum(1).float().mean()
+            grad_b_pre = err.sum(0) * (2.0 * self.mse_scale / denom)
         else:
-            g_enc, enc_idx, enc_order = g_main, main_idx, order_main
+            # ---- decoder and main loss ------------------------------------------------------
+            order_main = LatentOrder(main_idx, n)
+            x_hat = self._reduce(sparse_decode(main_idx, main_vals, W_dec)).add_(b_pre)
+            err = x_hat.sub_(x)  # x_hat - x, in place: x_hat itself is not needed again
+            mse = _mean_sq(err)
+            mse_loss = self.mse_scale * mse
+            fvu = mse / self._batch_variance(x).clamp_min(1e-30) if compute_fvu else torch.full((), float("nan"))
+            grad_x_hat = err * (2.0 * self.mse_scale / denom)
 
-        # ---- encoder gradients from the active entries ------------------------------------
-        rows_by_latent_(W_enc.grad, enc_order, g_enc, xc, accumulate=False)
-        grad_b_enc = latent_sums(enc_idx, g_enc, n)
+            fired_mask = main_vals > 0  # this rank's latents that fired
+            fired = main_idx[fired_mask]
+            self._update_tracker(fired, batch)
+            l0 = (main_raw > 0).sum(1).float().mean()
+
+            # gradient w.r.t. the encoder values at `idx` (width entries per token)
+            g_main = values_grad(main_idx, W_dec, grad_x_hat) * fired_mask
+            rows_by_latent_(W_dec.grad, order_main, main_vals, grad_x_hat, accumulate=False)
+            grad_b_pre = grad_x_hat.sum(0)
+
+            multi_loss = torch.zeros((), device=x.device)
+            if cfg.multi_topk:
+                order_wide = LatentOrder(idx, n)
+                err_wide = self._reduce(sparse_decode(idx, vals, W_dec)).add_(b_pre).sub_(x)
+                multi_loss = self.mse_scale * _mean_sq(err_wide) / 8
+                grad_wide_out = err_wide * (2.0 * self.mse_scale / (8 * denom))
+                g_enc = values_grad(idx, W_dec, grad_wide_out) * (vals > 0)
+                g_enc.scatter_add_(1, pos, g_main)
+                rows_by_latent_(W_dec.grad, order_wide, vals, grad_wide_out, accumulate=True)
+                grad_b_pre += grad_wide_out.sum(0)
+                enc_idx, enc_order = idx, order_wide
+            else:
+                g_enc, enc_idx, enc_order = g_main, main_idx, order_main
+
+            # ---- encoder gradients from the active entries ------------------------------------
+            rows_by_latent_(W_enc.grad, enc_order, g_enc, xc, accumulate=False)
+            grad_b_enc = latent_sums(enc_idx, g_enc, n)
 
         # ---- AuxK on the dead latents ------------------------------------------------------
         auxk_loss = torch.zeros((), device=x.device)
@@ -189,6 +200,27 @@ class SparseTopKStep:
         if not torch.isfinite(aux):
             return torch.zeros((), device=aux_err.device), None
         return aux, aux_err * (2.0 * self.cfg.auxk_coef / (aux_err.numel() * var_res))
+
+    def _main_tp_owned(
+        self, x: Tensor, xc: Tensor, idx: Tensor, vals: Tensor, owned: Tensor, denom: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Main TopK loss and gradients on a TP rank from its owned entries only (a ragged code).
+        Returns err = x_hat - x, the b_enc gradient, the mse and the fired local latents; writes
+        W_dec.grad and W_enc.grad."""
+        W_enc, W_dec, b_pre, n = self.sae.W_enc, self.sae.W_dec, self.sae.b_pre, self.cfg.n_latents
+        rows, cols = owned.nonzero(as_tuple=True)  # row-major: entries grouped by token
+        code = RaggedCode(rows, idx[rows, cols], vals[rows, cols], x.shape[0])
+        err = self._reduce(code.decode(W_dec)).add_(b_pre).sub_(x)
+        mse = _mean_sq(err)
+        grad_x_hat = err * (2.0 * self.mse_scale / denom)
+        active = code.values > 0
+        fired = code.latents[active]
+        self._update_tracker(fired, x.shape[0])
+        g_enc = code.values_grad(W_dec, grad_x_hat) * active
+        order = LatentOrder(code.latents, n, rows=code.rows)
+        rows_by_latent_(W_dec.grad, order, code.values, grad_x_hat, accumulate=False)
+        rows_by_latent_(W_enc.grad, order, g_enc, xc, accumulate=False)
+        return err, latent_sums(code.latents, g_enc, n), mse, fired
 
     def _batch_variance(self, t: Tensor) -> Tensor:
         """`_variance` over the whole batch: with data parallelism, from the replicas' summed

@@ -75,7 +75,7 @@ def _tp_worker(rank: int, world: int, port: int, spec: dict[str, Any], out: str)
         dims = ParallelDims(dp=1, tp=world)
         trainer, tp, _ = build_rank_trainer(sae_cfg, train_cfg, dims, rank)
         trainer.initialize(x)
-        mine = local_share(x, dims, rank)
+        mine = local_share(x, dims, rank).half()  # as loaded from an fp16 cache
 
         def step() -> None:
             trainer.train_step(tp.all_gather_rows(mine))
