@@ -17,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from saescale.config import SAEConfig, TrainConfig
 from saescale.dist_train import RankLoop, build_rank_trainer, local_share
 from saescale.mesh import ParallelDims
+from saescale.saved import load_sae
+from saescale.shard_checkpoint import export_gathered, save_rank_shard
 from saescale.model import TopKSAE
 from saescale.synthetic import SparseDictionary
 from saescale.trainer import Trainer
@@ -55,6 +57,8 @@ def _worker(rank: int, dp: int, tp: int, port: int, out_dir: str) -> None:
         loop = RankLoop(*t)
         loop.run((local_share(b, dims, rank) for b in _data()[1]), max_steps=STEPS)
         dp_rank, tp_rank = dims.coords(rank)
+        os.makedirs(os.path.join(out_dir, "ckpt"), exist_ok=True)
+        save_rank_shard(os.path.join(out_dir, "ckpt"), trainer, dims, rank, sae_cfg, extra={})
         out = {n: p.detach() for n, p in trainer.sae.named_parameters()}
         out["losses"] = torch.tensor([h["loss"] for h in loop.history], dtype=torch.float64)
         out["auxk"] = torch.tensor([h["auxk_loss"] for h in loop.history], dtype=torch.float64)
@@ -91,6 +95,12 @@ def test_parallel_run_matches_single_process(tmp_path, dp, tp):
                                        rtol=1e-3, atol=2e-5)
         torch.testing.assert_close(shards[0]["b_pre"], ref.sae.b_pre.detach(), rtol=1e-3, atol=2e-5)
         torch.testing.assert_close(torch.cat([s["dead"] for s in shards]), ref.tracker.tokens_since_fired)
+
+    # the per-rank checkpoint, gathered shard by shard into one saved SAE, is the reference SAE
+    gathered, _ = load_sae(export_gathered(str(tmp_path / "ckpt"), str(tmp_path / "sae")))
+    for name in ("W_enc", "b_enc", "W_dec", "b_pre"):
+        torch.testing.assert_close(getattr(gathered, name), getattr(ref.sae, name), rtol=1e-3, atol=2e-5)
+    torch.testing.assert_close(gathered(_data()[0][:64]), ref.sae(_data()[0][:64]), rtol=1e-3, atol=1e-4)
 
 
 def test_layout_errors_name_the_knob():

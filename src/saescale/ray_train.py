@@ -31,7 +31,7 @@ from saescale.config import SAEConfig, TrainConfig
 from saescale.dist_train import RankLoop, build_rank_trainer, print0
 from saescale.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
 from saescale.mesh import ParallelDims
-from saescale.shard_checkpoint import load_rank_shard, save_rank_shard
+from saescale.shard_checkpoint import META, load_rank_shard, save_rank_shard, shard_name
 
 ACT_COLUMN = "act"
 ROW_ID_COLUMNS = ["window", "pos"]
@@ -98,6 +98,16 @@ def make_datasets(plan: DataPlan, filesystem, seed: int, with_ids: bool) -> dict
 
 
 # ------------------------------------------------------------------ inside each Ray Train worker
+def fetch_rank_files(checkpoint, directory: str, shard: str) -> None:
+    """Download only meta.json and this rank's two files of a checkpoint (not every rank's
+    shards, as `Checkpoint.as_directory` would: terabytes at 16M latents)."""
+    import pyarrow.fs as pafs
+
+    for name in (META, f"{shard}.sae.safetensors", f"{shard}.state.safetensors"):
+        pafs.copy_files(f"{checkpoint.path}/{name}", os.path.join(directory, name),
+                        source_filesystem=checkpoint.filesystem, destination_filesystem=pafs.LocalFileSystem())
+
+
 def _rank0_logger(config: dict[str, Any], start_step: int):
     log = config["logging"]
     loggers: list = [ConsoleLogger(config["train"]["total_steps"], initial_step=start_step)]
@@ -133,7 +143,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainer, tp, dp = build_rank_trainer(sae_cfg, train_cfg, dims, rank, None, device)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+        with tempfile.TemporaryDirectory(prefix="saescale-resume-") as directory:
+            fetch_rank_files(checkpoint, directory, shard_name(dims.coords(rank)[1], dims.tp))
             load_rank_shard(directory, trainer, dims, rank)
         if rank == 0:
             print(f"[saescale] resumed from the step-{trainer.step} checkpoint ({trainer.tokens_seen} tokens)", flush=True)

@@ -115,27 +115,27 @@ def export_gathered(
 ) -> str:
     """Write the full SAE (a folder `load_sae` reads) from a sharded checkpoint, one tensor of
     one shard in memory at a time: the safetensors file is streamed shard by shard in rank
-    order, which is exactly the full matrices' row order."""
+    order, which is exactly the full matrices' row order. Remote shards are fetched once per
+    large tensor, so local disk holds the output plus one shard, never the whole checkpoint."""
     meta = json.loads(storage.read_bytes(storage.join(checkpoint_url, META), storage_options))
     cfg = SAEConfig.from_dict(meta["sae_cfg_global"])
     tp, n, d = meta["tp"], cfg.n_latents, cfg.d_in
     entries = [("W_enc", "F32", [n, d]), ("b_enc", "F32", [n]), ("W_dec", "F32", [n, d]),
                ("b_pre", "F32", [d]), ("input_scale", "F32", [])]
     with tempfile.TemporaryDirectory(prefix="saescale-export-") as tmp:
-        shards = [
-            storage.local_copy(storage.join(checkpoint_url, f"{shard_name(r, tp)}.sae.safetensors"),
-                               os.path.join(tmp, f"{r}.safetensors"), storage_options)
-            for r in range(tp)
-        ]
         out_path = os.path.join(tmp, WEIGHTS_FILE)
         with open(out_path, "wb") as out:
             out.write(_header(entries, {"format": FORMAT}))
             for name, _, _ in entries:
                 replicated = name in ("b_pre", "input_scale")
-                for path in shards[:1] if replicated else shards:
+                for rank in range(1 if replicated else tp):
+                    # one shard file on local disk and one of its tensors in memory at a time
+                    url = storage.join(checkpoint_url, f"{shard_name(rank, tp)}.sae.safetensors")
+                    path = storage.local_copy(url, os.path.join(tmp, "shard.safetensors"), storage_options)
                     with safe_open(path, framework="pt") as handle:
                         out.write(handle.get_tensor(name).contiguous().float().numpy().tobytes())
-                        # the tensor is released before the next shard is opened
+                    if path.startswith(tmp):
+                        os.remove(path)
         storage.write_file_atomic(storage.join(out_url, WEIGHTS_FILE), lambda p: shutil.move(out_path, p), storage_options)
     body = {"format": FORMAT, "sae": cfg.to_dict(), "metadata": metadata or {}}
     storage.write_json_atomic(storage.join(out_url, CONFIG_FILE), body, storage_options)
