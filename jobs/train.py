@@ -18,15 +18,19 @@ import json
 import os
 import sys
 
-import hydra
-import psutil
-from omegaconf import DictConfig, OmegaConf
+from saescale.ray_local import apply_env_defaults
 
-from saescale import storage
-from saescale.cache.reader import ActivationCache
-from saescale.config import ConfigError, SAEConfig, TrainConfig
-from saescale.mesh import MeshError, ParallelDims
-from saescale.plan import PlanError, check_fits, plan_memory
+apply_env_defaults()  # before anything imports ray
+
+import hydra  # noqa: E402
+import psutil  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from saescale import storage  # noqa: E402
+from saescale.cache.reader import ActivationCache  # noqa: E402
+from saescale.config import ConfigError, SAEConfig, TrainConfig  # noqa: E402
+from saescale.mesh import MeshError, ParallelDims  # noqa: E402
+from saescale.plan import PlanError, check_fits, plan_memory  # noqa: E402
 
 
 def print0(*args) -> None:
@@ -60,7 +64,7 @@ def prepare(cfg: DictConfig):
     _, cache_root = storage.url_to_fs(cache_url, cache.storage_options)
     files = [f"{cache_root.rstrip('/')}/{manifest.shards[s].file}" for s in train_shards]
     rows = sum(manifest.shards[s].rows for s in train_shards)
-    data = plan_data(rows, files, cfg.train.batch_size, dims.world_size, cfg.train.epochs)
+    data = plan_data(rows, files, cfg.train.batch_size, dims.world_size, cfg.train.epochs, cfg.train.seed)
     total_steps = min(data.total_steps, cfg.train.max_steps or data.total_steps)
     train_keys = ("lr", "warmup_steps", "decay_start_frac", "clip_grad_norm", "ema_decay", "seed", "log_every",
                   "histogram_every", "checkpoint_every")

@@ -16,9 +16,15 @@ _DEFAULTS = {
 }
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def apply_env_defaults() -> None:
+    """Set the defaults above unless the user set them. Call before anything imports ray:
+    Ray Data reads some of them once, at import."""
     for key, value in _DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    apply_env_defaults()
     import ray
 
     if ray.is_initialized():

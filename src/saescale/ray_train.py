@@ -1,11 +1,13 @@
 """The training service on Ray: cached activation shards streamed by Ray Data into a Ray Train
 `TorchTrainer` whose workers run the (dp x tp) per-rank loop of `saescale.dist_train`.
 
-Data: one Ray Dataset per epoch, `read_parquet` over the cache's training shards in a seeded
-per-epoch file order, split by Ray Train with `streaming_split(world, equal=True)` (every rank
-gets the same number of rows), batched per rank with a seeded local shuffle buffer. Execution
-keeps order (`preserve_order`), so the stream of every rank is a pure function of (seed, epoch):
-a restarted run skips exactly the batches it already trained, the data position being the step.
+Data: one Ray Dataset, `read_parquet` over the cache's training shards listed once per epoch,
+each epoch in its own seeded shuffled order (one continuous stream: no pipeline restart and
+start-up wait at epoch boundaries), split by Ray Train with `streaming_split(world, equal=True)`
+(every rank gets the same number of rows), batched per rank with a seeded local shuffle buffer.
+Execution keeps order (`preserve_order`), so the stream of every rank is a pure function of the
+seed: a restarted run skips exactly the batches it already trained, the data position being the
+step.
 
 Checkpoints: every `checkpoint_every` steps each rank writes its shard to a local folder and
 calls `ray.train.report`; Ray uploads the folders to `RunConfig.storage_path/<run name>` and
@@ -39,25 +41,22 @@ ROW_ID_COLUMNS = ["window", "pos"]
 
 @dataclass
 class DataPlan:
-    """What every rank reads: files per epoch and how many batches of what size."""
+    """What every rank reads: the files of all epochs in order, and how many batches of what size."""
 
-    files: list[str]  # training shard paths inside the filesystem
-    rows: int
+    files: list[str]  # training shard paths inside the filesystem, one epoch's worth
+    rows: int  # rows of one epoch
     per_rank_batch: int
-    steps_per_epoch: int
+    total_steps: int
     epochs: int
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps_per_epoch * self.epochs
+    seed: int
 
 
-def plan_data(rows: int, files: list[str], batch_size: int, world: int, epochs: int) -> DataPlan:
+def plan_data(rows: int, files: list[str], batch_size: int, world: int, epochs: int, seed: int) -> DataPlan:
     per_rank = batch_size // world
-    steps = (rows // world) // per_rank  # equal=True gives each rank floor(rows / world) rows
+    steps = (rows * epochs // world) // per_rank  # equal=True gives each rank floor(rows / world) rows
     if steps == 0:
-        raise ValueError(f"train.batch_size={batch_size} is larger than the {rows} training rows")
-    return DataPlan(files, rows, per_rank, steps, epochs)
+        raise ValueError(f"train.batch_size={batch_size} is larger than the {rows * epochs} training rows")
+    return DataPlan(files, rows, per_rank, steps, epochs, seed)
 
 
 def epoch_files(files: list[str], seed: int, epoch: int) -> list[str]:
@@ -85,16 +84,16 @@ def make_collate(dtype: str, d_model: int, with_ids: bool):
     return ActivationCollate()
 
 
-def make_datasets(plan: DataPlan, filesystem, seed: int, with_ids: bool) -> dict[str, Any]:
+def make_datasets(plan: DataPlan, filesystem, with_ids: bool) -> dict[str, Any]:
     import ray.data
 
     columns = [ACT_COLUMN] + (ROW_ID_COLUMNS if with_ids else [])
-    return {
-        # one read task per shard: the first batch arrives after one shard, not the whole epoch
-        f"epoch{e}": ray.data.read_parquet(epoch_files(plan.files, seed, e), filesystem=filesystem, shuffle=None,
-                                           override_num_blocks=len(plan.files)).select_columns(columns)
-        for e in range(plan.epochs)
-    }
+    # one read per epoch, concatenated (a path listed twice in one read_parquet is read once by
+    # Ray's Parquet reader); one read task per shard, so the first batch waits for one shard
+    epochs = [ray.data.read_parquet(epoch_files(plan.files, plan.seed, e), filesystem=filesystem, shuffle=None,
+                                    override_num_blocks=len(plan.files)).select_columns(columns)
+              for e in range(plan.epochs)]
+    return {"train": epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]}
 
 
 # ------------------------------------------------------------------ inside each Ray Train worker
@@ -159,26 +158,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loop = RankLoop(trainer, tp, dp, config["checkpoint_every"])
 
     def local_batches():
-        epoch0, skip = divmod(trainer.step, data.steps_per_epoch)
         collate = make_collate(config["cache"]["dtype"], sae_cfg.d_in, with_ids=bool(record))
-        step = trainer.step
-        for epoch in range(epoch0, data.epochs):
-            shard = ray.train.get_dataset_shard(f"epoch{epoch}")
-            batches = shard.iter_torch_batches(
-                batch_size=data.per_rank_batch, collate_fn=collate, drop_last=True,
-                local_shuffle_buffer_size=config["shuffle_buffer_rows"] or None,
-                local_shuffle_seed=config["seed"] * 100_003 + epoch, prefetch_batches=config["prefetch_batches"])
-            for i, batch in enumerate(batches):
-                if i >= data.steps_per_epoch:
-                    break
-                if epoch == epoch0 and i < skip:
-                    continue  # trained before the checkpoint we resumed from
-                step += 1
-                if record:
-                    batch, ids = batch
-                    with open(os.path.join(record, f"rows_rank{rank}.jsonl"), "a") as handle:
-                        handle.write(json.dumps({"step": step, "ids": ids.tolist()}) + "\n")
-                yield batch
+        skip, step = trainer.step, trainer.step
+        batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=data.per_rank_batch, collate_fn=collate, drop_last=True,
+            local_shuffle_buffer_size=config["shuffle_buffer_rows"] or None,
+            local_shuffle_seed=config["seed"], prefetch_batches=config["prefetch_batches"])
+        for i, batch in enumerate(batches):
+            if i < skip:
+                continue  # trained before the checkpoint we resumed from
+            step += 1
+            if record:
+                batch, ids = batch
+                with open(os.path.join(record, f"rows_rank{rank}.jsonl"), "a") as handle:
+                    handle.write(json.dumps({"step": step, "ids": ids.tolist()}) + "\n")
+            yield batch
 
     def report(step: int, final: bool = False) -> None:
         metrics = {"step": step, "tokens": trainer.tokens_seen, "final": final}
@@ -193,7 +187,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             "comm_bytes_per_step": t.comm_bytes / max(t.steps, 1), "steps_this_attempt": t.steps})
         with tempfile.TemporaryDirectory(prefix="saescale-ckpt-") as directory:
             save_rank_shard(directory, trainer, dims, rank, sae_cfg, extra={
-                "data": {"epoch": step // data.steps_per_epoch, "batch_in_epoch": step % data.steps_per_epoch,
+                "data": {"batches_consumed_per_rank": step, "per_rank_batch": data.per_rank_batch,
                          "seed": config["seed"]}})
             _maybe_fail(config, rank, step, during_save=True)
             has_files = bool(os.listdir(directory))
@@ -248,7 +242,7 @@ def launch(spec: LaunchSpec):
     ctx.enable_progress_bars = False  # rank 0's step progress bar is the one to watch
     cache = spec.worker_config["cache"]
     filesystem, _ = arrow_filesystem(cache["url"], cache["options"])
-    datasets = make_datasets(DataPlan(**spec.worker_config["data"]), filesystem, spec.worker_config["seed"],
+    datasets = make_datasets(DataPlan(**spec.worker_config["data"]), filesystem,
                              with_ids=bool(spec.worker_config.get("record_rows_dir")))
     storage_fs, storage_path = arrow_filesystem(spec.storage_url, spec.storage_options)
     trainer = TorchTrainer(
