@@ -61,6 +61,19 @@ class StepStats:
     fired: Tensor  # latent indices that fired in this batch (for density statistics)
 
 
+@dataclass
+class _Main:
+    """What the main-loss part of a step hands to the rest of it."""
+
+    err: Tensor  # x_hat - x
+    mse: Tensor
+    multi_loss: Tensor
+    grad_b_enc: Tensor  # AuxK adds to it
+    grad_b_pre: Tensor  # the decoder's share
+    fired: Tensor  # this rank's latents that fired
+    raw: Tensor  # the main code's raw values (for L0)
+
+
 class SparseTopKStep:
     """Computes losses and writes parameter gradients for one batch of normalised inputs."""
 
@@ -106,74 +119,28 @@ class SparseTopKStep:
         """One step on normalised inputs x [batch, d]; `compute_fvu=False` skips the per-batch
         variance (only needed for logging) and reports fvu as NaN."""
         sae, cfg = self.sae, self.cfg
-        W_enc, b_enc, W_dec, b_pre = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre
-        batch, d = x.shape
-        n = cfg.n_latents
-        denom = batch * d
+        W_enc, b_enc, b_pre = sae.W_enc, sae.b_enc, sae.b_pre
+        batch, n = x.shape[0], cfg.n_latents
 
         # ---- encoder: the floor (one GEMM + top-k) ------------------------------------
         xc = x - b_pre
         pre = torch.addmm(b_enc, xc, W_enc.t(), out=self._pre_buffer(batch))
         width = cfg.multi_k if cfg.multi_topk else cfg.k
         raw_vals, idx = pre.topk(min(width, n), dim=1, sorted=False)
+        owned = None
         if self.tp is not None:  # exact global top-k; entries of other ranks get value 0 here
             raw_vals, idx, owned = self.tp.global_topk(raw_vals, idx, width)
             vals = raw_vals.clamp_min(0) * owned
         else:
             vals = raw_vals.clamp_min(0)
-        if cfg.multi_topk:
-            _, pos = raw_vals.topk(cfg.k, dim=1, sorted=False)
-            main_idx, main_vals, main_raw = idx.gather(1, pos), vals.gather(1, pos), raw_vals.gather(1, pos)
+
+        # ---- decoder, main (and Multi-TopK) loss, their gradients -------------------------
+        if owned is not None and not cfg.multi_topk:
+            main = self._main_owned(x, xc, idx, vals, raw_vals, owned)
         else:
-            pos, main_idx, main_vals, main_raw = None, idx, vals, raw_vals
-
-        if self.tp is not None and not cfg.multi_topk:
-            # each rank works only on the entries it owns (about k / tp per token), so the
-            # O(batch * k * d) work is split across the TP group instead of repeated on each rank
-            err, grad_b_enc, mse, fired = self._main_tp_owned(x, xc, idx, vals, owned, denom)
-            batch_var = self._batch_variance(x) if compute_fvu else None
-            fvu = mse / batch_var.clamp_min(1e-30) if batch_var is not None else torch.full((), float("nan"))
-            mse_loss = self.mse_scale * mse
-            multi_loss = torch.zeros((), device=x.device)
-            l0 = (main_raw > 0).sum(1).float().mean()
-            grad_b_pre = err.sum(0) * (2.0 * self.mse_scale / denom)
-        else:
-            # ---- decoder and main loss ------------------------------------------------------
-            order_main = LatentOrder(main_idx, n)
-            x_hat = self._reduce(sparse_decode(main_idx, main_vals, W_dec)).add_(b_pre)
-            err = x_hat.sub_(x)  # x_hat - x, in place: x_hat itself is not needed again
-            mse = _mean_sq(err)
-            mse_loss = self.mse_scale * mse
-            fvu = mse / self._batch_variance(x).clamp_min(1e-30) if compute_fvu else torch.full((), float("nan"))
-            grad_x_hat = err * (2.0 * self.mse_scale / denom)
-
-            fired_mask = main_vals > 0  # this rank's latents that fired
-            fired = main_idx[fired_mask]
-            self._update_tracker(fired, batch)
-            l0 = (main_raw > 0).sum(1).float().mean()
-
-            # gradient w.r.t. the encoder values at `idx` (width entries per token)
-            g_main = values_grad(main_idx, W_dec, grad_x_hat) * fired_mask
-            rows_by_latent_(W_dec.grad, order_main, main_vals, grad_x_hat, accumulate=False)
-            grad_b_pre = grad_x_hat.sum(0)
-
-            multi_loss = torch.zeros((), device=x.device)
-            if cfg.multi_topk:
-                order_wide = LatentOrder(idx, n)
-                err_wide = self._reduce(sparse_decode(idx, vals, W_dec)).add_(b_pre).sub_(x)
-                multi_loss = self.mse_scale * _mean_sq(err_wide) / 8
-                grad_wide_out = err_wide * (2.0 * self.mse_scale / (8 * denom))
-                g_enc = values_grad(idx, W_dec, grad_wide_out) * (vals > 0)
-                g_enc.scatter_add_(1, pos, g_main)
-                rows_by_latent_(W_dec.grad, order_wide, vals, grad_wide_out, accumulate=True)
-                grad_b_pre += grad_wide_out.sum(0)
-                enc_idx, enc_order = idx, order_wide
-            else:
-                g_enc, enc_idx, enc_order = g_main, main_idx, order_main
-
-            # ---- encoder gradients from the active entries ------------------------------------
-            rows_by_latent_(W_enc.grad, enc_order, g_enc, xc, accumulate=False)
-            grad_b_enc = latent_sums(enc_idx, g_enc, n)
+            main = self._main_fixed_width(x, xc, idx, vals, raw_vals)
+        l0 = (main.raw > 0).sum(1).float().mean()
+        fvu = main.mse / self._batch_variance(x).clamp_min(1e-30) if compute_fvu else torch.full((), float("nan"))
 
         # ---- AuxK on the dead latents ------------------------------------------------------
         auxk_loss = torch.zeros((), device=x.device)
@@ -182,16 +149,81 @@ class SparseTopKStep:
         if self.tp is not None:
             n_dead = int(self.tp.all_reduce_(torch.tensor([n_dead], device=x.device)).item())
             if n_dead > 0 and cfg.auxk_coef > 0:
-                auxk_loss = self._auxk_tp(pre, dead_idx, n_dead, err, xc, grad_b_enc)
+                auxk_loss = self._auxk_tp(pre, dead_idx, n_dead, main.err, xc, main.grad_b_enc)
         elif n_dead > 0 and cfg.auxk_coef > 0:
-            auxk_loss = self._auxk(pre, dead_idx, err, xc, grad_b_enc)
+            auxk_loss = self._auxk(pre, dead_idx, main.err, xc, main.grad_b_enc)
 
-        b_enc.grad.copy_(grad_b_enc)
-        grad_b_pre -= self._reduce(grad_b_enc @ W_enc)  # the encoder's share, summed over shards
-        b_pre.grad.copy_(grad_b_pre)
+        b_enc.grad.copy_(main.grad_b_enc)
+        main.grad_b_pre -= self._reduce(main.grad_b_enc @ W_enc)  # the encoder's share, summed over shards
+        b_pre.grad.copy_(main.grad_b_pre)
 
-        loss = mse_loss + multi_loss + auxk_loss
-        return StepStats(loss, mse_loss, fvu, auxk_loss, multi_loss, l0, n_dead, fired)
+        mse_loss = self.mse_scale * main.mse
+        loss = mse_loss + main.multi_loss + auxk_loss
+        return StepStats(loss, mse_loss, fvu, auxk_loss, main.multi_loss, l0, n_dead, main.fired)
+
+    def _main_fixed_width(self, x: Tensor, xc: Tensor, idx: Tensor, vals: Tensor, raw_vals: Tensor) -> _Main:
+        """Main loss (and Multi-TopK) from the [batch, width] code; writes W_dec.grad and
+        W_enc.grad. Under TP (with Multi-TopK), entries of other ranks carry value 0."""
+        cfg, W_dec, W_enc, b_pre, n = self.cfg, self.sae.W_dec, self.sae.W_enc, self.sae.b_pre, self.cfg.n_latents
+        denom = x.numel()
+        if cfg.multi_topk:
+            _, pos = raw_vals.topk(cfg.k, dim=1, sorted=False)
+            main_idx, main_vals, main_raw = idx.gather(1, pos), vals.gather(1, pos), raw_vals.gather(1, pos)
+        else:
+            pos, main_idx, main_vals, main_raw = None, idx, vals, raw_vals
+
+        order_main = LatentOrder(main_idx, n)
+        err = self._reduce(sparse_decode(main_idx, main_vals, W_dec)).add_(b_pre).sub_(x)  # x_hat - x
+        mse = _mean_sq(err)
+        grad_x_hat = err * (2.0 * self.mse_scale / denom)
+        fired_mask = main_vals > 0  # this rank's latents that fired
+        fired = main_idx[fired_mask]
+        self._update_tracker(fired, x.shape[0])
+
+        # gradient w.r.t. the encoder values at `idx` (width entries per token)
+        g_main = values_grad(main_idx, W_dec, grad_x_hat) * fired_mask
+        rows_by_latent_(W_dec.grad, order_main, main_vals, grad_x_hat, accumulate=False)
+        grad_b_pre = grad_x_hat.sum(0)
+
+        multi_loss = torch.zeros((), device=x.device)
+        if cfg.multi_topk:
+            order_wide = LatentOrder(idx, n)
+            err_wide = self._reduce(sparse_decode(idx, vals, W_dec)).add_(b_pre).sub_(x)
+            multi_loss = self.mse_scale * _mean_sq(err_wide) / 8
+            grad_wide_out = err_wide * (2.0 * self.mse_scale / (8 * denom))
+            g_enc = values_grad(idx, W_dec, grad_wide_out) * (vals > 0)
+            g_enc.scatter_add_(1, pos, g_main)
+            rows_by_latent_(W_dec.grad, order_wide, vals, grad_wide_out, accumulate=True)
+            grad_b_pre += grad_wide_out.sum(0)
+            enc_idx, enc_order = idx, order_wide
+        else:
+            g_enc, enc_idx, enc_order = g_main, main_idx, order_main
+
+        # encoder gradients from the active entries
+        rows_by_latent_(W_enc.grad, enc_order, g_enc, xc, accumulate=False)
+        return _Main(err, mse, multi_loss, latent_sums(enc_idx, g_enc, n), grad_b_pre, fired, main_raw)
+
+    def _main_owned(
+        self, x: Tensor, xc: Tensor, idx: Tensor, vals: Tensor, raw_vals: Tensor, owned: Tensor
+    ) -> _Main:
+        """Main loss on a TP rank from the entries it owns only (a ragged code, about k / tp per
+        token): the O(batch * k * d) work is split across the TP group instead of repeated on
+        every rank. Writes W_dec.grad and W_enc.grad."""
+        W_enc, W_dec, b_pre, n = self.sae.W_enc, self.sae.W_dec, self.sae.b_pre, self.cfg.n_latents
+        rows, cols = owned.nonzero(as_tuple=True)  # row-major: entries grouped by token
+        code = RaggedCode(rows, idx[rows, cols], vals[rows, cols], x.shape[0])
+        err = self._reduce(code.decode(W_dec)).add_(b_pre).sub_(x)
+        mse = _mean_sq(err)
+        grad_x_hat = err * (2.0 * self.mse_scale / x.numel())
+        active = code.values > 0
+        fired = code.latents[active]
+        self._update_tracker(fired, x.shape[0])
+        g_enc = code.values_grad(W_dec, grad_x_hat) * active
+        order = LatentOrder(code.latents, n, rows=code.rows)
+        rows_by_latent_(W_dec.grad, order, code.values, grad_x_hat, accumulate=False)
+        rows_by_latent_(W_enc.grad, order, g_enc, xc, accumulate=False)
+        return _Main(err, mse, torch.zeros((), device=x.device), latent_sums(code.latents, g_enc, n),
+                     grad_x_hat.sum(0), fired, raw_vals)
 
     def _aux_loss(self, aux_err: Tensor, var_res: Tensor) -> tuple[Tensor, Tensor | None]:
         """AuxK loss from e_hat - e, and its gradient w.r.t. e_hat (None when the loss is not
@@ -200,27 +232,6 @@ class SparseTopKStep:
         if not torch.isfinite(aux):
             return torch.zeros((), device=aux_err.device), None
         return aux, aux_err * (2.0 * self.cfg.auxk_coef / (aux_err.numel() * var_res))
-
-    def _main_tp_owned(
-        self, x: Tensor, xc: Tensor, idx: Tensor, vals: Tensor, owned: Tensor, denom: int
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Main TopK loss and gradients on a TP rank from its owned entries only (a ragged code).
-        Returns err = x_hat - x, the b_enc gradient, the mse and the fired local latents; writes
-        W_dec.grad and W_enc.grad."""
-        W_enc, W_dec, b_pre, n = self.sae.W_enc, self.sae.W_dec, self.sae.b_pre, self.cfg.n_latents
-        rows, cols = owned.nonzero(as_tuple=True)  # row-major: entries grouped by token
-        code = RaggedCode(rows, idx[rows, cols], vals[rows, cols], x.shape[0])
-        err = self._reduce(code.decode(W_dec)).add_(b_pre).sub_(x)
-        mse = _mean_sq(err)
-        grad_x_hat = err * (2.0 * self.mse_scale / denom)
-        active = code.values > 0
-        fired = code.latents[active]
-        self._update_tracker(fired, x.shape[0])
-        g_enc = code.values_grad(W_dec, grad_x_hat) * active
-        order = LatentOrder(code.latents, n, rows=code.rows)
-        rows_by_latent_(W_dec.grad, order, code.values, grad_x_hat, accumulate=False)
-        rows_by_latent_(W_enc.grad, order, g_enc, xc, accumulate=False)
-        return err, latent_sums(code.latents, g_enc, n), mse, fired
 
     def _batch_variance(self, t: Tensor) -> Tensor:
         """`_variance` over the whole batch: with data parallelism, from the replicas' summed
