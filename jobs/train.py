@@ -100,7 +100,7 @@ def prepare(cfg: DictConfig):
         "logging": {"jsonl": os.path.join(local_out, "metrics.jsonl"), "wandb": wandb},
         "fault": fault, "record_rows_dir": record,
     }
-    spec = LaunchSpec(run_name=cfg.run_name, storage_url=absolute(cfg.storage.url),
+    spec = LaunchSpec(planned_bytes=plan.total, run_name=cfg.run_name, storage_url=absolute(cfg.storage.url),
                       storage_options=endpoint_options(cfg.storage.endpoint_url), workers=dims.world_size,
                       tp=dims.tp, cpus_per_worker=cfg.parallel.cpus_per_worker, use_gpu=cfg.parallel.use_gpu,
                       max_failures=cfg.ray.max_failures, worker_config=worker_config)
@@ -162,7 +162,8 @@ def main(cfg: DictConfig) -> dict:
                "dead_fraction": final.get("dead_fraction"), "train_fvu": final.get("fvu"),
                "data_wait_frac": final.get("data_wait_frac"), "comm_bytes_per_step": final.get("comm_bytes_per_step"),
                "time_split_s": {k: final.get(f"total_{k}_s") for k in ("data_wait", "compute", "comm")},
-               "startup_wait_s": final.get("startup_wait_s"),
+               "startup_wait_s": final.get("startup_wait_s"), "peak_rss_mb_rank0": final.get("peak_rss_mb_rank0"),
+               "planned_mb_per_rank": round(spec.planned_bytes / 2**20, 1),
                "checkpoint": storage.redact(ckpt)}
     if cfg.export.evaluate:
         summary.update(evaluate_and_export(cfg, cache, manifest, sae_url, out))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -183,6 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             wall = t.data_wait + t.compute + t.comm
             metrics.update({"total_data_wait_s": t.data_wait, "total_compute_s": t.compute, "total_comm_s": t.comm,
                             "startup_wait_s": t.startup_wait,
+                            "peak_rss_mb_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                             "data_wait_frac": t.data_wait / max(wall, 1e-9),
                             "comm_bytes_per_step": t.comm_bytes / max(t.steps, 1), "steps_this_attempt": t.steps})
         with tempfile.TemporaryDirectory(prefix="saescale-ckpt-") as directory:
@@ -228,6 +230,7 @@ class LaunchSpec:
     use_gpu: bool
     max_failures: int
     worker_config: dict[str, Any]  # train_loop_per_worker's config
+    planned_bytes: int = 0  # the memory planner's per-worker total, for the report
 
 
 def launch(spec: LaunchSpec):
