@@ -52,3 +52,21 @@ def s3_bucket(s3_endpoint, monkeypatch):
     name = f"bucket-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(**options).mkdir(name)
     return f"s3://{name}", options
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny randomly initialised Llama with SmolLM2's real tokenizer, saved as a local model dir."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from saescale.lm.embedded import EMBEDDED_MODEL
+    from saescale.lm.models import resolve_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(EMBEDDED_MODEL))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -18,23 +18,6 @@ from saescale.storage import StorageError
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny randomly initialised Llama with SmolLM2's real tokenizer, saved as a local model dir."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from saescale.lm.embedded import EMBEDDED_MODEL
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(EMBEDDED_MODEL))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     from saescale.lm.corpus import iter_documents
     from saescale.lm.embedded import EMBEDDED_CORPUS

@@ -41,9 +41,11 @@ def small_cache(tmp_path_factory):
 
 
 def job_args(cache: str, *overrides: str) -> list[str]:
-    return ["run_name=tiny", f"data.cache={cache}", "data.heldout_tokens=512", "sae.n_latents=1024", "sae.k=16",
+    defaults = ["run_name=tiny", f"data.cache={cache}", "data.heldout_tokens=512", "sae.n_latents=1024", "sae.k=16",
             f"train.batch_size={BATCH}", "train.log_every=2", "train.checkpoint_every=4", "train.epochs=1",
-            "data.shuffle_buffer_rows=512", *overrides]
+            "data.shuffle_buffer_rows=512"]
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [d for d in defaults if d.split("=", 1)[0] not in keys] + list(overrides)
 
 
 def run_job(tmp_path, cache, *overrides):
@@ -207,3 +209,23 @@ def test_cache_job_rejects_unknown_model(tmp_path):
     assert proc.returncode == 2
     assert "cannot load model 'no/such-model-here'" in proc.stderr
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_dp2_and_tp2_jobs_take_the_same_steps(tmp_path, small_cache):
+    """Through the real Ray job: 2 workers as dp=2 x tp=1 and as dp=1 x tp=2 read the same
+    streams (the split depends only on the worker count), so they must log the same losses and
+    end with the same SAE (the engine-level test compares against one process)."""
+    results = {}
+    for layout in ("parallel.tp=1", "parallel.tp=2"):
+        run_job(tmp_path, small_cache, f"run_name={layout.replace('=', '')}", layout, "train.max_steps=6",
+                "train.log_every=1", "export.saelens=false", "export.sparsify=false")
+        out = tmp_path / layout.replace("=", "")
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses = [m["loss"] for m in metrics if "loss" in m]
+        results[layout] = (losses, load_sae(str(out / "sae"))[0])
+    (loss_dp, sae_dp), (loss_tp, sae_tp) = results.values()
+    assert len(loss_dp) == len(loss_tp) == 6
+    torch.testing.assert_close(torch.tensor(loss_dp), torch.tensor(loss_tp), rtol=1e-4, atol=1e-6)
+    for name in ("W_enc", "b_enc", "W_dec", "b_pre"):
+        torch.testing.assert_close(getattr(sae_dp, name), getattr(sae_tp, name), rtol=1e-3, atol=1e-5)

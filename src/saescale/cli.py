@@ -55,6 +55,18 @@ def _bench_dist(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scaling_fit(args: argparse.Namespace) -> int:
+    from saescale.scaling import FitError
+    from saescale.scaling_report import run
+
+    try:
+        run(args.results, args.loss, args.out)
+    except (FitError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from saescale.plan import PlanError, check_fits, plan_memory
 
@@ -126,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--peak-memory", action="store_true",
                       help="instead: train --repeats steps at tp ranks, per-rank peak RSS vs saescale plan")
     dist.set_defaults(func=_bench_dist)
+
+    scaling = sub.add_parser("scaling", help="scaling-law fits of a sweep's results table")
+    scaling_sub = scaling.add_subparsers(dest="scaling_cmd", required=True)
+    fit = scaling_sub.add_parser("fit", help="fit L(N), L(N,k), L(C), T(N); print parameters; write fits.json + plots")
+    fit.add_argument("results", help="results table (.parquet or .csv), one row per run")
+    fit.add_argument("--loss", default="heldout_nmse", help="the loss column")
+    fit.add_argument("--out", default="scaling", help="folder for fits.json and the plots")
+    fit.set_defaults(func=_scaling_fit)
 
     rec = bench_sub.add_parser("recovery", help="recovery of a known sparse dictionary (AuxK / init ablations)")
     rec.add_argument("--no-auxk", action="store_true")

@@ -1,0 +1,1 @@
+"""Evaluation of a trained SAE: reconstruction statistics and downstream language-model loss."""
