@@ -124,6 +124,19 @@ def test_driver_restart_and_worker_kill_resume_without_losing_or_repeating_rows(
     assert any("dead_fraction" in m and "time/comm_s" in m for m in metrics)
     assert list((out / "wandb").glob("offline-run-*/*.wandb"))
 
+    # the evaluation job on the trained SAE: held-out reconstruction and the spliced model
+    env = dict(os.environ, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "eval.py"), "run_name=tiny",
+                           f"data.cache={small_cache}", "data.heldout_tokens=512", "downstream.windows=4"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluation = json.loads((out / "eval" / "results.json").read_text())
+    assert evaluation["schema"] == "saescale.eval.v1" and evaluation["reconstruction"]["tokens"] == 512
+    assert evaluation["reconstruction"]["nmse"] == pytest.approx(result["heldout_nmse"], rel=1e-4)
+    down = evaluation["downstream"]
+    assert down["tokens"] == 4 * 63 and down["ce_zero_ablation"] > down["ce_clean"] > 0
+    assert (out / "eval" / "latent_density.png").exists()
+
 
 def load_sae_shard(checkpoint: str, tp_rank: int) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file

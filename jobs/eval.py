@@ -1,0 +1,117 @@
+"""Evaluate a trained SAE on held-out activations and through the language model.
+
+    python jobs/eval.py run_name=resid8-n4096-k32
+    python jobs/eval.py sae=<saved SAE url> data.cache=<cache url>
+
+Writes `results.json` (schema in the README: reconstruction metrics, downstream loss, the
+evaluation's settings) and `latent_density.png` to output_dir, and logs the scalars to wandb.
+The held-out rows are the cache's first `data.holdout_shards` shards, which training never reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from saescale import storage
+from saescale.cache.reader import ActivationCache
+from saescale.evaluation.downstream import downstream_loss
+from saescale.evaluation.reconstruction import reconstruction_metrics
+from saescale.saved import SavedSAEError, load_sae
+
+SCHEMA = "saescale.eval.v1"
+
+
+def print0(*args) -> None:
+    print("[saescale]", *args, flush=True)
+
+
+def heldout_windows(cache: ActivationCache, shards: list[int], count: int) -> tuple[torch.Tensor, list[int]]:
+    """Token ids [count, context] of windows whose rows lie in the held-out shards."""
+    ids: list[int] = []
+    for s in shards:
+        ids.extend(sorted(set(cache.read_table(s).column("window").to_pylist())))
+    chosen = sorted(set(ids))[:count]
+    table = cache.windows()
+    by_window = dict(zip(table.column("window").to_pylist(), table.column("token_ids").to_pylist()))
+    return torch.tensor([by_window[w] for w in chosen], dtype=torch.long), chosen
+
+
+def plot_density(density_log10: list[float], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = np.asarray(density_log10)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(values[values > -10], bins=50)
+    ax.set(xlabel="log10 latent density (fraction of tokens)", ylabel="latents",
+           title=f"{int((values <= -10).sum())} latents never fired")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@hydra.main(config_path="../conf", config_name="eval", version_base=None)
+def main(cfg: DictConfig) -> dict:
+    options = {"client_kwargs": {"endpoint_url": cfg.data.endpoint_url}} if cfg.data.endpoint_url else None
+    try:
+        sae, meta = load_sae(cfg.sae, storage_options=options)
+        cache = ActivationCache(cfg.data.cache, options)
+    except (SavedSAEError, storage.StorageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    manifest = cache.manifest
+    if manifest.d_model != sae.cfg.d_in:
+        print(f"error: the SAE has d_in={sae.cfg.d_in} but the cache has d_model={manifest.d_model}", file=sys.stderr)
+        sys.exit(2)
+    shards = list(range(cfg.data.holdout_shards))
+    acts = torch.cat([cache.read_shard(s) for s in shards])[: cfg.data.heldout_tokens]
+    recon = reconstruction_metrics(sae, acts)
+    print0(f"reconstruction on {recon.tokens} held-out tokens: NMSE {recon.nmse:.4f}, L0 {recon.l0:.1f}, "
+           f"dead {recon.dead_fraction:.3%}")
+    result: dict = {"schema": SCHEMA, "sae": storage.redact(cfg.sae), "cache": storage.redact(cfg.data.cache),
+                    "model": manifest.model, "hook": f"{manifest.hook}.{manifest.layer}",
+                    "n_latents": sae.cfg.n_latents, "k": sae.cfg.k, "reconstruction": recon.to_dict()}
+    if cfg.downstream.enabled:
+        from saescale.lm.models import load_causal_lm
+
+        lm = load_causal_lm(cfg.downstream.model or manifest.model)
+        windows, _ = heldout_windows(cache, shards, cfg.downstream.windows)
+        special = torch.tensor(sorted(lm.tokenizer.all_special_ids), dtype=torch.long)
+        keep = ~torch.isin(windows, special)  # the cache dropped these positions: keep them clean
+        down = downstream_loss(lm.model, sae, windows, manifest.hook, manifest.layer, keep,
+                               batch_size=cfg.downstream.batch_size)
+        print0(f"downstream on {down.tokens} tokens: CE {down.ce_clean:.4f} -> {down.ce_spliced:.4f} "
+               f"(+{down.ce_increase:.4f}; zero-ablation {down.ce_zero_ablation:.4f}), KL {down.kl_clean_to_spliced:.4f}")
+        result["downstream"] = down.to_dict()
+    out = cfg.output_dir
+    os.makedirs(out, exist_ok=True) if "://" not in out else None
+    storage.write_json_atomic(storage.join(out, "results.json"), result, options if "://" in out else None)
+    if "://" not in out:
+        plot_density(recon.density_log10, os.path.join(out, "latent_density.png"))
+    if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
+        from saescale.loggers import WandbLogger
+
+        scalars = {f"eval/{k}": v for k, v in recon.to_dict().items() if k != "density_log10"}
+        scalars.update({f"eval/{k}": v for k, v in result.get("downstream", {}).items()})
+        logger = WandbLogger(cfg.wandb.project, f"eval-{cfg.run_name}", cfg.wandb.group, ["eval"],
+                             OmegaConf.to_container(cfg, resolve=True) | {"sae": storage.redact(cfg.sae)},
+                             cfg.wandb.mode, out if "://" not in out else None)
+        logger.log(scalars, 0)
+        logger.log_histogram("eval/latent_density_log10", torch.tensor(recon.density_log10), 0)
+        logger.close()
+    summary = {k: v for k, v in result["reconstruction"].items() if k != "density_log10"}
+    print0(json.dumps({"reconstruction": summary, "downstream": result.get("downstream")}))
+    return result
+
+
+if __name__ == "__main__":
+    main()
