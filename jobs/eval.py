@@ -43,6 +43,32 @@ def heldout_windows(cache: ActivationCache, shards: list[int], count: int) -> tu
     return torch.tensor([by_window[w] for w in chosen], dtype=torch.long), chosen
 
 
+def run_probes(cfg: DictConfig, cache: ActivationCache, sae, acts: torch.Tensor, shards: list[int], tokenizer) -> dict:
+    """Best 1-D probe per task over the latents' pre-activations on held-out rows."""
+    from saescale.evaluation.probes import probe_losses
+    from saescale.evaluation.tasks import label_builtin_tasks, load_task_file
+
+    rows = min(cfg.probes.tokens, acts.shape[0])
+    tables = [cache.read_table(s).select(["window", "pos"]) for s in shards]
+    positions = [(int(w), int(p)) for t in tables for w, p in zip(t.column("window").to_pylist(),
+                                                                   t.column("pos").to_pylist())][:rows]
+    window_tokens = cache.windows()
+    by_window = dict(zip(window_tokens.column("window").to_pylist(), window_tokens.column("token_ids").to_pylist()))
+    needed = sorted({w for w, _ in positions})
+    vocab_text = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    texts = [[vocab_text[t] for t in by_window[w]] for w in needed]
+    local = {w: i for i, w in enumerate(needed)}
+    tasks = label_builtin_tasks(texts, [(local[w], p) for w, p in positions])
+    for path in cfg.probes.task_files:
+        tasks.update(load_task_file(path, positions))
+    with torch.no_grad():
+        features = sae.pre_activations(sae.normalize(acts[:rows].float())[0])
+    results = [r.to_dict() for r in probe_losses(features, tasks)]
+    return {"tokens": rows, "tasks": results,
+            "mean_probe_loss": float(np.mean([r["probe_loss"] for r in results])) if results else float("nan"),
+            "mean_prior_loss": float(np.mean([r["prior_loss"] for r in results])) if results else float("nan")}
+
+
 def plot_density(density_log10: list[float], path: str) -> None:
     import matplotlib
 
@@ -80,10 +106,17 @@ def main(cfg: DictConfig) -> dict:
     result: dict = {"schema": SCHEMA, "sae": storage.redact(cfg.sae), "cache": storage.redact(cfg.data.cache),
                     "model": manifest.model, "hook": f"{manifest.hook}.{manifest.layer}",
                     "n_latents": sae.cfg.n_latents, "k": sae.cfg.k, "reconstruction": recon.to_dict()}
-    if cfg.downstream.enabled:
+    lm = None
+    if cfg.downstream.enabled or cfg.probes.enabled:
         from saescale.lm.models import load_causal_lm
 
         lm = load_causal_lm(cfg.downstream.model or manifest.model)
+    if cfg.probes.enabled:
+        result["probes"] = run_probes(cfg, cache, sae, acts, shards, lm.tokenizer)
+        losses = [r["probe_loss"] for r in result["probes"]["tasks"]]
+        print0(f"probe loss over {len(losses)} tasks: {result['probes']['mean_probe_loss']:.4f} "
+               f"(base-rate prior {result['probes']['mean_prior_loss']:.4f})")
+    if cfg.downstream.enabled:
         windows, _ = heldout_windows(cache, shards, cfg.downstream.windows)
         special = torch.tensor(sorted(lm.tokenizer.all_special_ids), dtype=torch.long)
         keep = ~torch.isin(windows, special)  # the cache dropped these positions: keep them clean
@@ -102,6 +135,8 @@ def main(cfg: DictConfig) -> dict:
 
         scalars = {f"eval/{k}": v for k, v in recon.to_dict().items() if k != "density_log10"}
         scalars.update({f"eval/{k}": v for k, v in result.get("downstream", {}).items()})
+        if "probes" in result:
+            scalars["eval/mean_probe_loss"] = result["probes"]["mean_probe_loss"]
         logger = WandbLogger(cfg.wandb.project, f"eval-{cfg.run_name}", cfg.wandb.group, ["eval"],
                              OmegaConf.to_container(cfg, resolve=True) | {"sae": storage.redact(cfg.sae)},
                              cfg.wandb.mode, out if "://" not in out else None)
@@ -109,7 +144,8 @@ def main(cfg: DictConfig) -> dict:
         logger.log_histogram("eval/latent_density_log10", torch.tensor(recon.density_log10), 0)
         logger.close()
     summary = {k: v for k, v in result["reconstruction"].items() if k != "density_log10"}
-    print0(json.dumps({"reconstruction": summary, "downstream": result.get("downstream")}))
+    probes = {k: v for k, v in result.get("probes", {}).items() if k != "tasks"}
+    print0(json.dumps({"reconstruction": summary, "downstream": result.get("downstream"), "probes": probes}))
     return result
 
 

@@ -104,7 +104,8 @@ class RankLoop:
     def _everyone_has_data(self, has_batch: bool) -> bool:
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return has_batch
-        flag = torch.tensor([1 if has_batch else 0], dtype=torch.int32)
+        # on the trainer's device: under NCCL (GPUs) the default group rejects CPU tensors
+        flag = torch.tensor([1 if has_batch else 0], dtype=torch.int32, device=self.trainer.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 

@@ -145,7 +145,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with tempfile.TemporaryDirectory(prefix="saescale-resume-") as directory:
             fetch_rank_files(checkpoint, directory, shard_name(dims.coords(rank)[1], dims.tp))
-            load_rank_shard(directory, trainer, dims, rank)
+            meta = load_rank_shard(directory, trainer, dims, rank)
+        saved = meta.get("data", {})
+        stream = {"world": world, "per_rank_batch": DataPlan(**config["data"]).per_rank_batch, "seed": config["seed"]}
+        if any(k in saved and saved[k] != v for k, v in stream.items()):
+            raise ValueError(f"the checkpoint's data stream was {saved}, this run's is {stream}: resuming would "
+                             "retrain or skip rows; resume with the same workers, batch_size and seed")
         if rank == 0:
             print(f"[saescale] resumed from the step-{trainer.step} checkpoint ({trainer.tokens_seen} tokens)", flush=True)
     else:
@@ -190,7 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="saescale-ckpt-") as directory:
             save_rank_shard(directory, trainer, dims, rank, sae_cfg, extra={
                 "data": {"batches_consumed_per_rank": step, "per_rank_batch": data.per_rank_batch,
-                         "seed": config["seed"]}})
+                         "seed": config["seed"], "world": world}})
             _maybe_fail(config, rank, step, during_save=True)
             has_files = bool(os.listdir(directory))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if has_files else None)

@@ -9,7 +9,7 @@ gathers the latents), DP replicas hold identical copies and write nothing:
 
 Under Ray Train the folder is a local temp dir that `ray.train.report` uploads; Ray registers
 the checkpoint only after every rank reported, so a crash mid-save leaves the previous one as the
-latest. Elsewhere, `publish_checkpoint` copies it to any fsspec URL, files first, marker last.
+latest.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def load_rank_shard(directory: str, trainer: Trainer, dims: ParallelDims, rank: 
     if meta["tp"] != dims.tp:
         raise ValueError(
             f"checkpoint was written with tp={meta['tp']}, this run has tp={dims.tp}; resharding a "
-            f"checkpoint is not supported: resume with parallel.tp={meta['tp']} (dp may change)"
+            f"checkpoint is not supported: resume with parallel.tp={meta['tp']}"
         )
     _, tp_rank = dims.coords(rank)
     base = os.path.join(directory, shard_name(tp_rank, dims.tp))
