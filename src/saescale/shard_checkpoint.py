@@ -49,6 +49,8 @@ def save_rank_shard(
         base = os.path.join(directory, shard_name(tp_rank, dims.tp))
         _save_local(sae_tensors(trainer.sae), base + ".sae.safetensors")
         _save_local({k: v.detach().contiguous().cpu() for k, v in snap.tensors.items()}, base + ".state.safetensors")
+        if trainer.ema is not None:  # the weights to export: bias-corrected EMA (all per-row ops)
+            _save_local(sae_tensors(trainer.sae, trainer.eval_weights()), base + ".eval.safetensors")
     if rank == 0:
         meta = {"format": "saescale.sharded-checkpoint.v1", "dp": dims.dp, "tp": dims.tp,
                 "sae_cfg_global": sae_cfg.to_dict(), "trainer": snap.info, **extra}
@@ -120,6 +122,8 @@ def export_gathered(
     meta = json.loads(storage.read_bytes(storage.join(checkpoint_url, META), storage_options))
     cfg = SAEConfig.from_dict(meta["sae_cfg_global"])
     tp, n, d = meta["tp"], cfg.n_latents, cfg.d_in
+    kind = "eval" if storage.exists(storage.join(checkpoint_url, f"{shard_name(0, tp)}.eval.safetensors"),
+                                    storage_options) else "sae"  # the EMA weights when the run kept them
     entries = [("W_enc", "F32", [n, d]), ("b_enc", "F32", [n]), ("W_dec", "F32", [n, d]),
                ("b_pre", "F32", [d]), ("input_scale", "F32", [])]
     with tempfile.TemporaryDirectory(prefix="saescale-export-") as tmp:
@@ -130,7 +134,7 @@ def export_gathered(
                 replicated = name in ("b_pre", "input_scale")
                 for rank in range(1 if replicated else tp):
                     # one shard file on local disk and one of its tensors in memory at a time
-                    url = storage.join(checkpoint_url, f"{shard_name(rank, tp)}.sae.safetensors")
+                    url = storage.join(checkpoint_url, f"{shard_name(rank, tp)}.{kind}.safetensors")
                     path = storage.local_copy(url, os.path.join(tmp, "shard.safetensors"), storage_options)
                     with safe_open(path, framework="pt") as handle:
                         out.write(handle.get_tensor(name).contiguous().float().numpy().tobytes())
