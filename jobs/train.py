@@ -110,7 +110,7 @@ def prepare(cfg: DictConfig):
     return spec, cache, manifest, sae_cfg, out
 
 
-def evaluate_and_export(cfg: DictConfig, cache: ActivationCache, manifest, sae_url: str, out: str) -> dict:
+def evaluate_and_export(cfg: DictConfig, cache: ActivationCache, meta: dict, sae_url: str, out: str) -> dict:
     import torch
 
     from saescale.export import export_saelens, export_sparsify
@@ -121,8 +121,7 @@ def evaluate_and_export(cfg: DictConfig, cache: ActivationCache, manifest, sae_u
     with torch.no_grad():
         recon = sae(heldout)
     nmse = (((recon - heldout) ** 2).mean() / ((heldout - heldout.mean(0)) ** 2).mean()).item()
-    meta = {"model_name": manifest.model, "hook_name": f"{manifest.hook}.{manifest.layer}",
-            "context_size": manifest.context_length, "corpus": manifest.corpus}
+    meta = {k: v for k, v in meta.items() if k != "cache"}  # what the peer formats describe
     if cfg.export.saelens:
         export_saelens(sae, storage.join(out, "export", "saelens"), meta)
     if cfg.export.sparsify:
@@ -166,7 +165,7 @@ def main(cfg: DictConfig) -> dict:
                "planned_mb_per_rank": round(spec.planned_bytes / 2**20, 1),
                "checkpoint": storage.redact(ckpt)}
     if cfg.export.evaluate:
-        summary.update(evaluate_and_export(cfg, cache, manifest, sae_url, out))
+        summary.update(evaluate_and_export(cfg, cache, meta, sae_url, out))
     storage.write_json_atomic(storage.join(out, "result.json"), summary, endpoint_options(cfg.storage.endpoint_url)
                               if "://" in out else None)
     print0(json.dumps(summary))

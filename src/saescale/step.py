@@ -302,15 +302,17 @@ class SparseTopKStep:
             return aux
         self.last_aux_path = "sparse_topk"
         raw, local = pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False)
-        return self._auxk_fixed_width(dead_idx[local], raw.clamp_min(0), residual, xc, grad_b_enc)
+        return self._auxk_fixed_width(dead_idx[local], raw.clamp_min(0), residual, xc, grad_b_enc, var_res)
 
     def _auxk_fixed_width(
-        self, aux_idx: Tensor, aux_vals: Tensor, residual: Tensor, xc: Tensor, grad_b_enc: Tensor
+        self, aux_idx: Tensor, aux_vals: Tensor, residual: Tensor, xc: Tensor, grad_b_enc: Tensor,
+        var_res: Tensor | None = None,
     ) -> Tensor:
         """AuxK loss and gradients through the sparse kernels for a [batch, k_aux] code over this
         rank's latents (entries owned by other TP ranks carry value 0)."""
         cfg, W_enc, W_dec = self.cfg, self.sae.W_enc, self.sae.W_dec
-        var_res = self._batch_variance(residual)
+        if var_res is None:  # the caller may have it already (one all-reduce under DP)
+            var_res = self._batch_variance(residual)
         aux, grad_e_hat = self._aux_loss(self._reduce(sparse_decode(aux_idx, aux_vals, W_dec)).sub_(residual), var_res)
         if grad_e_hat is None:
             return aux
