@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench bench-large clean
+.PHONY: install train test bench bench-large demo-sweep clean
 
 install: $(STAMP)
 
@@ -37,6 +37,12 @@ bench-large: install  ## peak memory at 2^16, 2^18 latents and 2^19 at tp=2 (min
 	$(BIN)/saescale bench step --d-in 576 --n-latents 65536 --k 32 --batch 4096 --no-naive --no-auxk
 	$(BIN)/saescale bench step --d-in 576 --n-latents 262144 --k 32 --batch 4096 --no-naive --no-auxk --repeats 3 --warmup 1
 	$(BIN)/saescale bench dist --peak-memory --d-in 576 --n-latents 524288 --k 32 --batch 1024 --tp 2 --repeats 3
+
+demo-sweep: install  ## the README's CPU scaling sweep: 12 runs (2 at a time), fits and plots into docs/scaling
+	$(BIN)/python jobs/cache.py
+	-$(BIN)/python jobs/train.py -m +experiment=sweep_demo sae.n_latents=512,1024,2048,4096 sae.k=8,16,32
+	$(BIN)/saescale scaling fit runs/sweeps/demo/results.parquet --out docs/scaling
+	cp runs/sweeps/demo/results.csv runs/sweeps/demo/timeline.png docs/scaling/
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

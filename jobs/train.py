@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 from saescale.ray_local import apply_env_defaults
 
@@ -144,6 +145,7 @@ def main(cfg: DictConfig) -> dict:
     from saescale.ray_train import checkpoint_url, launch
     from saescale.shard_checkpoint import export_gathered
 
+    started = time.time()
     ensure_ray(cfg.ray.address, num_cpus=int(spec.workers * spec.cpus_per_worker) + 2)
     try:
         result = launch(spec)
@@ -156,8 +158,14 @@ def main(cfg: DictConfig) -> dict:
     meta = {"model_name": manifest.model, "hook_name": f"{manifest.hook}.{manifest.layer}",
             "context_size": manifest.context_length, "corpus": manifest.corpus, "cache": storage.redact(cfg.data.cache)}
     export_gathered(ckpt, sae_url, meta, spec.storage_options)
+    tokens = final.get("tokens") or 0
     summary = {"run_name": cfg.run_name, "steps": final.get("step"), "tokens": final.get("tokens"),
                "n_latents": sae_cfg.n_latents, "k": sae_cfg.k, "dp": spec.workers // spec.tp, "tp": spec.tp,
+               "model": manifest.model, "hook": f"{manifest.hook}.{manifest.layer}", "d_in": sae_cfg.d_in,
+               # dense-equivalent training FLOPs: the encoder GEMM forward + backward dominates
+               "compute": 6.0 * tokens * sae_cfg.d_in * sae_cfg.n_latents,
+               "tokens_to_convergence": final.get("tokens_to_convergence"),
+               "train_wall_s": round(time.time() - started, 1),
                "dead_fraction": final.get("dead_fraction"), "train_fvu": final.get("fvu"),
                "data_wait_frac": final.get("data_wait_frac"), "comm_bytes_per_step": final.get("comm_bytes_per_step"),
                "time_split_s": {k: final.get(f"total_{k}_s") for k in ("data_wait", "compute", "comm")},

@@ -70,3 +70,20 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory):
+    """A real 4096-token cache of the embedded default (SmolLM2 layer 8 on Shakespeare), built
+    through the cache job's command line without Ray: 4 shards of 1024 rows."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path_factory.mktemp("cache") / "smol"
+    cmd = [sys.executable, os.path.join(root, "jobs", "cache.py"), f"output={out}", "use_ray=false",
+           "max_tokens=4096", "rows_per_shard=1024"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cache ready: 4" in proc.stdout
+    return str(out)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from saescale.scaling import (FitError, fit_joint_law, fit_power_law, fit_tokens_to_convergence, joint_law,
+                              tokens_to_convergence,
                               power_law)
 
 
@@ -69,3 +70,17 @@ def test_scaling_fit_command_writes_fits_and_plots(tmp_path):
     assert "L(C)" in fits and "b_N" in proc.stdout
     assert (tmp_path / "fit" / "loss_vs_latents.png").stat().st_size > 1000
     assert (tmp_path / "fit" / "loss_vs_compute.png").exists()
+
+
+def test_tokens_to_convergence_of_a_curve_is_where_it_flattens():
+    tokens = np.arange(1, 201) * 1000.0
+    # exponential decay to 0.2 with time constant 20k tokens: within 5% of the final value
+    # once 0.8 exp(-t/20k) <= 0.01, i.e. t >= 20k ln 80 = 87.6k tokens
+    loss = 0.2 + 0.8 * np.exp(-tokens / 20000.0)
+    assert tokens_to_convergence(tokens, loss, tol=0.05, window=1) == pytest.approx(88000.0)
+    # a one-point spike later on moves the answer past the spike; smoothing damps it
+    spiky = loss.copy()
+    spiky[150] = 0.5
+    assert tokens_to_convergence(tokens, spiky, tol=0.05, window=1) == 152000.0
+    with pytest.raises(FitError, match="matching"):
+        tokens_to_convergence(tokens, loss[:-1])

@@ -28,18 +28,6 @@ BIN = os.path.dirname(sys.executable)
 BATCH = 256
 
 
-@pytest.fixture(scope="module")
-def small_cache(tmp_path_factory):
-    """A real cache of the embedded default through the cache job's command line (no Ray)."""
-    out = tmp_path_factory.mktemp("cache") / "smol"
-    cmd = [sys.executable, os.path.join(ROOT, "jobs", "cache.py"), f"output={out}", "use_ray=false",
-           "max_tokens=4096", "rows_per_shard=1024"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "cache ready: 4" in proc.stdout
-    return str(out)
-
-
 def job_args(cache: str, *overrides: str) -> list[str]:
     defaults = ["run_name=tiny", f"data.cache={cache}", "data.heldout_tokens=512", "sae.n_latents=1024", "sae.k=16",
             f"train.batch_size={BATCH}", "train.log_every=2", "train.checkpoint_every=4", "train.epochs=1",

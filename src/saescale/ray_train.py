@@ -34,6 +34,7 @@ from saescale.config import SAEConfig, TrainConfig
 from saescale.dist_train import RankLoop, build_rank_trainer, print0
 from saescale.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
 from saescale.mesh import ParallelDims
+from saescale.scaling import tokens_to_convergence
 from saescale.shard_checkpoint import META, load_rank_shard, save_rank_shard, shard_name
 
 ACT_COLUMN = "act"
@@ -192,6 +193,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             "peak_rss_mb_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                             "data_wait_frac": t.data_wait / max(wall, 1e-9),
                             "comm_bytes_per_step": t.comm_bytes / max(t.steps, 1), "steps_this_attempt": t.steps})
+            curve = [(h["step"], h["fvu"]) for h in loop.history if "fvu" in h]
+            if curve and step:  # this attempt's curve only (a resumed run's earlier steps are not kept)
+                per_step = trainer.tokens_seen / step
+                metrics["tokens_to_convergence"] = tokens_to_convergence([s * per_step for s, _ in curve],
+                                                                         [f for _, f in curve])
         with tempfile.TemporaryDirectory(prefix="saescale-ckpt-") as directory:
             save_rank_shard(directory, trainer, dims, rank, sae_cfg, extra={
                 "data": {"batches_consumed_per_rank": step, "per_rank_batch": data.per_rank_batch,

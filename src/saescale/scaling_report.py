@@ -97,6 +97,21 @@ def plot_fits(results: dict[str, np.ndarray], fits: dict[str, Any], out_dir: str
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
+    if "T(N)" in fits:
+        t = results["tokens_to_convergence"].astype(np.float64)
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for i, kv in enumerate(sorted(set(k.tolist()))):
+            ax.scatter(n[k == kv], t[k == kv], color=f"C{i}", label=f"k={int(kv)}")
+        p = fits["T(N)"]["params"]
+        ax.plot(grid, np.exp(p["log_c"] + p["p"] * np.log(grid)), color="k", lw=1, label=f"c N^{p['p']:.2f}")
+        ax.set(xscale="log", yscale="log", xlabel="latents N", ylabel="tokens to convergence",
+               title="T(N) = c N^p")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "tokens_to_convergence.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
     return written
 
 
