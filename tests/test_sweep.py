@@ -71,3 +71,27 @@ def test_sweep_runs_concurrently_survives_a_failing_run_and_resumes(tmp_path, sm
         assert table2[key]["heldout_nmse"] == table[key]["heldout_nmse"]
     assert table2[(256, 1024)]["status"] == "failed" and table2[(256, 1024)]["job_id"] != table[(256, 1024)]["job_id"]
     assert again.returncode != 0
+
+
+def test_a_run_larger_than_the_cluster_is_refused_before_anything_starts(tmp_path):
+    from saescale.sweep import SweepError, SweepRun, run_sweep
+
+    runs = [SweepRun(num=0, overrides=["parallel.workers=8"], run_name="big", output_dir=str(tmp_path / "big"), cpus=9)]
+    # no backend call can happen: the check precedes every submission
+    with pytest.raises(SweepError, match="needs 9 CPUs .* the cluster has 4 CPUs"):
+        run_sweep(runs, backend=None, capacity=(4.0, 0.0))
+    assert runs[0].status == "pending" and not (tmp_path / "big").exists()
+
+
+def test_finished_runs_are_read_back_and_failed_ones_keep_their_settings(tmp_path):
+    from saescale import storage
+    from saescale.sweep import SweepRun, results_rows, run_sweep
+
+    done = SweepRun(num=0, overrides=["sae.n_latents=256", "sae.k=8"], run_name="a", output_dir=str(tmp_path / "a"), cpus=2)
+    storage.write_json_atomic(done.result_url, {"n_latents": 256, "k": 8, "heldout_nmse": 0.25, "tokens": 1024})
+    run_sweep([done], backend=None, capacity=(4.0, 0.0))  # nothing to run: no backend call
+    failed = SweepRun(num=1, overrides=["sae.n_latents=512", "+sae.k=2048"], run_name="b", output_dir=str(tmp_path / "b"),
+                      cpus=2, status="failed", error="error: sae.k=2048 is larger than sae.n_latents=512")
+    rows = results_rows([done, failed])
+    assert rows[0]["status"] == "finished" and rows[0]["action"] == "skipped" and rows[0]["heldout_nmse"] == 0.25
+    assert (rows[1]["n_latents"], rows[1]["k"], rows[1]["status"]) == (512, 2048, "failed")
