@@ -69,6 +69,38 @@ def run_probes(cfg: DictConfig, cache: ActivationCache, sae, acts: torch.Tensor,
             "mean_prior_loss": float(np.mean([r["prior_loss"] for r in results])) if results else float("nan")}
 
 
+def padding_token(tokenizer, text: str) -> int:
+    """The single token of `text` (the neutral filler of N2G), or the end-of-sequence token."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else tokenizer.eos_token_id
+
+
+def run_explanations(cfg: DictConfig, cache: ActivationCache, sae, shards: list[int], lm, manifest) -> dict:
+    """N2G explanations explained on the first half of the held-out windows, scored on the second."""
+    from saescale.evaluation.explain import explain_latents
+
+    windows, _ = heldout_windows(cache, shards, cfg.explain.windows)
+    vocab = lm.tokenizer.convert_ids_to_tokens
+    return explain_latents(lm.model, sae, windows, manifest.hook, manifest.layer,
+                           padding_token(lm.tokenizer, cfg.explain.padding_text), n_latents=cfg.explain.latents,
+                           examples=cfg.explain.examples, max_context=cfg.explain.max_context, seed=cfg.explain.seed,
+                           decode=lambda t: vocab(t))
+
+
+def run_ablation(cfg: DictConfig, cache: ActivationCache, sae, shards: list[int], lm, manifest) -> dict:
+    """Ablation sparsity at seeded held-out positions (each with a full horizon after it)."""
+    from saescale.evaluation.ablation import ablation_sparsity
+
+    windows, _ = heldout_windows(cache, shards, cfg.ablation.positions)
+    horizon = cfg.ablation.horizon
+    if windows.shape[1] <= horizon:
+        raise ValueError(f"ablation.horizon={horizon} needs windows longer than {windows.shape[1]} tokens")
+    generator = torch.Generator().manual_seed(cfg.ablation.seed)
+    starts = torch.randint(1, windows.shape[1] - horizon + 1, (windows.shape[0],), generator=generator).tolist()
+    return ablation_sparsity(lm.model, sae, windows, manifest.hook, manifest.layer,
+                             list(enumerate(starts)), horizon).to_dict()
+
+
 def plot_density(density_log10: list[float], path: str) -> None:
     import matplotlib
 
@@ -107,7 +139,7 @@ def main(cfg: DictConfig) -> dict:
                     "model": manifest.model, "hook": f"{manifest.hook}.{manifest.layer}",
                     "n_latents": sae.cfg.n_latents, "k": sae.cfg.k, "reconstruction": recon.to_dict()}
     lm = None
-    if cfg.downstream.enabled or cfg.probes.enabled:
+    if cfg.downstream.enabled or cfg.probes.enabled or cfg.explain.enabled or cfg.ablation.enabled:
         from saescale.lm.models import load_causal_lm
 
         lm = load_causal_lm(cfg.downstream.model or manifest.model)
@@ -125,6 +157,16 @@ def main(cfg: DictConfig) -> dict:
         print0(f"downstream on {down.tokens} tokens: CE {down.ce_clean:.4f} -> {down.ce_spliced:.4f} "
                f"(+{down.ce_increase:.4f}; zero-ablation {down.ce_zero_ablation:.4f}), KL {down.kl_clean_to_spliced:.4f}")
         result["downstream"] = down.to_dict()
+    if cfg.explain.enabled:
+        result["explanations"] = run_explanations(cfg, cache, sae, shards, lm, manifest)
+        e = result["explanations"]
+        print0(f"N2G explanations of {len(e['latents'])} latents: precision {e['mean_precision']:.3f}, "
+               f"recall {e['mean_recall']:.3f}, F1 {e['mean_f1']:.3f}")
+    if cfg.ablation.enabled:
+        result["ablation_sparsity"] = run_ablation(cfg, cache, sae, shards, lm, manifest)
+        a = result["ablation_sparsity"]
+        print0(f"ablation sparsity over {a['pairs']} (position, latent) pairs: {a['mean']:.4g} "
+               f"(1/(V*T) = {1 / (len(lm.tokenizer) * a['horizon']):.3g})")
     out = cfg.output_dir
     os.makedirs(out, exist_ok=True) if "://" not in out else None
     storage.write_json_atomic(storage.join(out, "results.json"), result, options if "://" in out else None)
@@ -137,6 +179,10 @@ def main(cfg: DictConfig) -> dict:
         scalars.update({f"eval/{k}": v for k, v in result.get("downstream", {}).items()})
         if "probes" in result:
             scalars["eval/mean_probe_loss"] = result["probes"]["mean_probe_loss"]
+        if "explanations" in result:
+            scalars.update({f"eval/n2g_{k}": result["explanations"][f"mean_{k}"] for k in ("precision", "recall", "f1")})
+        if "ablation_sparsity" in result:
+            scalars["eval/ablation_sparsity"] = result["ablation_sparsity"]["mean"]
         logger = WandbLogger(cfg.wandb.project, f"eval-{cfg.run_name}", cfg.wandb.group, ["eval"],
                              OmegaConf.to_container(cfg, resolve=True) | {"sae": storage.redact(cfg.sae)},
                              cfg.wandb.mode, out if "://" not in out else None)
@@ -145,7 +191,9 @@ def main(cfg: DictConfig) -> dict:
         logger.close()
     summary = {k: v for k, v in result["reconstruction"].items() if k != "density_log10"}
     probes = {k: v for k, v in result.get("probes", {}).items() if k != "tasks"}
-    print0(json.dumps({"reconstruction": summary, "downstream": result.get("downstream"), "probes": probes}))
+    explained = {k: v for k, v in result.get("explanations", {}).items() if k.startswith("mean_")}
+    print0(json.dumps({"reconstruction": summary, "downstream": result.get("downstream"), "probes": probes,
+                       "explanations": explained, "ablation_sparsity": result.get("ablation_sparsity")}))
     return result
 
 

@@ -115,7 +115,8 @@ def test_driver_restart_and_worker_kill_resume_without_losing_or_repeating_rows(
     # the evaluation job on the trained SAE: held-out reconstruction and the spliced model
     env = dict(os.environ, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "eval.py"), "run_name=tiny",
-                           f"data.cache={small_cache}", "data.heldout_tokens=512", "downstream.windows=4"],
+                           f"data.cache={small_cache}", "data.heldout_tokens=512", "downstream.windows=4",
+                           "explain.latents=4", "explain.windows=8", "ablation.positions=2"],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evaluation = json.loads((out / "eval" / "results.json").read_text())
@@ -124,6 +125,12 @@ def test_driver_restart_and_worker_kill_resume_without_losing_or_repeating_rows(
     down = evaluation["downstream"]
     assert down["tokens"] == 4 * 63 and down["ce_zero_ablation"] > down["ce_clean"] > 0
     assert (out / "eval" / "latent_density.png").exists()
+    explained = evaluation["explanations"]
+    assert len(explained["latents"]) == 4 and explained["train_windows"] == explained["test_windows"] == 4
+    assert all(entry["patterns"] for entry in explained["latents"]) and 0 <= explained["mean_precision"] <= 1
+    ablation = evaluation["ablation_sparsity"]
+    assert ablation["positions"] == 2 and ablation["pairs"] + ablation["skipped"] == 2 * 16  # k=16 latents each
+    assert 0 < ablation["mean"] <= 1
 
 
 def load_sae_shard(checkpoint: str, tp_rank: int) -> dict[str, torch.Tensor]:
