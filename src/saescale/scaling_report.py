@@ -54,6 +54,16 @@ def fit_results(results: dict[str, np.ndarray], loss: str = "heldout_nmse") -> d
     return out
 
 
+def _save(fig, out_dir: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_fits(results: dict[str, np.ndarray], fits: dict[str, Any], out_dir: str) -> list[str]:
     import matplotlib
 
@@ -79,11 +89,7 @@ def plot_fits(results: dict[str, np.ndarray], fits: dict[str, Any], out_dir: str
     ax.set(xscale="log", yscale="log", xlabel="latents N", ylabel=loss,
            title="solid: L(N) = e + a N^b per k; dashed: joint L(N, k)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "loss_vs_latents.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, out_dir, "loss_vs_latents.png"))
     if "L(C)" in fits:
         c = results["compute"].astype(np.float64)
         fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -92,11 +98,7 @@ def plot_fits(results: dict[str, np.ndarray], fits: dict[str, Any], out_dir: str
         p = fits["L(C)"]["params"]
         ax.plot(cg, power_law(cg, p["e"], p["a"], p["b"]), lw=1)
         ax.set(xscale="log", yscale="log", xlabel="training compute (FLOPs)", ylabel=loss, title="L(C) = e + a C^b")
-        fig.tight_layout()
-        path = os.path.join(out_dir, "loss_vs_compute.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir, "loss_vs_compute.png"))
     if "T(N)" in fits:
         t = results["tokens_to_convergence"].astype(np.float64)
         fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -107,11 +109,7 @@ def plot_fits(results: dict[str, np.ndarray], fits: dict[str, Any], out_dir: str
         ax.set(xscale="log", yscale="log", xlabel="latents N", ylabel="tokens to convergence",
                title="T(N) = c N^p")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out_dir, "tokens_to_convergence.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir, "tokens_to_convergence.png"))
     return written
 
 
