@@ -61,11 +61,14 @@ class Explanation:
 
     def describe(self, decode: Callable[[int], str] = str) -> list[str]:
         """Patterns in reading order, e.g. "* art| thou" (`|` separates tokens, `*` any token)."""
+        best: dict[tuple[int, ...], float] = {}
+        for backward, activation in self.patterns:  # one line per pattern, with its largest activation
+            best[backward] = max(best.get(backward, 0.0), activation)
         out = []
-        for backward, activation in sorted(self.patterns, key=lambda p: -p[1]):
+        for backward, activation in sorted(best.items(), key=lambda p: -p[1]):
             words = ["*" if t == WILDCARD else decode(t) for t in reversed(backward)]
             out.append("|".join(words) + f"  ({activation:.3g})")
-        return sorted(set(out), key=out.index)
+        return out
 
 
 def _left_pad(sequences: list[list[int]], pad: int) -> Tensor:
@@ -78,10 +81,10 @@ def explain_example(activation_fn: ActivationFn, tokens: list[int], pad: int, ma
                     keep: float = 0.5, wildcard_below: float = 0.5) -> tuple[tuple[int, ...], float] | None:
     """The backward pattern of one example (`tokens` ends at the firing token) and its suffix
     activation; None if the latent does not fire on it or every token is a wildcard."""
-    tokens = tokens[-max_context:]
-    original = float(activation_fn(torch.tensor([tokens]))[0, -1])
+    original = float(activation_fn(torch.tensor([tokens]))[0, -1])  # in its full context
     if original <= 0:
         return None
+    tokens = tokens[-max_context:]  # a latent that needs more context than this gets no pattern
     suffixes = [tokens[-n:] for n in range(1, len(tokens) + 1)]
     acts = activation_fn(_left_pad(suffixes, pad))[:, -1]
     strong = (acts >= keep * original).nonzero()
