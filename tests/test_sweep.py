@@ -95,3 +95,12 @@ def test_finished_runs_are_read_back_and_failed_ones_keep_their_settings(tmp_pat
     rows = results_rows([done, failed])
     assert rows[0]["status"] == "finished" and rows[0]["action"] == "skipped" and rows[0]["heldout_nmse"] == 0.25
     assert (rows[1]["n_latents"], rows[1]["k"], rows[1]["status"]) == (512, 2048, "failed")
+
+
+def test_credentials_in_override_urls_never_reach_the_results_table(tmp_path):
+    from saescale.sweep import SweepRun, results_rows
+
+    run = SweepRun(num=0, overrides=["data.cache=s3://AKIAKEY:s3cr3t@bucket/cache", "sae.k=8"], run_name="r",
+                   output_dir=str(tmp_path / "r"), cpus=2, status="failed", error="error: boom")
+    row = results_rows([run])[0]
+    assert "s3cr3t" not in str(row) and row["overrides"] == "data.cache=s3://***@bucket/cache sae.k=8"

@@ -67,6 +67,12 @@ def read_result(run: SweepRun) -> dict[str, Any] | None:
     return None
 
 
+def shown_overrides(run: SweepRun) -> str:
+    """The run's overrides for logs and the results table, with any user:password@ in URLs dropped."""
+    return " ".join(f"{o.split('=', 1)[0]}={storage.redact(o.split('=', 1)[1])}" if "=" in o else o
+                    for o in run.overrides)
+
+
 def _fits(run: SweepRun, used: tuple[float, float], capacity: tuple[float, float] | None) -> bool:
     if capacity is None:
         return True
@@ -100,7 +106,7 @@ def run_sweep(runs: list[SweepRun], backend: JobBackend, capacity: tuple[float, 
                 run.job_id, run.status = backend.submit(run), "running"
                 running.append(run)
                 used = (used[0] + run.cpus, used[1] + run.gpus)
-                tqdm.write(f"[sweep] started run {run.num} {run.run_name} ({' '.join(run.overrides)}) as {run.job_id}")
+                tqdm.write(f"[sweep] started run {run.num} {run.run_name} ({shown_overrides(run)}) as {run.job_id}")
             for run in list(running):
                 state = backend.status(run.job_id)
                 if state not in TERMINAL:
@@ -160,7 +166,7 @@ def results_rows(runs: list[SweepRun]) -> list[dict[str, Any]]:
     for run in runs:
         res = run.result or {}
         row: dict[str, Any] = {
-            "num": run.num, "run_name": run.run_name, "overrides": " ".join(run.overrides), "status": run.status,
+            "num": run.num, "run_name": run.run_name, "overrides": shown_overrides(run), "status": run.status,
             "action": run.action, "n_latents": res.get("n_latents"), "k": res.get("k"),
             "job_id": run.job_id, "start_time": run.start_time, "end_time": run.end_time,
             "job_wall_s": (run.end_time - run.start_time) if run.start_time and run.end_time else None,
