@@ -40,7 +40,7 @@ bench-large: install  ## peak memory at 2^16, 2^18 latents and 2^19 at tp=2 (min
 
 demo-sweep: install  ## the README's CPU scaling sweep: 12 runs (2 at a time), fits and plots into docs/scaling
 	$(BIN)/python jobs/cache.py
-	-$(BIN)/python jobs/train.py -m +experiment=sweep_demo sae.n_latents=512,1024,2048,4096 sae.k=8,16,32
+	-$(BIN)/python jobs/train.py -m +experiment=sweep_demo sae.n_latents=256,512,1024,2048 sae.k=8,16,32
 	$(BIN)/saescale scaling fit runs/sweeps/demo/results.parquet --out docs/scaling
 	cp runs/sweeps/demo/results.csv runs/sweeps/demo/timeline.png docs/scaling/
 

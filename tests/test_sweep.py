@@ -104,3 +104,12 @@ def test_credentials_in_override_urls_never_reach_the_results_table(tmp_path):
                    output_dir=str(tmp_path / "r"), cpus=2, status="failed", error="error: boom")
     row = results_rows([run])[0]
     assert "s3cr3t" not in str(row) and row["overrides"] == "data.cache=s3://***@bucket/cache sae.k=8"
+
+
+def test_bad_launcher_settings_are_clear_errors(tmp_path):
+    from saescale.sweep import SweepError, run_sweep
+
+    with pytest.raises(SweepError, match="max_concurrent must be at least 1"):
+        run_sweep([], backend=None, capacity=None, max_concurrent=0)
+    with pytest.raises(SweepError, match="poll_s must be a positive"):
+        run_sweep([], backend=None, capacity=None, poll_s=0)

@@ -4,13 +4,14 @@ A sweep is a list of training runs (one per Hydra multirun job). Each run is sub
 job (a Ray Job: its own driver process, so a crash or a bad config fails that run alone), at most
 as many at once as the cluster's CPUs/GPUs hold; a run whose `result.json` already exists is
 finished and is not run again, so re-running the sweep resumes it. The scheduler knows nothing of
-Ray: `JobBackend` is the four calls it needs.
+Ray: `JobBackend` is the five calls it needs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -86,6 +87,10 @@ def run_sweep(runs: list[SweepRun], backend: JobBackend, capacity: tuple[float, 
     limit but `max_concurrent`); a failed run is recorded and the others go on. Returns `runs`."""
     from tqdm import tqdm
 
+    if max_concurrent is not None and max_concurrent < 1:
+        raise SweepError(f"hydra.launcher.max_concurrent must be at least 1 (or null), got {max_concurrent}")
+    if not poll_s > 0:
+        raise SweepError(f"hydra.launcher.poll_s must be a positive number of seconds, got {poll_s}")
     for run in runs:
         if capacity is not None and (run.cpus > capacity[0] + 1e-9 or run.gpus > capacity[1] + 1e-9):
             raise SweepError(f"run {run.num} ({run.run_name}) needs {run.cpus:g} CPUs and {run.gpus:g} GPUs; "
@@ -140,7 +145,9 @@ def _collect(run: SweepRun, state: str, backend: JobBackend, log_dir: str | None
     log_text = backend.logs(run.job_id)
     if log_dir:
         os.makedirs(os.path.join(log_dir, str(run.num)), exist_ok=True)
-        storage.write_bytes_atomic(os.path.join(log_dir, str(run.num), "job.log"), log_text.encode())
+        # Ray echoes the entrypoint (the overrides) into the log: drop user:password@ from URLs
+        safe = re.sub(r"(\w+://)[^/\s@]+@", r"\1***@", log_text)
+        storage.write_bytes_atomic(os.path.join(log_dir, str(run.num), "job.log"), safe.encode())
     result = read_result(run) if state == "SUCCEEDED" else None
     if result is not None:
         run.status, run.result = "finished", result
