@@ -51,10 +51,10 @@ def nmse(x_hat: Tensor, x: Tensor) -> float:
 
 def train_saescale(batches: Batches, heldout: Tensor, n_latents: int, k: int, dead_tokens: int, seed: int,
                    lr: float | None = None) -> dict:
-    from saescale.config import SAEConfig, TrainConfig
+    from saescale.core.config import SAEConfig, TrainConfig
     from saescale.evaluation.reconstruction import reconstruction_metrics
-    from saescale.model import TopKSAE
-    from saescale.trainer import Trainer
+    from saescale.core.model import TopKSAE
+    from saescale.train.trainer import Trainer
 
     sae = TopKSAE(SAEConfig(d_in=heldout.shape[1], n_latents=n_latents, k=k, dead_tokens_threshold=dead_tokens))
     trainer = Trainer(sae, TrainConfig(lr=lr, seed=seed, log_every=10**9, histogram_every=10**9))
@@ -155,7 +155,7 @@ def run_anchor(batches: Batches, heldout: Tensor, n_latents: int, k: int, dead_t
 
 def cache_batches(cache_url: str, batch: int, epochs: int, seed: int) -> tuple[Batches, Tensor]:
     """Held-out rows (shard 0) and a replayable batch stream over the other shards."""
-    from saescale.cache.reader import ActivationCache
+    from saescale.data.reader import ActivationCache
 
     cache = ActivationCache(cache_url)
     shards = len(cache.manifest.shards)

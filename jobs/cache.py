@@ -15,8 +15,8 @@ import time
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from saescale.cache.builder import CacheConfig, CacheError, build_cache
-from saescale.cache.format import CorruptShardError
+from saescale.data.builder import CacheConfig, CacheError, build_cache
+from saescale.data.format import CorruptShardError
 from saescale.lm.corpus import CorpusError
 from saescale.lm.hooks import HookError
 from saescale.lm.models import ModelLoadError

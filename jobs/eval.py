@@ -20,10 +20,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from saescale import storage
-from saescale.cache.reader import ActivationCache
+from saescale.data.reader import ActivationCache
 from saescale.evaluation.downstream import downstream_loss
 from saescale.evaluation.reconstruction import reconstruction_metrics
-from saescale.saved import SavedSAEError, load_sae
+from saescale.formats.saved import SavedSAEError, load_sae
 
 SCHEMA = "saescale.eval.v1"
 
@@ -173,7 +173,7 @@ def main(cfg: DictConfig) -> dict:
     if "://" not in out:
         plot_density(recon.density_log10, os.path.join(out, "latent_density.png"))
     if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
-        from saescale.loggers import WandbLogger
+        from saescale.train.loggers import WandbLogger
 
         scalars = {f"eval/{k}": v for k, v in recon.to_dict().items() if k != "density_log10"}
         scalars.update({f"eval/{k}": v for k, v in result.get("downstream", {}).items()})

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from saescale.ray_local import apply_env_defaults
+from saescale.service.ray_local import apply_env_defaults
 
 apply_env_defaults()  # before anything imports ray
 
@@ -28,10 +28,10 @@ import psutil  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from saescale import storage  # noqa: E402
-from saescale.cache.reader import ActivationCache  # noqa: E402
-from saescale.config import ConfigError, SAEConfig, TrainConfig  # noqa: E402
-from saescale.mesh import MeshError, ParallelDims  # noqa: E402
-from saescale.plan import PlanError, check_fits, plan_memory  # noqa: E402
+from saescale.data.reader import ActivationCache  # noqa: E402
+from saescale.core.config import ConfigError, SAEConfig, TrainConfig  # noqa: E402
+from saescale.distributed.mesh import MeshError, ParallelDims  # noqa: E402
+from saescale.distributed.plan import PlanError, check_fits, plan_memory  # noqa: E402
 
 
 def print0(*args) -> None:
@@ -49,7 +49,7 @@ def endpoint_options(endpoint: str | None) -> dict | None:
 
 def prepare(cfg: DictConfig):
     """Validate everything that can be checked before Ray starts; returns the launch spec."""
-    from saescale.ray_train import LaunchSpec, plan_data
+    from saescale.service.ray_train import LaunchSpec, plan_data
 
     cache_url, out = absolute(cfg.data.cache), absolute(cfg.output_dir)
     cache = ActivationCache(cache_url, endpoint_options(cfg.data.endpoint_url))
@@ -114,8 +114,8 @@ def prepare(cfg: DictConfig):
 def evaluate_and_export(cfg: DictConfig, cache: ActivationCache, meta: dict, sae_url: str, out: str) -> dict:
     import torch
 
-    from saescale.export import export_saelens, export_sparsify
-    from saescale.saved import load_sae
+    from saescale.formats.export import export_saelens, export_sparsify
+    from saescale.formats.saved import load_sae
 
     sae, _ = load_sae(sae_url, storage_options=None if "://" not in sae_url else endpoint_options(cfg.storage.endpoint_url))
     heldout = torch.cat([cache.read_shard(s) for s in range(cfg.data.holdout_shards)])[: cfg.data.heldout_tokens]
@@ -132,7 +132,7 @@ def evaluate_and_export(cfg: DictConfig, cache: ActivationCache, meta: dict, sae
 
 @hydra.main(config_path="../conf", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> dict:
-    from saescale.ray_local import ensure_ray
+    from saescale.service.ray_local import ensure_ray
 
     try:
         spec, cache, manifest, sae_cfg, out = prepare(cfg)
@@ -142,8 +142,8 @@ def main(cfg: DictConfig) -> dict:
 
     import ray.train
 
-    from saescale.ray_train import checkpoint_url, launch
-    from saescale.shard_checkpoint import export_gathered
+    from saescale.service.ray_train import checkpoint_url, launch
+    from saescale.train.sharded_checkpoint import export_gathered
 
     started = time.time()
     ensure_ray(cfg.ray.address, num_cpus=int(spec.workers * spec.cpus_per_worker) + 2)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from saescale.config import SAEConfig
-from saescale.model import TopKSAE
+from saescale.core.config import SAEConfig
+from saescale.core.model import TopKSAE
 
 
 def perturbed_sae(cfg: SAEConfig, generator: torch.Generator) -> TopKSAE:

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from saescale.cache.builder import CacheConfig, CacheError, build_cache, load_manifest
-from saescale.cache.format import CorruptShardError
-from saescale.cache.reader import ActivationCache
+from saescale.data.builder import CacheConfig, CacheError, build_cache, load_manifest
+from saescale.data.format import CorruptShardError
+from saescale.data.reader import ActivationCache
 from saescale.lm.corpus import CorpusError
 from saescale.lm.hooks import HookError, run_to_hook
 from saescale.lm.models import ModelLoadError, load_causal_lm, resolve_model_dir
@@ -80,7 +80,7 @@ def test_cache_on_s3_round_trip_equals_model(tiny_model_dir, corpus_dir, s3_buck
 
 
 def test_rerun_is_identical_and_resumes(tiny_model_dir, corpus_dir, tmp_path, monkeypatch):
-    from saescale.cache import builder
+    from saescale.data import builder
 
     first = build_cache(tiny_cfg(tiny_model_dir, corpus_dir, str(tmp_path / "a")), progress=lambda s: None)
 
@@ -243,7 +243,7 @@ def test_cache_job_through_ray_job_submit(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_activation_column_round_trip(dtype):
-    from saescale.cache.format import DTYPES, activation_array, activations_from_column
+    from saescale.data.format import DTYPES, activation_array, activations_from_column
 
     x = torch.randn(37, 24).to(DTYPES[dtype])
     back = activations_from_column(activation_array(x), dtype, 24)
@@ -282,7 +282,7 @@ def reference_cache(tiny_model_dir, corpus_dir, tmp_path_factory):
 def killed_build(cfg: CacheConfig, parts: int | None = None):
     """The `_work/` a build killed during pass 1 leaves: its first `parts` parts (default all)
     computed by the real model, no shard assembled. Returns the build's plan."""
-    from saescale.cache.builder import compute_part, make_plan
+    from saescale.data.builder import compute_part, make_plan
 
     lm = load_causal_lm(cfg.model)
     plan = make_plan(cfg, lm.tokenizer)
@@ -314,7 +314,7 @@ def test_resume_skips_published_shards_and_reassembles_damaged_ones(tiny_model_d
                                                                      reference_cache):
     import shutil
 
-    from saescale.cache.builder import publish_shard
+    from saescale.data.builder import publish_shard
 
     out = tmp_path / "pass2"
     cfg = tiny_cfg(tiny_model_dir, corpus_dir, str(out))

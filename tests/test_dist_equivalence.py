@@ -14,14 +14,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from saescale.config import SAEConfig, TrainConfig
-from saescale.dist_train import RankLoop, build_rank_trainer, local_share
-from saescale.mesh import ParallelDims
-from saescale.saved import load_sae
-from saescale.shard_checkpoint import export_gathered, save_rank_shard
-from saescale.model import TopKSAE
-from saescale.synthetic import SparseDictionary
-from saescale.trainer import Trainer
+from saescale.core.config import SAEConfig, TrainConfig
+from saescale.distributed.rank import RankLoop, build_rank_trainer, local_share
+from saescale.distributed.mesh import ParallelDims
+from saescale.formats.saved import load_sae
+from saescale.train.sharded_checkpoint import export_gathered, save_rank_shard
+from saescale.core.model import TopKSAE
+from saescale.core.synthetic import SparseDictionary
+from saescale.train.trainer import Trainer
 
 STEPS, BATCH = 12, 64
 
@@ -106,7 +106,7 @@ def test_parallel_run_matches_single_process(tmp_path, dp, tp):
 
 
 def test_layout_errors_name_the_knob():
-    from saescale.mesh import MeshError
+    from saescale.distributed.mesh import MeshError
 
     with pytest.raises(MeshError, match="multiple of parallel.tp=3"):
         ParallelDims.from_world(4, 3)

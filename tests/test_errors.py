@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from saescale.config import ConfigError, SAEConfig, TrainConfig
-from saescale.model import InputShapeError, NonFiniteInputError, TopKSAE
-from saescale.trainer import Trainer
+from saescale.core.config import ConfigError, SAEConfig, TrainConfig
+from saescale.core.model import InputShapeError, NonFiniteInputError, TopKSAE
+from saescale.train.trainer import Trainer
 
 
 def _trainer():

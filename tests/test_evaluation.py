@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saescale.config import SAEConfig
+from saescale.core.config import SAEConfig
 from saescale.evaluation.downstream import downstream_loss
 from saescale.evaluation.reconstruction import reconstruction_metrics
 from saescale.lm.models import load_causal_lm
-from saescale.model import TopKSAE
+from saescale.core.model import TopKSAE
 
 
 def identity_sae(d: int) -> TopKSAE:

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from saescale.config import SAEConfig
+from saescale.core.config import SAEConfig
 from saescale.evaluation.ablation import ablation_sparsity, effect_sparsity
 from saescale.evaluation.explain import (WILDCARD, Explanation, build_explanation, latent_activation_fn, latent_codes,
                                          score_explanation)
 from saescale.lm.hooks import run_to_hook
 from saescale.lm.models import load_causal_lm
-from saescale.model import TopKSAE
+from saescale.core.model import TopKSAE
 
 A, B, C, PAD, VOCAB = 3, 5, 7, 0, 8
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from saescale.optim import remove_parallel_grad_
+from saescale.train.optim import remove_parallel_grad_
 
 
 def test_remove_parallel_grad_leaves_only_the_orthogonal_part():

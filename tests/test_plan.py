@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from saescale.plan import GiB, PlanError, check_fits, plan_memory
+from saescale.distributed.plan import GiB, PlanError, check_fits, plan_memory
 
 
 def test_gpt4_16m_state_is_2_tib_in_total():

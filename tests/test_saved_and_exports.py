@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from saescale.config import SAEConfig, TrainConfig
-from saescale.export import ExportError, export_saelens, export_sparsify, transformer_lens_hook_name
-from saescale.model import TopKSAE
-from saescale.saved import SavedSAEError, load_sae, save_sae
-from saescale.trainer import Trainer
+from saescale.core.config import SAEConfig, TrainConfig
+from saescale.formats.export import ExportError, export_saelens, export_sparsify, transformer_lens_hook_name
+from saescale.core.model import TopKSAE
+from saescale.formats.saved import SavedSAEError, load_sae, save_sae
+from saescale.train.trainer import Trainer
 
 
 def trained_sae(normalization: str = "dataset_scale", steps: int = 5) -> TopKSAE:
@@ -70,7 +70,8 @@ def test_checkpoints_on_s3_resume(s3_bucket):
 
 def test_half_written_checkpoint_is_never_loaded(tmp_path, monkeypatch):
     """A crash while writing step 4's checkpoint leaves step 2's as the one that loads."""
-    from saescale import checkpoint, storage
+    from saescale import storage
+    from saescale.train import checkpoint
 
     cfg = SAEConfig(d_in=32, n_latents=128, k=8)
     data = [torch.randn(64, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from saescale.scaling import (FitError, fit_joint_law, fit_power_law, fit_tokens_to_convergence, joint_law,
+from saescale.sweeps.scaling import (FitError, fit_joint_law, fit_power_law, fit_tokens_to_convergence, joint_law,
                               tokens_to_convergence,
                               power_law)
 

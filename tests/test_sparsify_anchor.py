@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from saescale.synthetic import SparseDictionary
+from saescale.core.synthetic import SparseDictionary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saescale.config import SAEConfig
-from saescale.dead_latents import DeadLatentTracker
-from saescale.model import TopKSAE
-from saescale.reference import dense_losses
-from saescale.step import SparseTopKStep
+from saescale.core.config import SAEConfig
+from saescale.train.dead_latents import DeadLatentTracker
+from saescale.core.model import TopKSAE
+from saescale.core.reference import dense_losses
+from saescale.train.step import SparseTopKStep
 
 from helpers import perturbed_sae
 

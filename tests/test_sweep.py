@@ -74,7 +74,7 @@ def test_sweep_runs_concurrently_survives_a_failing_run_and_resumes(tmp_path, sm
 
 
 def test_a_run_larger_than_the_cluster_is_refused_before_anything_starts(tmp_path):
-    from saescale.sweep import SweepError, SweepRun, run_sweep
+    from saescale.sweeps.scheduler import SweepError, SweepRun, run_sweep
 
     runs = [SweepRun(num=0, overrides=["parallel.workers=8"], run_name="big", output_dir=str(tmp_path / "big"), cpus=9)]
     # no backend call can happen: the check precedes every submission
@@ -85,7 +85,7 @@ def test_a_run_larger_than_the_cluster_is_refused_before_anything_starts(tmp_pat
 
 def test_finished_runs_are_read_back_and_failed_ones_keep_their_settings(tmp_path):
     from saescale import storage
-    from saescale.sweep import SweepRun, results_rows, run_sweep
+    from saescale.sweeps.scheduler import SweepRun, results_rows, run_sweep
 
     done = SweepRun(num=0, overrides=["sae.n_latents=256", "sae.k=8"], run_name="a", output_dir=str(tmp_path / "a"), cpus=2)
     storage.write_json_atomic(done.result_url, {"n_latents": 256, "k": 8, "heldout_nmse": 0.25, "tokens": 1024})
@@ -98,7 +98,7 @@ def test_finished_runs_are_read_back_and_failed_ones_keep_their_settings(tmp_pat
 
 
 def test_credentials_in_override_urls_never_reach_the_results_table(tmp_path):
-    from saescale.sweep import SweepRun, results_rows
+    from saescale.sweeps.scheduler import SweepRun, results_rows
 
     run = SweepRun(num=0, overrides=["data.cache=s3://AKIAKEY:s3cr3t@bucket/cache", "sae.k=8"], run_name="r",
                    output_dir=str(tmp_path / "r"), cpus=2, status="failed", error="error: boom")
@@ -107,7 +107,7 @@ def test_credentials_in_override_urls_never_reach_the_results_table(tmp_path):
 
 
 def test_bad_launcher_settings_are_clear_errors(tmp_path):
-    from saescale.sweep import SweepError, run_sweep
+    from saescale.sweeps.scheduler import SweepError, run_sweep
 
     with pytest.raises(SweepError, match="max_concurrent must be at least 1"):
         run_sweep([], backend=None, capacity=None, max_concurrent=0)

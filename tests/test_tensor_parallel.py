@@ -13,11 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from saescale.config import SAEConfig
-from saescale.dead_latents import DeadLatentTracker
-from saescale.model import TopKSAE
-from saescale.parallel import TensorParallel
-from saescale.step import SparseTopKStep
+from saescale.core.config import SAEConfig
+from saescale.train.dead_latents import DeadLatentTracker
+from saescale.core.model import TopKSAE
+from saescale.distributed.parallel import TensorParallel
+from saescale.train.step import SparseTopKStep
 
 from helpers import perturbed_sae
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from saescale.saved import load_sae
+from saescale.formats.saved import load_sae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -138,7 +138,7 @@ def test_driver_restart_and_worker_kill_resume_without_losing_or_repeating_rows(
 def load_sae_shard(checkpoint: str, tp_rank: int) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from saescale.shard_checkpoint import shard_name
+    from saescale.train.sharded_checkpoint import shard_name
 
     return load_file(os.path.join(checkpoint, f"{shard_name(tp_rank, 2)}.sae.safetensors"))
 

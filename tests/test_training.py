@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from saescale.config import SAEConfig, TrainConfig
-from saescale.model import TopKSAE
-from saescale.trainer import Trainer
+from saescale.core.config import SAEConfig, TrainConfig
+from saescale.core.model import TopKSAE
+from saescale.train.trainer import Trainer
 
 
 def test_recovers_a_known_sparse_dictionary():
@@ -72,7 +72,7 @@ def test_decoder_rows_stay_unit_norm_and_lr_default(tmp_path):
 
 
 def test_ema_is_bias_corrected():
-    from saescale.optim import WeightEMA
+    from saescale.train.optim import WeightEMA
 
     w = torch.nn.Parameter(torch.tensor([1.0]))
     ema = WeightEMA([w], decay=0.99)
@@ -82,7 +82,7 @@ def test_ema_is_bias_corrected():
 
 
 def test_warmup_and_decay_schedule():
-    from saescale.optim import lr_at
+    from saescale.train.optim import lr_at
 
     cfg = TrainConfig(warmup_steps=10, decay_start_frac=0.5, total_steps=100)
     assert lr_at(0, 1.0, cfg) == pytest.approx(0.1)
@@ -92,7 +92,7 @@ def test_warmup_and_decay_schedule():
 
 
 def test_logs_required_metrics(tmp_path):
-    from saescale.loggers import JsonlLogger
+    from saescale.train.loggers import JsonlLogger
 
     import json
 

@@ -56,8 +56,8 @@ def _bench_dist(args: argparse.Namespace) -> int:
 
 
 def _scaling_fit(args: argparse.Namespace) -> int:
-    from saescale.scaling import FitError
-    from saescale.scaling_report import run
+    from saescale.sweeps.scaling import FitError
+    from saescale.sweeps.report import run
 
     try:
         run(args.results, args.loss, args.out)
@@ -68,7 +68,7 @@ def _scaling_fit(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from saescale.plan import PlanError, check_fits, plan_memory
+    from saescale.distributed.plan import PlanError, check_fits, plan_memory
 
     try:
         plan = plan_memory(args.n_latents, args.d_model, args.k, args.workers, args.tp, args.batch,

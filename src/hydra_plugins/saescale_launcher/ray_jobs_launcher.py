@@ -3,7 +3,7 @@
     python jobs/train.py -m sae.n_latents=2048,4096,8192,16384 sae.k=16,32,64
 
 Each job of the multirun becomes one training run submitted to the Ray cluster's job server
-(`saescale.ray_jobs`), several at once as the cluster's CPUs/GPUs allow (`saescale.sweep`); a
+(`saescale.sweeps.ray_jobs`), several at once as the cluster's CPUs/GPUs allow (`saescale.sweeps.scheduler`); a
 failed run is reported and the others go on; a run that already wrote its result.json is skipped,
 so re-running the sweep resumes it. The sweep directory gets results.parquet/.csv (one row per run:
 settings, status, final metrics, tokens, compute, job times), timeline.png and each run's job log.
@@ -54,7 +54,7 @@ class RayJobsLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def _run_of(self, num: int, overrides: list[str], group: str):
-        from saescale.sweep import SweepRun
+        from saescale.sweeps.scheduler import SweepRun
 
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         overrides = list(overrides)
@@ -68,8 +68,8 @@ class RayJobsLauncher(Launcher):
                         storage_options={"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from saescale.ray_jobs import RayJobsBackend
-        from saescale.sweep import plot_timeline, run_sweep, write_results
+        from saescale.sweeps.ray_jobs import RayJobsBackend
+        from saescale.sweeps.scheduler import plot_timeline, run_sweep, write_results
 
         assert self.config is not None and self.hydra_context is not None
         sweep_dir = _absolute(str(self.config.hydra.sweep.dir))
@@ -106,7 +106,7 @@ class RayJobsLauncher(Launcher):
             return
         import wandb
 
-        from saescale.sweep import results_rows
+        from saescale.sweeps.scheduler import results_rows
 
         rows = results_rows(runs)
         columns = sorted({k for r in rows for k in r})

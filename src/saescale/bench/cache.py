@@ -18,9 +18,9 @@ import pyarrow as pa
 import torch
 
 from saescale import storage
-from saescale.cache.format import activation_array, sha256, table_bytes
-from saescale.cache.manifest import MANIFEST, Manifest, ShardInfo
-from saescale.cache.reader import ActivationCache
+from saescale.data.format import activation_array, sha256, table_bytes
+from saescale.data.manifest import MANIFEST, Manifest, ShardInfo
+from saescale.data.reader import ActivationCache
 
 
 def write_synthetic_cache(url: str, d_model: int, shards: int, rows_per_shard: int,
@@ -94,7 +94,7 @@ def bench_cache(d_model: int = 576, shards: int = 8, rows_per_shard: int = 16384
                 server.stop()
 
         if not skip_writer:
-            from saescale.cache.builder import CacheConfig, build_cache
+            from saescale.data.builder import CacheConfig, build_cache
             from saescale.lm.embedded import EMBEDDED_CORPUS, EMBEDDED_MODEL
             from saescale.lm.models import load_causal_lm
 

@@ -24,7 +24,7 @@ MB = 2**20
 
 
 def _setup(d_in: int, n_latents: int, k: int, batch: int, seed: int = 0):
-    from saescale.config import SAEConfig, TrainConfig
+    from saescale.core.config import SAEConfig, TrainConfig
 
     sae_cfg = SAEConfig(d_in=d_in, n_latents=n_latents, k=k, normalization="none", dead_tokens_threshold=10**12)
     train_cfg = TrainConfig(log_every=10**9, histogram_every=10**9, seed=seed)
@@ -50,8 +50,8 @@ def _time_steps(step, repeats: int, warmup: int, sync=None) -> list[float]:
 
 def single_process_step(d_in: int, n_latents: int, k: int, batch: int, threads: int, repeats: int,
                         warmup: int) -> list[float]:
-    from saescale.model import TopKSAE
-    from saescale.trainer import Trainer
+    from saescale.core.model import TopKSAE
+    from saescale.train.trainer import Trainer
 
     torch.set_num_threads(threads)
     sae_cfg, train_cfg, x = _setup(d_in, n_latents, k, batch)
@@ -65,8 +65,8 @@ def _tp_worker(rank: int, world: int, port: int, spec: dict[str, Any], out: str)
 
     import torch.distributed as dist
 
-    from saescale.dist_train import build_rank_trainer, local_share
-    from saescale.mesh import ParallelDims
+    from saescale.distributed.rank import build_rank_trainer, local_share
+    from saescale.distributed.mesh import ParallelDims
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -128,7 +128,7 @@ def bench_dist(d_in: int = 576, n_latents: int = 16384, k: int = 32, batch: int 
 
 def bench_peak_memory(d_in: int, n_latents: int, k: int, batch: int, tp: int, steps: int = 3) -> dict[str, Any]:
     """Train `steps` steps at tp ranks; per-rank peak RSS against the planner's per-rank total."""
-    from saescale.plan import plan_memory
+    from saescale.distributed.plan import plan_memory
 
     spec = {"d_in": d_in, "n_latents": n_latents, "k": k, "batch": batch, "repeats": steps, "warmup": 0}
     t0 = time.perf_counter()

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from saescale.config import SAEConfig, TrainConfig
-from saescale.model import TopKSAE
-from saescale.synthetic import SparseDictionary
-from saescale.trainer import Trainer
+from saescale.core.config import SAEConfig, TrainConfig
+from saescale.core.model import TopKSAE
+from saescale.core.synthetic import SparseDictionary
+from saescale.train.trainer import Trainer
 
 # the same setting as tests/test_training.py::test_recovers_a_known_sparse_dictionary
 SETTING = dict(d=64, n_atoms=256, active=4, noise=0.01, n_latents=384, k=8, batch=1024, steps=1500, lr=2e-3)

@@ -52,7 +52,7 @@ def bench_step(
     aux_precision: str = "auto",
     timeout: float = 1800,
 ) -> dict[str, Any]:
-    from saescale.config import SAEConfig
+    from saescale.core.config import SAEConfig
 
     SAEConfig(d_in=d_in, n_latents=n_latents, k=k, multi_topk=multi_topk)  # fail fast on bad sizes
     if not 0.0 <= dead_fraction < 1.0:

@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from saescale.config import SAEConfig, TrainConfig
-from saescale.dead_latents import DeadLatentTracker
-from saescale.model import TopKSAE
-from saescale.optim import make_adam, remove_parallel_grad_
-from saescale.reference import dense_losses
-from saescale.step import SparseTopKStep
+from saescale.core.config import SAEConfig, TrainConfig
+from saescale.train.dead_latents import DeadLatentTracker
+from saescale.core.model import TopKSAE
+from saescale.train.optim import make_adam, remove_parallel_grad_
+from saescale.core.reference import dense_losses
+from saescale.train.step import SparseTopKStep
 
 
 def peak_rss_bytes() -> int:

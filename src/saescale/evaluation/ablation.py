@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from saescale.evaluation.downstream import replace_output
 from saescale.lm.hooks import run_to_hook
-from saescale.model import TopKCode, TopKSAE
+from saescale.core.model import TopKCode, TopKSAE
 
 
 @dataclass

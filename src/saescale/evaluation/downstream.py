@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saescale.lm.hooks import hook_module
-from saescale.model import TopKSAE
+from saescale.core.model import TopKSAE
 
 
 @dataclass

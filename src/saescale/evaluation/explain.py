@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from saescale.lm.hooks import run_to_hook
-from saescale.model import TopKSAE
+from saescale.core.model import TopKSAE
 
 ActivationFn = Callable[[Tensor], Tensor]
 WILDCARD = -1

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from saescale.model import TopKSAE
+from saescale.core.model import TopKSAE
 
 
 @dataclass

@@ -16,8 +16,8 @@ import sys
 import time
 from typing import Any
 
-from saescale.ray_local import apply_env_defaults
-from saescale.sweep import SweepError, SweepRun
+from saescale.service.ray_local import apply_env_defaults
+from saescale.sweeps.scheduler import SweepError, SweepRun
 
 # the local folders a remote cluster does not need (uploaded as the jobs' working_dir otherwise)
 WORKING_DIR_EXCLUDES = [".venv", ".git", "runs", "outputs", "multirun", "docs", "**/__pycache__"]

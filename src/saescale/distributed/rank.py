@@ -19,12 +19,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from saescale.config import SAEConfig, TrainConfig
-from saescale.loggers import MetricsLogger, NullLogger
-from saescale.mesh import ParallelDims
-from saescale.model import TopKSAE
-from saescale.parallel import DataParallel, TensorParallel
-from saescale.trainer import Trainer
+from saescale.core.config import SAEConfig, TrainConfig
+from saescale.train.loggers import MetricsLogger, NullLogger
+from saescale.distributed.mesh import ParallelDims
+from saescale.core.model import TopKSAE
+from saescale.distributed.parallel import DataParallel, TensorParallel
+from saescale.train.trainer import Trainer
 
 
 def print0(*args: object) -> None:

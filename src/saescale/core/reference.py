@@ -2,7 +2,7 @@
 against, and the "naive" baseline of `saescale bench step`.
 
 It materialises the dense [batch, n] latents and decodes with a dense matmul, exactly as the
-peer libraries do by default. Same losses as `saescale.step` (see its docstring).
+peer libraries do by default. Same losses as `saescale.train.step` (see its docstring).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saescale.config import SAEConfig
+from saescale.core.config import SAEConfig
 
 
 def dense_losses(

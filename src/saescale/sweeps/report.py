@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from saescale.scaling import Fit, FitError, fit_joint_law, fit_power_law, fit_tokens_to_convergence, joint_law, power_law
+from saescale.sweeps.scaling import Fit, FitError, fit_joint_law, fit_power_law, fit_tokens_to_convergence, joint_law, power_law
 
 
 def read_results(path: str) -> dict[str, np.ndarray]:

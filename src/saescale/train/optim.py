@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from saescale.config import TrainConfig
+from saescale.core.config import TrainConfig
 
 
 def make_adam(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Adam:

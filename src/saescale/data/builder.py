@@ -34,9 +34,9 @@ import torch
 from tqdm.auto import tqdm
 
 from saescale import storage
-from saescale.cache.format import activation_array, activations_from_column, sha256, table_bytes, table_from_bytes
-from saescale.cache.format import DTYPES
-from saescale.cache.manifest import MANIFEST, Manifest, ShardInfo
+from saescale.data.format import activation_array, activations_from_column, sha256, table_bytes, table_from_bytes
+from saescale.data.format import DTYPES
+from saescale.data.manifest import MANIFEST, Manifest, ShardInfo
 from saescale.lm.activations import TokenWindow, token_windows
 from saescale.lm.corpus import CorpusError, iter_documents
 
@@ -227,7 +227,7 @@ def run_parts(cfg: CacheConfig, plan: Plan, todo: list[int], model=None) -> None
     if cfg.use_ray:
         import ray
 
-        from saescale.ray_local import ensure_ray
+        from saescale.service.ray_local import ensure_ray
 
         ensure_ray()
         ds = ray.data.from_items([{"part": p} for p in todo])

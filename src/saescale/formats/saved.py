@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saescale import storage
-from saescale.config import SAEConfig
-from saescale.model import TopKSAE
+from saescale.core.config import SAEConfig
+from saescale.core.model import TopKSAE
 
 FORMAT = "saescale.topk.v1"
 WEIGHTS_FILE = "sae.safetensors"

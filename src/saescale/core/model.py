@@ -2,7 +2,7 @@
 
 Storage layout (chosen so that tensor parallelism slices contiguous rows of every
 latent-indexed tensor): W_enc [n, d], b_enc [n], W_dec [n, d] (row i = decoder direction of
-latent i, unit norm), b_pre [d]. Training runs through `saescale.step` (sparse custom backward);
+latent i, unit norm), b_pre [d]. Training runs through `saescale.train.step` (sparse custom backward);
 this module is what users load for inference and what exports are made from.
 
 The model knows nothing of language models, Ray or storage.
@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from saescale.config import SAEConfig
+from saescale.core.config import SAEConfig
 from saescale.kernels.sparse import sparse_decode
 
 

@@ -1,7 +1,7 @@
 """The training loop. It consumes any iterable of [batch, d_in] activation tensors and knows
-nothing of language models, Ray or storage formats (checkpoints go through `saescale.checkpoint`).
+nothing of language models, Ray or storage formats (checkpoints go through `saescale.train.checkpoint`).
 
-Per step: normalise inputs, sparse forward/backward (`saescale.step`), remove the decoder-parallel
+Per step: normalise inputs, sparse forward/backward (`saescale.train.step`), remove the decoder-parallel
 gradient, optional clipping, Adam, renormalise decoder rows, optional EMA.
 
 Resuming: `restore()` loads the latest checkpoint; the caller then feeds the batches that follow
@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saescale import checkpoint
-from saescale.config import TrainConfig
-from saescale.dead_latents import DeadLatentTracker
-from saescale.loggers import MetricsLogger, NullLogger
-from saescale.model import TopKSAE, check_activations
-from saescale.optim import WeightEMA, lr_at, make_adam, remove_parallel_grad_
-from saescale.parallel import DataParallel, TensorParallel
-from saescale.step import SparseTopKStep
+from saescale.train import checkpoint
+from saescale.core.config import TrainConfig
+from saescale.train.dead_latents import DeadLatentTracker
+from saescale.train.loggers import MetricsLogger, NullLogger
+from saescale.core.model import TopKSAE, check_activations
+from saescale.train.optim import WeightEMA, lr_at, make_adam, remove_parallel_grad_
+from saescale.distributed.parallel import DataParallel, TensorParallel
+from saescale.train.step import SparseTopKStep
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Trainer:
         dp: DataParallel | None = None,
     ) -> None:
         """With `tp`, `sae` is this rank's slice of the latents; with `dp`, each batch passed to
-        `train_step` is this replica's part of the global batch (see `saescale.parallel`)."""
+        `train_step` is this replica's part of the global batch (see `saescale.distributed.parallel`)."""
         self.sae = sae
         self.tp = tp
         self.dp = dp if dp is not None and dp.size > 1 else None

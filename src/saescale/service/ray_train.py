@@ -1,5 +1,5 @@
 """The training service on Ray: cached activation shards streamed by Ray Data into a Ray Train
-`TorchTrainer` whose workers run the (dp x tp) per-rank loop of `saescale.dist_train`.
+`TorchTrainer` whose workers run the (dp x tp) per-rank loop of `saescale.distributed.rank`.
 
 Data: one Ray Dataset, `read_parquet` over the cache's training shards listed once per epoch,
 each epoch in its own seeded shuffled order (one continuous stream: no pipeline restart and
@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from saescale.cache.reader import ActivationCache
-from saescale.config import SAEConfig, TrainConfig
-from saescale.dist_train import RankLoop, build_rank_trainer, print0
-from saescale.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
-from saescale.mesh import ParallelDims
-from saescale.scaling import tokens_to_convergence
-from saescale.shard_checkpoint import META, load_rank_shard, save_rank_shard, shard_name
+from saescale.data.reader import ActivationCache
+from saescale.core.config import SAEConfig, TrainConfig
+from saescale.distributed.rank import RankLoop, build_rank_trainer, print0
+from saescale.train.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
+from saescale.distributed.mesh import ParallelDims
+from saescale.sweeps.scaling import tokens_to_convergence
+from saescale.train.sharded_checkpoint import META, load_rank_shard, save_rank_shard, shard_name
 
 ACT_COLUMN = "act"
 ROW_ID_COLUMNS = ["window", "pos"]
@@ -71,7 +71,7 @@ def make_collate(dtype: str, d_model: int, with_ids: bool):
     cannot read binary columns); with ids, also each row's (window, pos) as one int64."""
     from ray.data.collate_fn import ArrowBatchCollateFn
 
-    from saescale.cache.format import activations_from_column
+    from saescale.data.format import activations_from_column
 
     class ActivationCollate(ArrowBatchCollateFn):
         def __call__(self, batch):  # batch: pyarrow.Table

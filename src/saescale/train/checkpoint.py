@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saescale import storage
-from saescale.saved import load_sae_tensors, save_sae
-from saescale.model import TopKSAE
+from saescale.formats.saved import load_sae_tensors, save_sae
+from saescale.core.model import TopKSAE
 
 LATEST = "latest.json"
 

@@ -26,11 +26,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from saescale import storage
-from saescale.checkpoint import TrainerSnapshot
-from saescale.config import SAEConfig
-from saescale.mesh import ParallelDims
-from saescale.saved import CONFIG_FILE, FORMAT, WEIGHTS_FILE, load_sae_tensors, sae_tensors
-from saescale.trainer import Trainer
+from saescale.train.checkpoint import TrainerSnapshot
+from saescale.core.config import SAEConfig
+from saescale.distributed.mesh import ParallelDims
+from saescale.formats.saved import CONFIG_FILE, FORMAT, WEIGHTS_FILE, load_sae_tensors, sae_tensors
+from saescale.train.trainer import Trainer
 
 META = "meta.json"
 

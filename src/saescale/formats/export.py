@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from saescale.model import TopKSAE
+from saescale.core.model import TopKSAE
 
 
 class ExportError(ValueError):

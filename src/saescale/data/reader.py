@@ -15,9 +15,9 @@ import pyarrow as pa
 import torch
 
 from saescale import storage
-from saescale.cache.builder import load_manifest
-from saescale.cache.format import activations_from_column, table_from_bytes
-from saescale.cache.manifest import Manifest
+from saescale.data.builder import load_manifest
+from saescale.data.format import activations_from_column, table_from_bytes
+from saescale.data.manifest import Manifest
 
 
 class ActivationCache:
@@ -43,7 +43,7 @@ class ActivationCache:
         return activations_from_column(table.column("act"), self.manifest.dtype, self.d_model).to(dtype)
 
     def windows(self) -> pa.Table:
-        from saescale.cache.format import table_from_bytes as _read
+        from saescale.data.format import table_from_bytes as _read
 
         return _read(storage.read_bytes(storage.join(self.url, self.manifest.windows_file), self.storage_options))
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from saescale.parallel import DataParallel, TensorParallel
+from saescale.distributed.parallel import DataParallel, TensorParallel
 
 
 class MeshError(ValueError):

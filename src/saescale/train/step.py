@@ -12,7 +12,7 @@ Losses (all means over batch and d_in):
   multi     = mse_scale * mean((x_hat_4k - x)^2) / 8          Multi-TopK, optional
   auxk      = coef * mean((e_hat - e)^2) / mean((e - mean_b e)^2),  e = x - x_hat detached,
               e_hat = W_dec z_aux (no bias) from the top-k_aux dead latents; NaN -> 0
-The dense reference in `saescale.reference` defines the same losses with autograd.
+The dense reference in `saescale.core.reference` defines the same losses with autograd.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saescale.dead_latents import DeadLatentTracker
+from saescale.train.dead_latents import DeadLatentTracker
 from saescale.kernels import (
     DeadBlock,
     LatentOrder,
@@ -34,8 +34,8 @@ from saescale.kernels import (
     use_dense_block,
     values_grad,
 )
-from saescale.model import TopKSAE
-from saescale.parallel import DataParallel, TensorParallel
+from saescale.core.model import TopKSAE
+from saescale.distributed.parallel import DataParallel, TensorParallel
 
 
 def _mean_sq(t: Tensor) -> Tensor:
