@@ -15,10 +15,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from saescale.core.config import SAEConfig, TrainConfig
-from saescale.distributed.rank import RankLoop, build_rank_trainer, local_share
+from saescale.train.rank_setup import build_rank_trainer, local_share
 from saescale.distributed.mesh import ParallelDims
 from saescale.formats.saved import load_sae
-from saescale.train.sharded_checkpoint import export_gathered, save_rank_shard
+from saescale.train.checkpoint import StorageCheckpointer, export_gathered, step_dir
 from saescale.core.model import TopKSAE
 from saescale.core.synthetic import SparseDictionary
 from saescale.train.trainer import Trainer
@@ -52,16 +52,14 @@ def _worker(rank: int, dp: int, tp: int, port: int, out_dir: str) -> None:
     try:
         sae_cfg, train_cfg = _cfgs()
         dims = ParallelDims(dp=dp, tp=tp)
-        trainer, _, _ = (t := build_rank_trainer(sae_cfg, train_cfg, dims, rank))
+        trainer = build_rank_trainer(sae_cfg, train_cfg, dims, rank)
         trainer.initialize(_data()[0])
-        loop = RankLoop(*t)
-        loop.run((local_share(b, dims, rank) for b in _data()[1]), max_steps=STEPS)
+        summary = trainer.fit((local_share(b, dims, rank) for b in _data()[1]), max_steps=STEPS,
+                              checkpointer=StorageCheckpointer(os.path.join(out_dir, "ckpt")))
         dp_rank, tp_rank = dims.coords(rank)
-        os.makedirs(os.path.join(out_dir, "ckpt"), exist_ok=True)
-        save_rank_shard(os.path.join(out_dir, "ckpt"), trainer, dims, rank, sae_cfg, extra={})
         out = {n: p.detach() for n, p in trainer.sae.named_parameters()}
-        out["losses"] = torch.tensor([h["loss"] for h in loop.history], dtype=torch.float64)
-        out["auxk"] = torch.tensor([h["auxk_loss"] for h in loop.history], dtype=torch.float64)
+        out["losses"] = torch.tensor([h["loss"] for h in summary.history], dtype=torch.float64)
+        out["auxk"] = torch.tensor([h["auxk_loss"] for h in summary.history], dtype=torch.float64)
         out["dead"] = trainer.tracker.tokens_since_fired
         out["tokens"] = torch.tensor([trainer.tokens_seen])
         save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"dp{dp_rank}tp{tp_rank}.safetensors"))
@@ -98,7 +96,7 @@ def test_parallel_run_matches_single_process(tmp_path, dp, tp):
 
     # the per-rank checkpoint, gathered shard by shard into one saved SAE, is the reference's
     # evaluation SAE (its bias-corrected EMA)
-    gathered, _ = load_sae(export_gathered(str(tmp_path / "ckpt"), str(tmp_path / "sae")))
+    gathered, _ = load_sae(export_gathered(str(tmp_path / "ckpt" / step_dir(STEPS)), str(tmp_path / "sae")))
     ema = ref.eval_weights()
     for name in ("W_enc", "b_enc", "W_dec", "b_pre"):
         torch.testing.assert_close(getattr(gathered, name), ema[name], rtol=1e-3, atol=2e-5)

@@ -82,5 +82,5 @@ def test_tokens_to_convergence_of_a_curve_is_where_it_flattens():
     spiky = loss.copy()
     spiky[150] = 0.5
     assert tokens_to_convergence(tokens, spiky, tol=0.05, window=1) == 152000.0
-    with pytest.raises(FitError, match="matching"):
+    with pytest.raises(ValueError, match="matching"):
         tokens_to_convergence(tokens, loss[:-1])

@@ -55,7 +55,7 @@ def single_process_step(d_in: int, n_latents: int, k: int, batch: int, threads: 
 
     torch.set_num_threads(threads)
     sae_cfg, train_cfg, x = _setup(d_in, n_latents, k, batch)
-    trainer = Trainer(TopKSAE(sae_cfg), train_cfg, keep_history=False)
+    trainer = Trainer(TopKSAE(sae_cfg), train_cfg)
     trainer.initialize(x)
     return _time_steps(lambda: trainer.train_step(x), repeats, warmup)
 
@@ -65,7 +65,7 @@ def _tp_worker(rank: int, world: int, port: int, spec: dict[str, Any], out: str)
 
     import torch.distributed as dist
 
-    from saescale.distributed.rank import build_rank_trainer, local_share
+    from saescale.train.rank_setup import build_rank_trainer, local_share
     from saescale.distributed.mesh import ParallelDims
 
     torch.set_num_threads(1)
@@ -73,7 +73,8 @@ def _tp_worker(rank: int, world: int, port: int, spec: dict[str, Any], out: str)
     try:
         sae_cfg, train_cfg, x = _setup(spec["d_in"], spec["n_latents"], spec["k"], spec["batch"])
         dims = ParallelDims(dp=1, tp=world)
-        trainer, tp, _ = build_rank_trainer(sae_cfg, train_cfg, dims, rank)
+        trainer = build_rank_trainer(sae_cfg, train_cfg, dims, rank)
+        tp = trainer.tp
         trainer.initialize(x)
         mine = local_share(x, dims, rank).half()  # as loaded from an fp16 cache
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 Normalization = Literal["none", "dataset_scale", "token_unit_norm"]
@@ -133,7 +133,6 @@ class TrainConfig(_DictConfig):
     log_every: int = 10
     histogram_every: int = 200
     checkpoint_every: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.lr is not None and (not math.isfinite(self.lr) or self.lr <= 0):

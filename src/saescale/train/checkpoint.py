@@ -1,31 +1,61 @@
-"""Training checkpoints on any fsspec URL, written so that a crash leaves the last good one.
+"""The one training-checkpoint format: a folder of per-TP-rank shards, for every run.
 
-Layout under the run's checkpoint root:
-    step_000001000/sae.safetensors + cfg.json      the SAE (a loadable saved SAE)
-    step_000001000/trainer_state.safetensors       Adam moments, dead-latent counters, EMA, RNG
-    step_000001000/trainer_state.json              step, tokens seen, loss constants, configs
-    latest.json                                    {"step": 1000, "dir": "step_000001000"}
+A single-process run is the tp=1 case of the same format, so a checkpoint moves freely between
+the local API and a Ray cluster, and between cluster sizes: loading reshards. Each TP rank of DP
+replica 0 writes its contiguous slice of the latents (no rank ever gathers them); DP replicas
+hold identical copies and write nothing:
 
-Every file is published atomically, and `latest.json` is written last: a checkpoint that was
-being written when the process died is never referenced, and is overwritten on the next try.
-No pickle: tensors are safetensors, everything else JSON.
+    tp00000-of-00002.sae.safetensors     W_enc, b_enc, W_dec rows of this slice; b_pre, input_scale
+    tp00000-of-00002.state.safetensors   its Adam moments, dead-latent counters, EMA, RNG
+    tp00000-of-00002.eval.safetensors    the bias-corrected EMA weights (only when the run keeps one)
+    meta.json                            format, mesh, step, tokens, configs, data position (rank 0)
+
+`meta.json` is written last: a folder without it is not a checkpoint. Where the folders live is
+the caller's business: `StorageCheckpointer` keeps `step_000001000/` folders plus `latest.json`
+(written after the folder is complete) on any fsspec URL; under Ray Train the folder is a local
+temp dir that `ray.train.report` uploads and registers once every rank reported.
+
+Resharding: every latent-indexed tensor is a row slice along dim 0 of the global tensor, so a
+rank at tp=b reads rows [r*n/b, (r+1)*n/b) from the source shards that overlap them (safetensors
+slices: only those rows are read into memory). No pickle anywhere: safetensors and JSON.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from saescale import storage
-from saescale.formats.saved import load_sae_tensors, save_sae
-from saescale.core.model import TopKSAE
+from saescale.core.config import SAEConfig
+from saescale.formats.saved import CONFIG_FILE, FORMAT, WEIGHTS_FILE, load_sae_tensors, sae_tensors
 
+if TYPE_CHECKING:
+    from saescale.train.trainer import Trainer
+
+CHECKPOINT_FORMAT = "saescale.checkpoint.v2"
+META = "meta.json"
 LATEST = "latest.json"
+KEEP_LAST = 2  # checkpoints kept by a StorageCheckpointer (the newest and the one before)
+# Train-config keys that may change between a checkpoint and its resume without changing the
+# result: how often to log, draw histograms and checkpoint, and how long to train.
+RESUMABLE_TRAIN_KEYS = frozenset({"log_every", "histogram_every", "checkpoint_every", "total_steps"})
+
+Fetch = Callable[[str], str]  # file name in a checkpoint folder -> local path holding it
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, of another format, or was written for another configuration."""
 
 
 @dataclass
@@ -36,30 +66,182 @@ class TrainerSnapshot:
     info: dict[str, Any]
 
 
+def shard_name(tp_rank: int, tp: int) -> str:
+    return f"tp{tp_rank:05d}-of-{tp:05d}"
+
+
 def step_dir(step: int) -> str:
     return f"step_{step:09d}"
 
 
-def save_checkpoint(
-    root: str,
-    step: int,
-    sae: TopKSAE,
-    snapshot: TrainerSnapshot,
-    storage_options: dict[str, Any] | None = None,
-    keep_last: int | None = 2,
-) -> str:
-    url = storage.join(root, step_dir(step))
-    save_sae(sae, url, metadata={"step": step}, storage_options=storage_options)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in snapshot.tensors.items()}
-    storage.write_file_atomic(
-        storage.join(url, "trainer_state.safetensors"), lambda p: save_file(tensors, p), storage_options
-    )
-    storage.write_json_atomic(storage.join(url, "trainer_state.json"), snapshot.info, storage_options)
-    previous = latest_step(root, storage_options)
-    storage.write_json_atomic(storage.join(root, LATEST), {"step": step, "dir": step_dir(step)}, storage_options)
-    if keep_last is not None:
-        _prune(root, keep_last, storage_options, protect={step, previous} - {None})
-    return url
+def is_latent_sharded(name: str) -> bool:
+    """Whether a checkpoint tensor is indexed by latent along dim 0 (else replicated).
+    Parameter ids follow `Trainer.params`: 0 W_enc, 1 b_enc, 2 W_dec (sharded), 3 b_pre."""
+    if name in ("W_enc", "b_enc", "W_dec", "dead.tokens_since_fired"):
+        return True
+    if name.startswith("adam."):
+        _, pid, key = name.split(".", 2)
+        return int(pid) < 3 and key != "step"
+    if name.startswith("ema."):
+        return int(name.split(".", 1)[1]) < 3
+    return False
+
+
+def _coords(trainer: Trainer) -> tuple[int, int, int, int]:
+    """(dp_rank, dp, tp_rank, tp) of this trainer's rank."""
+    tp_rank, tp = (trainer.tp.rank, trainer.tp.size) if trainer.tp is not None else (0, 1)
+    dp_rank, dp = (trainer.dp.rank, trainer.dp.size) if trainer.dp is not None else (0, 1)
+    return dp_rank, dp, tp_rank, tp
+
+
+def _is_rank0(trainer: Trainer) -> bool:
+    dp_rank, _, tp_rank, _ = _coords(trainer)
+    return dp_rank == 0 and tp_rank == 0
+
+
+# ------------------------------------------------------------------------------------ write
+def write_rank_files(folder: str, trainer: Trainer, storage_options: dict[str, Any] | None = None) -> None:
+    """Write this rank's shard files into the checkpoint folder at `folder` (any URL or local
+    path). Only DP replica 0 writes: the other replicas hold the same weights."""
+    dp_rank, _, tp_rank, tp = _coords(trainer)
+    if dp_rank != 0:
+        return
+    base = storage.join(folder, shard_name(tp_rank, tp))
+    snap = trainer.snapshot()
+    files = {".sae.safetensors": sae_tensors(trainer.sae),
+             ".state.safetensors": {k: v.detach().contiguous().cpu() for k, v in snap.tensors.items()}}
+    if trainer.ema is not None:  # the weights to export: bias-corrected EMA (all per-row ops)
+        files[".eval.safetensors"] = sae_tensors(trainer.sae, trainer.eval_weights())
+    for suffix, tensors in files.items():
+        storage.write_file_atomic(base + suffix, lambda p, t=tensors: save_file(t, p), storage_options)
+
+
+def write_meta(folder: str, trainer: Trainer, extra: dict[str, Any] | None = None,
+               storage_options: dict[str, Any] | None = None) -> None:
+    """Write meta.json (global rank 0 only), after every rank's files: it completes the folder."""
+    if not _is_rank0(trainer):
+        return
+    _, dp, _, tp = _coords(trainer)
+    meta = {"format": CHECKPOINT_FORMAT, "dp": dp, "tp": tp, "sae_cfg_global": trainer.global_sae_cfg.to_dict(),
+            "trainer": trainer.snapshot_info(), **(extra or {})}
+    storage.write_json_atomic(storage.join(folder, META), meta, storage_options)
+
+
+# ------------------------------------------------------------------------------------- read
+def read_meta(fetch: Fetch) -> dict[str, Any]:
+    try:
+        path = fetch(META)
+    except (FileNotFoundError, storage.StorageError) as exc:
+        raise CheckpointError(f"no {META}: not a complete saescale checkpoint ({exc})") from exc
+    with open(path) as handle:
+        meta = json.load(handle)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}: "
+                              "it was written by another saescale version; start a new run")
+    return meta
+
+
+def read_rows(fetch: Fetch, kind: str, src_tp: int, n_global: int, lo: int, hi: int) -> dict[str, torch.Tensor]:
+    """Rows [lo, hi) of every latent-indexed tensor of one file kind ("sae", "state", "eval"),
+    read from the source shards that overlap them; replicated tensors from the first of those."""
+    per_src = n_global // src_tp
+    first, last = lo // per_src, (hi - 1) // per_src
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for j in range(first, last + 1):
+        start, stop = max(lo, j * per_src) - j * per_src, min(hi, (j + 1) * per_src) - j * per_src
+        with safe_open(fetch(f"{shard_name(j, src_tp)}.{kind}.safetensors"), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                if is_latent_sharded(key):
+                    pieces.setdefault(key, []).append(handle.get_slice(key)[start:stop])
+                elif j == first:
+                    pieces[key] = [handle.get_tensor(key)]
+    return {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in pieces.items()}
+
+
+def check_resumable(meta: dict[str, Any], trainer: Trainer) -> None:
+    """Refuse a checkpoint written under another SAE or training config (e.g. another lr in a
+    sweep): continuing it would mix two runs. Logging and checkpoint intervals may change."""
+    ours = trainer.global_sae_cfg.to_dict()
+    theirs = meta["sae_cfg_global"]
+    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    saved_train = meta["trainer"]["train_cfg"]
+    ours_train = trainer.cfg.to_dict()
+    diff += sorted(f"train.{k}" for k in set(ours_train) | set(saved_train)
+                   if k not in RESUMABLE_TRAIN_KEYS and ours_train.get(k) != saved_train.get(k))
+    if diff:
+        raise CheckpointError(f"the checkpoint was written under another config (differs in {', '.join(diff)}); "
+                              "resume with the same settings or start a new run (another run name / output dir)")
+
+
+def load_rank_shard(fetch: Fetch, trainer: Trainer) -> dict[str, Any]:
+    """Load this rank's slice (weights, Adam, counters, EMA, RNG) into `trainer`, resharding from
+    whatever tp the checkpoint was written at; returns its meta."""
+    meta = read_meta(fetch)
+    check_resumable(meta, trainer)
+    _, _, tp_rank, tp = _coords(trainer)
+    n = trainer.n_global
+    lo, hi = tp_rank * n // tp, (tp_rank + 1) * n // tp
+    load_sae_tensors(trainer.sae, read_rows(fetch, "sae", meta["tp"], n, lo, hi))
+    state = read_rows(fetch, "state", meta["tp"], n, lo, hi)
+    trainer.load_snapshot(TrainerSnapshot(tensors=state, info=meta["trainer"]))
+    return meta
+
+
+def url_fetcher(folder: str, local_dir: str, storage_options: dict[str, Any] | None = None) -> Fetch:
+    """A Fetch for a checkpoint folder at any URL: local files are used in place, remote ones
+    are downloaded into `local_dir` once."""
+
+    def fetch(name: str) -> str:
+        return storage.local_copy(storage.join(folder, name), os.path.join(local_dir, name), storage_options)
+
+    return fetch
+
+
+# -------------------------------------------------------------- checkpoints on any fsspec URL
+class StorageCheckpointer:
+    """Checkpoints of one run under `root` (local path or URL): `step_<n>/` folders plus
+    `latest.json`, written only once the folder is complete, so a crash mid-save leaves the
+    previous checkpoint as the latest. Works for one process and for a (dp x tp) group."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None, keep_last: int | None = KEEP_LAST,
+                 extra: Callable[[Trainer], dict[str, Any]] | None = None) -> None:
+        self.root, self.storage_options, self.keep_last, self.extra = root, storage_options, keep_last, extra
+
+    def save(self, trainer: Trainer, final: bool = False) -> str:
+        folder = storage.join(self.root, step_dir(trainer.step))
+        write_rank_files(folder, trainer, self.storage_options)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # every rank's files exist before rank 0 completes the folder
+        write_meta(folder, trainer, self.extra(trainer) if self.extra else None, self.storage_options)
+        if _is_rank0(trainer):
+            previous = latest_step(self.root, self.storage_options)
+            storage.write_json_atomic(storage.join(self.root, LATEST), {"step": trainer.step,
+                                      "dir": step_dir(trainer.step)}, self.storage_options)
+            if self.keep_last is not None:
+                self._prune(protect={trainer.step, previous} - {None})
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # nobody moves on (or exits) before the checkpoint is registered
+        return folder
+
+    def restore(self, trainer: Trainer, step: int | None = None) -> int:
+        """Load the latest (or a given) checkpoint into `trainer`; returns its step (0 if none)."""
+        step = latest_step(self.root, self.storage_options) if step is None else step
+        if step is None:
+            return 0
+        with tempfile.TemporaryDirectory(prefix="saescale-resume-") as tmp:
+            load_rank_shard(url_fetcher(storage.join(self.root, step_dir(step)), tmp, self.storage_options), trainer)
+        return trainer.step
+
+    def _prune(self, protect: set[int]) -> None:
+        fs, path = storage.url_to_fs(self.root, self.storage_options)
+        try:
+            entries = [os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            return
+        steps = sorted(int(e[5:]) for e in entries if e.startswith("step_") and e[5:].isdigit())
+        for s in steps[: -self.keep_last] if self.keep_last else steps:
+            if s not in protect:
+                storage.remove_tree(storage.join(self.root, step_dir(s)), self.storage_options)
 
 
 def latest_step(root: str, storage_options: dict[str, Any] | None = None) -> int | None:
@@ -69,36 +251,56 @@ def latest_step(root: str, storage_options: dict[str, Any] | None = None) -> int
     return int(storage.read_json(url, storage_options)["step"])
 
 
-def load_checkpoint(
-    root: str, sae: TopKSAE, step: int | None = None, storage_options: dict[str, Any] | None = None
-) -> TrainerSnapshot | None:
-    """Load the latest (or a given) checkpoint's weights into `sae`; None if there is none."""
-    if step is None:
-        step = latest_step(root, storage_options)
-        if step is None:
-            return None
-    url = storage.join(root, step_dir(step))
-    with tempfile.TemporaryDirectory(prefix="saescale-ckpt-") as tmp:
-        weights = load_file(
-            storage.local_copy(storage.join(url, "sae.safetensors"), os.path.join(tmp, "sae.safetensors"), storage_options)
-        )
-        state = load_file(
-            storage.local_copy(
-                storage.join(url, "trainer_state.safetensors"), os.path.join(tmp, "state.safetensors"), storage_options
-            )
-        )
-    load_sae_tensors(sae, weights)
-    info = storage.read_json(storage.join(url, "trainer_state.json"), storage_options)
-    return TrainerSnapshot(tensors=state, info=info)
+# ------------------------------------------------------------------------------ export
+def _header(entries: list[tuple[str, str, list[int]]], metadata: dict[str, str]) -> bytes:
+    """A safetensors header for tensors laid out back to back in `entries` order."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in entries:
+        size = 4 * max(1, _numel(shape))  # every tensor here is F32
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw
 
 
-def _prune(root: str, keep_last: int, storage_options: dict[str, Any] | None, protect: set[int]) -> None:
-    fs, path = storage.url_to_fs(root, storage_options)
-    try:
-        entries = [os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
-    except FileNotFoundError:
-        return
-    steps = sorted(int(e[5:]) for e in entries if e.startswith("step_") and e[5:].isdigit())
-    for s in steps[:-keep_last] if keep_last > 0 else steps:
-        if s not in protect:
-            storage.remove_tree(storage.join(root, step_dir(s)), storage_options)
+def _numel(shape: list[int]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out if shape else 1
+
+
+def export_gathered(
+    checkpoint_url: str, out_url: str, metadata: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Write the full SAE (a folder `load_sae` reads) from a checkpoint folder, one tensor of
+    one shard in memory at a time: the safetensors file is streamed shard by shard in rank
+    order, which is exactly the full matrices' row order. Remote shards are fetched once per
+    large tensor, so local disk holds the output plus one shard, never the whole checkpoint."""
+    meta = json.loads(storage.read_bytes(storage.join(checkpoint_url, META), storage_options))
+    cfg = SAEConfig.from_dict(meta["sae_cfg_global"])
+    tp, n, d = meta["tp"], cfg.n_latents, cfg.d_in
+    kind = "eval" if storage.exists(storage.join(checkpoint_url, f"{shard_name(0, tp)}.eval.safetensors"),
+                                    storage_options) else "sae"  # the EMA weights when the run kept them
+    entries = [("W_enc", "F32", [n, d]), ("b_enc", "F32", [n]), ("W_dec", "F32", [n, d]),
+               ("b_pre", "F32", [d]), ("input_scale", "F32", [])]
+    with tempfile.TemporaryDirectory(prefix="saescale-export-") as tmp:
+        out_path = os.path.join(tmp, WEIGHTS_FILE)
+        with open(out_path, "wb") as out:
+            out.write(_header(entries, {"format": FORMAT}))
+            for name, _, _ in entries:
+                for rank in range(tp if is_latent_sharded(name) else 1):
+                    # one shard file on local disk and one of its tensors in memory at a time
+                    url = storage.join(checkpoint_url, f"{shard_name(rank, tp)}.{kind}.safetensors")
+                    path = storage.local_copy(url, os.path.join(tmp, "shard.safetensors"), storage_options)
+                    with safe_open(path, framework="pt") as handle:
+                        out.write(handle.get_tensor(name).contiguous().float().numpy().tobytes())
+                    if path.startswith(tmp):
+                        os.remove(path)
+        storage.write_file_atomic(storage.join(out_url, WEIGHTS_FILE), lambda p: shutil.move(out_path, p), storage_options)
+    body = {"format": FORMAT, "sae": cfg.to_dict(), "metadata": metadata or {}}
+    storage.write_json_atomic(storage.join(out_url, CONFIG_FILE), body, storage_options)
+    return out_url

@@ -43,12 +43,6 @@ def remove_parallel_grad_(w_dec: Tensor, grad: Tensor) -> None:
         g.addcmul_(w, dots, value=-1.0)
 
 
-@torch.no_grad()
-def grad_norm(params: list[Tensor]) -> Tensor:
-    norms = torch._foreach_norm([p.grad for p in params if p.grad is not None])
-    return torch.linalg.vector_norm(torch.stack(norms))
-
-
 class WeightEMA:
     """Exponential moving average of the weights, bias-corrected like Adam's moments.
 

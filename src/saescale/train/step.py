@@ -111,9 +111,6 @@ class SparseTopKStep:
             self._pre = torch.empty(batch, n, device=self.sae.W_enc.device)
         return self._pre
 
-    def release_buffers(self) -> None:
-        self._pre = None
-
     @torch.no_grad()
     def __call__(self, x: Tensor, compute_fvu: bool = True) -> StepStats:
         """One step on normalised inputs x [batch, d]; `compute_fvu=False` skips the per-batch

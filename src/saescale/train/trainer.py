@@ -1,8 +1,18 @@
-"""The training loop. It consumes any iterable of [batch, d_in] activation tensors and knows
-nothing of language models, Ray or storage formats (checkpoints go through `saescale.train.checkpoint`).
+"""The one training loop, for a single process and for every rank of a (dp x tp) run.
 
-Per step: normalise inputs, sparse forward/backward (`saescale.train.step`), remove the decoder-parallel
-gradient, optional clipping, Adam, renormalise decoder rows, optional EMA.
+It consumes any iterable of [batch, d_in] activation tensors (this rank's share of each global
+batch) and knows nothing of language models, Ray or storage formats. What differs between a
+local run and a Ray Train worker is passed in as small objects: where checkpoints go (a
+`Checkpointer`: `train.checkpoint.StorageCheckpointer` on any URL, or the service's
+`ray.train.report` one), where metrics go (a `MetricsLogger`), and how batches arrive (the
+iterable). Interval logic (log, histogram, checkpoint) lives only in `Trainer.fit`.
+
+Per step: all ranks agree that each has a good batch (one tiny all-reduce: a rank whose stream
+ended, or whose batch is malformed, stops every rank at the same step with its own error instead
+of leaving peers blocked in a collective); the TP group all-gathers its shares; then normalise,
+sparse forward/backward (`train.step`), agree that every replica's loss is finite, average
+gradients over replicas, remove the decoder-parallel gradient, optional clipping, Adam,
+renormalise decoder rows, optional EMA.
 
 Resuming: `restore()` loads the latest checkpoint; the caller then feeds the batches that follow
 the `step` it returns (e.g. `itertools.islice(batches, trainer.step, None)` for a replayable
@@ -11,22 +21,67 @@ source): a resumed run then reproduces the uninterrupted one to float tolerance.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from saescale.train import checkpoint
-from saescale.core.config import TrainConfig
+from saescale.console import print0
+from saescale.core.config import SAEConfig, TrainConfig
+from saescale.core.model import TopKSAE, check_activations
+from saescale.distributed.parallel import DataParallel, TensorParallel
+from saescale.train.checkpoint import StorageCheckpointer, TrainerSnapshot
 from saescale.train.dead_latents import DeadLatentTracker
 from saescale.train.loggers import MetricsLogger, NullLogger
-from saescale.core.model import TopKSAE, check_activations
 from saescale.train.optim import WeightEMA, lr_at, make_adam, remove_parallel_grad_
-from saescale.distributed.parallel import DataParallel, TensorParallel
 from saescale.train.step import SparseTopKStep
+
+EPS = 1e-9  # guards divisions by elapsed times and counts
+
+
+class Checkpointer(Protocol):
+    """Where a run's checkpoints go; `final` marks the save at the end of `fit`."""
+
+    def save(self, trainer: "Trainer", final: bool = False) -> Any: ...
+
+
+class RankError(ValueError):
+    """A rank of a distributed run saw a bad batch or a non-finite loss; every rank raises this
+    with that rank's message, so the run stops together instead of hanging in a collective."""
+
+
+@dataclass
+class StepTimes:
+    """Where a window of steps spent its time, summed over the window (seconds)."""
+
+    data_wait: float = 0.0  # waiting for the next batch, excluding the pipeline's start-up
+    startup_wait: float = 0.0  # waiting for the first batch of this attempt (the pipeline starting)
+    compute: float = 0.0
+    comm: float = 0.0
+    comm_bytes: int = 0
+    steps: int = 0
+    tokens: int = 0
+
+    def add(self, other: "StepTimes") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_metrics(self, wall: float) -> dict[str, float]:
+        steps = max(self.steps, 1)
+        return {
+            "tokens_per_s": self.tokens / max(wall, EPS),
+            "time/data_wait_s": self.data_wait / steps,
+            "time/startup_wait_s": self.startup_wait,
+            "time/compute_s": self.compute / steps,
+            "time/comm_s": self.comm / steps,
+            "data_wait_frac": self.data_wait / max(wall - self.startup_wait, EPS),
+            "comm_bytes_per_step": self.comm_bytes / steps,
+        }
 
 
 @dataclass
@@ -35,6 +90,7 @@ class TrainSummary:
     tokens: int
     final: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    totals: StepTimes = field(default_factory=StepTimes)  # this attempt's whole time split
 
 
 class Trainer:
@@ -45,21 +101,22 @@ class Trainer:
         logger: MetricsLogger | None = None,
         checkpoint_url: str | None = None,
         storage_options: dict[str, Any] | None = None,
-        keep_history: bool = True,
         tp: TensorParallel | None = None,
         dp: DataParallel | None = None,
+        global_sae_cfg: SAEConfig | None = None,
     ) -> None:
-        """With `tp`, `sae` is this rank's slice of the latents; with `dp`, each batch passed to
-        `train_step` is this replica's part of the global batch (see `saescale.distributed.parallel`)."""
+        """With `tp`, `sae` is this rank's slice of the latents (`global_sae_cfg` describes the
+        whole SAE); with `dp`, each batch is this replica's part of the global batch (see
+        `distributed.parallel`). `checkpoint_url` gives `fit` and `restore` a default
+        `StorageCheckpointer` there."""
         self.sae = sae
         self.tp = tp
         self.dp = dp if dp is not None and dp.size > 1 else None
-        self.n_global = tp.n_global if tp is not None else sae.cfg.n_latents
+        self.global_sae_cfg = global_sae_cfg or sae.cfg
+        self.n_global = self.global_sae_cfg.n_latents
         self.cfg = cfg
         self.logger = logger or NullLogger()
-        self.checkpoint_url = checkpoint_url
-        self.storage_options = storage_options
-        self.keep_history = keep_history
+        self.checkpointer = StorageCheckpointer(checkpoint_url, storage_options) if checkpoint_url else None
         self.device = sae.W_enc.device
         self.params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre]
         self.base_lr = cfg.resolved_lr(self.n_global)
@@ -69,6 +126,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.mse_scale: float | None = None
+        self.summary = TrainSummary(steps=0, tokens=0)
         self._step_fn: SparseTopKStep | None = None
         self._fire_counts = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=self.device)
         self._window_tokens = 0
@@ -93,22 +151,59 @@ class Trainer:
         assert self.mse_scale is not None
         self._step_fn = SparseTopKStep(self.sae, self.mse_scale, self.tracker, tp=self.tp, dp=self.dp)
 
+    # ---------------------------------------------------------- agreement
+    def _distributed(self) -> bool:
+        return dist.is_initialized() and dist.get_world_size() > 1
+
+    def _agree(self, has_batch: bool, error: Exception | None) -> bool:
+        """Whether every rank has a batch; raises `RankError` on every rank when any rank
+        reports an error (one all-reduce of two ints; the message is broadcast only then).
+        In a single process the error itself is raised."""
+        if not self._distributed():
+            if error is not None:
+                raise error
+            return has_batch
+        rank = dist.get_rank()
+        # on the trainer's device: under NCCL (GPUs) the default group rejects CPU tensors
+        flags = torch.tensor([0 if has_batch else 1, rank + 1 if error is not None else 0],
+                             dtype=torch.int64, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        missing, bad = (int(v) for v in flags.tolist())
+        if bad:
+            message = [str(error)]
+            dist.broadcast_object_list(message, src=bad - 1, device=self.device)
+            raise RankError(f"rank {bad - 1}: {message[0]}")
+        return missing == 0
+
+    def _batch_error(self, batch: Tensor | None) -> Exception | None:
+        if batch is None:
+            return None
+        try:
+            check_activations(batch, self.sae.cfg.d_in, name=f"batch at step {self.step}")
+        except ValueError as exc:
+            return exc
+        return None
+
     # ------------------------------------------------------------- training
     def train_step(self, batch: Tensor) -> dict[str, float] | None:
-        """One optimiser step; returns logged metrics on logging steps, else None."""
+        """One optimiser step on this replica's (TP-gathered) batch; returns logged metrics on
+        logging steps, else None. Raises on every rank if any replica's loss is not finite."""
         if self._step_fn is None:
             self.initialize(batch)
         assert self._step_fn is not None
         x = batch.to(self.device, torch.float32, non_blocking=True)
         check_activations(x, self.sae.cfg.d_in, name=f"batch at step {self.step}")
-        t0 = time.perf_counter()
         x_normed, _ = self.sae.normalize(x)
         logging_now = (self.step + 1) % self.cfg.log_every == 0
         stats = self._step_fn(x_normed, compute_fvu=logging_now)
+        error = None
         if not torch.isfinite(stats.loss):
-            raise FloatingPointError(
-                f"loss became {stats.loss.item()} at step {self.step}; lower train.lr or enable train.clip_grad_norm"
-            )
+            error = FloatingPointError(f"loss became {stats.loss.item()} at step {self.step}; lower train.lr or "
+                                       "enable train.clip_grad_norm")
+        if self.dp is not None:  # TP ranks share one loss; replicas must agree before averaging
+            self._agree(True, error)
+        elif error is not None:
+            raise error
         if self.dp is not None:
             self.dp.average_grads_(self.params)
         remove_parallel_grad_(self.sae.W_dec, self.sae.W_dec.grad)
@@ -130,7 +225,6 @@ class Trainer:
         self.tokens_seen += batch_tokens * (self.dp.size if self.dp is not None else 1)
         self._fire_counts += torch.bincount(stats.fired, minlength=self.sae.cfg.n_latents)
         self._window_tokens += batch_tokens
-        self._step_seconds = time.perf_counter() - t0
         if not logging_now:
             return None
         replica = torch.stack([stats.loss, stats.mse_loss, stats.fvu, stats.auxk_loss, stats.l0,
@@ -163,36 +257,68 @@ class Trainer:
             self.tp.all_reduce_(sq)
         return (sq[0] + self.sae.b_pre.grad.double().pow(2).sum()).sqrt().float()
 
-    def fit(self, batches: Iterable[Tensor], max_steps: int | None = None) -> TrainSummary:
-        """Train until `batches` is exhausted or `max_steps` (total, counting restored steps)."""
-        summary = TrainSummary(steps=self.step, tokens=self.tokens_seen)
-        window_start, window_tokens, data_wait = time.perf_counter(), 0, 0.0
+    def _comm(self) -> tuple[float, int]:
+        handles = [h for h in (self.tp, self.dp) if h is not None]
+        return sum(h.stats.seconds for h in handles), sum(h.stats.bytes_sent for h in handles)
+
+    def fit(
+        self,
+        batches: Iterable[Tensor],
+        max_steps: int | None = None,
+        checkpointer: Checkpointer | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> TrainSummary:
+        """Train on this rank's batches until they end (on any rank) or `max_steps` (total,
+        counting restored steps). Logs every `log_every` steps (with the data-wait / compute /
+        communication split), draws the latent-density histogram every `histogram_every`,
+        checkpoints every `checkpoint_every`. A `checkpointer` passed here also gets a final save
+        (`final=True`, which the Ray service uses for its last report); the trainer's own
+        (`checkpoint_url`) saves at the end only when `checkpoint_every` is set.
+        `on_step(step)` runs after each step (the service's fault-injection hook)."""
+        explicit = checkpointer is not None
+        checkpointer = checkpointer or self.checkpointer
+        summary = self.summary = TrainSummary(steps=self.step, tokens=self.tokens_seen)
         iterator = iter(batches)
+        window, window_start = StepTimes(), time.perf_counter()
+        last_saved = None
         try:
             while max_steps is None or self.step < max_steps:
-                t_wait = time.perf_counter()
-                try:
-                    batch = next(iterator)
-                except StopIteration:
+                t0 = time.perf_counter()
+                batch = next(iterator, None)
+                t1 = time.perf_counter()
+                if not self._agree(batch is not None, self._batch_error(batch)):
+                    if self._distributed():
+                        print0(f"data ended at step {self.step}; stopping every rank there")
                     break
-                data_wait += time.perf_counter() - t_wait
-                metrics = self.train_step(batch)
-                window_tokens += batch.shape[0]
+                comm0, bytes0 = self._comm()
+                x = self.tp.all_gather_rows(batch) if self.tp is not None else batch
+                metrics = self.train_step(x)
+                t2 = time.perf_counter()
+                comm1, bytes1 = self._comm()
+                first = summary.totals.steps == 0
+                one = StepTimes(data_wait=0.0 if first else t1 - t0, startup_wait=t1 - t0 if first else 0.0,
+                                compute=(t2 - t1) - (comm1 - comm0), comm=comm1 - comm0, comm_bytes=bytes1 - bytes0,
+                                steps=1, tokens=x.shape[0] * (self.dp.size if self.dp is not None else 1))
+                window.add(one)
+                summary.totals.add(one)
                 if metrics is not None:
-                    elapsed = time.perf_counter() - window_start
-                    metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
-                    metrics["data_wait_frac"] = data_wait / max(elapsed, 1e-9)
+                    metrics.update(window.as_metrics(time.perf_counter() - window_start))
                     self.logger.log(metrics, self.step)
                     summary.final = metrics
-                    if self.keep_history:
-                        summary.history.append({"step": float(self.step), **metrics})
-                    window_start, window_tokens, data_wait = time.perf_counter(), 0, 0.0
+                    summary.history.append({"step": float(self.step), **metrics})
+                    window, window_start = StepTimes(), time.perf_counter()
                 if self.step % self.cfg.histogram_every == 0:
                     self._log_density_histogram()
-                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
+                if on_step is not None:
+                    on_step(self.step)
+                if checkpointer is not None and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
+                        and (max_steps is None or self.step < max_steps):
+                    checkpointer.save(self)
+                    last_saved = self.step
         finally:
             summary.steps, summary.tokens = self.step, self.tokens_seen
+        if checkpointer is not None and (explicit or (self.cfg.checkpoint_every and last_saved != self.step)):
+            checkpointer.save(self, final=True)
         return summary
 
     def _log_density_histogram(self) -> None:
@@ -217,47 +343,43 @@ class Trainer:
         return dict(zip(names, averaged))
 
     # ----------------------------------------------------------- checkpoints
-    def snapshot(self) -> checkpoint.TrainerSnapshot:
-        opt_state = self.optimizer.state_dict()
-        tensors: dict[str, Tensor] = {"dead.tokens_since_fired": self.tracker.tokens_since_fired}
-        for pid, st in opt_state["state"].items():
-            for key, value in st.items():
-                tensors[f"adam.{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-        if self.ema is not None:
-            tensors.update(self.ema.state_dict())
-        tensors["rng.cpu"] = torch.get_rng_state()
-        info = {
+    def snapshot_info(self) -> dict[str, Any]:
+        """The JSON part of a checkpoint: counters, loss constant, configs, Adam's settings."""
+        return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "mse_scale": self.mse_scale,
             "ema_steps": self.ema.steps if self.ema is not None else 0,
             "train_cfg": self.cfg.to_dict(),
-            "sae_cfg": self.sae.cfg.to_dict(),
-            "adam_param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]],
+            "sae_cfg": self.global_sae_cfg.to_dict(),
+            "adam_param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                  for g in self.optimizer.state_dict()["param_groups"]],
         }
-        return checkpoint.TrainerSnapshot(tensors=tensors, info=info)
+
+    def snapshot(self) -> TrainerSnapshot:
+        tensors: dict[str, Tensor] = {"dead.tokens_since_fired": self.tracker.tokens_since_fired}
+        for pid, st in self.optimizer.state_dict()["state"].items():
+            for key, value in st.items():
+                tensors[f"adam.{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        if self.ema is not None:
+            tensors.update(self.ema.state_dict())
+        tensors["rng.cpu"] = torch.get_rng_state()
+        return TrainerSnapshot(tensors=tensors, info=self.snapshot_info())
 
     def save_checkpoint(self) -> str:
-        if not self.checkpoint_url:
+        if self.checkpointer is None:
             raise ValueError("no checkpoint_url configured")
-        return checkpoint.save_checkpoint(
-            self.checkpoint_url, self.step, self.sae, self.snapshot(), storage_options=self.storage_options
-        )
+        return self.checkpointer.save(self)
 
     def restore(self, step: int | None = None) -> int:
         """Load the latest checkpoint (if any); returns the step to continue from (0 if none)."""
-        if not self.checkpoint_url:
+        if self.checkpointer is None:
             return 0
-        snap = checkpoint.load_checkpoint(self.checkpoint_url, self.sae, step, self.storage_options)
-        if snap is None:
-            return 0
-        return self.load_snapshot(snap)
+        return self.checkpointer.restore(self, step)
 
-    def load_snapshot(self, snap: checkpoint.TrainerSnapshot) -> int:
+    def load_snapshot(self, snap: TrainerSnapshot) -> int:
         """Restore everything but the weights (already loaded into `self.sae`) from a snapshot."""
         info, tensors = snap.info, snap.tensors
-        if info["sae_cfg"] != self.sae.cfg.to_dict():
-            raise ValueError("checkpoint was written for a different SAE config; use a new run name")
         self.step, self.tokens_seen = int(info["step"]), int(info["tokens_seen"])
         self.mse_scale = float(info["mse_scale"])
         self.tracker.load_state_dict({"tokens_since_fired": tensors["dead.tokens_since_fired"]})
