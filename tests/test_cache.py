@@ -169,10 +169,12 @@ def test_unreachable_s3_and_missing_credentials(tiny_model_dir, corpus_dir, s3_b
 def test_ray_actor_pool_gives_the_same_shards(tiny_model_dir, corpus_dir, tmp_path):
     import ray
 
+    from saescale.service.cache_actors import ray_part_runner
+
     local = build_cache(tiny_cfg(tiny_model_dir, corpus_dir, str(tmp_path / "local")), progress=lambda s: None)
     try:
         via_ray = build_cache(tiny_cfg(tiny_model_dir, corpus_dir, str(tmp_path / "ray"), use_ray=True),
-                              progress=lambda s: None)
+                              progress=lambda s: None, part_runner=ray_part_runner)
     finally:
         ray.shutdown()
     assert [s.sha256 for s in local.shards] == [s.sha256 for s in via_ray.shards]

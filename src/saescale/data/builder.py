@@ -61,7 +61,7 @@ class CacheConfig:
     text_field: str = "text"
     windows_per_batch: int = 16
     num_workers: int = 1  # model replicas in the Ray actor pool
-    use_ray: bool = True
+    use_ray: bool = True  # read by jobs/cache.py: compute parts on a Ray actor pool (service.cache_actors)
     model_cache_dir: str | None = None
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -194,64 +194,37 @@ def compute_part(model, cfg: CacheConfig, plan: Plan, part: int) -> int:
     return len(rows)
 
 
-class PartWorker:
-    """A Ray Data actor: one model replica that computes whole parts."""
-
-    def __init__(self, cfg_dict: dict[str, Any], plan: Plan) -> None:
-        from saescale.lm.models import load_causal_lm
-
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.cfg = CacheConfig(**cfg_dict)
-        self.plan = plan
-        self.model = load_causal_lm(self.cfg.model, self.cfg.model_cache_dir).model
-        if torch.cuda.is_available():  # Ray gave this actor a GPU
-            self.model = self.model.to("cuda")
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        parts = batch["part"].tolist()
-        rows = [compute_part(self.model, self.cfg, self.plan, p) for p in parts]
-        return {"part": np.array(parts), "rows": np.array(rows)}
-
-
 def part_rows(plan: Plan, part: int) -> int:
     start, stop = plan.parts[part]
     return sum(sum(plan.keep[i]) for i in range(start, stop))
 
 
-def run_parts(cfg: CacheConfig, plan: Plan, todo: list[int], model=None) -> None:
-    bar = tqdm(total=plan.n_rows, unit="tok", desc="caching activations")
-    bar.update(sum(part_rows(plan, p) for p in range(len(plan.parts)) if p not in todo))
-    if not todo:
-        bar.close()
-        return
-    if cfg.use_ray:
-        import ray
+PartRunner = Callable[[CacheConfig, Plan, list[int], Callable[[int], None]], None]
+"""Computes the given parts of a plan (each part's rows written by `compute_part`) and calls
+`on_rows(rows)` as each part finishes: in this process by default, or on a Ray actor pool
+(`saescale.service.cache_actors.ray_part_runner`, which `jobs/cache.py` passes with use_ray)."""
 
-        from saescale.service.ray_local import ensure_ray
 
-        ensure_ray()
-        ds = ray.data.from_items([{"part": p} for p in todo])
-        cfg_dict = {k: v for k, v in asdict(cfg).items()}
-        resources = ray.cluster_resources()
-        # one model replica per actor: a GPU each when the cluster has them, else a CPU share
-        per_actor = ({"num_gpus": 1} if resources.get("GPU", 0) >= cfg.num_workers
-                     else {"num_cpus": max(1, int(resources.get("CPU", 1)) // cfg.num_workers)})
-        out = ds.map_batches(
-            PartWorker,
-            fn_constructor_kwargs={"cfg_dict": cfg_dict, "plan": plan},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
-            **per_actor,
-        )
-        for row in out.iter_rows():
-            bar.update(int(row["rows"]))
-    else:
-        if model is None:
+def local_part_runner(model=None) -> PartRunner:
+    """Compute parts one after another in this process (with `model`, or one loaded here)."""
+
+    def run(cfg: CacheConfig, plan: Plan, todo: list[int], on_rows: Callable[[int], None]) -> None:
+        lm = model
+        if lm is None:
             from saescale.lm.models import load_causal_lm
 
-            model = load_causal_lm(cfg.model, cfg.model_cache_dir).model
+            lm = load_causal_lm(cfg.model, cfg.model_cache_dir).model
         for p in todo:
-            bar.update(compute_part(model, cfg, plan, p))
+            on_rows(compute_part(lm, cfg, plan, p))
+
+    return run
+
+
+def run_parts(cfg: CacheConfig, plan: Plan, todo: list[int], runner: PartRunner) -> None:
+    bar = tqdm(total=plan.n_rows, unit="tok", desc="caching activations")
+    bar.update(sum(part_rows(plan, p) for p in range(len(plan.parts)) if p not in todo))
+    if todo:
+        runner(cfg, plan, todo, bar.update)
     bar.close()
 
 
@@ -353,7 +326,8 @@ def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
         raise CacheError(f"{storage.redact(murl)} is not a readable cache manifest: {exc}") from exc
 
 
-def build_cache(cfg: CacheConfig, progress: Callable[[str], None] = print) -> Manifest:
+def build_cache(cfg: CacheConfig, progress: Callable[[str], None] = print,
+                part_runner: PartRunner | None = None) -> Manifest:
     cfg.validate()
     try:
         finished = storage.exists(storage.join(cfg.output, MANIFEST), cfg.storage_options)
@@ -387,7 +361,7 @@ def build_cache(cfg: CacheConfig, progress: Callable[[str], None] = print) -> Ma
     todo = [p for p in range(len(plan.parts)) if not storage.exists(part_marker(cfg, p), cfg.storage_options)]
     progress(f"{plan.n_rows} tokens in {len(plan.windows)} windows -> {shards} shards; "
              f"{len(plan.parts) - len(todo)}/{len(plan.parts)} parts already done")
-    run_parts(cfg, plan, todo, model=None if cfg.use_ray else lm.model)
+    run_parts(cfg, plan, todo, part_runner or local_part_runner(lm.model))
     del lm
 
     infos, total_sum, total_sq = [], np.zeros(d_model), 0.0

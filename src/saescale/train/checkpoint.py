@@ -29,7 +29,7 @@ import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -38,10 +38,9 @@ from safetensors.torch import save_file
 
 from saescale import storage
 from saescale.core.config import SAEConfig
+from saescale.core.model import TopKSAE
+from saescale.distributed.parallel import DataParallel, TensorParallel
 from saescale.formats.saved import CONFIG_FILE, FORMAT, WEIGHTS_FILE, load_sae_tensors, sae_tensors
-
-if TYPE_CHECKING:
-    from saescale.train.trainer import Trainer
 
 CHECKPOINT_FORMAT = "saescale.checkpoint.v2"
 META = "meta.json"
@@ -64,6 +63,27 @@ class TrainerSnapshot:
 
     tensors: dict[str, torch.Tensor]
     info: dict[str, Any]
+
+
+class Trainer(Protocol):
+    """What a checkpoint reads from and restores into (`train.trainer.Trainer` is one)."""
+
+    sae: TopKSAE
+    tp: TensorParallel | None
+    dp: DataParallel | None
+    ema: Any
+    step: int
+    n_global: int
+    global_sae_cfg: SAEConfig
+    cfg: Any
+
+    def snapshot(self) -> TrainerSnapshot: ...
+
+    def snapshot_info(self) -> dict[str, Any]: ...
+
+    def eval_weights(self) -> dict[str, torch.Tensor]: ...
+
+    def load_snapshot(self, snap: TrainerSnapshot) -> int: ...
 
 
 def shard_name(tp_rank: int, tp: int) -> str:
