@@ -2,7 +2,11 @@
 
     python jobs/cache.py                                   # embedded default -> runs/cache/...
     python jobs/cache.py output=s3://bucket/cache/run1 storage.endpoint_url=http://127.0.0.1:5000
-    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/cache.py num_workers=8
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/cache.py num_workers=8 \
+        output=s3://bucket/cache/run1          # or output=$PWD/runs/cache/... on a one-machine cluster
+
+Under `ray job submit --working-dir` the job runs in Ray's temporary copy of the directory: a
+relative output would be written there and lost, so it is refused (saescale.service.job_paths).
 
 Rerunning the same command resumes an interrupted build, and is a no-op on a finished cache.
 """
@@ -17,14 +21,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from saescale.data.builder import CacheConfig, CacheError, build_cache
 from saescale.data.format import CorruptShardError
+from saescale.service.cache_actors import ray_part_runner
 from saescale.lm.corpus import CorpusError
 from saescale.lm.hooks import HookError
 from saescale.lm.models import ModelLoadError
+from saescale.service.job_paths import JobPathError, check_job_paths
 from saescale.storage import StorageError
 
 
 # what a bad input, a bad store or a damaged build raises: reported in one line, not a traceback
-USER_ERRORS = (CacheError, CorruptShardError, CorpusError, HookError, ModelLoadError, StorageError)
+USER_ERRORS = (CacheError, CorruptShardError, CorpusError, HookError, JobPathError, ModelLoadError, StorageError)
 
 
 def one_line(exc: BaseException) -> str:
@@ -42,7 +48,9 @@ def main(cfg: DictConfig) -> None:
     fields = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "storage"}
     t0 = time.time()
     try:
-        manifest = build_cache(CacheConfig(**fields, storage_options=storage_options(cfg)))
+        check_job_paths(writes={"output": cfg.output})
+        cache_cfg = CacheConfig(**fields, storage_options=storage_options(cfg))
+        manifest = build_cache(cache_cfg, part_runner=ray_part_runner if cache_cfg.use_ray else None)
     except USER_ERRORS as exc:
         print(f"saescale cache: error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)

@@ -1,7 +1,7 @@
 """Evaluate a trained SAE on held-out activations and through the language model.
 
-    python jobs/eval.py run_name=resid8-n4096-k32
-    python jobs/eval.py sae=<saved SAE url> data.cache=<cache url>
+    python jobs/eval.py run_name=<run_id>          # a training run's folder, e.g. resid8-n4096-k32-1a2b3c4d
+    python jobs/eval.py run_name=<name> sae=<saved SAE url> data.cache=<cache url>
 
 Writes `results.json` (schema in the README: reconstruction metrics, downstream loss, the
 evaluation's settings) and `latent_density.png` to output_dir, and logs the scalars to wandb.
@@ -24,6 +24,7 @@ from saescale.data.reader import ActivationCache
 from saescale.evaluation.downstream import downstream_loss
 from saescale.evaluation.reconstruction import reconstruction_metrics
 from saescale.formats.saved import SavedSAEError, load_sae
+from saescale.service.job_paths import check_job_paths
 
 SCHEMA = "saescale.eval.v1"
 
@@ -120,7 +121,8 @@ def plot_density(density_log10: list[float], path: str) -> None:
 @hydra.main(config_path="../conf", config_name="eval", version_base=None)
 def main(cfg: DictConfig) -> dict:
     options = {"client_kwargs": {"endpoint_url": cfg.data.endpoint_url}} if cfg.data.endpoint_url else None
-    try:
+    try:  # under `ray job submit --working-dir`, relative paths point into Ray's temporary copy
+        check_job_paths(reads={"sae": cfg.sae, "data.cache": cfg.data.cache}, writes={"output_dir": cfg.output_dir})
         sae, meta = load_sae(cfg.sae, storage_options=options)
         cache = ActivationCache(cfg.data.cache, options)
     except (SavedSAEError, storage.StorageError, ValueError) as exc:

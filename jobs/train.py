@@ -7,9 +7,10 @@
 
 Steps: open the activation cache (built by jobs/cache.py) and hold out its first shard(s);
 check the (dp x tp) layout and the per-worker memory plan; run the Ray Train job (Ray Data
-streams the other shards into the workers; per-rank checkpoints; a rerun with the same run_name
-resumes); gather the final SAE from the last checkpoint one shard at a time; evaluate NMSE on the
-held-out tokens and write the SAELens and sparsify exports; log to wandb (rank 0 only).
+streams the other shards into the workers; per-rank checkpoints; a rerun of the same config, i.e.
+the same run_id = <run_name>-<config hash>, resumes); gather the final SAE from the last checkpoint
+one shard at a time; write the SAELens and sparsify exports (streamed from it) and evaluate NMSE on
+the held-out tokens; log to wandb (rank 0 only).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from saescale.data.reader import ActivationCache  # noqa: E402
 from saescale.core.config import ConfigError, SAEConfig, TrainConfig  # noqa: E402
 from saescale.distributed.mesh import MeshError, ParallelDims  # noqa: E402
 from saescale.distributed.plan import PlanError, check_fits, plan_memory  # noqa: E402
+from saescale.service.run_identity import config_hash, register_resolvers  # noqa: E402
+
+register_resolvers()  # conf/train.yaml's ${saescale.config_hash:} and ${saescale.local_run_dir:...}
 
 
 def print0(*args) -> None:
@@ -47,9 +51,19 @@ def endpoint_options(endpoint: str | None) -> dict | None:
     return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None
 
 
+def output_options(cfg: DictConfig, out: str) -> dict | None:
+    """Storage options for output_dir: it shares storage.url's endpoint (the driver writes both)."""
+    return endpoint_options(cfg.storage.endpoint_url) if "://" in out else None
+
+
 def prepare(cfg: DictConfig):
     """Validate everything that can be checked before Ray starts; returns the launch spec."""
-    from saescale.service.ray_train import LaunchSpec, plan_data
+    from saescale.service.job_paths import check_job_paths  # refuses paths into Ray's working_dir copy
+
+    check_job_paths(reads={"data.cache": cfg.data.cache},
+                    writes={"output_dir": cfg.output_dir, "storage.url": cfg.storage.url})
+    from saescale.service.ray_train import LaunchSpec
+    from saescale.service.stream import plan_data
 
     cache_url, out = absolute(cfg.data.cache), absolute(cfg.output_dir)
     cache = ActivationCache(cache_url, endpoint_options(cfg.data.endpoint_url))
@@ -65,7 +79,9 @@ def prepare(cfg: DictConfig):
     _, cache_root = storage.url_to_fs(cache_url, cache.storage_options)
     files = [f"{cache_root.rstrip('/')}/{manifest.shards[s].file}" for s in train_shards]
     rows = sum(manifest.shards[s].rows for s in train_shards)
-    data = plan_data(rows, files, cfg.train.batch_size, dims.world_size, cfg.train.epochs, cfg.train.seed)
+    data = plan_data(rows, files, cfg.train.batch_size, dims.world_size, cfg.train.epochs, cfg.train.seed,
+                     sha256=[manifest.shards[s].sha256 for s in train_shards],
+                     sizes=[manifest.shards[s].bytes for s in train_shards])
     total_steps = min(data.total_steps, cfg.train.max_steps or data.total_steps)
     train_keys = ("lr", "warmup_steps", "decay_start_frac", "clip_grad_norm", "ema_decay", "seed", "log_every",
                   "histogram_every", "checkpoint_every")
@@ -77,7 +93,7 @@ def prepare(cfg: DictConfig):
     print0("memory plan per worker:\n" + plan.table())
     check_fits(plan)
 
-    local_out = out if "://" not in out else absolute(os.path.join(os.environ.get("SAESCALE_RUNS", "runs"), cfg.run_name))
+    local_out = out if "://" not in out else absolute(os.path.join(os.environ.get("SAESCALE_RUNS", "runs"), cfg.run_id))
     os.makedirs(local_out, exist_ok=True)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     run_config["data"]["cache"] = storage.redact(run_config["data"]["cache"])  # never a secret in wandb
@@ -85,8 +101,8 @@ def prepare(cfg: DictConfig):
     if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
         tags = list(cfg.wandb.tags) + [f"N={sae_cfg.n_latents}", f"k={sae_cfg.k}", f"model={manifest.model}",
                                         f"hook={manifest.hook}.{manifest.layer}", f"tp={dims.tp}", f"dp={dims.dp}"]
-        wandb = {"project": cfg.wandb.project, "name": cfg.run_name, "group": cfg.wandb.group, "tags": tags,
-                 "config": run_config, "mode": cfg.wandb.mode, "dir": local_out, "run_id": cfg.run_name}
+        wandb = {"project": cfg.wandb.project, "name": cfg.run_id, "group": cfg.wandb.group, "tags": tags,
+                 "config": run_config, "mode": cfg.wandb.mode, "dir": local_out, "run_id": cfg.run_id}
     record = os.path.join(local_out, "rows") if cfg.debug.record_rows else None
     if record:
         os.makedirs(record, exist_ok=True)
@@ -101,7 +117,8 @@ def prepare(cfg: DictConfig):
         "logging": {"jsonl": os.path.join(local_out, "metrics.jsonl"), "wandb": wandb},
         "fault": fault, "record_rows_dir": record,
     }
-    spec = LaunchSpec(planned_bytes=plan.total, run_name=cfg.run_name, storage_url=absolute(cfg.storage.url),
+    # the Ray Train run name keys the checkpoints: another config never resumes this run's
+    spec = LaunchSpec(planned_bytes=plan.total, run_name=cfg.run_id, storage_url=absolute(cfg.storage.url),
                       storage_options=endpoint_options(cfg.storage.endpoint_url), workers=dims.world_size,
                       tp=dims.tp, cpus_per_worker=cfg.parallel.cpus_per_worker, use_gpu=cfg.parallel.use_gpu,
                       max_failures=cfg.ray.max_failures, worker_config=worker_config)
@@ -112,21 +129,26 @@ def prepare(cfg: DictConfig):
 
 
 def evaluate_and_export(cfg: DictConfig, cache: ActivationCache, meta: dict, sae_url: str, out: str) -> dict:
+    """The exports asked for (streamed from the gathered SAE, whatever its size), then, with
+    export.evaluate, the held-out NMSE (which loads the whole SAE into the driver's memory)."""
     import torch
 
     from saescale.formats.export import export_saelens, export_sparsify
     from saescale.formats.saved import load_sae
 
-    sae, _ = load_sae(sae_url, storage_options=None if "://" not in sae_url else endpoint_options(cfg.storage.endpoint_url))
+    options = output_options(cfg, out)
+    peer_meta = {k: v for k, v in meta.items() if k != "cache"}  # what the peer formats describe
+    if cfg.export.saelens:
+        export_saelens(sae_url, storage.join(out, "export", "saelens"), peer_meta, options)
+    if cfg.export.sparsify:
+        export_sparsify(sae_url, storage.join(out, "export", "sparsify"), options)
+    if not cfg.export.evaluate:
+        return {}
+    sae, _ = load_sae(sae_url, storage_options=options)
     heldout = torch.cat([cache.read_shard(s) for s in range(cfg.data.holdout_shards)])[: cfg.data.heldout_tokens]
     with torch.no_grad():
         recon = sae(heldout)
     nmse = (((recon - heldout) ** 2).mean() / ((heldout - heldout.mean(0)) ** 2).mean()).item()
-    meta = {k: v for k, v in meta.items() if k != "cache"}  # what the peer formats describe
-    if cfg.export.saelens:
-        export_saelens(sae, storage.join(out, "export", "saelens"), meta)
-    if cfg.export.sparsify:
-        export_sparsify(sae, storage.join(out, "export", "sparsify"))
     return {"heldout_nmse": nmse}
 
 
@@ -139,17 +161,25 @@ def main(cfg: DictConfig) -> dict:
     except (ConfigError, MeshError, PlanError, storage.StorageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    print0(f"run {cfg.run_id} -> {storage.redact(out)}")
 
     import ray.train
 
     from saescale.service.ray_train import checkpoint_url, launch
-    from saescale.train.sharded_checkpoint import export_gathered
+    from saescale.service.stream import corrupt_shard_line, find_corrupt_shard, rebuild_hint
+    from saescale.train.checkpoint import export_gathered
 
     started = time.time()
     ensure_ray(cfg.ray.address, num_cpus=int(spec.workers * spec.cpus_per_worker) + 2)
     try:
         result = launch(spec)
     except ray.train.TrainingFailedError as exc:
+        corrupt = find_corrupt_shard(exc)
+        if corrupt is not None:  # bad input, not a crash: one line with the remedy, no restarts were spent
+            remedy = rebuild_hint(spec.worker_config["cache"]["url"], manifest.build_config, cfg.data.endpoint_url)
+            print(f"error: {corrupt_shard_line(corrupt, spec.worker_config['cache']['url'], remedy)}",
+                  file=sys.stderr)
+            sys.exit(2)
         print(f"error: training failed after {cfg.ray.max_failures} restart(s): {exc}", file=sys.stderr)
         sys.exit(1)
     final = dict(result.metrics or {})
@@ -159,7 +189,9 @@ def main(cfg: DictConfig) -> dict:
             "context_size": manifest.context_length, "corpus": manifest.corpus, "cache": storage.redact(cfg.data.cache)}
     export_gathered(ckpt, sae_url, meta, spec.storage_options)
     tokens = final.get("tokens") or 0
-    summary = {"run_name": cfg.run_name, "steps": final.get("step"), "tokens": final.get("tokens"),
+    # config_hash marks which config finished here: a sweep skips the run only when it matches
+    summary = {"run_name": cfg.run_name, "run_id": cfg.run_id, "config_hash": config_hash(cfg),
+               "steps": final.get("step"), "tokens": final.get("tokens"),
                "n_latents": sae_cfg.n_latents, "k": sae_cfg.k, "dp": spec.workers // spec.tp, "tp": spec.tp,
                "model": manifest.model, "hook": f"{manifest.hook}.{manifest.layer}", "d_in": sae_cfg.d_in,
                # dense-equivalent training FLOPs: the encoder GEMM forward + backward dominates
@@ -172,10 +204,8 @@ def main(cfg: DictConfig) -> dict:
                "startup_wait_s": final.get("startup_wait_s"), "peak_rss_mb_rank0": final.get("peak_rss_mb_rank0"),
                "planned_mb_per_rank": round(spec.planned_bytes / 2**20, 1),
                "checkpoint": storage.redact(ckpt)}
-    if cfg.export.evaluate:
-        summary.update(evaluate_and_export(cfg, cache, meta, sae_url, out))
-    storage.write_json_atomic(storage.join(out, "result.json"), summary, endpoint_options(cfg.storage.endpoint_url)
-                              if "://" in out else None)
+    summary.update(evaluate_and_export(cfg, cache, meta, sae_url, out))
+    storage.write_json_atomic(storage.join(out, "result.json"), summary, output_options(cfg, out))
     print0(json.dumps(summary))
     return summary
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 from saescale.core.config import SAEConfig
@@ -18,3 +21,43 @@ def perturbed_sae(cfg: SAEConfig, generator: torch.Generator) -> TopKSAE:
         sae.b_enc.copy_(0.1 * torch.randn(sae.b_enc.shape, generator=generator))
         sae.b_pre.copy_(0.1 * torch.randn(sae.b_pre.shape, generator=generator))
     return sae
+
+
+def stop_ray_started_in(ray_tmp: str, timeout_s: float = 30.0) -> int:
+    """Stop the one Ray cluster whose RAY_TMPDIR is `ray_tmp` (e.g. a test's `ray start --head`),
+    by PID: `ray stop` stops every Ray process on the machine, other people's clusters too.
+    Its processes name that folder in their command line or environment; their children (the
+    workers, agents, dashboard modules) go with them. Returns how many processes were stopped."""
+    import psutil
+
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline", "environ"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if ray_tmp in cmdline or (proc.info["environ"] or {}).get("RAY_TMPDIR") == ray_tmp:
+            found[proc.pid] = proc
+            with contextlib.suppress(psutil.Error):
+                found.update({child.pid: child for child in proc.children(recursive=True)})
+    procs = [p for pid, p in found.items() if pid != os.getpid()]
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=timeout_s)
+    return len(procs)
+
+
+def ray_job_submit(cmd: list[str], tries: int = 4, **run_kwargs):
+    """Run a `ray job submit ...` command line, again while the job server answers that its job
+    agent is not up yet ("No available agent to submit job, please try again later": on a loaded
+    machine the agent of a fresh `ray start --head` can take longer than the 10 s the server waits
+    for it). Nothing was submitted then, so trying again is safe. Returns the CompletedProcess."""
+    import subprocess
+
+    for _ in range(tries):
+        proc = subprocess.run(cmd, capture_output=True, text=True, **run_kwargs)
+        if proc.returncode == 0 or "No available agent to submit job" not in proc.stdout + proc.stderr:
+            return proc
+    return proc

@@ -212,35 +212,59 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_cache_job_through_ray_job_submit(tmp_path):
-    """`ray start --head` on loopback, then `ray job submit -- python jobs/cache.py ...`."""
+    """`ray start --head` on loopback, then the README's `ray job submit --working-dir . -- python
+    jobs/cache.py ...`. A submitted job runs in Ray's temporary copy of the working directory, so
+    a relative output (or the training job's relative data.cache) is refused in one `error:` line
+    and the job fails; the README's form, an absolute output, lands the cache where asked."""
     import subprocess
     import sys
+    import tempfile
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from helpers import ray_job_submit, stop_ray_started_in
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bin_dir = os.path.dirname(sys.executable)
-    import tempfile
-
     ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RAY_TMPDIR=ray_tmp,
                RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    env.pop("RAY_ADDRESS", None)
-    dash = _free_port()
+    for name in ("RAY_ADDRESS", "SAESCALE_RUNS"):  # the jobs' defaults stay relative, as for a new user
+        env.pop(name, None)
+    address = f"http://127.0.0.1:{_free_port()}"
     start = subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", "--num-cpus=2",
-                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--port={_free_port()}",
-                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={address.rsplit(':', 1)[1]}",
+                            f"--port={_free_port()}", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr[-2000:]
+
+    def submit(job_id: str, *entrypoint: str) -> subprocess.CompletedProcess:
+        return ray_job_submit([os.path.join(bin_dir, "ray"), "job", "submit", "--address", address, "--working-dir",
+                               root, "--submission-id", job_id, "--", "python", *entrypoint],
+                              env=env, timeout=300, cwd=root)
+
     try:
-        out = tmp_path / "submitted-cache"
-        job = subprocess.run([os.path.join(bin_dir, "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-                              "--working-dir", root, "--", "python", "jobs/cache.py", f"output={out}",
-                              "max_tokens=2000", "rows_per_shard=1024"],
-                             env=env, capture_output=True, text=True, timeout=300, cwd=root)
+        client = JobSubmissionClient(address)
+        refused = {"relative-cache": (["jobs/cache.py", "output=runs/cache/x", "max_tokens=2000"],
+                                      "output=runs/cache/x is a relative path"),
+                   "relative-train": (["jobs/train.py", "data.cache=runs/cache/smollm2-resid8"],
+                                      "data.cache=runs/cache/smollm2-resid8, output_dir=runs/")}
+        for job_id, (entrypoint, message) in refused.items():
+            job = submit(job_id, *entrypoint)
+            assert job.returncode != 0 and client.get_job_status(job_id) == JobStatus.FAILED
+            logs = client.get_job_logs(job_id)
+            errors = [line for line in logs.splitlines() if "error:" in line]
+            assert len(errors) == 1 and message in errors[0], logs[-3000:]
+            assert "runtime_resources/working_dir_files/" in errors[0] and "=$PWD/runs/cache/" in errors[0]
+            assert "Traceback" not in logs, logs[-3000:]
+        out = tmp_path / "runs" / "cache" / "x"  # the README's output=$PWD/runs/cache/... form
+        job = submit("absolute-cache", "jobs/cache.py", f"output={out}", "max_tokens=2000", "rows_per_shard=1024")
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
         assert "cache ready" in job.stdout
         manifest = load_manifest(str(out))
         assert manifest.n_rows >= 2000 and manifest.d_model == 576
     finally:
-        subprocess.run([os.path.join(bin_dir, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_started_in(ray_tmp)  # not `ray stop`: it would stop every Ray on the machine
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])

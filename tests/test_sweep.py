@@ -113,3 +113,184 @@ def test_bad_launcher_settings_are_clear_errors(tmp_path):
         run_sweep([], backend=None, capacity=None, max_concurrent=0)
     with pytest.raises(SweepError, match="poll_s must be a positive"):
         run_sweep([], backend=None, capacity=None, poll_s=0)
+
+
+class FlakyJobServer:
+    """A job backend whose job-server calls fail transiently: a Ray-free stand-in for a Ray job
+    server that refuses connections or answers 503 now and then (RayJobsBackend turns exactly
+    those into BackendUnavailable; the test below checks that on the real client). A job
+    finishes on its second status query and writes its result.json; `failures[(call, num)]` is
+    how many times that call fails for run `num` before it answers (None: it never does)."""
+
+    def __init__(self, runs, failures):
+        self.runs = {r.num: r for r in runs}
+        self.failures = dict(failures)
+        self.calls: list[tuple[str, int]] = []
+        self.polls: dict[int, int] = {}
+
+    def _call(self, what: str, num: int) -> None:
+        from saescale.sweeps.scheduler import BackendUnavailable
+
+        self.calls.append((what, num))
+        left = self.failures.get((what, num), 0)
+        if left is None or left > 0:
+            self.failures[(what, num)] = None if left is None else left - 1
+            raise BackendUnavailable(f"connection refused ({what} #{num})")
+
+    def submit(self, run):
+        self._call("submit", run.num)
+        return f"job-{run.num}"
+
+    def status(self, job_id):
+        from saescale import storage
+
+        num = int(job_id.split("-")[1])
+        self._call("status", num)
+        self.polls[num] = self.polls.get(num, 0) + 1
+        if self.polls[num] < 2:
+            return "RUNNING"
+        storage.write_json_atomic(self.runs[num].result_url, {"steps": 3, "heldout_nmse": 0.5})
+        return "SUCCEEDED"
+
+    def info(self, job_id):
+        return {"start_time": 1.0, "end_time": 2.0, "message": ""}
+
+    def logs(self, job_id):
+        return "trained"
+
+    def stop(self, job_id):
+        self._call("stop", int(job_id.split("-")[1]))
+
+
+def test_a_flaky_job_server_is_retried_and_fails_only_the_run_it_loses(tmp_path, capsys):
+    import random
+
+    from saescale.sweeps.scheduler import RetryPolicy, SweepRun, run_sweep
+
+    runs = [SweepRun(num=i, overrides=[f"sae.k={8 * (i + 1)}"], run_name=f"r{i}", output_dir=str(tmp_path / f"r{i}"),
+                     cpus=1) for i in range(3)]
+    # run 0's submit fails twice then goes through; run 1's job is lost (every status query
+    # fails, and so does the stop); run 2 sees one failed status query
+    server = FlakyJobServer(runs, {("submit", 0): 2, ("status", 1): None, ("stop", 1): None, ("status", 2): 1})
+    waits: list[float] = []
+    policy = RetryPolicy(first_wait_s=1.0, max_wait_s=4.0, budget_s=12.0, jitter=0.5, sleep=waits.append,
+                         rng=random.Random(0))
+    run_sweep(runs, server, capacity=None, poll_s=0.01, retry=policy)
+
+    assert [r.status for r in runs] == ["finished", "failed", "finished"]
+    assert runs[0].result["steps"] == 3 and runs[2].result["steps"] == 3
+    assert runs[1].error.startswith("lost track of job job-1: connection refused (status #1)")
+    assert "gave up after" in runs[1].error
+    assert ("stop", 1) in server.calls  # asked once to stop the job it lost, so it cannot train twice
+    assert server.calls.count(("stop", 1)) == 1 and ("stop", 0) not in server.calls
+    assert server.calls.count(("submit", 0)) == 3
+    out = capsys.readouterr().out
+    retries = [line for line in out.splitlines() if "retrying in" in line]
+    assert len(retries) == len(waits)  # one line per retry: what, attempt, error, wait
+    assert retries[0].startswith("[sweep] submitting run 0 r0: attempt 1 failed (connection refused (submit #0)); "
+                                 "retrying in ")
+    # capped exponential backoff with jitter: the wait after attempt a is within [w/2, w] of
+    # w = min(4, 2^(a-1)); the lost run's status query gave up before its waits passed the budget
+    lost = []
+    for line, wait in zip(retries, waits):
+        attempt = int(line.split(": attempt ")[1].split()[0])
+        nominal = min(4.0, 2.0 ** (attempt - 1))
+        assert nominal / 2 <= wait <= nominal, (line, wait)
+        if "status of run 1 " in line:
+            lost.append(wait)
+    assert len(lost) >= 4 and 12.0 - 4.0 < sum(lost) <= 12.0  # the next wait (at most 4 s) would pass 12 s
+    assert "run 1 r1 FAILED: lost track of job job-1" in out
+
+
+def test_job_server_errors_are_told_apart_on_the_real_client(tmp_path):
+    """RayJobsBackend against a real HTTP job-server stand-in, through Ray's JobSubmissionClient:
+    a 503 answer and a closed port are transient (retried), a 404 is final, and a submit retried
+    after a lost answer reuses its submission id instead of starting a second job."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import ray
+    import requests
+
+    from saescale.sweeps.ray_jobs import RayJobsBackend
+    from saescale.sweeps.scheduler import BackendUnavailable, SweepRun
+
+    submitted: list[str] = []
+
+    class JobServer(BaseHTTPRequestHandler):
+        def _answer(self, code: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802
+            if self.path == "/api/version":
+                self._answer(200, {"version": "4", "ray_version": ray.__version__, "ray_commit": "x"})
+            elif self.path == "/api/jobs/busy":
+                self._answer(503, {"error": "the job server is restarting"})
+            else:
+                self._answer(404, {"error": "no such job"})
+
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            submitted.append(body["submission_id"])
+            if len(submitted) == 1:
+                self._answer(502, {"error": "bad gateway"})  # the first answer is lost on the way
+            else:
+                self._answer(400, {"error": f"Job with submission_id {body['submission_id']} already exists."})
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JobServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    backend = RayJobsBackend(os.path.join(ROOT, "jobs", "train.py"), f"http://127.0.0.1:{server.server_port}")
+    try:
+        with pytest.raises(BackendUnavailable, match="status code 503"):
+            backend.status("busy")
+        with pytest.raises(RuntimeError, match="status code 404") as final:
+            backend.status("gone")
+        assert not isinstance(final.value, BackendUnavailable)
+        run = SweepRun(num=0, overrides=["sae.k=8"], run_name="r0", output_dir=str(tmp_path / "r0"), cpus=1)
+        with pytest.raises(BackendUnavailable, match="status code 502"):
+            backend.submit(run)
+        assert backend.submit(run) == submitted[0] == submitted[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    with pytest.raises(BackendUnavailable) as closed:  # nothing listens on the port any more
+        backend.status("busy")
+    assert isinstance(closed.value.__cause__, requests.exceptions.ConnectionError)
+
+
+def test_a_sweep_beside_another_ray_says_how_to_use_it_instead_of_hanging(monkeypatch):
+    """A second Ray on the machine (the README's `ray start --head`) holds the port of Ray's job
+    agent, which ray.init() cannot move: the sweep's own Ray would answer every submit with "No
+    available agent". The sweep says so before starting anything, and how to use the running one."""
+    import socket
+
+    from saescale.sweeps.ray_jobs import JOB_AGENT_PORT, RayJobsBackend
+    from saescale.sweeps.scheduler import SweepError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as that other Ray's agent does
+    try:
+        try:
+            holder.bind(("", JOB_AGENT_PORT))
+            holder.listen()
+        except OSError:
+            pass  # another Ray on this machine listens there already
+        with pytest.raises(SweepError, match=f"port {JOB_AGENT_PORT}.* is taken .* hydra.launcher.address=auto"):
+            RayJobsBackend(os.path.join(ROOT, "jobs", "train.py"))
+    finally:
+        holder.close()
+    import ray
+
+    assert not ray.is_initialized()

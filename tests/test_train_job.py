@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from helpers import ray_job_submit, stop_ray_started_in
 from saescale.formats.saved import load_sae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +30,8 @@ BATCH = 256
 
 
 def job_args(cache: str, *overrides: str) -> list[str]:
-    defaults = ["run_name=tiny", f"data.cache={cache}", "data.heldout_tokens=512", "sae.n_latents=1024", "sae.k=16",
+    # run_id=tiny pins the run's folder (no config hash), so a rerun with other max_steps resumes it
+    defaults = ["run_id=tiny", f"data.cache={cache}", "data.heldout_tokens=512", "sae.n_latents=1024", "sae.k=16",
             f"train.batch_size={BATCH}", "train.log_every=2", "train.checkpoint_every=4", "train.epochs=1",
             "data.shuffle_buffer_rows=512"]
     keys = {o.split("=", 1)[0] for o in overrides}
@@ -138,7 +140,7 @@ def test_driver_restart_and_worker_kill_resume_without_losing_or_repeating_rows(
 def load_sae_shard(checkpoint: str, tp_rank: int) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from saescale.train.sharded_checkpoint import shard_name
+    from saescale.train.checkpoint import shard_name
 
     return load_file(os.path.join(checkpoint, f"{shard_name(tp_rank, 2)}.sae.safetensors"))
 
@@ -160,12 +162,14 @@ def ray_head(env: dict[str, str], num_cpus: int = 4):
     dash = _free_port()
     start = subprocess.run([os.path.join(BIN, "ray"), "start", "--head", f"--num-cpus={num_cpus}",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--port={_free_port()}",
+                            # not the default 52365: another Ray on this machine would hold it
+                            f"--dashboard-agent-listen-port={_free_port()}",
                             "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stderr[-2000:]
     try:
         yield f"http://127.0.0.1:{dash}"
     finally:
-        subprocess.run([os.path.join(BIN, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_started_in(ray_tmp)  # not `ray stop`: it would stop every Ray on the machine
 
 
 @pytest.mark.slow
@@ -178,17 +182,29 @@ def test_ray_job_submit_reads_cache_from_s3_and_checkpoints_there(tmp_path, smal
     endpoint = options["client_kwargs"]["endpoint_url"]
     env = dict(os.environ, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline")
     with ray_head(env) as address:
-        job = subprocess.run(
+        job = ray_job_submit(
             [os.path.join(BIN, "ray"), "job", "submit", "--address", address, "--working-dir", ROOT, "--",
              "python", "jobs/train.py",
              *job_args(f"{bucket}/cache", f"data.endpoint_url={endpoint}", f"storage.url={bucket}/runs",
-                       f"storage.endpoint_url={endpoint}", f"output_dir={bucket}/out", "export.sparsify=false",
+                       f"storage.endpoint_url={endpoint}", f"output_dir={bucket}/out", "export.evaluate=false",
                        "train.max_steps=6")],
-            env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+            env=env, timeout=900, cwd=ROOT)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     fs.invalidate_cache()
     result = json.loads(fs.cat_file(f"{bucket}/out/result.json"))
     assert result["steps"] == 6 and result["tokens"] == 6 * BATCH
+    # the exports do not wait for export.evaluate, and land in the bucket beside the SAE
+    assert "heldout_nmse" not in result
+    for rel in ("export/saelens/sae_weights.safetensors", "export/saelens/cfg.json",
+                "export/sparsify/sae.safetensors", "export/sparsify/cfg.json"):
+        assert fs.exists(f"{bucket}/out/{rel}"), rel
+    # nothing of the remote output_dir went to a local `s3:/...` folder: not in the job's working
+    # dir (a copy under Ray's temp dir), not here; Hydra's own files went to $SAESCALE_RUNS/hydra
+    local = [os.path.join(d, n) for top in (env["RAY_TMPDIR"], str(tmp_path))
+             for d, dirs, files in os.walk(top) for n in dirs + files] + os.listdir(ROOT)
+    assert any(p.startswith(env["RAY_TMPDIR"]) and p.endswith(os.path.join("jobs", "train.py")) for p in local)
+    assert [p for p in local if "s3:" in os.path.basename(p)] == []
+    assert (tmp_path / "hydra" / "tiny" / ".hydra" / "config.yaml").exists()
     assert result["checkpoint"].startswith(f"{bucket}/runs/tiny/checkpoint_")
     names = {os.path.basename(p) for p in fs.ls(result["checkpoint"])}
     assert {"meta.json", "tp00000-of-00002.sae.safetensors", "tp00001-of-00002.sae.safetensors",
@@ -228,7 +244,7 @@ def test_dp2_and_tp2_jobs_take_the_same_steps(tmp_path, small_cache):
     end with the same SAE (the engine-level test compares against one process)."""
     results = {}
     for layout in ("parallel.tp=1", "parallel.tp=2"):
-        run_job(tmp_path, small_cache, f"run_name={layout.replace('=', '')}", layout, "train.max_steps=6",
+        run_job(tmp_path, small_cache, f"run_id={layout.replace('=', '')}", layout, "train.max_steps=6",
                 "train.log_every=1", "export.saelens=false", "export.sparsify=false")
         out = tmp_path / layout.replace("=", "")
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

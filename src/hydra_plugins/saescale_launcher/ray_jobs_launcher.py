@@ -4,9 +4,10 @@
 
 Each job of the multirun becomes one training run submitted to the Ray cluster's job server
 (`saescale.sweeps.ray_jobs`), several at once as the cluster's CPUs/GPUs allow (`saescale.sweeps.scheduler`); a
-failed run is reported and the others go on; a run that already wrote its result.json is skipped,
-so re-running the sweep resumes it. The sweep directory gets results.parquet/.csv (one row per run:
-settings, status, final metrics, tokens, compute, job times), timeline.png and each run's job log.
+failed run is reported and the others go on; a run that already wrote its result.json under the
+same config (its config_hash) is skipped, so re-running the sweep resumes it. The sweep directory
+gets results.parquet/.csv (one row per run: settings, status, final metrics, tokens, compute, job
+times), timeline.png and each run's job log.
 Hydra exits non-zero if any run failed, after every run has ended.
 """
 
@@ -36,7 +37,7 @@ class RayJobsLauncherConf:
     num_cpus: Optional[int] = None  # logical CPUs of the embedded local Ray (null: 2 x cores)
     data_cpus: float = 1.0  # CPUs a run's Ray Data reading holds beside its training workers
     poll_s: float = 2.0
-    skip_finished: bool = True  # re-running the sweep skips runs that wrote result.json
+    skip_finished: bool = True  # re-running the sweep skips runs that wrote result.json under their config
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="saescale_ray_jobs", node=RayJobsLauncherConf)
@@ -54,18 +55,23 @@ class RayJobsLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def _run_of(self, num: int, overrides: list[str], group: str):
+        from saescale.service.run_identity import config_hash, register_resolvers
         from saescale.sweeps.scheduler import SweepRun
 
+        register_resolvers()
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         overrides = list(overrides)
         if cfg.wandb.get("group") is None:
             overrides.append(f"wandb.group={group}")  # one wandb group per sweep
         endpoint = cfg.storage.get("endpoint_url")
         workers, cpus = int(cfg.parallel.workers), float(cfg.parallel.cpus_per_worker)
-        return SweepRun(num=num, overrides=overrides, run_name=str(cfg.run_name),
+        # run_id (<run_name>-<config hash>) names the run's folder and checkpoints: runs differing in
+        # any setting of the trained SAE get their own, and a rerun skips only the same config
+        return SweepRun(num=num, overrides=overrides, run_name=str(cfg.run_id),
                         output_dir=_absolute(str(cfg.output_dir)), cpus=workers * cpus + self.data_cpus,
                         gpus=float(workers) if cfg.parallel.use_gpu else 0.0,
-                        storage_options={"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None)
+                        storage_options={"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None,
+                        config_hash=config_hash(cfg))
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from saescale.sweeps.ray_jobs import RayJobsBackend
@@ -76,6 +82,7 @@ class RayJobsLauncher(Launcher):
         os.makedirs(sweep_dir, exist_ok=True)
         group = os.path.basename(sweep_dir.rstrip("/"))
         runs = [self._run_of(initial_job_idx + i, list(o), group) for i, o in enumerate(job_overrides)]
+        _check_distinct_outputs(runs)
         print(f"[sweep] {len(runs)} runs -> {sweep_dir}", flush=True)
         backend = RayJobsBackend(sys.argv[0], self.address, self.num_cpus)
         try:
@@ -117,6 +124,19 @@ class RayJobsLauncher(Launcher):
         run.summary.update({"finished": sum(r.status == "finished" for r in runs),
                             "failed": sum(r.status == "failed" for r in runs)})
         run.finish()
+
+
+def _check_distinct_outputs(runs) -> None:
+    """Two runs of one sweep must not share an output folder (one would resume or skip the other)."""
+    from saescale import storage
+    from saescale.sweeps.scheduler import SweepError
+
+    seen: dict[str, Any] = {}
+    for run in runs:
+        other = seen.setdefault(run.output_dir, run)
+        if other is not run:
+            raise SweepError(f"runs {other.num} and {run.num} would both write to {storage.redact(run.output_dir)}: "
+                             "put ${run_id} in output_dir (and do not set run_id) so each config gets its own folder")
 
 
 def _plain(value: Any) -> Any:

@@ -49,23 +49,28 @@ def save_sae(
     storage.write_json_atomic(storage.join(url, CONFIG_FILE), cfg, storage_options)
 
 
-def load_sae(
-    url: str, device: torch.device | str = "cpu", storage_options: dict[str, Any] | None = None
-) -> tuple[TopKSAE, dict[str, Any]]:
-    """Load a saved SAE; returns it with the metadata stored beside it."""
+def read_saved_config(url: str, storage_options: dict[str, Any] | None = None) -> tuple[SAEConfig, dict[str, Any]]:
+    """The config and metadata of the saved SAE folder at `url` (its cfg.json, written last)."""
     cfg_url = storage.join(url, CONFIG_FILE)
     if not storage.exists(cfg_url, storage_options):
         raise SavedSAEError(f"no {CONFIG_FILE} in {storage.redact(url)}: not a saved saescale SAE")
     raw = storage.read_json(cfg_url, storage_options)
     if raw.get("format") != FORMAT:
         raise SavedSAEError(f"{storage.redact(cfg_url)} has format {raw.get('format')!r}, expected {FORMAT!r}")
-    cfg = SAEConfig.from_dict(raw["sae"])
+    return SAEConfig.from_dict(raw["sae"]), raw.get("metadata", {})
+
+
+def load_sae(
+    url: str, device: torch.device | str = "cpu", storage_options: dict[str, Any] | None = None
+) -> tuple[TopKSAE, dict[str, Any]]:
+    """Load a saved SAE; returns it with the metadata stored beside it."""
+    cfg, metadata = read_saved_config(url, storage_options)
     with tempfile.TemporaryDirectory(prefix="saescale-load-") as tmp:
         local = storage.local_copy(storage.join(url, WEIGHTS_FILE), os.path.join(tmp, WEIGHTS_FILE), storage_options)
         tensors = load_file(local)
     sae = TopKSAE(cfg, device=device)
     load_sae_tensors(sae, tensors)
-    return sae, raw.get("metadata", {})
+    return sae, metadata
 
 
 @torch.no_grad()

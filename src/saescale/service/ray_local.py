@@ -1,19 +1,38 @@
 """Start or join Ray with settings that work on small machines and in CI.
 
-With no address this starts an embedded local Ray; with RAY_ADDRESS (or under `ray job submit`)
-it joins that cluster. Environment defaults avoid the pitfalls measured on 2-core machines:
-the Parquet V2 reader's 32 footer actors, token auth prompts, usage stats.
+With no address this starts its own embedded local Ray (`address="local"`: never whatever
+cluster Ray's current-cluster file names, such as a `ray start --head` left running or one that
+died); with an address (or RAY_ADDRESS, as under `ray job submit`) it joins that cluster on
+purpose. Either way it prints one line saying which. Environment defaults avoid the pitfalls
+measured on 2-core machines: the Parquet V2 reader's 32 footer actors, token auth prompts, usage
+stats. Ray's own chatter is kept out of the console but not out of its log files: Ray Data logs
+INFO to `<session>/logs/ray-data/ray-data.log` only (warnings and errors still print), and the
+workers of this job talk to their own cluster, not to another Ray on the same machine, and do not
+repeat a harmless warning every second (see `setup_worker_process`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
+
+# Ray Data's own logging config, with the console at WARNING (its file handler keeps DEBUG)
+RAY_DATA_LOGGING_YAML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
 
 _DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
     "RAY_DATA_USE_DATASOURCE_V2": "0",
 }
+if os.path.exists(RAY_DATA_LOGGING_YAML):  # read by every process that imports ray.data
+    _DEFAULTS["RAY_DATA_LOGGING_CONFIG"] = RAY_DATA_LOGGING_YAML
+
+# Ray Train's detached helper that removes a crashed controller's placement group asks the
+# dashboard's State API every second; without that module (include_dashboard=False, as for the
+# embedded Ray, which ends with this process, placement groups included) it logs this each time
+_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_PG_CLEANER_NOISE = "State API may be temporarily unavailable"
 
 
 def apply_env_defaults() -> None:
@@ -23,15 +42,79 @@ def apply_env_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+class RayDataConsoleFilter(logging.Filter):
+    """The console filter of Ray Data's loggers (ray_data_logging.yaml): drops what Ray Data hides
+    itself (records marked `hide`) and its advice about its own progress display ("Progress bars
+    disabled. To enable, ..."): the training job turns those bars off on purpose. Errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "hide", False):
+            return False
+        return record.levelno >= logging.ERROR or not record.name.startswith("ray.data._internal.progress")
+
+
+def setup_worker_process() -> None:
+    """Ray's `worker_process_setup_hook` for the worker processes of the jobs started here.
+
+    Ray code inside a worker that looks a cluster up by itself (the State API client of Ray
+    Train's placement-group cleaner) finds it from RAY_ADDRESS, else from the machine's newest
+    `ray start` or any Ray it sees running: another user's or test's cluster on the same machine,
+    which does not know the controller it watches: it would take the run for dead and remove its
+    placement group.
+    Pointing RAY_ADDRESS at the worker's own cluster keeps those queries at home. The cleaner's
+    "State API may be temporarily unavailable" loop (see above) is dropped; its other records stay."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    logging.getLogger(_PG_CLEANER_LOGGER).addFilter(lambda record: _PG_CLEANER_NOISE not in record.getMessage())
+
+
+_HOOK = f"{__name__}.setup_worker_process"
+
+
+@dataclass
+class RayStarted:
+    """Which Ray this process uses: its own embedded one, or a cluster it joined."""
+
+    embedded: bool
+    address: str  # the GCS address
+    dashboard_url: str | None  # host:port, when the cluster has a dashboard
+    session_dir: str | None  # on this machine: <session>/logs holds Ray's log files
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, dashboard_port: int | None = None,
+               log_to_driver: bool = True) -> RayStarted | None:
+    """Join `address` (else RAY_ADDRESS) or start an embedded local Ray; None if this process
+    is connected already. `dashboard_port` gives the embedded Ray a dashboard (and job server)
+    on 127.0.0.1; without it, none (it costs about 1 GB and seconds of startup)."""
     apply_env_defaults()
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {k: os.environ[k] for k in _DEFAULTS}})
+        # the workers this job starts get the setup hook too (a job config may bring its own)
+        hook = None if "worker_process_setup_hook" in os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "") else _HOOK
+        ctx = ray.init(address=address, log_to_driver=log_to_driver,
+                       runtime_env={"worker_process_setup_hook": hook} if hook else None)
+        resources = ray.cluster_resources()
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        gcs = ctx.address_info.get("gcs_address") or address
+        print(f"[saescale] Ray: joined the running cluster at {gcs} ({resources.get('CPU', 0):g} CPUs, "
+              f"{resources.get('GPU', 0):g} GPUs on {nodes} node(s))", flush=True)
+        return RayStarted(False, gcs, ctx.dashboard_url or None,
+                          ctx.address_info.get("session_dir"))
+    dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port} \
+        if dashboard_port is not None else {"include_dashboard": False}
+    cpus = num_cpus or os.cpu_count() or 1
+    # address="local": a new Ray of our own, even when a `ray start` cluster is running or a dead
+    # one left its address in $RAY_TMPDIR/ray/ray_current_cluster
+    ctx = ray.init(address="local", num_cpus=cpus, log_to_driver=log_to_driver, **dashboard,
+                   runtime_env={"env_vars": {k: os.environ[k] for k in _DEFAULTS}, "worker_process_setup_hook": _HOOK})
+    session = ctx.address_info.get("session_dir")
+    print(f"[saescale] Ray: started an embedded local Ray ({cpus} CPUs"
+          + (f", dashboard http://{ctx.dashboard_url}" if ctx.dashboard_url else "")
+          + f"; logs in {os.path.join(session, 'logs') if session else '?'}); it stops when this process ends "
+          "(set ray.address or RAY_ADDRESS to use a running cluster)", flush=True)
+    return RayStarted(True, ctx.address_info.get("gcs_address", ""), ctx.dashboard_url or None, session)

@@ -10,17 +10,50 @@ that cluster and uses its job server.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-from saescale.service.ray_local import apply_env_defaults
-from saescale.sweeps.scheduler import SweepError, SweepRun
+from saescale.service.ray_local import apply_env_defaults, ensure_ray
+from saescale.sweeps.scheduler import BackendUnavailable, SweepError, SweepRun, one_line
 
 # the local folders a remote cluster does not need (uploaded as the jobs' working_dir otherwise)
 WORKING_DIR_EXCLUDES = [".venv", ".git", "runs", "outputs", "multirun", "docs", "**/__pycache__"]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a JobSubmissionClient call's error may pass on a retry: no connection, a dropped
+    or timed-out one (requests' exceptions; the client raises them as they come), or a 5xx / 429
+    answer (the client raises RuntimeError("Request failed with status code 503: ...")). A 4xx
+    answer (no such job, a bad request) or an authentication error is final."""
+    import requests
+
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                        requests.exceptions.ChunkedEncodingError, ConnectionError, TimeoutError)):
+        return True
+    return isinstance(exc, RuntimeError) and re.search(r"status code (5\d\d|429)\b", str(exc)) is not None
+
+
+# Ray's job agent listens on this port (ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT), and
+# ray.init() offers no way to move it: a second Ray on the machine finds it taken, and its job
+# server then answers every submit with "No available agent to submit job" until it is stopped.
+JOB_AGENT_PORT = 52365
+
+
+def _port_taken(port: int) -> bool:
+    """Whether a process listens on `port` (SO_REUSEADDR, as the agent's server sets it: closed
+    connections of an earlier Ray waiting out TIME_WAIT do not count)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return True
+    return False
 
 
 def _free_port() -> int:
@@ -42,21 +75,26 @@ class RayJobsBackend:
         self.cwd = os.getcwd()
         self.started_ray = False
         self.capacity: tuple[float, float] | None = None
+        self._submission_ids: dict[int, str] = {}
         address = address or os.environ.get("RAY_ADDRESS")
         if address and address.startswith(("http://", "https://")):
             dashboard = address  # a remote job server: its size is not visible from here
         else:
-            if address:
-                ctx = ray.init(address=address, log_to_driver=False)
-            else:
-                # logical CPUs beyond the cores leave Ray Data room beside the training workers
-                ctx = ray.init(num_cpus=num_cpus or 2 * (os.cpu_count() or 1), include_dashboard=True,
-                               dashboard_host="127.0.0.1", dashboard_port=_free_port(), log_to_driver=False)
-                self.started_ray = True
-            if not ctx.dashboard_url:
+            if not address and _port_taken(JOB_AGENT_PORT):
+                raise SweepError(f"port {JOB_AGENT_PORT}, where the job agent of the sweep's own Ray would listen, "
+                                 "is taken by another Ray on this machine (such as a `ray start --head`), so that "
+                                 "Ray could run no jobs: run the sweep on the running cluster with "
+                                 "hydra.launcher.address=auto (or its job server, e.g. http://127.0.0.1:8265), or stop it")
+            # logical CPUs beyond the cores leave Ray Data room beside the training workers
+            started = ensure_ray(address, num_cpus or 2 * (os.cpu_count() or 1), dashboard_port=_free_port(),
+                                 log_to_driver=False)
+            if started is None:
+                raise SweepError("Ray is already initialised in this process; the sweep starts or joins its own")
+            self.started_ray = started.embedded
+            if not started.dashboard_url:
                 raise SweepError("the Ray cluster has no dashboard, so no job server: start it with "
                                  "`ray start --head` from an environment with ray[default]")
-            dashboard = "http://" + ctx.dashboard_url
+            dashboard = "http://" + started.dashboard_url
             resources = ray.cluster_resources()
             self.capacity = (float(resources.get("CPU", 0)), float(resources.get("GPU", 0)))
         self.local = self.started_ray or dashboard.startswith(("http://127.0.0.1", "http://localhost"))
@@ -77,30 +115,51 @@ class RayJobsBackend:
             return f"cd {shlex.quote(self.cwd)} && {shlex.quote(sys.executable)} {shlex.quote(self.script)} {args}"
         return f"python {shlex.quote(os.path.relpath(self.script, self.cwd))} {args}"
 
+    def _call(self, what: str, call: Callable[[], Any]) -> Any:
+        """One job-server call; errors that may pass become BackendUnavailable (retried by the
+        scheduler), the rest propagate as they are."""
+        try:
+            return call()
+        except Exception as exc:
+            if is_transient(exc):
+                raise BackendUnavailable(f"the Ray job server at {self.dashboard} failed {what}: "
+                                         f"{one_line(exc)[:300]}") from exc
+            raise
+
     def submit(self, run: SweepRun) -> str:
         runtime_env = None if self.local else {"working_dir": self.cwd, "excludes": WORKING_DIR_EXCLUDES}
-        return self.client.submit_job(
-            entrypoint=self.entrypoint(run), runtime_env=runtime_env,
-            submission_id=f"{run.run_name}-{run.num}-{os.urandom(3).hex()}",
-            metadata={"saescale_run": run.run_name, "sweep_job": str(run.num)},
-            entrypoint_num_cpus=0)  # the training workers hold the CPUs, not the driver
+        # the same submission id on every attempt: a retry after a lost answer cannot start a second job
+        submission_id = self._submission_ids.setdefault(run.num, f"{run.run_name}-{run.num}-{os.urandom(3).hex()}")
+        try:
+            job_id = self._call("a submit", lambda: self.client.submit_job(
+                entrypoint=self.entrypoint(run), runtime_env=runtime_env, submission_id=submission_id,
+                metadata={"saescale_run": run.run_name, "sweep_job": str(run.num)},
+                entrypoint_num_cpus=0))  # the training workers hold the CPUs, not the driver
+        except RuntimeError as exc:
+            if f"{submission_id} already exists" not in str(exc):
+                raise
+            job_id = submission_id  # an earlier attempt went through; its answer was lost
+        del self._submission_ids[run.num]
+        return job_id
 
     def status(self, job_id: str) -> str:
-        return str(self.client.get_job_status(job_id).value)
+        return str(self._call("a status query", lambda: self.client.get_job_status(job_id)).value)
 
     def info(self, job_id: str) -> dict[str, Any]:
-        info = self.client.get_job_info(job_id)
+        info = self._call("a job info query", lambda: self.client.get_job_info(job_id))
         seconds = (lambda ms: ms / 1000.0 if ms else None)
         return {"start_time": seconds(info.start_time), "end_time": seconds(info.end_time), "message": info.message}
 
     def logs(self, job_id: str) -> str:
         try:
-            return self.client.get_job_logs(job_id)
+            return self._call("a logs query", lambda: self.client.get_job_logs(job_id))
+        except BackendUnavailable:
+            raise
         except Exception as exc:  # noqa: BLE001 - a missing log must not fail the sweep
             return f"(no logs: {exc})"
 
     def stop(self, job_id: str) -> None:
-        self.client.stop_job(job_id)
+        self._call("a stop request", lambda: self.client.stop_job(job_id))
 
     def close(self) -> None:
         import ray

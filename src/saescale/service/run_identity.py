@@ -1,0 +1,84 @@
+"""A training run's identity: a readable name plus a short hash of the settings that define its result.
+
+Output folders, Ray Train checkpoints and the sweep's skip-finished rule are keyed by
+`run_id = <run_name>-<config_hash>`, so two runs that differ in any setting that changes the
+trained SAE (say train.lr, which the readable name does not show) never share a folder or a
+checkpoint, while rerunning the same command finds its own run again. Settings that do not change
+the SAE (logging cadence, wandb, exports, paths, endpoints, memory hints, fault/debug hooks)
+are left out, and so is the cluster layout (parallel.*): changing them still resumes the same run.
+
+No Ray here: the job, the Hydra launcher and the sweep scheduler all import this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from saescale import storage
+
+# the config sections whose values define the trained SAE (the model is named by data.cache).
+# Not `parallel`: the cluster layout does not define the result (tensor parallelism is exact,
+# data parallelism averages the same global batch) and checkpoints reshard, so the same command
+# on another number of workers or another tp resumes the same run.
+IDENTITY_SECTIONS = ("sae", "train", "data")
+# keys of those sections that do not change the trained SAE
+NOT_IDENTITY = {
+    "train": ("log_every", "histogram_every", "checkpoint_every"),
+    "data": ("endpoint_url", "heldout_tokens", "prefetch_batches"),
+}
+HASH_CHARS = 8
+
+
+def identity_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved settings the hash covers, as plain data (credentials dropped from the cache URL)."""
+    out: dict[str, Any] = {}
+    for section in IDENTITY_SECTIONS:
+        node = cfg.get(section)
+        if node is None:
+            continue
+        values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        for key in NOT_IDENTITY.get(section, ()):
+            values.pop(key, None)
+        out[section] = values
+    data = out.get("data", {})
+    if isinstance(data.get("cache"), str):
+        data["cache"] = _without_credentials(data["cache"]).rstrip("/")
+    return out
+
+
+def _without_credentials(url: str) -> str:
+    """`s3://key:secret@bucket/x` -> `s3://bucket/x`: rotating a credential keeps the run."""
+    return storage.redact(url).replace("://***@", "://", 1)
+
+
+def config_hash(cfg: Mapping[str, Any]) -> str:
+    """Short hex digest of `identity_config(cfg)`; equal configs give equal hashes in any process."""
+    text = json.dumps(identity_config(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
+
+
+def local_run_dir(output_dir: str, run_id: str) -> str:
+    """Where Hydra keeps a run's own files: `<output_dir>/hydra` when output_dir is local, else a
+    local `$SAESCALE_RUNS/hydra/<run_id>` (Hydra writes with plain os calls, not fsspec)."""
+    if "://" not in output_dir:
+        return os.path.join(output_dir, "hydra")
+    return os.path.join(os.environ.get("SAESCALE_RUNS", "runs"), "hydra", run_id)
+
+
+def _hash_of_root(*, _root_: DictConfig) -> str:
+    return config_hash(_root_)
+
+
+def register_resolvers() -> None:
+    """`${saescale.config_hash:}` and `${saescale.local_run_dir:<output_dir>,<run_id>}` for the
+    job configs; call before Hydra loads one (idempotent)."""
+    if not OmegaConf.has_resolver("saescale.config_hash"):
+        OmegaConf.register_new_resolver("saescale.config_hash", _hash_of_root)
+    if not OmegaConf.has_resolver("saescale.local_run_dir"):
+        OmegaConf.register_new_resolver("saescale.local_run_dir", local_run_dir)

@@ -1,0 +1,298 @@
+"""The Ray Data stream of cached shards that feeds the Ray Train workers.
+
+One Ray Dataset: the cache's training shards listed once per epoch, each epoch in its own seeded
+shuffled order (one continuous stream: no pipeline restart and start-up wait at epoch
+boundaries), one read task per shard, executed in order (`preserve_order`), so the stream of
+every rank is a pure function of the seed.
+
+Every shard is verified as it is read: its bytes are read once, into one buffer, hashed chunk by
+chunk as they arrive, and compared with the manifest's sha256 before Parquet parses that buffer.
+A corrupt, truncated or missing shard raises `CorruptShardError` with one line naming the shard
+and how to rebuild the cache; `StopOnCorruptShard` makes Ray Train end the run on it instead of
+restarting the worker group (the same bytes would fail again).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import posixpath
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from saescale.data.format import CorruptShardError
+
+ACT_COLUMN = "act"
+ROW_ID_COLUMNS = ["window", "pos"]
+READ_CHUNK = 8 << 20  # bytes hashed per step while a shard streams in
+
+
+@dataclass
+class DataPlan:
+    """What every rank reads: the files of all epochs in order, and how many batches of what size."""
+
+    files: list[str]  # training shard paths inside the filesystem, one epoch's worth
+    rows: int  # rows of one epoch
+    per_rank_batch: int
+    total_steps: int
+    epochs: int
+    seed: int
+    sha256: list[str] = field(default_factory=list)  # the manifest's digest of each file
+    sizes: list[int] = field(default_factory=list)  # the manifest's byte count of each file
+
+
+def plan_data(rows: int, files: list[str], batch_size: int, world: int, epochs: int, seed: int, *,
+              sha256: list[str], sizes: list[int]) -> DataPlan:
+    if not len(files) == len(sha256) == len(sizes):
+        raise ValueError(f"{len(files)} shard files but {len(sha256)} digests and {len(sizes)} sizes")
+    per_rank = batch_size // world
+    steps = (rows * epochs // world) // per_rank  # equal=True gives each rank floor(rows / world) rows
+    if steps == 0:
+        raise ValueError(f"train.batch_size={batch_size} is larger than the {rows * epochs} training rows")
+    return DataPlan(files, rows, per_rank, steps, epochs, seed, list(sha256), list(sizes))
+
+
+def epoch_files(files: list[str], seed: int, epoch: int) -> list[str]:
+    """The shuffled file order of one epoch (a pure function of seed and epoch)."""
+    return [files[i] for i in np.random.default_rng([seed, epoch]).permutation(len(files))]
+
+
+def make_collate(dtype: str, d_model: int, with_ids: bool):
+    """Zero-copy Arrow -> torch for the fixed_size_binary activation column (the default collate
+    cannot read binary columns); with ids, also each row's (window, pos) as one int64."""
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    from saescale.data.format import activations_from_column
+
+    class ActivationCollate(ArrowBatchCollateFn):
+        def __call__(self, batch):  # batch: pyarrow.Table
+            # kept in the cache dtype: the TP all-gather moves half the bytes; the trainer upcasts
+            acts = activations_from_column(batch.column(ACT_COLUMN), dtype, d_model)
+            if not with_ids:
+                return acts
+            window = torch.from_numpy(batch.column("window").to_numpy().astype(np.int64))
+            pos = torch.from_numpy(batch.column("pos").to_numpy().astype(np.int64))
+            return acts, window * 65536 + pos
+
+    return ActivationCollate()
+
+
+# --------------------------------------------------------------------------- verified reads
+@dataclass(frozen=True)
+class ShardCheck:
+    """What one file must be, and what to say when it is not."""
+
+    sha256: str
+    size: int
+    where: str  # "<shard file> in <cache url>"
+    remedy: str
+
+
+def _hydra_arg(key: str, value: Any) -> str:
+    """key=value as a shell word Hydra parses back to the same value."""
+    if value is None:
+        text = "null"
+    elif isinstance(value, bool):
+        text = str(value).lower()
+    else:
+        text = str(value)
+        plain = re.fullmatch(r"[\w./:+*@~-]+", text) and not re.fullmatch(r"null|true|false|[-+.\d]+", text, re.I)
+        if isinstance(value, str) and not plain:  # Hydra's quoted string: stays this exact string
+            text = "'" + text.replace("'", "\\'") + "'"
+    word = f"{key}={text}"
+    if shlex.quote(word) == word or re.search(r'["$`\\!]', word):
+        return shlex.quote(word)
+    return f'"{word}"'  # readable around Hydra's single quotes
+
+
+def rebuild_hint(cache_url: str, build_config: dict[str, Any], endpoint_url: str | None = None) -> str:
+    """How to rebuild a damaged cache. A finished cache is not re-checked by jobs/cache.py (a rerun
+    is a no-op while manifest.json exists) and its build folder is gone, so the rebuild recomputes
+    every shard: the command carries the settings from the manifest about to be removed."""
+    from saescale import storage
+
+    url = storage.redact(cache_url)
+    args = [_hydra_arg("output", url)] + [_hydra_arg(k, v) for k, v in build_config.items()]
+    if endpoint_url:
+        args.append(_hydra_arg("storage.endpoint_url", endpoint_url))
+    return (f"rebuild the cache: remove {storage.join(url, 'manifest.json')} and run "
+            f"python jobs/cache.py {' '.join(args)}")
+
+
+def cache_remedy(cache_url: str, storage_options: dict[str, Any] | None) -> str:
+    """`rebuild_hint` for the cache at `cache_url`, from its manifest."""
+    from saescale.data.builder import load_manifest
+
+    endpoint = ((storage_options or {}).get("client_kwargs") or {}).get("endpoint_url")
+    return rebuild_hint(cache_url, load_manifest(cache_url, storage_options).build_config, endpoint)
+
+
+def shard_error(check: ShardCheck, problem: str) -> CorruptShardError:
+    return CorruptShardError(f"{check.where}: {problem}; {check.remedy}")
+
+
+def read_verified(stream, check: ShardCheck, columns: list[str] | None):
+    """Read a shard's stream once into one buffer, hashing each chunk as it lands; parse the
+    Parquet only when the bytes are the manifest's (no second pass over the file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = bytearray(check.size)
+    view = memoryview(buffer)
+    digest = hashlib.sha256()
+    got = 0
+    while got < check.size:
+        n = stream.readinto(view[got: got + READ_CHUNK])
+        if not n:
+            raise shard_error(check, f"truncated ({got} of the manifest's {check.size} bytes)")
+        digest.update(view[got: got + n])
+        got += n
+    if stream.read(1):
+        raise shard_error(check, f"checksum mismatch (longer than the manifest's {check.size} bytes)")
+    if digest.hexdigest() != check.sha256:
+        raise shard_error(check, f"checksum mismatch (sha256 {digest.hexdigest()[:16]}..., "
+                                 f"manifest says {check.sha256[:16]}...)")
+    return pq.read_table(pa.py_buffer(buffer), columns=columns)
+
+
+@functools.cache
+def _datasource_class():
+    """Defined on first use: Ray is imported only where the stream is built or read."""
+    from ray.data.datasource import FileBasedDatasource
+    from ray.data.datasource.file_meta_provider import DefaultFileMetadataProvider
+
+    class ManifestSizes(DefaultFileMetadataProvider):
+        """File sizes from the manifest: no listing or stat per shard and epoch (a HEAD each on S3)."""
+
+        def __init__(self, sizes: dict[str, int]) -> None:
+            self.sizes = sizes
+
+        def expand_paths(self, paths, filesystem, partitioning=None, ignore_missing_paths=False):
+            for path in paths:
+                yield path, self.sizes[path]
+
+    class VerifiedShards(FileBasedDatasource):
+        """Cache shards read as checksummed byte streams (see `read_verified`)."""
+
+        def __init__(self, checks: dict[str, ShardCheck], columns: list[str] | None, filesystem) -> None:
+            import ray
+
+            paths = list(checks)
+            super().__init__(paths, filesystem=filesystem, shuffle=None,
+                             meta_provider=ManifestSizes({p: c.size for p, c in checks.items()}))
+            missing = set(self._paths()) - set(paths)
+            if missing:  # Ray renamed a path: the checks could not be found in the read tasks
+                raise ValueError(f"internal: Ray Data resolved shard paths to {sorted(missing)[:3]}")
+            self._checks_ref = ray.put(checks)  # one copy in the object store, not one per read task
+            self._columns = columns
+
+        def _open_input_source(self, filesystem, path: str, **open_args):
+            try:
+                # unbuffered: readinto fills our buffer directly
+                return filesystem.open_input_stream(path, compression=None, buffer_size=0)
+            except FileNotFoundError:
+                import ray
+
+                raise shard_error(ray.get(self._checks_ref)[path], "missing") from None
+
+        def _read_stream(self, f, path: str):
+            import ray
+
+            yield read_verified(f, ray.get(self._checks_ref)[path], self._columns)
+
+    return VerifiedShards
+
+
+def make_datasets(plan: DataPlan, filesystem, with_ids: bool, cache_url: str, remedy: str) -> dict[str, Any]:
+    """{"train": the verified stream of all epochs}; `cache_url` and `remedy` go into the error."""
+    import ray.data
+
+    from saescale import storage
+
+    if len(plan.sha256) != len(plan.files) or len(plan.sizes) != len(plan.files):
+        raise ValueError("the data plan has no sha256/size for every shard: shards must be verified as read")
+    checks = {path: ShardCheck(digest, size, f"{posixpath.basename(path)} in {storage.redact(cache_url)}", remedy)
+              for path, digest, size in zip(plan.files, plan.sha256, plan.sizes)}
+    columns = [ACT_COLUMN] + (ROW_ID_COLUMNS if with_ids else [])
+    source = _datasource_class()
+    # one read per epoch (its paths are distinct), concatenated; one read task per shard, so the
+    # first batch waits for one shard
+    epochs = [ray.data.read_datasource(source({p: checks[p] for p in epoch_files(plan.files, plan.seed, e)},
+                                              columns, filesystem), override_num_blocks=len(plan.files))
+              for e in range(plan.epochs)]
+    return {"train": epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]}
+
+
+def find_corrupt_shard(error: BaseException | None) -> CorruptShardError | None:
+    """The CorruptShardError behind a Ray task, worker group or controller error, if any. Ray's
+    RayTaskError copies also pass `isinstance(CorruptShardError)`, but their text is a remote
+    traceback: the search follows them to their `cause`, the original with its one-line message."""
+    pending, seen = [error], set()
+    while pending:
+        exc = pending.pop()
+        if not isinstance(exc, BaseException) or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if type(exc) is CorruptShardError:
+            return exc
+        pending += [exc.__context__, exc.__cause__, *(getattr(exc, "worker_failures", None) or {}).values(),
+                    getattr(exc, "controller_failure", None), getattr(exc, "cause", None)]
+    return None
+
+
+def first_line(error: BaseException) -> str:
+    """An error's own message: Ray Data appends retry advice to it on further lines."""
+    return str(error).split("\n", 1)[0].strip()
+
+
+def corrupt_shard_line(error: CorruptShardError, cache_url: str, remedy: str) -> str:
+    """The error as the driver's one line: the stream's messages name the shard, the cache and the
+    remedy already; the workers' initialisation read (ActivationCache) names only the shard."""
+    from saescale import storage
+
+    text = first_line(error)
+    return text if remedy in text else f"{text} (cache {storage.redact(cache_url)}); {remedy}"
+
+
+@functools.cache
+def _stop_callback_class():
+    from ray.train import ControllerError, UserCallback
+
+    class StopOnCorruptShard(UserCallback):
+        """Runs in the Ray Train controller: a worker failing on a corrupt shard ends the run
+        (a ControllerError is not retried) instead of costing `max_failures` restarts that
+        would read the same bytes again."""
+
+        def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+            for exc in worker_exceptions.values():
+                corrupt = find_corrupt_shard(exc)
+                if corrupt is not None:
+                    raise ControllerError(CorruptShardError(first_line(corrupt)))
+
+    return StopOnCorruptShard
+
+
+def stop_on_corrupt_shard():
+    """A Ray Train `UserCallback` (for `RunConfig(callbacks=...)`): see StopOnCorruptShard."""
+    return _stop_callback_class()()
+
+
+# ------------------------------------------------------------------------------- filesystems
+def arrow_filesystem(url: str, storage_options: dict[str, Any] | None):
+    """(pyarrow filesystem, path inside it) for any fsspec URL: local paths use pyarrow's own
+    local filesystem, anything else goes through fsspec (s3fs honours endpoint_url options)."""
+    import pyarrow.fs as pafs
+    from fsspec.implementations.local import LocalFileSystem
+
+    from saescale import storage
+
+    fs, path = storage.url_to_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
