@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench bench-large demo-sweep clean
+.PHONY: install train test lint format bench bench-large demo-sweep clean
 
 install: $(STAMP)
 
@@ -26,6 +26,14 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: install  ## ruff: lint and format check (configured in pyproject.toml); `make format` fixes
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: install
 	$(BIN)/saescale bench cache

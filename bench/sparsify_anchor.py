@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
+from saescale.evaluation.reconstruction import nmse
+
 Batches = Callable[[], Iterable[Tensor]]
 
 
@@ -45,19 +47,16 @@ def checksum(batch: Tensor) -> str:
     return hashlib.sha1(batch.contiguous().numpy().tobytes()).hexdigest()[:12]
 
 
-def nmse(x_hat: Tensor, x: Tensor) -> float:
-    return float((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-
-
-def train_saescale(batches: Batches, heldout: Tensor, n_latents: int, k: int, dead_tokens: int, seed: int,
-                   lr: float | None = None) -> dict:
-    from saescale.core.config import SAEConfig, TrainConfig
-    from saescale.evaluation.reconstruction import reconstruction_metrics
+def train_saescale(
+    batches: Batches, heldout: Tensor, n_latents: int, k: int, dead_tokens: int, seed: int, lr: float | None = None
+) -> dict:
+    from saescale.core.config import NEVER, SAEConfig, TrainConfig
     from saescale.core.model import TopKSAE
+    from saescale.evaluation.reconstruction import reconstruction_metrics
     from saescale.train.trainer import Trainer
 
     sae = TopKSAE(SAEConfig(d_in=heldout.shape[1], n_latents=n_latents, k=k, dead_tokens_threshold=dead_tokens))
-    trainer = Trainer(sae, TrainConfig(lr=lr, seed=seed, log_every=10**9, histogram_every=10**9))
+    trainer = Trainer(sae, TrainConfig(lr=lr, seed=seed, log_every=NEVER, histogram_every=NEVER))
     seen: list[str] = []
 
     def recorded() -> Iterator[Tensor]:
@@ -69,13 +68,29 @@ def train_saescale(batches: Batches, heldout: Tensor, n_latents: int, k: int, de
     trainer.fit(recorded())
     seconds = time.perf_counter() - start
     metrics = reconstruction_metrics(sae, heldout)
-    return {"nmse": metrics.nmse, "dead_fraction_train": float(trainer.tracker.dead_mask().float().mean()),
-            "dead_fraction_heldout": metrics.dead_fraction, "steps": trainer.step, "tokens": trainer.tokens_seen,
-            "seconds": seconds, "lr": trainer.base_lr, "batches": seen}
+    return {
+        "nmse": metrics.nmse,
+        "dead_fraction_train": float(trainer.tracker.dead_mask().float().mean()),
+        "dead_fraction_heldout": metrics.dead_fraction,
+        "steps": trainer.step,
+        "tokens": trainer.tokens_seen,
+        "seconds": seconds,
+        "lr": trainer.base_lr,
+        "batches": seen,
+    }
 
 
-def train_sparsify(batches: Batches, heldout: Tensor, n_latents: int, k: int, dead_tokens: int, seed: int,
-                   recipe: str, total_steps: int, lr_scale: float = 1.0) -> dict:
+def train_sparsify(
+    batches: Batches,
+    heldout: Tensor,
+    n_latents: int,
+    k: int,
+    dead_tokens: int,
+    seed: int,
+    recipe: str,
+    total_steps: int,
+    lr_scale: float = 1.0,
+) -> dict:
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(seed)
@@ -123,23 +138,38 @@ def train_sparsify(batches: Batches, heldout: Tensor, n_latents: int, k: int, de
         out = sae(heldout.float())
     fired = torch.zeros(n_latents, dtype=torch.bool)
     fired[out.latent_indices.flatten()] = True
-    return {"nmse": nmse(out.sae_out.float(), heldout.float()),
-            "dead_fraction_train": float((since_fired >= dead_tokens).float().mean()),
-            "dead_fraction_heldout": float((~fired).float().mean()), "steps": len(seen),
-            "tokens": len(seen) * batch.shape[0], "seconds": seconds, "lr": lr, "auxk_alpha": auxk_alpha,
-            "batches": seen}
+    return {
+        "nmse": nmse(out.sae_out.float(), heldout.float()),
+        "dead_fraction_train": float((since_fired >= dead_tokens).float().mean()),
+        "dead_fraction_heldout": float((~fired).float().mean()),
+        "steps": len(seen),
+        "tokens": len(seen) * batch.shape[0],
+        "seconds": seconds,
+        "lr": lr,
+        "auxk_alpha": auxk_alpha,
+        "batches": seen,
+    }
 
 
-def run_anchor(batches: Batches, heldout: Tensor, n_latents: int, k: int, dead_tokens: int, seed: int = 0,
-               recipes: tuple[str, ...] = ("sparsify_default", "sparsify_adam_auxk"), lr: float | None = None,
-               sparsify_lr_scale: float = 1.0) -> dict:
+def run_anchor(
+    batches: Batches,
+    heldout: Tensor,
+    n_latents: int,
+    k: int,
+    dead_tokens: int,
+    seed: int = 0,
+    recipes: tuple[str, ...] = ("sparsify_default", "sparsify_adam_auxk"),
+    lr: float | None = None,
+    sparsify_lr_scale: float = 1.0,
+) -> dict:
     """Train saescale and each sparsify recipe on `batches()` (called once per trainer; it must
     yield the same batches each time) and score them on `heldout`."""
     total_steps = sum(1 for _ in batches())
     results = {"saescale": train_saescale(batches, heldout, n_latents, k, dead_tokens, seed, lr)}
     for recipe in recipes:
-        results[recipe] = train_sparsify(batches, heldout, n_latents, k, dead_tokens, seed, recipe, total_steps,
-                                         sparsify_lr_scale)
+        results[recipe] = train_sparsify(
+            batches, heldout, n_latents, k, dead_tokens, seed, recipe, total_steps, sparsify_lr_scale
+        )
     for name, res in results.items():
         if res["batches"] != results["saescale"]["batches"]:
             raise RuntimeError(f"{name} did not see the same batches as saescale")
@@ -147,8 +177,10 @@ def run_anchor(batches: Batches, heldout: Tensor, n_latents: int, k: int, dead_t
     for recipe in recipes:
         theirs = results[recipe]
         theirs["ours_over_theirs_nmse"] = ours["nmse"] / theirs["nmse"]
-        no_worse = (ours["nmse"] <= theirs["nmse"] * 1.02
-                    and ours["dead_fraction_train"] <= theirs["dead_fraction_train"] + 0.01)
+        no_worse = (
+            ours["nmse"] <= theirs["nmse"] * 1.02
+            and ours["dead_fraction_train"] <= theirs["dead_fraction_train"] + 0.01
+        )
         theirs["verdict"] = "ours no worse" if no_worse else "ours worse"
     return results
 
@@ -181,12 +213,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--dead-tokens", type=int, default=65536, help="a latent is dead after this many tokens unfired")
+    parser.add_argument(
+        "--dead-tokens", type=int, default=65536, help="a latent is dead after this many tokens unfired"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=None, help="saescale's lr (default: its 2e-4/sqrt(N/2^14))")
     parser.add_argument("--sparsify-lr-scale", type=float, default=1.0, help="multiplies sparsify's default lr")
-    parser.add_argument("--recipes", default="sparsify_default,sparsify_adam_auxk",
-                        help="comma-separated sparsify recipes to run ('' for saescale alone)")
+    parser.add_argument(
+        "--recipes",
+        default="sparsify_default,sparsify_adam_auxk",
+        help="comma-separated sparsify recipes to run ('' for saescale alone)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the JSON result here too")
     args = parser.parse_args(argv)
@@ -196,28 +233,36 @@ def main(argv: list[str] | None = None) -> int:
     try:
         batches, heldout = cache_batches(args.cache, args.batch, args.epochs, args.seed)
     except (storage.StorageError, FileNotFoundError, ValueError, RuntimeError) as exc:  # CacheError is a RuntimeError
-        print(f"error: cannot read the activation cache {args.cache}: {exc}\n"
-              f"build it first with `python jobs/cache.py`", file=sys.stderr)
+        print(
+            f"error: cannot read the activation cache {args.cache}: {exc}\nbuild it first with `python jobs/cache.py`",
+            file=sys.stderr,
+        )
         return 2
     import sparsify
 
     recipes = tuple(r for r in args.recipes.split(",") if r)
-    results = run_anchor(batches, heldout, args.n_latents, args.k, args.dead_tokens, args.seed, recipes, args.lr,
-                         args.sparsify_lr_scale)
+    results = run_anchor(
+        batches, heldout, args.n_latents, args.k, args.dead_tokens, args.seed, recipes, args.lr, args.sparsify_lr_scale
+    )
     for res in results.values():
         res.pop("batches")
-    report = {"settings": vars(args), "heldout_rows": heldout.shape[0],
-              "versions": {"sparsify": getattr(sparsify, "__version__", "eai-sparsify"), "torch": torch.__version__},
-              "results": results}
+    report = {
+        "settings": vars(args),
+        "heldout_rows": heldout.shape[0],
+        "versions": {"sparsify": getattr(sparsify, "__version__", "eai-sparsify"), "torch": torch.__version__},
+        "results": results,
+    }
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
         storage.write_json_atomic(args.out, report)
     for name, res in results.items():
         if "verdict" in res:
-            print(f"vs {name}: ours NMSE {results['saescale']['nmse']:.4f} vs {res['nmse']:.4f} "
-                  f"(ratio {res['ours_over_theirs_nmse']:.3f}); dead {results['saescale']['dead_fraction_train']:.3%} "
-                  f"vs {res['dead_fraction_train']:.3%}: {res['verdict']}")
+            print(
+                f"vs {name}: ours NMSE {results['saescale']['nmse']:.4f} vs {res['nmse']:.4f} "
+                f"(ratio {res['ours_over_theirs_nmse']:.3f}); dead {results['saescale']['dead_fraction_train']:.3%} "
+                f"vs {res['dead_fraction_train']:.3%}: {res['verdict']}"
+            )
     return 0
 
 

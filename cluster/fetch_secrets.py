@@ -38,7 +38,9 @@ def set_netrc(host: str, password: str) -> None:
     kept: list[str] = []
     if os.path.exists(path):
         skip = False
-        for line in open(path).read().splitlines():
+        with open(path) as handle:
+            lines = handle.read().splitlines()
+        for line in lines:
             if line.strip().startswith("machine "):
                 skip = line.split()[1] == host
             if not skip:

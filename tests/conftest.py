@@ -21,7 +21,6 @@ def _threads():
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3-compatible HTTP server (moto) on loopback, for the whole test session."""
-    import socket
 
     import logging
 
@@ -29,9 +28,9 @@ def s3_endpoint():
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from saescale.net import free_port
+
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -64,8 +63,15 @@ def tiny_model_dir(tmp_path_factory):
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(EMBEDDED_MODEL))
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -81,8 +87,14 @@ def small_cache(tmp_path_factory):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path_factory.mktemp("cache") / "smol"
-    cmd = [sys.executable, os.path.join(root, "jobs", "cache.py"), f"output={out}", "use_ray=false",
-           "max_tokens=4096", "rows_per_shard=1024"]
+    cmd = [
+        sys.executable,
+        os.path.join(root, "jobs", "cache.py"),
+        f"output={out}",
+        "use_ray=false",
+        "max_tokens=4096",
+        "rows_per_shard=1024",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "cache ready: 4" in proc.stdout

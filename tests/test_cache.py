@@ -13,7 +13,8 @@ from saescale.data.format import CorruptShardError
 from saescale.data.reader import ActivationCache
 from saescale.lm.corpus import CorpusError
 from saescale.lm.hooks import HookError, run_to_hook
-from saescale.lm.models import ModelLoadError, load_causal_lm, resolve_model_dir
+from saescale.lm.models import ModelLoadError, load_causal_lm
+from saescale.net import free_port
 from saescale.storage import StorageError
 
 
@@ -29,8 +30,16 @@ def corpus_dir(tmp_path_factory):
 
 
 def tiny_cfg(model, corpus, output, **kw):
-    base = dict(model=model, corpus=corpus, output=output, layer=1, max_tokens=3000, rows_per_shard=700,
-                use_ray=False, windows_per_batch=8)
+    base = dict(
+        model=model,
+        corpus=corpus,
+        output=output,
+        layer=1,
+        max_tokens=3000,
+        rows_per_shard=700,
+        use_ray=False,
+        windows_per_batch=8,
+    )
     base.update(kw)
     return CacheConfig(**base)
 
@@ -70,7 +79,9 @@ def test_cache_on_s3_round_trip_equals_model(tiny_model_dir, corpus_dir, s3_buck
     assert len(docs) == len(manifest.documents) > 1
     # statistics for normalisation match the data
     all_rows = torch.cat([cache.read_shard(i, torch.float64) for i in range(len(manifest.shards))])
-    torch.testing.assert_close(torch.tensor(manifest.stats["mean"], dtype=torch.float64), all_rows.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(manifest.stats["mean"], dtype=torch.float64), all_rows.mean(0), rtol=1e-6, atol=1e-6
+    )
     assert manifest.stats["mean_sq_norm"] == pytest.approx(all_rows.pow(2).sum(1).mean().item(), rel=1e-6)
     # nothing left from the build
     import s3fs
@@ -150,8 +161,11 @@ def test_unwritable_file_destination(tiny_model_dir, corpus_dir, tmp_path):
 
 def test_unreachable_s3_and_missing_credentials(tiny_model_dir, corpus_dir, s3_bucket, monkeypatch):
     url, options = s3_bucket
-    dead = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, "skip_instance_cache": True,
-            "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
+    dead = {
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+        "skip_instance_cache": True,
+        "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
+    }
     with pytest.raises(CacheError, match="cannot access.*Could not connect"):
         build_cache(tiny_cfg(tiny_model_dir, corpus_dir, f"{url}/x", storage_options=dead), progress=lambda s: None)
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
@@ -173,8 +187,11 @@ def test_ray_actor_pool_gives_the_same_shards(tiny_model_dir, corpus_dir, tmp_pa
 
     local = build_cache(tiny_cfg(tiny_model_dir, corpus_dir, str(tmp_path / "local")), progress=lambda s: None)
     try:
-        via_ray = build_cache(tiny_cfg(tiny_model_dir, corpus_dir, str(tmp_path / "ray"), use_ray=True),
-                              progress=lambda s: None, part_runner=ray_part_runner)
+        via_ray = build_cache(
+            tiny_cfg(tiny_model_dir, corpus_dir, str(tmp_path / "ray"), use_ray=True),
+            progress=lambda s: None,
+            part_runner=ray_part_runner,
+        )
     finally:
         ray.shutdown()
     assert [s.sha256 for s in local.shards] == [s.sha256 for s in via_ray.shards]
@@ -184,8 +201,15 @@ def test_ray_actor_pool_gives_the_same_shards(tiny_model_dir, corpus_dir, tmp_pa
 def test_real_smollm2_cache_on_default_corpus(tmp_path):
     from saescale.lm.embedded import EMBEDDED_CORPUS, EMBEDDED_MODEL
 
-    cfg = CacheConfig(model=EMBEDDED_MODEL, corpus=EMBEDDED_CORPUS, output=str(tmp_path / "smol"), layer=8,
-                      max_tokens=3000, rows_per_shard=1024, use_ray=False)
+    cfg = CacheConfig(
+        model=EMBEDDED_MODEL,
+        corpus=EMBEDDED_CORPUS,
+        output=str(tmp_path / "smol"),
+        layer=8,
+        max_tokens=3000,
+        rows_per_shard=1024,
+        use_ray=False,
+    )
     manifest = build_cache(cfg, progress=lambda s: None)
     assert manifest.d_model == 576 and manifest.dtype == "float16" and manifest.context_length == 64
     cache = ActivationCache(cfg.output)
@@ -200,14 +224,6 @@ def test_bench_cache_reports_reader_rates():
     result = bench_cache(d_model=64, shards=3, rows_per_shard=2048, batch_size=1024, skip_writer=True)
     assert result["reader_local"]["rows"] == 6144 and result["reader_local"]["rows_per_s"] > 0
     assert result["reader_s3"]["rows"] == 6144 and result["reader_s3"]["rows_per_s"] > 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -227,28 +243,68 @@ def test_cache_job_through_ray_job_submit(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bin_dir = os.path.dirname(sys.executable)
     ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RAY_TMPDIR=ray_tmp,
-               RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        RAY_TMPDIR=ray_tmp,
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+    )
     for name in ("RAY_ADDRESS", "SAESCALE_RUNS"):  # the jobs' defaults stay relative, as for a new user
         env.pop(name, None)
-    address = f"http://127.0.0.1:{_free_port()}"
-    start = subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", "--num-cpus=2",
-                            "--dashboard-host=127.0.0.1", f"--dashboard-port={address.rsplit(':', 1)[1]}",
-                            f"--port={_free_port()}", "--disable-usage-stats"],
-                           env=env, capture_output=True, text=True, timeout=120)
+    address = f"http://127.0.0.1:{free_port()}"
+    start = subprocess.run(
+        [
+            os.path.join(bin_dir, "ray"),
+            "start",
+            "--head",
+            "--num-cpus=2",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={address.rsplit(':', 1)[1]}",
+            f"--port={free_port()}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert start.returncode == 0, start.stderr[-2000:]
 
     def submit(job_id: str, *entrypoint: str) -> subprocess.CompletedProcess:
-        return ray_job_submit([os.path.join(bin_dir, "ray"), "job", "submit", "--address", address, "--working-dir",
-                               root, "--submission-id", job_id, "--", "python", *entrypoint],
-                              env=env, timeout=300, cwd=root)
+        return ray_job_submit(
+            [
+                os.path.join(bin_dir, "ray"),
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                root,
+                "--submission-id",
+                job_id,
+                "--",
+                "python",
+                *entrypoint,
+            ],
+            env=env,
+            timeout=300,
+            cwd=root,
+        )
 
     try:
         client = JobSubmissionClient(address)
-        refused = {"relative-cache": (["jobs/cache.py", "output=runs/cache/x", "max_tokens=2000"],
-                                      "output=runs/cache/x is a relative path"),
-                   "relative-train": (["jobs/train.py", "data.cache=runs/cache/smollm2-resid8"],
-                                      "data.cache=runs/cache/smollm2-resid8, output_dir=runs/")}
+        refused = {
+            "relative-cache": (
+                ["jobs/cache.py", "output=runs/cache/x", "max_tokens=2000"],
+                "output=runs/cache/x is a relative path",
+            ),
+            "relative-train": (
+                ["jobs/train.py", "data.cache=runs/cache/smollm2-resid8"],
+                "data.cache=runs/cache/smollm2-resid8, output_dir=runs/",
+            ),
+        }
         for job_id, (entrypoint, message) in refused.items():
             job = submit(job_id, *entrypoint)
             assert job.returncode != 0 and client.get_job_status(job_id) == JobStatus.FAILED
@@ -282,7 +338,9 @@ def test_jsonl_and_parquet_corpora(tmp_path):
 
     from saescale.lm.corpus import iter_documents
 
-    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "first doc"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"text": "first doc"}) + "\n\n" + json.dumps({"text": "second"}) + "\n"
+    )
     pq.write_table(pa.table({"text": ["third", "fourth"]}), tmp_path / "b.parquet")
     docs = list(iter_documents(str(tmp_path)))
     assert [t for _, t in docs] == ["first doc", "second", "third", "fourth"]
@@ -336,8 +394,9 @@ def test_resume_ignores_temp_files_a_killed_write_left(tiny_model_dir, corpus_di
     assert not (out / "_work").exists()
 
 
-def test_resume_skips_published_shards_and_reassembles_damaged_ones(tiny_model_dir, corpus_dir, tmp_path,
-                                                                     reference_cache):
+def test_resume_skips_published_shards_and_reassembles_damaged_ones(
+    tiny_model_dir, corpus_dir, tmp_path, reference_cache
+):
     import shutil
 
     from saescale.data.builder import publish_shard
@@ -373,7 +432,7 @@ def test_cache_job_reports_a_corrupt_bucket_in_one_line(tiny_model_dir, corpus_d
     assert exited.value.code == 2, err[-3000:]
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("saescale cache: error: "), err[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("error: "), err[-3000:]
     assert "part-00000.parquet: unreadable Parquet" in errors[0]
     assert not (out / "manifest.json").exists()
 
@@ -387,8 +446,9 @@ def test_special_tokens_are_not_cached_by_default(tiny_model_dir, tmp_path):
     special = set(AutoTokenizer.from_pretrained(tiny_model_dir).all_special_ids)
     corpus = tmp_path / "chat"
     corpus.mkdir()
-    (corpus / "chat.txt").write_text(" ".join(f"<|im_start|>user line {i} of a chat<|im_end|><|endoftext|>"
-                                              for i in range(80)))
+    (corpus / "chat.txt").write_text(
+        " ".join(f"<|im_start|>user line {i} of a chat<|im_end|><|endoftext|>" for i in range(80))
+    )
     cfg = tiny_cfg(tiny_model_dir, str(corpus), str(tmp_path / "out"), max_tokens=600, rows_per_shard=256)
     assert cfg.drop_special_tokens  # the default under test
     manifest = build_cache(cfg, progress=lambda s: None)

@@ -4,9 +4,7 @@ the Ray Train job runs this same per-rank loop)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import socket
 
 import pytest
 import torch
@@ -15,12 +13,13 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from saescale.core.config import SAEConfig, TrainConfig
-from saescale.train.rank_setup import build_rank_trainer, local_share
-from saescale.distributed.mesh import ParallelDims
-from saescale.formats.saved import load_sae
-from saescale.train.checkpoint import StorageCheckpointer, export_gathered, step_dir
 from saescale.core.model import TopKSAE
 from saescale.core.synthetic import SparseDictionary
+from saescale.distributed.mesh import ParallelDims
+from saescale.formats.saved import load_sae
+from saescale.net import free_port
+from saescale.train.checkpoint import StorageCheckpointer, export_gathered, step_dir
+from saescale.train.rank_setup import build_rank_trainer, local_share
 from saescale.train.trainer import Trainer
 
 STEPS, BATCH = 12, 64
@@ -28,8 +27,9 @@ STEPS, BATCH = 12, 64
 
 def _cfgs() -> tuple[SAEConfig, TrainConfig]:
     # a low dead threshold so AuxK runs (and must agree) in the later steps
-    sae = SAEConfig(d_in=16, n_latents=128, k=4, k_aux=8, dead_tokens_threshold=3 * BATCH,
-                    aux_precision="float32", multi_topk=False)
+    sae = SAEConfig(
+        d_in=16, n_latents=128, k=4, k_aux=8, dead_tokens_threshold=3 * BATCH, aux_precision="float32", multi_topk=False
+    )
     train = TrainConfig(lr=3e-3, log_every=1, histogram_every=1000, seed=7, clip_grad_norm=5.0, ema_decay=0.9)
     return sae, train
 
@@ -40,12 +40,6 @@ def _data() -> tuple[torch.Tensor, list[torch.Tensor]]:
     return truth.sample(512, g), [truth.sample(BATCH, g) for _ in range(STEPS)]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, dp: int, tp: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=dp * tp)
@@ -54,15 +48,20 @@ def _worker(rank: int, dp: int, tp: int, port: int, out_dir: str) -> None:
         dims = ParallelDims(dp=dp, tp=tp)
         trainer = build_rank_trainer(sae_cfg, train_cfg, dims, rank)
         trainer.initialize(_data()[0])
-        summary = trainer.fit((local_share(b, dims, rank) for b in _data()[1]), max_steps=STEPS,
-                              checkpointer=StorageCheckpointer(os.path.join(out_dir, "ckpt")))
+        summary = trainer.fit(
+            (local_share(b, dims, rank) for b in _data()[1]),
+            max_steps=STEPS,
+            checkpointer=StorageCheckpointer(os.path.join(out_dir, "ckpt")),
+        )
         dp_rank, tp_rank = dims.coords(rank)
         out = {n: p.detach() for n, p in trainer.sae.named_parameters()}
         out["losses"] = torch.tensor([h["loss"] for h in summary.history], dtype=torch.float64)
         out["auxk"] = torch.tensor([h["auxk_loss"] for h in summary.history], dtype=torch.float64)
         out["dead"] = trainer.tracker.tokens_since_fired
         out["tokens"] = torch.tensor([trainer.tokens_seen])
-        save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"dp{dp_rank}tp{tp_rank}.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"dp{dp_rank}tp{tp_rank}.safetensors")
+        )
     finally:
         dist.destroy_process_group()
 
@@ -78,19 +77,24 @@ def _single_process() -> tuple[Trainer, list[dict]]:
 
 @pytest.mark.parametrize("dp,tp", [(1, 2), (2, 1), (2, 2)])
 def test_parallel_run_matches_single_process(tmp_path, dp, tp):
-    mp.spawn(_worker, args=(dp, tp, _free_port(), str(tmp_path)), nprocs=dp * tp)
+    mp.spawn(_worker, args=(dp, tp, free_port(), str(tmp_path)), nprocs=dp * tp)
     ref, history = _single_process()
     ref_losses = torch.tensor([h["loss"] for h in history], dtype=torch.float64)
     assert max(h["auxk_loss"] for h in history) > 0, "AuxK never ran: the test would not cover it"
     for dp_rank in range(dp):
         shards = [load_file(os.path.join(tmp_path, f"dp{dp_rank}tp{t}.safetensors")) for t in range(tp)]
         torch.testing.assert_close(shards[0]["losses"], ref_losses, rtol=2e-4, atol=1e-6)
-        torch.testing.assert_close(shards[0]["auxk"], torch.tensor([h["auxk_loss"] for h in history],
-                                                                   dtype=torch.float64), rtol=2e-3, atol=1e-6)
+        torch.testing.assert_close(
+            shards[0]["auxk"],
+            torch.tensor([h["auxk_loss"] for h in history], dtype=torch.float64),
+            rtol=2e-3,
+            atol=1e-6,
+        )
         assert int(shards[0]["tokens"][0]) == STEPS * BATCH
         for name in ("W_enc", "b_enc", "W_dec"):
-            torch.testing.assert_close(torch.cat([s[name] for s in shards]), getattr(ref.sae, name).detach(),
-                                       rtol=1e-3, atol=2e-5)
+            torch.testing.assert_close(
+                torch.cat([s[name] for s in shards]), getattr(ref.sae, name).detach(), rtol=1e-3, atol=2e-5
+            )
         torch.testing.assert_close(shards[0]["b_pre"], ref.sae.b_pre.detach(), rtol=1e-3, atol=2e-5)
         torch.testing.assert_close(torch.cat([s["dead"] for s in shards]), ref.tracker.tokens_since_fired)
 

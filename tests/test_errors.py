@@ -91,9 +91,30 @@ def test_k_aux_default_is_power_of_two_near_half_d():
 
 def test_bench_step_cli_prints_json_and_rejects_bad_args():
     out = subprocess.run(
-        [sys.executable, "-m", "saescale.cli", "bench", "step", "--d-in", "32", "--n-latents", "512", "--k", "8",
-         "--batch", "256", "--dead-fraction", "0.1", "--repeats", "3", "--warmup", "1"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "saescale.cli",
+            "bench",
+            "step",
+            "--d-in",
+            "32",
+            "--n-latents",
+            "512",
+            "--k",
+            "8",
+            "--batch",
+            "256",
+            "--dead-fraction",
+            "0.1",
+            "--repeats",
+            "3",
+            "--warmup",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -101,7 +122,9 @@ def test_bench_step_cli_prints_json_and_rejects_bad_args():
         assert result[key] > 0, key
     bad = subprocess.run(
         [sys.executable, "-m", "saescale.cli", "bench", "step", "--d-in", "32", "--n-latents", "16", "--k", "64"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert bad.returncode != 0
     assert "k=64 is larger than sae.n_latents=16" in bad.stderr

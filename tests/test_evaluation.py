@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from saescale.core.config import SAEConfig
+from saescale.core.model import TopKSAE
 from saescale.evaluation.downstream import downstream_loss
 from saescale.evaluation.reconstruction import reconstruction_metrics
 from saescale.lm.models import load_causal_lm
-from saescale.core.model import TopKSAE
 
 
 def identity_sae(d: int) -> TopKSAE:

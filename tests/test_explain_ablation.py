@@ -9,20 +9,28 @@ import pytest
 import torch
 
 from saescale.core.config import SAEConfig
+from saescale.core.model import TopKSAE
 from saescale.evaluation.ablation import ablation_sparsity, effect_sparsity
-from saescale.evaluation.explain import (WILDCARD, Explanation, build_explanation, latent_activation_fn, latent_codes,
-                                         score_explanation)
+from saescale.evaluation.explain import (
+    WILDCARD,
+    Explanation,
+    build_explanation,
+    latent_activation_fn,
+    latent_codes,
+    score_explanation,
+)
 from saescale.lm.hooks import run_to_hook
 from saescale.lm.models import load_causal_lm
-from saescale.core.model import TopKSAE
 
 A, B, C, PAD, VOCAB = 3, 5, 7, 0, 8
 
 
 def planted(rule):
     """An activation function [b, seq] -> [b, seq] from a per-position rule(tokens, t) -> float."""
+
     def fn(ids: torch.Tensor) -> torch.Tensor:
         return torch.tensor([[rule(row, t) for t in range(len(row))] for row in ids.tolist()], dtype=torch.float)
+
     return fn
 
 

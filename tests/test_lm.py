@@ -16,8 +16,15 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -70,8 +77,9 @@ def test_real_smollm2_activations_on_shakespeare(smollm2):
 
     docs = list(iter_documents(EMBEDDED_CORPUS))
     assert len(docs) > 30
-    acts = collect_activations(smollm2.model, smollm2.tokenizer, docs[:1], "resid_post", 8, 64, 2048,
-                               batch_windows=8, progress=False)
+    acts = collect_activations(
+        smollm2.model, smollm2.tokenizer, docs[:1], "resid_post", 8, 64, 2048, batch_windows=8, progress=False
+    )
     assert acts.shape == (2048, 576)
     assert torch.isfinite(acts).all()
     first = next(token_windows(smollm2.tokenizer, docs[:1], 64))

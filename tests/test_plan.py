@@ -29,20 +29,59 @@ def test_micro_batching_is_the_knob_when_the_preactivation_dominates():
     assert fixed.preact == plan.preact // 8
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(workers=6, tp=4), "multiple of tp"),
-                                          (dict(workers=4, tp=3), "multiple of tp")])
+@pytest.mark.parametrize(
+    "kwargs,match", [(dict(workers=6, tp=4), "multiple of tp"), (dict(workers=4, tp=3), "multiple of tp")]
+)
 def test_bad_layouts(kwargs, match):
     with pytest.raises(PlanError, match=match):
         plan_memory(2**16, 576, 32, batch=4096, **kwargs)
 
 
 def test_plan_cli_json_and_exit_codes():
-    ok = subprocess.run([sys.executable, "-m", "saescale.cli", "plan", "--n-latents", "524288", "--d-model", "576",
-                         "--workers", "2", "--tp", "2", "--batch", "4096", "--device-gib", "24", "--json"],
-                        capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "saescale.cli",
+            "plan",
+            "--n-latents",
+            "524288",
+            "--d-model",
+            "576",
+            "--workers",
+            "2",
+            "--tp",
+            "2",
+            "--batch",
+            "4096",
+            "--device-gib",
+            "24",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     plan = json.loads(ok.stdout)
     assert plan["fits"] and plan["n_local"] == 262144
-    bad = subprocess.run([sys.executable, "-m", "saescale.cli", "plan", "--n-latents", "16777216", "--d-model",
-                          "4096", "--workers", "64", "--tp", "16"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "saescale.cli",
+            "plan",
+            "--n-latents",
+            "16777216",
+            "--d-model",
+            "4096",
+            "--workers",
+            "64",
+            "--tp",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1 and "raise tp" in bad.stderr

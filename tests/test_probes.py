@@ -37,7 +37,9 @@ def test_user_task_file(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"task": ["rhyme", "rhyme", "rhyme"], "window": [3, 3, 9], "pos": [1, 5, 0],
-                             "label": [1, 0, 1]}), tmp_path / "tasks.parquet")
+    pq.write_table(
+        pa.table({"task": ["rhyme", "rhyme", "rhyme"], "window": [3, 3, 9], "pos": [1, 5, 0], "label": [1, 0, 1]}),
+        tmp_path / "tasks.parquet",
+    )
     labels = load_task_file(str(tmp_path / "tasks.parquet"), [(3, 1), (3, 5), (4, 0), (9, 0)])
     assert labels["rhyme"].tolist() == [1, 0, 0, 1]

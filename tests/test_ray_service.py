@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,8 @@ import tempfile
 import pytest
 
 from helpers import stop_ray_started_in
-from saescale.service.job_paths import JobPathError, check_job_paths, working_dir_package
+from saescale.app.job_paths import JobPathError, check_job_paths, working_dir_package
+from saescale.net import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -32,12 +32,17 @@ def test_a_job_in_rays_working_dir_copy_is_told_which_paths_to_pass():
     assert working_dir_package(ROOT, environ={}) is None
 
     with pytest.raises(JobPathError) as err:
-        check_job_paths(reads={"data.cache": "runs/cache/smollm2-resid8"},
-                        writes={"output_dir": "s3://bucket/out", "storage.url": "file://runs/ray"}, package=PACKAGE)
+        check_job_paths(
+            reads={"data.cache": "runs/cache/smollm2-resid8"},
+            writes={"output_dir": "s3://bucket/out", "storage.url": "file://runs/ray"},
+            package=PACKAGE,
+        )
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("data.cache=runs/cache/smollm2-resid8, storage.url=file://runs/ray are relative paths")
-    assert "pass data.cache=$PWD/runs/cache/smollm2-resid8 storage.url=$PWD/runs/ray on a one-machine cluster" in message
+    assert (
+        "pass data.cache=$PWD/runs/cache/smollm2-resid8 storage.url=$PWD/runs/ray on a one-machine cluster" in message
+    )
     assert "s3://" in message and "output_dir" not in message
     with pytest.raises(JobPathError, match=r"sae=/tmp/rt/ray/session_.*/x lies in Ray's session directory"):
         check_job_paths(reads={"sae": PACKAGE + "/x"}, package=PACKAGE)
@@ -46,25 +51,39 @@ def test_a_job_in_rays_working_dir_copy_is_told_which_paths_to_pass():
     check_job_paths(reads={"data.cache": "runs/cache"}, writes={"output": "runs/x"}, package=None)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ray_env(ray_tmp: str, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{BIN}:{os.environ['PATH']}", **extra)
+    env = dict(
+        os.environ,
+        RAY_TMPDIR=ray_tmp,
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        PATH=f"{BIN}:{os.environ['PATH']}",
+        **extra,
+    )
     env.pop("RAY_ADDRESS", None)
     return env
 
 
 def _start_head(env: dict[str, str], num_cpus: int = 2) -> tuple[str, str]:
     """`ray start --head` on free ports; (its GCS address, its job server URL)."""
-    gcs, dash = _free_port(), _free_port()
-    start = subprocess.run([os.path.join(BIN, "ray"), "start", "--head", f"--num-cpus={num_cpus}",
-                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--port={gcs}",
-                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    gcs, dash = free_port(), free_port()
+    start = subprocess.run(
+        [
+            os.path.join(BIN, "ray"),
+            "start",
+            "--head",
+            f"--num-cpus={num_cpus}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--port={gcs}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert start.returncode == 0, start.stderr[-2000:]
     return f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
 
@@ -83,11 +102,31 @@ def test_embedded_ray_beside_a_running_head_with_a_quiet_console(tmp_path, small
         with open(os.path.join(ray_tmp, "ray", "ray_current_cluster")) as current:
             assert head_gcs.split(":")[1] in current.read()  # where a bare ray.init() would go
         proc = subprocess.run(
-            [sys.executable, os.path.join(ROOT, "jobs", "train.py"), "run_id=quiet", f"data.cache={small_cache}",
-             "data.heldout_tokens=512", "sae.n_latents=1024", "sae.k=16", "train.batch_size=256",
-             "train.log_every=2", "train.checkpoint_every=2", "train.max_steps=4", "data.shuffle_buffer_rows=512",
-             "export.saelens=false", "export.sparsify=false", "fault.rank=1", "fault.step=3", "ray.max_failures=1"],
-            capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+            [
+                sys.executable,
+                os.path.join(ROOT, "jobs", "train.py"),
+                "run_id=quiet",
+                f"data.cache={small_cache}",
+                "data.heldout_tokens=512",
+                "sae.n_latents=1024",
+                "sae.k=16",
+                "train.batch_size=256",
+                "train.log_every=2",
+                "train.checkpoint_every=2",
+                "train.max_steps=4",
+                "data.shuffle_buffer_rows=512",
+                "export.saelens=false",
+                "export.sparsify=false",
+                "fault.rank=1",
+                "fault.step=3",
+                "ray.max_failures=1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+            cwd=ROOT,
+        )
     finally:
         stop_ray_started_in(ray_tmp)  # the head and anything the job left: not `ray stop`, which stops every Ray
     console = proc.stdout + proc.stderr
@@ -99,8 +138,15 @@ def test_embedded_ray_beside_a_running_head_with_a_quiet_console(tmp_path, small
     assert "A worker died or was killed" in console or "ActorDiedError" in console, console[-4000:]
     assert "[FailurePolicy] RETRY" in console, console[-4000:]
     assert "4/4" in console and '"steps": 4' in console  # the progress bar and the summary
-    for noise in ("PlacementGroupCleaner", "State API", "Starting execution of Dataset", "Execution plan of Dataset",
-                  "execution finished in", "Progress bars disabled", "Estimated parquet"):
+    for noise in (
+        "PlacementGroupCleaner",
+        "State API",
+        "Starting execution of Dataset",
+        "Execution plan of Dataset",
+        "execution finished in",
+        "Progress bars disabled",
+        "Estimated parquet",
+    ):
         assert noise not in console, (noise, console[-4000:])
     # ... all of it is still in the embedded Ray's log files
     logs = re.search(r"logs in (\S+/logs)\)", started[0]).group(1)

@@ -11,7 +11,6 @@ blocked in a collective). Plain torch.distributed with gloo; the Ray Train worke
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from saescale.core.config import SAEConfig, TrainConfig
 from saescale.core.synthetic import SparseDictionary
 from saescale.distributed.mesh import ParallelDims
+from saescale.net import free_port
 from saescale.train.checkpoint import CheckpointError, StorageCheckpointer
 from saescale.train.rank_setup import build_rank_trainer, local_share
 
@@ -31,8 +31,9 @@ STEPS, SAVED_AT, BATCH = 12, 6, 64
 def _cfgs(lr: float = 3e-3) -> tuple[SAEConfig, TrainConfig]:
     # a low dead threshold so AuxK runs (and must agree) in the later steps
     sae = SAEConfig(d_in=16, n_latents=128, k=4, k_aux=8, dead_tokens_threshold=3 * BATCH, aux_precision="float32")
-    train = TrainConfig(lr=lr, log_every=1, histogram_every=1000, seed=7, clip_grad_norm=5.0, ema_decay=0.9,
-                        checkpoint_every=SAVED_AT)
+    train = TrainConfig(
+        lr=lr, log_every=1, histogram_every=1000, seed=7, clip_grad_norm=5.0, ema_decay=0.9, checkpoint_every=SAVED_AT
+    )
     return sae, train
 
 
@@ -40,12 +41,6 @@ def _data() -> tuple[torch.Tensor, list[torch.Tensor]]:
     truth = SparseDictionary.random(d=16, n_atoms=64, active=3, noise=0.01, seed=3)
     g = torch.Generator().manual_seed(11)
     return truth.sample(512, g), [truth.sample(BATCH, g) for _ in range(STEPS)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _train(rank: int, dims: ParallelDims, ckpt: str, out_dir: str, resume_step: int | None) -> None:
@@ -58,7 +53,7 @@ def _train(rank: int, dims: ParallelDims, ckpt: str, out_dir: str, resume_step: 
         trainer.initialize(sample)
     else:
         assert checkpointer.restore(trainer, resume_step) == resume_step
-    summary = trainer.fit((local_share(b, dims, rank) for b in batches[trainer.step:]), STEPS, checkpointer)
+    summary = trainer.fit((local_share(b, dims, rank) for b in batches[trainer.step :]), STEPS, checkpointer)
     dp_rank, tp_rank = dims.coords(rank)
     out = {n: p.detach() for n, p in trainer.sae.named_parameters()}
     out.update({f"ema.{n}": w for n, w in trainer.eval_weights().items()})
@@ -83,7 +78,7 @@ def _run(dp: int, tp: int, ckpt: str, out_dir: str, resume_step: int | None) -> 
     if dp * tp == 1:
         _train(0, ParallelDims(dp=1, tp=1), ckpt, out_dir, resume_step)
     else:
-        mp.spawn(_worker, args=(dp, tp, _free_port(), ckpt, out_dir, resume_step), nprocs=dp * tp)
+        mp.spawn(_worker, args=(dp, tp, free_port(), ckpt, out_dir, resume_step), nprocs=dp * tp)
     shards = [load_file(os.path.join(out_dir, f"dp0tp{t}.safetensors")) for t in range(tp)]
     merged = dict(shards[0])
     for name in ("W_enc", "b_enc", "W_dec", "ema.W_enc", "ema.b_enc", "ema.W_dec", "dead"):
@@ -151,13 +146,16 @@ def _agreement_worker(rank: int, dp: int, tp: int, port: int, out_dir: str, bad_
 
 
 @pytest.mark.timeout(180)  # a rank left blocked in a collective would hang here
-@pytest.mark.parametrize("dp,tp,bad_rank,kind,match", [
-    (2, 1, 1, "nan", "rank 1: batch at step 3 contain NaN or inf"),
-    (1, 2, 0, "nan", "rank 0: batch at step 3 contain NaN or inf"),
-    (2, 1, 1, "overflow", "rank 1: loss became inf at step 3"),
-])
+@pytest.mark.parametrize(
+    "dp,tp,bad_rank,kind,match",
+    [
+        (2, 1, 1, "nan", "rank 1: batch at step 3 contain NaN or inf"),
+        (1, 2, 0, "nan", "rank 0: batch at step 3 contain NaN or inf"),
+        (2, 1, 1, "overflow", "rank 1: loss became inf at step 3"),
+    ],
+)
 def test_a_bad_rank_stops_every_rank_with_its_error(tmp_path, dp, tp, bad_rank, kind, match):
-    mp.spawn(_agreement_worker, args=(dp, tp, _free_port(), str(tmp_path), bad_rank, kind), nprocs=dp * tp)
+    mp.spawn(_agreement_worker, args=(dp, tp, free_port(), str(tmp_path), bad_rank, kind), nprocs=dp * tp)
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(dp * tp)]
     for message in messages:
         assert message.startswith("RankError at step 3:"), messages

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from saescale import storage
-from saescale.service.run_identity import config_hash, register_resolvers
+from saescale.app.run_identity import config_hash
+from saescale.app.schema import register_configs
 from saescale.sweeps.scheduler import SweepRun, finished_same_config, run_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,14 +24,23 @@ def compose_train(*overrides: str, hydra: bool = False):
     """conf/train.yaml as the job sees it (Hydra's compose API, our resolvers registered)."""
     from hydra import compose, initialize_config_dir
 
-    register_resolvers()
+    register_configs()
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base=None):
         return compose("train", overrides=list(overrides), return_hydra_config=hydra)
 
 
-@pytest.mark.parametrize("override", ["train.lr=0.001", "train.max_steps=10", "train.seed=1", "sae.auxk_coef=0.1",
-                                      "data.cache=/elsewhere/cache", "data.shuffle_buffer_rows=0",
-                                      "data.holdout_shards=2"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.lr=0.001",
+        "train.max_steps=10",
+        "train.seed=1",
+        "sae.auxk_coef=0.1",
+        "data.cache=/elsewhere/cache",
+        "data.shuffle_buffer_rows=0",
+        "data.holdout_shards=2",
+    ],
+)
 def test_a_setting_of_the_trained_sae_changes_the_identity(override):
     base, other = compose_train(), compose_train(override)
     assert config_hash(other) != config_hash(base)
@@ -38,13 +48,31 @@ def test_a_setting_of_the_trained_sae_changes_the_identity(override):
     assert other.run_id.startswith("resid8-n4096-k32-")  # the readable part stays
 
 
-@pytest.mark.parametrize("override", ["train.log_every=1", "train.checkpoint_every=7", "wandb.mode=disabled",
-                                      "wandb.group=g", "export.saelens=false", "export.evaluate=false",
-                                      "ray.address=auto", "ray.max_failures=0", "parallel.memory_per_worker_gib=8",
-                                      "parallel.workers=4", "parallel.tp=1", "parallel.use_gpu=true",
-                                      "parallel.cpus_per_worker=2", "data.heldout_tokens=16", "data.prefetch_batches=1",
-                                      "data.endpoint_url=http://127.0.0.1:9", "fault.step=3", "debug.record_rows=true",
-                                      "storage.url=s3://b/ray", "output_dir=s3://b/out"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.log_every=1",
+        "train.checkpoint_every=7",
+        "wandb.mode=disabled",
+        "wandb.group=g",
+        "export.saelens=false",
+        "export.evaluate=false",
+        "ray.address=auto",
+        "ray.max_failures=0",
+        "parallel.memory_per_worker_gib=8",
+        "parallel.workers=4",
+        "parallel.tp=1",
+        "parallel.use_gpu=true",
+        "parallel.cpus_per_worker=2",
+        "data.heldout_tokens=16",
+        "data.prefetch_batches=1",
+        "data.endpoint_url=http://127.0.0.1:9",
+        "fault.step=3",
+        "debug.record_rows=true",
+        "storage.url=s3://b/ray",
+        "output_dir=s3://b/out",
+    ],
+)
 def test_settings_that_do_not_change_the_sae_keep_the_identity(override):
     assert compose_train(override).run_id == compose_train().run_id
 
@@ -83,12 +111,28 @@ def test_a_sweep_skips_only_a_result_written_under_the_same_config(tmp_path):
 def sweep(tmp_path, cache: str, *overrides: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline", RAY_DEDUP_LOGS="0")
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, os.path.join(ROOT, "jobs", "train.py"), "-m", "train.lr=0.001,0.003",
-           f"data.cache={cache}", "data.heldout_tokens=256", "data.shuffle_buffer_rows=256", "sae.n_latents=256",
-           "sae.k=8", "parallel.workers=1", "parallel.tp=1", "train.batch_size=256", "train.max_steps=4",
-           "export.saelens=false", "export.sparsify=false", "wandb.enabled=false",
-           f"hydra.sweep.dir={tmp_path}/sweeps/lr", "hydra.launcher.num_cpus=4", "hydra.launcher.poll_s=0.5",
-           *overrides]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "jobs", "train.py"),
+        "-m",
+        "train.lr=0.001,0.003",
+        f"data.cache={cache}",
+        "data.heldout_tokens=256",
+        "data.shuffle_buffer_rows=256",
+        "sae.n_latents=256",
+        "sae.k=8",
+        "parallel.workers=1",
+        "parallel.tp=1",
+        "train.batch_size=256",
+        "train.max_steps=4",
+        "export.saelens=false",
+        "export.sparsify=false",
+        "wandb.enabled=false",
+        f"hydra.sweep.dir={tmp_path}/sweeps/lr",
+        "hydra.launcher.num_cpus=4",
+        "hydra.launcher.poll_s=0.5",
+        *overrides,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
 
 

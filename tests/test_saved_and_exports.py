@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from saescale.core.config import SAEConfig, TrainConfig
-from saescale.formats.export import ExportError, export_saelens, export_sparsify, transformer_lens_hook_name
 from saescale.core.model import TopKSAE
+from saescale.formats.export import ExportError, export_saelens, export_sparsify, transformer_lens_hook_name
 from saescale.formats.saved import SavedSAEError, load_sae, save_sae
 from saescale.train.trainer import Trainer
 
@@ -60,8 +60,9 @@ def test_checkpoints_on_s3_resume(s3_bucket):
     url, options = s3_bucket
     cfg = SAEConfig(d_in=32, n_latents=128, k=8)
     data = [torch.randn(64, 32, generator=torch.Generator().manual_seed(i)) for i in range(6)]
-    trainer = Trainer(TopKSAE(cfg), TrainConfig(checkpoint_every=3), checkpoint_url=f"{url}/run/ckpt",
-                      storage_options=options)
+    trainer = Trainer(
+        TopKSAE(cfg), TrainConfig(checkpoint_every=3), checkpoint_url=f"{url}/run/ckpt", storage_options=options
+    )
     trainer.fit(data)
     fresh = Trainer(TopKSAE(cfg), TrainConfig(), checkpoint_url=f"{url}/run/ckpt", storage_options=options)
     assert fresh.restore() == 6
@@ -104,8 +105,11 @@ def test_half_written_checkpoint_is_never_loaded(tmp_path, monkeypatch):
 @pytest.mark.parametrize("normalization", ["dataset_scale", "none"])
 def test_export_loads_in_saelens(tmp_path, normalization):
     import sae_lens  # installed by the interop extra (make test)
+
     sae = trained_sae(normalization)
-    export_saelens(sae, str(tmp_path / "saelens"), {"model_name": "test-model", "hook_name": "blocks.1.hook_resid_post"})
+    export_saelens(
+        sae, str(tmp_path / "saelens"), {"model_name": "test-model", "hook_name": "blocks.1.hook_resid_post"}
+    )
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "saelens"), device="cpu")
     x = torch.randn(64, 32) * 5 + 2
     with torch.no_grad():
@@ -115,6 +119,7 @@ def test_export_loads_in_saelens(tmp_path, normalization):
 @pytest.mark.parametrize("normalization", ["dataset_scale", "none"])
 def test_export_loads_in_sparsify(tmp_path, normalization):
     import sparsify  # installed by the interop extra (make test)
+
     sae = trained_sae(normalization)
     export_sparsify(sae, str(tmp_path / "sparsify"))
     theirs = sparsify.SparseCoder.load_from_disk(str(tmp_path / "sparsify"), device="cpu")
@@ -184,7 +189,10 @@ def test_exports_to_s3_load_in_saelens_and_sparsify(s3_bucket, tmp_path, monkeyp
     assert list(workdir.iterdir()) == []
 
     fs = s3fs.S3FileSystem(**options)
-    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{url}/run/export/saelens")) == ["cfg.json", "sae_weights.safetensors"]
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{url}/run/export/saelens")) == [
+        "cfg.json",
+        "sae_weights.safetensors",
+    ]
     fs.get(f"{url}/run/export/", str(tmp_path / "down"), recursive=True)
     x = torch.randn(64, 32) * 5 + 2
     theirs_lens = sae_lens.SAE.load_from_disk(str(tmp_path / "down" / "saelens"), device="cpu")

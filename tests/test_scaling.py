@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from saescale.sweeps.scaling import (FitError, fit_joint_law, fit_power_law, fit_tokens_to_convergence, joint_law,
-                              tokens_to_convergence,
-                              power_law)
+from saescale.sweeps.scaling import (
+    FitError,
+    fit_joint_law,
+    fit_power_law,
+    fit_tokens_to_convergence,
+    joint_law,
+    power_law,
+    tokens_to_convergence,
+)
 
 
 def _noisy(values: np.ndarray, rel: float, seed: int) -> np.ndarray:
@@ -35,7 +41,7 @@ def test_joint_law_is_recovered():
 
 def test_tokens_to_convergence_is_recovered():
     n = 2.0 ** np.arange(10, 20)
-    fit = fit_tokens_to_convergence(n, _noisy(np.exp(2.0) * n ** 0.6, 0.01, 2))
+    fit = fit_tokens_to_convergence(n, _noisy(np.exp(2.0) * n**0.6, 0.01, 2))
     assert fit.params["p"] == pytest.approx(0.6, rel=0.10)
     assert fit.params["log_c"] == pytest.approx(2.0, rel=0.10)
 
@@ -59,10 +65,33 @@ def test_scaling_fit_command_writes_fits_and_plots(tmp_path):
     n, k = n.ravel(), k.ravel()
     loss = _noisy(joint_law(np.vstack([n, k]), 1.0, -0.6, -0.25, 0.02, -3.0, -0.4), 0.002, 3)
     status = ["finished"] * (len(n) - 1) + ["failed"]
-    pq.write_table(pa.table({"n_latents": n.astype(int), "k": k.astype(int), "heldout_nmse": loss,
-                             "compute": 6.0 * n * 1e6, "status": status}), tmp_path / "results.parquet")
-    proc = subprocess.run([sys.executable, "-m", "saescale.cli", "scaling", "fit", str(tmp_path / "results.parquet"),
-                           "--out", str(tmp_path / "fit")], capture_output=True, text=True, timeout=120)
+    pq.write_table(
+        pa.table(
+            {
+                "n_latents": n.astype(int),
+                "k": k.astype(int),
+                "heldout_nmse": loss,
+                "compute": 6.0 * n * 1e6,
+                "status": status,
+            }
+        ),
+        tmp_path / "results.parquet",
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "saescale.cli",
+            "scaling",
+            "fit",
+            str(tmp_path / "results.parquet"),
+            "--out",
+            str(tmp_path / "fit"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     fits = json.loads((tmp_path / "fit" / "fits.json").read_text())
     assert fits["points"] == len(n) - 1  # the failed run is left out

@@ -26,10 +26,11 @@ FORWARDED = re.compile(r"^(\x1b\[\d+m)?\((raylet|[\w.:-]+ pid=\d+)")
 
 
 def damage(path: str, how: str) -> None:
-    data = bytearray(open(path, "rb").read())
+    with open(path, "rb") as handle:
+        data = bytearray(handle.read())
     if how == "flip":
         middle = len(data) // 2
-        data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+        data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
     else:
         data = data[: len(data) // 2]
     with open(path, "wb") as handle:
@@ -46,12 +47,22 @@ def test_damaged_training_shard_stops_the_job_in_one_line(tmp_path, small_cache,
     damage(str(cache / shard), how)
 
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
-    env = dict(os.environ, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline", RAY_DEDUP_LOGS="0",
-               RAY_TMPDIR=ray_tmp)
+    env = dict(os.environ, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline", RAY_DEDUP_LOGS="0", RAY_TMPDIR=ray_tmp)
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, os.path.join(ROOT, "jobs", "train.py"), "run_id=damaged", f"data.cache={cache}",
-           "sae.n_latents=1024", "sae.k=16", "train.batch_size=256", "train.epochs=1", "train.checkpoint_every=100",
-           "data.shuffle_buffer_rows=512", "export.saelens=false", "export.sparsify=false"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "jobs", "train.py"),
+        "run_id=damaged",
+        f"data.cache={cache}",
+        "sae.n_latents=1024",
+        "sae.k=16",
+        "train.batch_size=256",
+        "train.epochs=1",
+        "train.checkpoint_every=100",
+        "data.shuffle_buffer_rows=512",
+        "export.saelens=false",
+        "export.sparsify=false",
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     finally:

@@ -7,7 +7,6 @@ import importlib.util
 import math
 import os
 
-import pytest
 import torch
 
 from saescale.core.synthetic import SparseDictionary

@@ -5,21 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import perturbed_sae
 from saescale.core.config import SAEConfig
-from saescale.train.dead_latents import DeadLatentTracker
 from saescale.core.model import TopKSAE
 from saescale.core.reference import dense_losses
+from saescale.train.dead_latents import DeadLatentTracker
 from saescale.train.step import SparseTopKStep
-
-from helpers import perturbed_sae
 
 
 def make_sae(cfg: SAEConfig, seed: int = 0) -> TopKSAE:
     return perturbed_sae(cfg, torch.Generator().manual_seed(seed))
 
 
-def run_both(cfg: SAEConfig, dead: torch.Tensor | None, batch: int = 64, seed: int = 0, dead_bias=None,
-             expect_path=None):
+def run_both(
+    cfg: SAEConfig, dead: torch.Tensor | None, batch: int = 64, seed: int = 0, dead_bias=None, expect_path=None
+):
     sae = make_sae(cfg, seed)
     if dead_bias is not None:
         with torch.no_grad():
@@ -133,8 +133,9 @@ def test_non_finite_auxk_loss_is_zero_and_adds_no_gradient(n_dead, k_aux, dead_b
     x = torch.randn(1, 24, generator=torch.Generator().manual_seed(1))
     grads, losses = {}, {}
     for coef in (1 / 32, 0.0):
-        cfg = SAEConfig(d_in=24, n_latents=256, k=8, k_aux=k_aux, auxk_coef=coef, normalization="none",
-                        aux_precision="float32")
+        cfg = SAEConfig(
+            d_in=24, n_latents=256, k=8, k_aux=k_aux, auxk_coef=coef, normalization="none", aux_precision="float32"
+        )
         sae = make_sae(cfg)
         with torch.no_grad():
             sae.b_enc[dead] = dead_bias

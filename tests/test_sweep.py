@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -19,13 +20,27 @@ SWEEP = "sweep-ztest"
 def run_sweep(tmp_path, cache: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline", RAY_DEDUP_LOGS="0")
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, os.path.join(ROOT, "jobs", "train.py"), "-m",
-           # k=1024 > n_latents: those two runs fail their config check inside their own job
-           "sae.n_latents=256,512", "sae.k=8,1024",
-           f"data.cache={cache}", "data.heldout_tokens=512", "data.shuffle_buffer_rows=256",
-           "parallel.workers=1", "parallel.tp=1", "train.batch_size=256", "train.epochs=1", "train.log_every=1",
-           "export.saelens=false", "export.sparsify=false",
-           f"hydra.sweep.dir={tmp_path}/sweeps/{SWEEP}", "hydra.launcher.num_cpus=4", "hydra.launcher.poll_s=0.5"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "jobs", "train.py"),
+        "-m",
+        # k=1024 > n_latents: those two runs fail their config check inside their own job
+        "sae.n_latents=256,512",
+        "sae.k=8,1024",
+        f"data.cache={cache}",
+        "data.heldout_tokens=512",
+        "data.shuffle_buffer_rows=256",
+        "parallel.workers=1",
+        "parallel.tp=1",
+        "train.batch_size=256",
+        "train.epochs=1",
+        "train.log_every=1",
+        "export.saelens=false",
+        "export.sparsify=false",
+        f"hydra.sweep.dir={tmp_path}/sweeps/{SWEEP}",
+        "hydra.launcher.num_cpus=4",
+        "hydra.launcher.poll_s=0.5",
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
 
 
@@ -60,7 +75,7 @@ def test_sweep_runs_concurrently_survives_a_failing_run_and_resumes(tmp_path, sm
     # each run is its own wandb run, in the sweep's group
     for row in (a, b):
         runs = glob.glob(str(tmp_path / row["run_name"] / "wandb" / "offline-run-*" / "*.wandb"))
-        assert len(runs) == 1 and SWEEP.encode() in open(runs[0], "rb").read()
+        assert len(runs) == 1 and SWEEP.encode() in pathlib.Path(runs[0]).read_bytes()
     assert (tmp_path / "sweeps" / SWEEP / "timeline.png").stat().st_size > 0
 
     # re-running the sweep skips the finished runs and retries only the failed ones
@@ -87,11 +102,20 @@ def test_finished_runs_are_read_back_and_failed_ones_keep_their_settings(tmp_pat
     from saescale import storage
     from saescale.sweeps.scheduler import SweepRun, results_rows, run_sweep
 
-    done = SweepRun(num=0, overrides=["sae.n_latents=256", "sae.k=8"], run_name="a", output_dir=str(tmp_path / "a"), cpus=2)
+    done = SweepRun(
+        num=0, overrides=["sae.n_latents=256", "sae.k=8"], run_name="a", output_dir=str(tmp_path / "a"), cpus=2
+    )
     storage.write_json_atomic(done.result_url, {"n_latents": 256, "k": 8, "heldout_nmse": 0.25, "tokens": 1024})
     run_sweep([done], backend=None, capacity=(4.0, 0.0))  # nothing to run: no backend call
-    failed = SweepRun(num=1, overrides=["sae.n_latents=512", "+sae.k=2048"], run_name="b", output_dir=str(tmp_path / "b"),
-                      cpus=2, status="failed", error="error: sae.k=2048 is larger than sae.n_latents=512")
+    failed = SweepRun(
+        num=1,
+        overrides=["sae.n_latents=512", "+sae.k=2048"],
+        run_name="b",
+        output_dir=str(tmp_path / "b"),
+        cpus=2,
+        status="failed",
+        error="error: sae.k=2048 is larger than sae.n_latents=512",
+    )
     rows = results_rows([done, failed])
     assert rows[0]["status"] == "finished" and rows[0]["action"] == "skipped" and rows[0]["heldout_nmse"] == 0.25
     assert (rows[1]["n_latents"], rows[1]["k"], rows[1]["status"]) == (512, 2048, "failed")
@@ -100,8 +124,15 @@ def test_finished_runs_are_read_back_and_failed_ones_keep_their_settings(tmp_pat
 def test_credentials_in_override_urls_never_reach_the_results_table(tmp_path):
     from saescale.sweeps.scheduler import SweepRun, results_rows
 
-    run = SweepRun(num=0, overrides=["data.cache=s3://AKIAKEY:s3cr3t@bucket/cache", "sae.k=8"], run_name="r",
-                   output_dir=str(tmp_path / "r"), cpus=2, status="failed", error="error: boom")
+    run = SweepRun(
+        num=0,
+        overrides=["data.cache=s3://AKIAKEY:s3cr3t@bucket/cache", "sae.k=8"],
+        run_name="r",
+        output_dir=str(tmp_path / "r"),
+        cpus=2,
+        status="failed",
+        error="error: boom",
+    )
     row = results_rows([run])[0]
     assert "s3cr3t" not in str(row) and row["overrides"] == "data.cache=s3://***@bucket/cache sae.k=8"
 
@@ -167,14 +198,19 @@ def test_a_flaky_job_server_is_retried_and_fails_only_the_run_it_loses(tmp_path,
 
     from saescale.sweeps.scheduler import RetryPolicy, SweepRun, run_sweep
 
-    runs = [SweepRun(num=i, overrides=[f"sae.k={8 * (i + 1)}"], run_name=f"r{i}", output_dir=str(tmp_path / f"r{i}"),
-                     cpus=1) for i in range(3)]
+    runs = [
+        SweepRun(
+            num=i, overrides=[f"sae.k={8 * (i + 1)}"], run_name=f"r{i}", output_dir=str(tmp_path / f"r{i}"), cpus=1
+        )
+        for i in range(3)
+    ]
     # run 0's submit fails twice then goes through; run 1's job is lost (every status query
     # fails, and so does the stop); run 2 sees one failed status query
     server = FlakyJobServer(runs, {("submit", 0): 2, ("status", 1): None, ("stop", 1): None, ("status", 2): 1})
     waits: list[float] = []
-    policy = RetryPolicy(first_wait_s=1.0, max_wait_s=4.0, budget_s=12.0, jitter=0.5, sleep=waits.append,
-                         rng=random.Random(0))
+    policy = RetryPolicy(
+        first_wait_s=1.0, max_wait_s=4.0, budget_s=12.0, jitter=0.5, sleep=waits.append, rng=random.Random(0)
+    )
     run_sweep(runs, server, capacity=None, poll_s=0.01, retry=policy)
 
     assert [r.status for r in runs] == ["finished", "failed", "finished"]
@@ -187,8 +223,9 @@ def test_a_flaky_job_server_is_retried_and_fails_only_the_run_it_loses(tmp_path,
     out = capsys.readouterr().out
     retries = [line for line in out.splitlines() if "retrying in" in line]
     assert len(retries) == len(waits)  # one line per retry: what, attempt, error, wait
-    assert retries[0].startswith("[sweep] submitting run 0 r0: attempt 1 failed (connection refused (submit #0)); "
-                                 "retrying in ")
+    assert retries[0].startswith(
+        "[sweep] submitting run 0 r0: attempt 1 failed (connection refused (submit #0)); retrying in "
+    )
     # capped exponential backoff with jitter: the wait after attempt a is within [w/2, w] of
     # w = min(4, 2^(a-1)); the lost run's status query gave up before its waits passed the budget
     lost = []

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 
 import pytest
 import torch
@@ -13,21 +12,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from helpers import perturbed_sae
 from saescale.core.config import SAEConfig
-from saescale.train.dead_latents import DeadLatentTracker
 from saescale.core.model import TopKSAE
 from saescale.distributed.parallel import TensorParallel
+from saescale.net import free_port
+from saescale.train.dead_latents import DeadLatentTracker
 from saescale.train.step import SparseTopKStep
 
-from helpers import perturbed_sae
-
 THRESHOLD = 1000
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _setup(cfg: SAEConfig, n_dead: int, seed: int = 0):
@@ -58,8 +51,14 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, n_dead: int, out_d
         tracker.tokens_since_fired.copy_(tp.shard(counters))
         stats = SparseTopKStep(local, 0.7, tracker, tp)(x)
         out = {f"grad.{n}": p.grad for n, p in local.named_parameters()}
-        out.update(loss=stats.loss.reshape(1), auxk=stats.auxk_loss.reshape(1), multi=stats.multi_topk_loss.reshape(1),
-                   l0=stats.l0.reshape(1), n_dead=torch.tensor([stats.n_dead]), counters=tracker.tokens_since_fired)
+        out.update(
+            loss=stats.loss.reshape(1),
+            auxk=stats.auxk_loss.reshape(1),
+            multi=stats.multi_topk_loss.reshape(1),
+            l0=stats.l0.reshape(1),
+            n_dead=torch.tensor([stats.n_dead]),
+            counters=tracker.tokens_since_fired,
+        )
         save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
@@ -68,9 +67,17 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, n_dead: int, out_d
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("multi_topk,n_dead", [(False, 0), (False, 40), (True, 40)])
 def test_tensor_parallel_step_matches_single_process(tmp_path, world, multi_topk, n_dead):
-    cfg = SAEConfig(d_in=24, n_latents=256, k=8, k_aux=16, multi_topk=multi_topk, normalization="none",
-                    aux_precision="float32", auxk_coef=1 / 32)
-    mp.spawn(_worker, args=(world, _free_port(), dataclasses.asdict(cfg), n_dead, str(tmp_path)), nprocs=world)
+    cfg = SAEConfig(
+        d_in=24,
+        n_latents=256,
+        k=8,
+        k_aux=16,
+        multi_topk=multi_topk,
+        normalization="none",
+        aux_precision="float32",
+        auxk_coef=1 / 32,
+    )
+    mp.spawn(_worker, args=(world, free_port(), dataclasses.asdict(cfg), n_dead, str(tmp_path)), nprocs=world)
     ranks = [load_file(os.path.join(tmp_path, f"rank{r}.safetensors")) for r in range(world)]
 
     full, x, counters = _setup(cfg, n_dead)

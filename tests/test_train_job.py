@@ -1,8 +1,9 @@
 """The Ray training job end to end on the embedded default's real activations (SmolLM2 layer 8
 on Shakespeare): Ray Data -> Ray Train workers (tp=2) -> per-rank checkpoints -> streamed export.
 
-- a driver restart resumes the run, a worker SIGKILLed inside a checkpoint save is restarted
-  from the previous checkpoint, and the run still trains every training row exactly once;
+- one run (a module fixture) whose driver is restarted and whose worker is SIGKILLed inside a
+  checkpoint save: each test checks one thing of it (resume points, every row trained once, the
+  gathered SAE and exports, metrics and wandb, the evaluation job on its SAE);
 - `ray start --head` + `ray job submit`, with the cache read from and checkpoints written to a
   real S3 server on loopback (moto).
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from helpers import ray_job_submit, stop_ray_started_in
+from saescale.data.format import POS_STRIDE
 from saescale.formats.saved import load_sae
+from saescale.net import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -31,9 +33,18 @@ BATCH = 256
 
 def job_args(cache: str, *overrides: str) -> list[str]:
     # run_id=tiny pins the run's folder (no config hash), so a rerun with other max_steps resumes it
-    defaults = ["run_id=tiny", f"data.cache={cache}", "data.heldout_tokens=512", "sae.n_latents=1024", "sae.k=16",
-            f"train.batch_size={BATCH}", "train.log_every=2", "train.checkpoint_every=4", "train.epochs=1",
-            "data.shuffle_buffer_rows=512"]
+    defaults = [
+        "run_id=tiny",
+        f"data.cache={cache}",
+        "data.heldout_tokens=512",
+        "sae.n_latents=1024",
+        "sae.k=16",
+        f"train.batch_size={BATCH}",
+        "train.log_every=2",
+        "train.checkpoint_every=4",
+        "train.epochs=1",
+        "data.shuffle_buffer_rows=512",
+    ]
     keys = {o.split("=", 1)[0] for o in overrides}
     return [d for d in defaults if d.split("=", 1)[0] not in keys] + list(overrides)
 
@@ -49,12 +60,15 @@ def run_job(tmp_path, cache, *overrides):
 
 def training_row_ids(cache: str) -> set[int]:
     """(window, pos) of every row in the training shards (shard 0 is held out)."""
-    manifest = json.loads(open(os.path.join(cache, "manifest.json")).read())
+    with open(os.path.join(cache, "manifest.json")) as handle:
+        manifest = json.load(handle)
     ids: set[int] = set()
     for shard in manifest["shards"][1:]:
         table = pq.read_table(os.path.join(cache, shard["file"]), columns=["window", "pos"])
-        ids.update(int(w) * 65536 + int(p) for w, p in zip(table.column("window").to_pylist(),
-                                                           table.column("pos").to_pylist()))
+        ids.update(
+            int(w) * POS_STRIDE + int(p)
+            for w, p in zip(table.column("window").to_pylist(), table.column("pos").to_pylist())
+        )
     return ids
 
 
@@ -72,27 +86,38 @@ def rows_trained(rows_dir) -> dict[int, list[int]]:
     return steps
 
 
-@pytest.mark.slow
-def test_driver_restart_and_worker_kill_resume_without_losing_or_repeating_rows(tmp_path, small_cache):
-    out = tmp_path / "tiny"
-    # 1) the driver stops after 4 steps (as if it were restarted there)
-    run_job(tmp_path, small_cache, "train.max_steps=4", "debug.record_rows=true")
-    assert json.loads((out / "result.json").read_text())["steps"] == 4
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory, small_cache):
+    """One run interrupted twice: the driver stops after 4 steps (as if it were restarted there);
+    the rerun of the same command resumes at step 4, and rank 1 is SIGKILLed while saving the
+    step-8 checkpoint, so that checkpoint never registers and the new worker group resumes from 4.
+    Returns (runs dir, the run's folder, the second launch's log)."""
+    runs = tmp_path_factory.mktemp("resumed")
+    run_job(runs, small_cache, "train.max_steps=4", "debug.record_rows=true")
+    first = json.loads((runs / "tiny" / "result.json").read_text())
+    log = run_job(runs, small_cache, "debug.record_rows=true", "fault.rank=1", "fault.step=8", "fault.during_save=true")
+    return runs, runs / "tiny", log, first
 
-    # 2) same run name: resumes at step 4; rank 1 is SIGKILLed while saving the step-8
-    #    checkpoint, so that checkpoint never registers and the new worker group resumes from 4
-    log = run_job(tmp_path, small_cache, "debug.record_rows=true", "fault.rank=1", "fault.step=8",
-                  "fault.during_save=true")
+
+@pytest.mark.slow
+def test_a_driver_restart_and_a_killed_worker_both_resume_from_the_last_registered_checkpoint(resumed_run, small_cache):
+    _, out, log, first = resumed_run
+    assert first["steps"] == 4
     assert (out / ".fault-injected").read_text() == "8"
     # resumed twice from step 4 (driver restart, then after the kill); never from the lost step 8
     assert log.count("resumed from the step-4 checkpoint") >= 2, log[-4000:]
     assert "resumed from the step-8 checkpoint" not in log
     result = json.loads((out / "result.json").read_text())
-    train_ids = training_row_ids(small_cache)
     # one epoch: equal splits give each of the 2 ranks floor(rows / 2) rows, in whole batches
-    steps = (len(train_ids) // 2) // (BATCH // 2)
+    steps = (len(training_row_ids(small_cache)) // 2) // (BATCH // 2)
     assert result["steps"] == steps and result["tokens"] == steps * BATCH
 
+
+@pytest.mark.slow
+def test_the_resumed_run_trains_every_training_row_exactly_once(resumed_run, small_cache):
+    _, out, _, _ = resumed_run
+    train_ids = training_row_ids(small_cache)
+    steps = (len(train_ids) // 2) // (BATCH // 2)
     trained = rows_trained(out / "rows")
     assert sorted(trained) == list(range(1, steps + 1))
     all_rows = [i for ids in trained.values() for i in ids]
@@ -101,25 +126,53 @@ def test_driver_restart_and_worker_kill_resume_without_losing_or_repeating_rows(
     assert set(all_rows) <= train_ids  # only the epoch's remainder (< 2 batches) is left out
     assert len(train_ids) - len(all_rows) < 2 * BATCH
 
-    # the final SAE, gathered shard by shard, loads and matches the last checkpoint's shards
-    sae, meta = load_sae(str(out / "sae"))
-    ckpt = result["checkpoint"]
-    halves = [load_sae_shard(ckpt, r) for r in range(2)]
+
+@pytest.mark.slow
+def test_the_gathered_sae_and_its_exports_match_the_last_checkpoint(resumed_run):
+    _, out, _, _ = resumed_run
+    result = json.loads((out / "result.json").read_text())
+    sae, _ = load_sae(str(out / "sae"))
+    halves = [load_sae_shard(result["checkpoint"], r) for r in range(2)]
     torch.testing.assert_close(sae.W_dec.detach(), torch.cat([h["W_dec"] for h in halves]))
     assert 0 < result["heldout_nmse"] < 1.0 and result["dead_fraction"] is not None
-    assert result["data_wait_frac"] is not None and result["comm_bytes_per_step"] > 0
-    for rel in ("export/saelens/sae_weights.safetensors", "export/sparsify/sae.safetensors", "metrics.jsonl"):
+    for rel in ("export/saelens/sae_weights.safetensors", "export/sparsify/sae.safetensors"):
         assert (out / rel).exists(), rel
+
+
+@pytest.mark.slow
+def test_metrics_time_split_and_wandb_are_written(resumed_run):
+    _, out, _, _ = resumed_run
+    result = json.loads((out / "result.json").read_text())
+    assert result["data_wait_frac"] is not None and result["comm_bytes_per_step"] > 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("dead_fraction" in m and "time/comm_s" in m for m in metrics)
     assert list((out / "wandb").glob("offline-run-*/*.wandb"))
 
-    # the evaluation job on the trained SAE: held-out reconstruction and the spliced model
-    env = dict(os.environ, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "eval.py"), "run_name=tiny",
-                           f"data.cache={small_cache}", "data.heldout_tokens=512", "downstream.windows=4",
-                           "explain.latents=4", "explain.windows=8", "ablation.positions=2"],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+@pytest.mark.slow
+def test_eval_job_on_the_trained_sae(resumed_run, small_cache):
+    """Held-out reconstruction, the spliced model, N2G explanations and ablation sparsity."""
+    runs, out, _, _ = resumed_run
+    result = json.loads((out / "result.json").read_text())
+    env = dict(os.environ, SAESCALE_RUNS=str(runs), WANDB_MODE="offline")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "jobs", "eval.py"),
+            "run_name=tiny",
+            f"data.cache={small_cache}",
+            "data.heldout_tokens=512",
+            "downstream.windows=4",
+            "explain.latents=4",
+            "explain.windows=8",
+            "ablation.positions=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     evaluation = json.loads((out / "eval" / "results.json").read_text())
     assert evaluation["schema"] == "saescale.eval.v1" and evaluation["reconstruction"]["tokens"] == 512
@@ -145,26 +198,38 @@ def load_sae_shard(checkpoint: str, tp_rank: int) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(checkpoint, f"{shard_name(tp_rank, 2)}.sae.safetensors"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def ray_head(env: dict[str, str], num_cpus: int = 4):
     """`ray start --head` on loopback with its own temp dir; yields the dashboard address."""
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
-    env.update(RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_DATA_USE_DATASOURCE_V2="0",
-               PATH=f"{BIN}:{os.environ['PATH']}")
+    env.update(
+        RAY_TMPDIR=ray_tmp,
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_DATA_USE_DATASOURCE_V2="0",
+        PATH=f"{BIN}:{os.environ['PATH']}",
+    )
     env.pop("RAY_ADDRESS", None)
-    dash = _free_port()
-    start = subprocess.run([os.path.join(BIN, "ray"), "start", "--head", f"--num-cpus={num_cpus}",
-                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--port={_free_port()}",
-                            # not the default 52365: another Ray on this machine would hold it
-                            f"--dashboard-agent-listen-port={_free_port()}",
-                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    dash = free_port()
+    start = subprocess.run(
+        [
+            os.path.join(BIN, "ray"),
+            "start",
+            "--head",
+            f"--num-cpus={num_cpus}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--port={free_port()}",
+            # not the default 52365: another Ray on this machine would hold it
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert start.returncode == 0, start.stderr[-2000:]
     try:
         yield f"http://127.0.0.1:{dash}"
@@ -183,55 +248,105 @@ def test_ray_job_submit_reads_cache_from_s3_and_checkpoints_there(tmp_path, smal
     env = dict(os.environ, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline")
     with ray_head(env) as address:
         job = ray_job_submit(
-            [os.path.join(BIN, "ray"), "job", "submit", "--address", address, "--working-dir", ROOT, "--",
-             "python", "jobs/train.py",
-             *job_args(f"{bucket}/cache", f"data.endpoint_url={endpoint}", f"storage.url={bucket}/runs",
-                       f"storage.endpoint_url={endpoint}", f"output_dir={bucket}/out", "export.evaluate=false",
-                       "train.max_steps=6")],
-            env=env, timeout=900, cwd=ROOT)
+            [
+                os.path.join(BIN, "ray"),
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                ROOT,
+                "--",
+                "python",
+                "jobs/train.py",
+                *job_args(
+                    f"{bucket}/cache",
+                    f"data.endpoint_url={endpoint}",
+                    f"storage.url={bucket}/runs",
+                    f"storage.endpoint_url={endpoint}",
+                    f"output_dir={bucket}/out",
+                    "export.evaluate=false",
+                    "train.max_steps=6",
+                ),
+            ],
+            env=env,
+            timeout=900,
+            cwd=ROOT,
+        )
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     fs.invalidate_cache()
     result = json.loads(fs.cat_file(f"{bucket}/out/result.json"))
     assert result["steps"] == 6 and result["tokens"] == 6 * BATCH
     # the exports do not wait for export.evaluate, and land in the bucket beside the SAE
     assert "heldout_nmse" not in result
-    for rel in ("export/saelens/sae_weights.safetensors", "export/saelens/cfg.json",
-                "export/sparsify/sae.safetensors", "export/sparsify/cfg.json"):
+    for rel in (
+        "export/saelens/sae_weights.safetensors",
+        "export/saelens/cfg.json",
+        "export/sparsify/sae.safetensors",
+        "export/sparsify/cfg.json",
+    ):
         assert fs.exists(f"{bucket}/out/{rel}"), rel
     # nothing of the remote output_dir went to a local `s3:/...` folder: not in the job's working
     # dir (a copy under Ray's temp dir), not here; Hydra's own files went to $SAESCALE_RUNS/hydra
-    local = [os.path.join(d, n) for top in (env["RAY_TMPDIR"], str(tmp_path))
-             for d, dirs, files in os.walk(top) for n in dirs + files] + os.listdir(ROOT)
+    local = [
+        os.path.join(d, n)
+        for top in (env["RAY_TMPDIR"], str(tmp_path))
+        for d, dirs, files in os.walk(top)
+        for n in dirs + files
+    ] + os.listdir(ROOT)
     assert any(p.startswith(env["RAY_TMPDIR"]) and p.endswith(os.path.join("jobs", "train.py")) for p in local)
     assert [p for p in local if "s3:" in os.path.basename(p)] == []
     assert (tmp_path / "hydra" / "tiny" / ".hydra" / "config.yaml").exists()
     assert result["checkpoint"].startswith(f"{bucket}/runs/tiny/checkpoint_")
     names = {os.path.basename(p) for p in fs.ls(result["checkpoint"])}
-    assert {"meta.json", "tp00000-of-00002.sae.safetensors", "tp00001-of-00002.sae.safetensors",
-            "tp00000-of-00002.state.safetensors", "tp00001-of-00002.state.safetensors"} <= names
+    assert {
+        "meta.json",
+        "tp00000-of-00002.sae.safetensors",
+        "tp00001-of-00002.sae.safetensors",
+        "tp00000-of-00002.state.safetensors",
+        "tp00001-of-00002.state.safetensors",
+    } <= names
     sae, _ = load_sae(f"{bucket}/out/sae", storage_options=options)
     assert sae.cfg.n_latents == 1024
 
 
 def test_train_job_rejects_bad_config(tmp_path, small_cache):
     env = dict(os.environ, SAESCALE_RUNS=str(tmp_path))
-    cases = {"sae.k=0": "sae.k must be a positive integer",
-             "parallel.workers=3": "worker count (3) must be a positive multiple of parallel.tp=2",
-             "sae.n_latents=1000 parallel.tp=16 parallel.workers=16": "not divisible by parallel.tp=16",
-             "train.batch_size=100 parallel.workers=8 parallel.tp=2": "batch_size=100 must be divisible",
-             "sae.n_latents=67108864 parallel.memory_per_worker_gib=8": "raise tp"}
+    cases = {
+        "sae.k=0": "sae.k must be a positive integer",
+        "parallel.workers=3": "worker count (3) must be a positive multiple of parallel.tp=2",
+        "sae.n_latents=1000 parallel.tp=16 parallel.workers=16": "not divisible by parallel.tp=16",
+        "train.batch_size=100 parallel.workers=8 parallel.tp=2": "batch_size=100 must be divisible",
+        "sae.n_latents=67108864 parallel.memory_per_worker_gib=8": "raise tp",
+    }
     for override, message in cases.items():
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "train.py"), f"data.cache={small_cache}",
-                               *override.split()], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "jobs", "train.py"), f"data.cache={small_cache}", *override.split()],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+            cwd=ROOT,
+        )
         assert proc.returncode == 2, (override, proc.stderr[-2000:])
         assert message in proc.stderr, (override, proc.stderr[-2000:])
 
 
 def test_cache_job_rejects_unknown_model(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "cache.py"), "model=no/such-model-here",
-                           f"output={tmp_path / 'c'}", "use_ray=false"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "jobs", "cache.py"),
+            "model=no/such-model-here",
+            f"output={tmp_path / 'c'}",
+            "use_ray=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert proc.returncode == 2
     assert "cannot load model 'no/such-model-here'" in proc.stderr
     assert not (tmp_path / "c").exists()
@@ -244,8 +359,16 @@ def test_dp2_and_tp2_jobs_take_the_same_steps(tmp_path, small_cache):
     end with the same SAE (the engine-level test compares against one process)."""
     results = {}
     for layout in ("parallel.tp=1", "parallel.tp=2"):
-        run_job(tmp_path, small_cache, f"run_id={layout.replace('=', '')}", layout, "train.max_steps=6",
-                "train.log_every=1", "export.saelens=false", "export.sparsify=false")
+        run_job(
+            tmp_path,
+            small_cache,
+            f"run_id={layout.replace('=', '')}",
+            layout,
+            "train.max_steps=6",
+            "train.log_every=1",
+            "export.saelens=false",
+            "export.sparsify=false",
+        )
         out = tmp_path / layout.replace("=", "")
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses = [m["loss"] for m in metrics if "loss" in m]

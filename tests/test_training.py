@@ -92,9 +92,9 @@ def test_warmup_and_decay_schedule():
 
 
 def test_logs_required_metrics(tmp_path):
-    from saescale.train.loggers import JsonlLogger
-
     import json
+
+    from saescale.train.loggers import JsonlLogger
 
     cfg = SAEConfig(d_in=32, n_latents=256, k=8)
     log_path = tmp_path / "metrics.jsonl"

@@ -31,8 +31,19 @@ def _bench_step(args: argparse.Namespace) -> int:
 def _bench_cache(args: argparse.Namespace) -> int:
     from saescale.bench.cache import bench_cache
 
-    print(json.dumps(bench_cache(args.d_model, args.shards, args.rows_per_shard, args.batch, args.writer_tokens,
-                                 args.s3_endpoint, args.skip_writer)))
+    print(
+        json.dumps(
+            bench_cache(
+                args.d_model,
+                args.shards,
+                args.rows_per_shard,
+                args.batch,
+                args.writer_tokens,
+                args.s3_endpoint,
+                args.skip_writer,
+            )
+        )
+    )
     return 0
 
 
@@ -49,15 +60,16 @@ def _bench_dist(args: argparse.Namespace) -> int:
     if args.peak_memory:
         result = bench_peak_memory(args.d_in, args.n_latents, args.k, args.batch, args.tp, args.repeats)
     else:
-        result = bench_dist(args.d_in, args.n_latents, args.k, args.batch, args.tp, args.threads, args.repeats,
-                            args.warmup, args.rounds)
+        result = bench_dist(
+            args.d_in, args.n_latents, args.k, args.batch, args.tp, args.threads, args.repeats, args.warmup, args.rounds
+        )
     print(json.dumps(result))
     return 0
 
 
 def _scaling_fit(args: argparse.Namespace) -> int:
-    from saescale.sweeps.scaling import FitError
     from saescale.sweeps.report import run
+    from saescale.sweeps.scaling import FitError
 
     try:
         run(args.results, args.loss, args.out)
@@ -71,8 +83,17 @@ def _plan(args: argparse.Namespace) -> int:
     from saescale.distributed.plan import PlanError, check_fits, plan_memory
 
     try:
-        plan = plan_memory(args.n_latents, args.d_model, args.k, args.workers, args.tp, args.batch,
-                           args.micro_batches, args.ema, args.device_gib)
+        plan = plan_memory(
+            args.n_latents,
+            args.d_model,
+            args.k,
+            args.workers,
+            args.tp,
+            args.batch,
+            args.micro_batches,
+            args.ema,
+            args.device_gib,
+        )
     except PlanError as exc:
         print(f"saescale plan: error: {exc}", file=sys.stderr)
         return 2
@@ -135,8 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--repeats", type=int, default=5)
     dist.add_argument("--warmup", type=int, default=2)
     dist.add_argument("--rounds", type=int, default=2, help="alternating single/tp rounds")
-    dist.add_argument("--peak-memory", action="store_true",
-                      help="instead: train --repeats steps at tp ranks, per-rank peak RSS vs saescale plan")
+    dist.add_argument(
+        "--peak-memory",
+        action="store_true",
+        help="instead: train --repeats steps at tp ranks, per-rank peak RSS vs saescale plan",
+    )
     dist.set_defaults(func=_bench_dist)
 
     scaling = sub.add_parser("scaling", help="scaling-law fits of a sweep's results table")

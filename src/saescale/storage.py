@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -31,12 +32,24 @@ def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[
     return fs, path
 
 
+def endpoint_options(endpoint_url: str | None) -> dict[str, Any] | None:
+    """fsspec storage options for an S3-compatible endpoint (None: the provider's default).
+    Credentials are never passed here: they come from the environment."""
+    return {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else None
+
+
+def is_remote(url: str) -> bool:
+    """Whether `url` names object storage or another fsspec protocol rather than a local path."""
+    return "://" in url and not url.startswith("file://")
+
+
+_URL_CREDENTIALS = re.compile(r"(\w+://)[^/\s@]+@")  # the user:password@ part of any URL
+
+
 def redact(url: str) -> str:
-    """Drop any user:password@ part of a URL before it reaches a message or a log."""
-    if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+    """Drop any user:password@ part of a URL (or of every URL in a text, such as a job log)
+    before it reaches a message, a log or a file."""
+    return _URL_CREDENTIALS.sub(r"\1***@", url)
 
 
 def join(url: str, *parts: str) -> str:
@@ -50,9 +63,7 @@ def _wrap(url: str, exc: Exception) -> StorageError:
     return StorageError(f"storage operation on {redact(url)} failed: {type(exc).__name__}: {exc}")
 
 
-def write_file_atomic(
-    url: str, writer: Callable[[str], None], storage_options: dict[str, Any] | None = None
-) -> None:
+def write_file_atomic(url: str, writer: Callable[[str], None], storage_options: dict[str, Any] | None = None) -> None:
     """Call writer(local_path) to produce the file, then publish it at `url` in one step."""
     fs, path = url_to_fs(url, storage_options)
     try:

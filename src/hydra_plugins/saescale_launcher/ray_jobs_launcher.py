@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus
@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class RayJobsLauncherConf:
     _target_: str = "hydra_plugins.saescale_launcher.ray_jobs_launcher.RayJobsLauncher"
-    address: Optional[str] = None  # null: RAY_ADDRESS if set, else an embedded local Ray; or http://head:8265
-    max_concurrent: Optional[int] = None  # null: as many runs as the cluster's CPUs/GPUs hold
-    num_cpus: Optional[int] = None  # logical CPUs of the embedded local Ray (null: 2 x cores)
+    address: str | None = None  # null: RAY_ADDRESS if set, else an embedded local Ray; or http://head:8265
+    max_concurrent: int | None = None  # null: as many runs as the cluster's CPUs/GPUs hold
+    num_cpus: int | None = None  # logical CPUs of the embedded local Ray (null: 2 x cores)
     data_cpus: float = 1.0  # CPUs a run's Ray Data reading holds beside its training workers
     poll_s: float = 2.0
     skip_finished: bool = True  # re-running the sweep skips runs that wrote result.json under their config
@@ -44,8 +44,15 @@ ConfigStore.instance().store(group="hydra/launcher", name="saescale_ray_jobs", n
 
 
 class RayJobsLauncher(Launcher):
-    def __init__(self, address: str | None = None, max_concurrent: int | None = None, num_cpus: int | None = None,
-                 data_cpus: float = 1.0, poll_s: float = 2.0, skip_finished: bool = True) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        max_concurrent: int | None = None,
+        num_cpus: int | None = None,
+        data_cpus: float = 1.0,
+        poll_s: float = 2.0,
+        skip_finished: bool = True,
+    ) -> None:
         self.address, self.max_concurrent, self.num_cpus = address, max_concurrent, num_cpus
         self.data_cpus, self.poll_s, self.skip_finished = data_cpus, poll_s, skip_finished
         self.config: DictConfig | None = None
@@ -55,7 +62,8 @@ class RayJobsLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def _run_of(self, num: int, overrides: list[str], group: str):
-        from saescale.service.run_identity import config_hash, register_resolvers
+        from saescale import storage
+        from saescale.app.run_identity import config_hash, register_resolvers
         from saescale.sweeps.scheduler import SweepRun
 
         register_resolvers()
@@ -67,11 +75,16 @@ class RayJobsLauncher(Launcher):
         workers, cpus = int(cfg.parallel.workers), float(cfg.parallel.cpus_per_worker)
         # run_id (<run_name>-<config hash>) names the run's folder and checkpoints: runs differing in
         # any setting of the trained SAE get their own, and a rerun skips only the same config
-        return SweepRun(num=num, overrides=overrides, run_name=str(cfg.run_id),
-                        output_dir=_absolute(str(cfg.output_dir)), cpus=workers * cpus + self.data_cpus,
-                        gpus=float(workers) if cfg.parallel.use_gpu else 0.0,
-                        storage_options={"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None,
-                        config_hash=config_hash(cfg))
+        return SweepRun(
+            num=num,
+            overrides=overrides,
+            run_name=str(cfg.run_id),
+            output_dir=_absolute(str(cfg.output_dir)),
+            cpus=workers * cpus + self.data_cpus,
+            gpus=float(workers) if cfg.parallel.use_gpu else 0.0,
+            storage_options=storage.endpoint_options(endpoint),
+            config_hash=config_hash(cfg),
+        )
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from saescale.sweeps.ray_jobs import RayJobsBackend
@@ -87,23 +100,40 @@ class RayJobsLauncher(Launcher):
         backend = RayJobsBackend(sys.argv[0], self.address, self.num_cpus)
         try:
             print(f"[sweep] Ray job server {backend.dashboard}; capacity (CPUs, GPUs) {backend.capacity}", flush=True)
-            run_sweep(runs, backend, backend.capacity, self.max_concurrent, self.poll_s, log_dir=sweep_dir,
-                      skip_finished=self.skip_finished, on_change=lambda rs: write_results(rs, sweep_dir))
+            run_sweep(
+                runs,
+                backend,
+                backend.capacity,
+                self.max_concurrent,
+                self.poll_s,
+                log_dir=sweep_dir,
+                skip_finished=self.skip_finished,
+                on_change=lambda rs: write_results(rs, sweep_dir),
+            )
         finally:
             write_results(runs, sweep_dir)
             plot_timeline(runs, os.path.join(sweep_dir, "timeline.png"))
             backend.close()
         self._log_wandb(runs, group, sweep_dir)
         failed = [r for r in runs if r.status == "failed"]
-        print(f"[sweep] {len(runs) - len(failed)} finished ({sum(r.action == 'skipped' for r in runs)} skipped as "
-              f"already finished), {len(failed)} failed; results: {os.path.join(sweep_dir, 'results.parquet')}",
-              flush=True)
+        print(
+            f"[sweep] {len(runs) - len(failed)} finished ({sum(r.action == 'skipped' for r in runs)} skipped as "
+            f"already finished), {len(failed)} failed; results: {os.path.join(sweep_dir, 'results.parquet')}",
+            flush=True,
+        )
         returns = []
         for run, overrides in zip(runs, job_overrides):
             ok = run.status == "finished"
-            returns.append(JobReturn(overrides=list(overrides), cfg=self.config, working_dir=sweep_dir,
-                                     task_name=run.run_name, status=JobStatus.COMPLETED if ok else JobStatus.FAILED,
-                                     _return_value=run.result if ok else RuntimeError(f"run {run.run_name}: {run.error}")))
+            returns.append(
+                JobReturn(
+                    overrides=list(overrides),
+                    cfg=self.config,
+                    working_dir=sweep_dir,
+                    task_name=run.run_name,
+                    status=JobStatus.COMPLETED if ok else JobStatus.FAILED,
+                    _return_value=run.result if ok else RuntimeError(f"run {run.run_name}: {run.error}"),
+                )
+            )
         return returns
 
     def _log_wandb(self, runs, group: str, sweep_dir: str) -> None:
@@ -117,12 +147,22 @@ class RayJobsLauncher(Launcher):
 
         rows = results_rows(runs)
         columns = sorted({k for r in rows for k in r})
-        run = wandb.init(project=cfg.wandb.project, group=cfg.wandb.get("group") or group, job_type="sweep",
-                         name=f"sweep-{group}", mode=cfg.wandb.mode, dir=sweep_dir, reinit="finish_previous",
-                         config={"runs": len(runs), "sweep_dir": sweep_dir})
-        run.log({"sweep/results": wandb.Table(columns=columns, data=[[_plain(r.get(c)) for c in columns] for r in rows])})
-        run.summary.update({"finished": sum(r.status == "finished" for r in runs),
-                            "failed": sum(r.status == "failed" for r in runs)})
+        run = wandb.init(
+            project=cfg.wandb.project,
+            group=cfg.wandb.get("group") or group,
+            job_type="sweep",
+            name=f"sweep-{group}",
+            mode=cfg.wandb.mode,
+            dir=sweep_dir,
+            reinit="finish_previous",
+            config={"runs": len(runs), "sweep_dir": sweep_dir},
+        )
+        run.log(
+            {"sweep/results": wandb.Table(columns=columns, data=[[_plain(r.get(c)) for c in columns] for r in rows])}
+        )
+        run.summary.update(
+            {"finished": sum(r.status == "finished" for r in runs), "failed": sum(r.status == "failed" for r in runs)}
+        )
         run.finish()
 
 
@@ -135,8 +175,10 @@ def _check_distinct_outputs(runs) -> None:
     for run in runs:
         other = seen.setdefault(run.output_dir, run)
         if other is not run:
-            raise SweepError(f"runs {other.num} and {run.num} would both write to {storage.redact(run.output_dir)}: "
-                             "put ${run_id} in output_dir (and do not set run_id) so each config gets its own folder")
+            raise SweepError(
+                f"runs {other.num} and {run.num} would both write to {storage.redact(run.output_dir)}: "
+                "put ${run_id} in output_dir (and do not set run_id) so each config gets its own folder"
+            )
 
 
 def _plain(value: Any) -> Any:
@@ -145,4 +187,3 @@ def _plain(value: Any) -> Any:
 
 def _absolute(url: str) -> str:
     return url if "://" in url else os.path.abspath(url)
-

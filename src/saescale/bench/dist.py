@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import resource
-import socket
 import statistics
 import tempfile
 import time
@@ -24,10 +23,10 @@ MB = 2**20
 
 
 def _setup(d_in: int, n_latents: int, k: int, batch: int, seed: int = 0):
-    from saescale.core.config import SAEConfig, TrainConfig
+    from saescale.core.config import NEVER, SAEConfig, TrainConfig
 
     sae_cfg = SAEConfig(d_in=d_in, n_latents=n_latents, k=k, normalization="none", dead_tokens_threshold=10**12)
-    train_cfg = TrainConfig(log_every=10**9, histogram_every=10**9, seed=seed)
+    train_cfg = TrainConfig(log_every=NEVER, histogram_every=NEVER, seed=seed)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, d_in, generator=g)
     return sae_cfg, train_cfg, x
@@ -48,8 +47,9 @@ def _time_steps(step, repeats: int, warmup: int, sync=None) -> list[float]:
     return times
 
 
-def single_process_step(d_in: int, n_latents: int, k: int, batch: int, threads: int, repeats: int,
-                        warmup: int) -> list[float]:
+def single_process_step(
+    d_in: int, n_latents: int, k: int, batch: int, threads: int, repeats: int, warmup: int
+) -> list[float]:
     from saescale.core.model import TopKSAE
     from saescale.train.trainer import Trainer
 
@@ -65,8 +65,8 @@ def _tp_worker(rank: int, world: int, port: int, spec: dict[str, Any], out: str)
 
     import torch.distributed as dist
 
-    from saescale.train.rank_setup import build_rank_trainer, local_share
     from saescale.distributed.mesh import ParallelDims
+    from saescale.train.rank_setup import build_rank_trainer, local_share
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -85,9 +85,12 @@ def _tp_worker(rank: int, world: int, port: int, spec: dict[str, Any], out: str)
             step()
         tp.stats.reset()
         times = _time_steps(step, spec["repeats"], 0, sync=dist.barrier)
-        result = {"times": times, "bytes_per_step": tp.stats.bytes_sent / spec["repeats"],
-                  "comm_s_per_step": tp.stats.seconds / spec["repeats"],
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        result = {
+            "times": times,
+            "bytes_per_step": tp.stats.bytes_sent / spec["repeats"],
+            "comm_s_per_step": tp.stats.seconds / spec["repeats"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
         with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
             json.dump(result, handle)
     finally:
@@ -99,16 +102,24 @@ def tp_step(spec: dict[str, Any], tp: int) -> list[dict[str, Any]]:
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from saescale.net import free_port
+
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_tp_worker, args=(tp, port, spec, out), nprocs=tp)
+        mp.spawn(_tp_worker, args=(tp, free_port(), spec, out), nprocs=tp)
         return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(tp)]
 
 
-def bench_dist(d_in: int = 576, n_latents: int = 16384, k: int = 32, batch: int = 4096, tp: int = 2,
-               threads: int = 2, repeats: int = 5, warmup: int = 2, rounds: int = 2) -> dict[str, Any]:
+def bench_dist(
+    d_in: int = 576,
+    n_latents: int = 16384,
+    k: int = 32,
+    batch: int = 4096,
+    tp: int = 2,
+    threads: int = 2,
+    repeats: int = 5,
+    warmup: int = 2,
+    rounds: int = 2,
+) -> dict[str, Any]:
     """Alternate single-process and tp rounds (the machine is noisy) and compare medians."""
     spec = {"d_in": d_in, "n_latents": n_latents, "k": k, "batch": batch, "repeats": repeats, "warmup": warmup}
     single, parallel, ranks = [], [], []
@@ -118,12 +129,19 @@ def bench_dist(d_in: int = 576, n_latents: int = 16384, k: int = 32, batch: int 
         parallel += [max(ts) for ts in zip(*(r["times"] for r in ranks))]  # a step ends when its slowest rank does
     single_s, tp_s = statistics.median(single), statistics.median(parallel)
     return {
-        "d_in": d_in, "n_latents": n_latents, "k": k, "batch": batch, "tp": tp,
-        "single_threads": threads, "single_step_s": round(single_s, 4), "tp_step_s": round(tp_s, 4),
+        "d_in": d_in,
+        "n_latents": n_latents,
+        "k": k,
+        "batch": batch,
+        "tp": tp,
+        "single_threads": threads,
+        "single_step_s": round(single_s, 4),
+        "tp_step_s": round(tp_s, 4),
         "tp_over_single": round(tp_s / single_s, 3),
         "bytes_sent_per_step_per_rank": int(ranks[0]["bytes_per_step"]),
         "comm_s_per_step": round(ranks[0]["comm_s_per_step"], 4),
-        "tokens_per_s_single": round(batch / single_s, 1), "tokens_per_s_tp": round(batch / tp_s, 1),
+        "tokens_per_s_single": round(batch / single_s, 1),
+        "tokens_per_s_tp": round(batch / tp_s, 1),
     }
 
 
@@ -136,7 +154,15 @@ def bench_peak_memory(d_in: int, n_latents: int, k: int, batch: int, tp: int, st
     ranks = tp_step(spec, tp)
     plan = plan_memory(n_latents, d_in, k, tp, tp, batch)
     peak = max(r["peak_rss_mb"] for r in ranks)
-    return {"n_latents": n_latents, "d_in": d_in, "batch": batch, "tp": tp, "steps": steps,
-            "step_s": round(statistics.median(max(ts) for ts in zip(*(r["times"] for r in ranks))), 3),
-            "peak_rss_mb_per_rank": round(peak, 1), "planned_mb_per_rank": round(plan.total / MB, 1),
-            "peak_over_plan": round(peak * MB / plan.total, 3), "wall_s": round(time.perf_counter() - t0, 1)}
+    return {
+        "n_latents": n_latents,
+        "d_in": d_in,
+        "batch": batch,
+        "tp": tp,
+        "steps": steps,
+        "step_s": round(statistics.median(max(ts) for ts in zip(*(r["times"] for r in ranks))), 3),
+        "peak_rss_mb_per_rank": round(peak, 1),
+        "planned_mb_per_rank": round(plan.total / MB, 1),
+        "peak_over_plan": round(peak * MB / plan.total, 3),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }

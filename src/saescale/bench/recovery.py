@@ -12,6 +12,7 @@ import torch
 from saescale.core.config import SAEConfig, TrainConfig
 from saescale.core.model import TopKSAE
 from saescale.core.synthetic import SparseDictionary
+from saescale.evaluation.reconstruction import nmse
 from saescale.train.trainer import Trainer
 
 # the same setting as tests/test_training.py::test_recovers_a_known_sparse_dictionary
@@ -21,8 +22,13 @@ SETTING = dict(d=64, n_atoms=256, active=4, noise=0.01, n_latents=384, k=8, batc
 def bench_recovery(auxk: bool = True, transpose_init: bool = True, seed: int = 0) -> dict[str, Any]:
     s = SETTING
     truth = SparseDictionary.random(s["d"], s["n_atoms"], s["active"], s["noise"], seed=seed)
-    cfg = SAEConfig(d_in=s["d"], n_latents=s["n_latents"], k=s["k"], dead_tokens_threshold=20 * s["batch"],
-                    auxk_coef=(1 / 32) if auxk else 0.0)
+    cfg = SAEConfig(
+        d_in=s["d"],
+        n_latents=s["n_latents"],
+        k=s["k"],
+        dead_tokens_threshold=20 * s["batch"],
+        auxk_coef=(1 / 32) if auxk else 0.0,
+    )
     sae = TopKSAE(cfg)
     trainer = Trainer(sae, TrainConfig(lr=s["lr"], log_every=100, init_transpose=transpose_init, seed=seed))
     t0 = time.perf_counter()
@@ -30,7 +36,14 @@ def bench_recovery(auxk: bool = True, transpose_init: bool = True, seed: int = 0
     held_out = truth.sample(8192, torch.Generator().manual_seed(123))
     with torch.no_grad():
         recon = sae(held_out)
-    nmse = (((recon - held_out) ** 2).mean() / ((held_out - held_out.mean(0)) ** 2).mean()).item()
-    return {"bench": "recovery", "auxk": auxk, "transpose_init": transpose_init, "setting": s,
-            "recovered_frac": truth.recovery(sae.W_dec.detach()), "heldout_nmse": round(nmse, 4),
-            "dead_fraction": trainer.tracker.dead_fraction(), "seconds": round(time.perf_counter() - t0, 1)}
+    error = nmse(recon, held_out)
+    return {
+        "bench": "recovery",
+        "auxk": auxk,
+        "transpose_init": transpose_init,
+        "setting": s,
+        "recovered_frac": truth.recovery(sae.W_dec.detach()),
+        "heldout_nmse": round(error, 4),
+        "dead_fraction": trainer.tracker.dead_fraction(),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }

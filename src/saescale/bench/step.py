@@ -79,9 +79,7 @@ def bench_step(
         "peak_rss_mb": round(step["peak_rss_bytes"] / MB, 1),
         "floor_s": round(step["floor_median_s"], 4),
         # median of per-pair ratios: each step is compared with the floor timed just before it
-        "step_over_floor": round(
-            statistics.median(s / f for s, f in zip(step["times_s"], step["floor_times_s"])), 3
-        ),
+        "step_over_floor": round(statistics.median(s / f for s, f in zip(step["times_s"], step["floor_times_s"])), 3),
         "step_times_s": [round(t, 4) for t in step["times_s"]],
         "floor_times_s": [round(t, 4) for t in step["floor_times_s"]],
         "memory_model_mb": round(memory_model_bytes(d_in, n_latents, batch) / MB, 1),

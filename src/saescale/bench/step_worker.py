@@ -15,10 +15,10 @@ import time
 import torch
 
 from saescale.core.config import SAEConfig, TrainConfig
-from saescale.train.dead_latents import DeadLatentTracker
 from saescale.core.model import TopKSAE
-from saescale.train.optim import make_adam, remove_parallel_grad_
 from saescale.core.reference import dense_losses
+from saescale.train.dead_latents import DeadLatentTracker
+from saescale.train.optim import make_adam, remove_parallel_grad_
 from saescale.train.step import SparseTopKStep
 
 
@@ -117,7 +117,12 @@ def run(spec: dict) -> dict:
             t0 = time.perf_counter()
             naive_step()
             times.append(time.perf_counter() - t0)
-        return {"kind": kind, "median_s": statistics.median(times), "times_s": times, "peak_rss_bytes": peak_rss_bytes()}
+        return {
+            "kind": kind,
+            "median_s": statistics.median(times),
+            "times_s": times,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
     raise ValueError(f"unknown kind {kind!r}")
 
 

@@ -19,6 +19,9 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
+NEVER = 10**9  # an interval in steps that no run reaches: `log_every=NEVER` never logs
+
+
 def default_k_aux(d_in: int) -> int:
     """The paper's k_aux: a power of two close to d_model / 2 (nearest in log scale)."""
     half = max(d_in / 2, 1.0)
@@ -81,9 +84,7 @@ class SAEConfig(_DictConfig):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"sae.{name} must be a positive integer, got {value!r}")
         if self.k > self.n_latents:
-            raise ConfigError(
-                f"sae.k={self.k} is larger than sae.n_latents={self.n_latents}; lower k or add latents"
-            )
+            raise ConfigError(f"sae.k={self.k} is larger than sae.n_latents={self.n_latents}; lower k or add latents")
         if self.k_aux is None:
             self.k_aux = min(default_k_aux(self.d_in), self.n_latents)
         if not isinstance(self.k_aux, int) or self.k_aux <= 0 or self.k_aux > self.n_latents:
@@ -109,7 +110,6 @@ class SAEConfig(_DictConfig):
     @property
     def multi_k(self) -> int:
         return self.multi_topk_factor * self.k
-
 
 
 @dataclass
@@ -164,4 +164,3 @@ class TrainConfig(_DictConfig):
         if self.lr is not None:
             return self.lr
         return 2e-4 / math.sqrt(n_latents / 2**14)
-

@@ -19,7 +19,7 @@ class SparseDictionary:
     seed: int
 
     @classmethod
-    def random(cls, d: int, n_atoms: int, active: int, noise: float = 0.01, seed: int = 0) -> "SparseDictionary":
+    def random(cls, d: int, n_atoms: int, active: int, noise: float = 0.01, seed: int = 0) -> SparseDictionary:
         g = torch.Generator().manual_seed(seed)
         atoms = torch.randn(n_atoms, d, generator=g)
         atoms /= atoms.norm(dim=1, keepdim=True)

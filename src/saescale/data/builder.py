@@ -34,8 +34,14 @@ import torch
 from tqdm.auto import tqdm
 
 from saescale import storage
-from saescale.data.format import activation_array, activations_from_column, sha256, table_bytes, table_from_bytes
-from saescale.data.format import DTYPES
+from saescale.data.format import (
+    DTYPES,
+    activation_array,
+    activations_from_column,
+    sha256,
+    table_bytes,
+    table_from_bytes,
+)
 from saescale.data.manifest import MANIFEST, Manifest, ShardInfo
 from saescale.lm.activations import TokenWindow, token_windows
 from saescale.lm.corpus import CorpusError, iter_documents
@@ -47,28 +53,41 @@ class CacheError(RuntimeError):
 
 @dataclass
 class CacheConfig:
-    model: str
-    corpus: str
-    output: str
-    hook: str = "resid_post"
+    """What to cache: which model, corpus and hook site, how much, and where the shards go."""
+
+    model: str  # a Hugging Face id, a local model dir, a .gguf file, or embedded:<name>
+    corpus: str  # a folder/glob of .txt/.jsonl/.parquet, an HF dataset id, or embedded:<name>
+    output: str  # any fsspec URL
+    hook: str = "resid_post"  # resid_post | mlp_out | attn_out
     layer: int = 8
-    context_length: int = 64
+    context_length: int = 64  # the paper's context length
     max_tokens: int = 150_000
-    dtype: str = "float16"
+    dtype: str = "float16"  # float16 | bfloat16 | float32
     rows_per_shard: int = 16384
-    drop_special_tokens: bool = True
+    drop_special_tokens: bool = True  # BOS/EOS/pad and other special tokens are not cached
     seed: int = 0
-    text_field: str = "text"
+    text_field: str = "text"  # the text column of .jsonl/.parquet/HF corpora
     windows_per_batch: int = 16
-    num_workers: int = 1  # model replicas in the Ray actor pool
-    use_ray: bool = True  # read by jobs/cache.py: compute parts on a Ray actor pool (service.cache_actors)
-    model_cache_dir: str | None = None
+    num_workers: int = 1  # model replicas in the Ray actor pool (one per GPU/node)
+    use_ray: bool = True  # the cache job computes parts on a Ray actor pool (service.cache_actors)
+    model_cache_dir: str | None = None  # where GGUF models are converted once (default ~/.cache/saescale)
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the cache's content (a resume must match them)."""
-        keys = ("model", "corpus", "hook", "layer", "context_length", "max_tokens", "dtype", "rows_per_shard",
-                "drop_special_tokens", "seed", "text_field")
+        keys = (
+            "model",
+            "corpus",
+            "hook",
+            "layer",
+            "context_length",
+            "max_tokens",
+            "dtype",
+            "rows_per_shard",
+            "drop_special_tokens",
+            "seed",
+            "text_field",
+        )
         return {k: getattr(self, k) for k in keys}
 
     def validate(self) -> None:
@@ -180,16 +199,19 @@ def compute_part(model, cfg: CacheConfig, plan: Plan, part: int) -> int:
     docs = np.asarray(plan.window_docs, dtype=np.int32)[wins]
     for s in np.unique(shard):
         sel = np.nonzero(shard == s)[0]
-        table = pa.table({
-            "act": activation_array(acts[torch.from_numpy(sel)]),
-            "token_id": pa.array(tokens[sel].astype(np.int32)),
-            "doc": pa.array(docs[sel]),
-            "window": pa.array(wins[sel].astype(np.int32)),
-            "pos": pa.array(poss[sel].astype(np.int16)),
-            "slot": pa.array(slot[sel]),
-        })
-        storage.write_bytes_atomic(_work(cfg, f"shard-{int(s):05d}", f"part-{part:05d}.parquet"), table_bytes(table),
-                                   cfg.storage_options)
+        table = pa.table(
+            {
+                "act": activation_array(acts[torch.from_numpy(sel)]),
+                "token_id": pa.array(tokens[sel].astype(np.int32)),
+                "doc": pa.array(docs[sel]),
+                "window": pa.array(wins[sel].astype(np.int32)),
+                "pos": pa.array(poss[sel].astype(np.int16)),
+                "slot": pa.array(slot[sel]),
+            }
+        )
+        storage.write_bytes_atomic(
+            _work(cfg, f"shard-{int(s):05d}", f"part-{part:05d}.parquet"), table_bytes(table), cfg.storage_options
+        )
     storage.write_bytes_atomic(part_marker(cfg, part), b"done", cfg.storage_options)
     return len(rows)
 
@@ -257,7 +279,11 @@ def assemble_shard(cfg: CacheConfig, plan: Plan, s: int) -> ShardResult:
     data = table_bytes(table)
     storage.write_bytes_atomic(storage.join(cfg.output, shard_file(s)), data, cfg.storage_options)
     acts = activations_from_column(table.column("act"), cfg.dtype, _d_model(table, cfg)).double()
-    return ShardInfo(shard_file(s), table.num_rows, sha256(data), len(data)), acts.sum(0).numpy(), float(acts.pow(2).sum())
+    return (
+        ShardInfo(shard_file(s), table.num_rows, sha256(data), len(data)),
+        acts.sum(0).numpy(),
+        float(acts.pow(2).sum()),
+    )
 
 
 def shard_record(cfg: CacheConfig, s: int) -> str:
@@ -298,12 +324,14 @@ def _d_model(table: pa.Table, cfg: CacheConfig) -> int:
 # -------------------------------------------------------------------------------- driver
 def windows_table(plan: Plan) -> pa.Table:
     """window -> (document, start offset, token ids): what a viewer needs to show contexts."""
-    return pa.table({
-        "window": pa.array(np.arange(len(plan.windows), dtype=np.int32)),
-        "doc": pa.array(plan.window_docs, pa.int32()),
-        "start": pa.array([w.start for w in plan.windows], pa.int64()),
-        "token_ids": pa.array([w.ids for w in plan.windows], pa.list_(pa.int32())),
-    })
+    return pa.table(
+        {
+            "window": pa.array(np.arange(len(plan.windows), dtype=np.int32)),
+            "doc": pa.array(plan.window_docs, pa.int32()),
+            "start": pa.array([w.start for w in plan.windows], pa.int64()),
+            "token_ids": pa.array([w.ids for w in plan.windows], pa.list_(pa.int32())),
+        }
+    )
 
 
 def check_writable(cfg: CacheConfig) -> None:
@@ -326,8 +354,9 @@ def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
         raise CacheError(f"{storage.redact(murl)} is not a readable cache manifest: {exc}") from exc
 
 
-def build_cache(cfg: CacheConfig, progress: Callable[[str], None] = print,
-                part_runner: PartRunner | None = None) -> Manifest:
+def build_cache(
+    cfg: CacheConfig, progress: Callable[[str], None] = print, part_runner: PartRunner | None = None
+) -> Manifest:
     cfg.validate()
     try:
         finished = storage.exists(storage.join(cfg.output, MANIFEST), cfg.storage_options)
@@ -359,8 +388,10 @@ def build_cache(cfg: CacheConfig, progress: Callable[[str], None] = print,
     else:
         storage.write_json_atomic(identity_url, cfg.identity(), cfg.storage_options)
     todo = [p for p in range(len(plan.parts)) if not storage.exists(part_marker(cfg, p), cfg.storage_options)]
-    progress(f"{plan.n_rows} tokens in {len(plan.windows)} windows -> {shards} shards; "
-             f"{len(plan.parts) - len(todo)}/{len(plan.parts)} parts already done")
+    progress(
+        f"{plan.n_rows} tokens in {len(plan.windows)} windows -> {shards} shards; "
+        f"{len(plan.parts) - len(todo)}/{len(plan.parts)} parts already done"
+    )
     run_parts(cfg, plan, todo, part_runner or local_part_runner(lm.model))
     del lm
 
@@ -370,12 +401,24 @@ def build_cache(cfg: CacheConfig, progress: Callable[[str], None] = print,
         infos.append(info)
         total_sum += row_sum
         total_sq += row_sq
-    storage.write_bytes_atomic(storage.join(cfg.output, "windows.parquet"), table_bytes(windows_table(plan)),
-                               cfg.storage_options)
+    storage.write_bytes_atomic(
+        storage.join(cfg.output, "windows.parquet"), table_bytes(windows_table(plan)), cfg.storage_options
+    )
     manifest = Manifest(
-        model=cfg.model, tokenizer=cfg.model, hook=cfg.hook, layer=cfg.layer, d_model=d_model, dtype=cfg.dtype,
-        context_length=cfg.context_length, seed=cfg.seed, corpus=cfg.corpus, n_rows=plan.n_rows,
-        rows_per_shard=cfg.rows_per_shard, shards=infos, windows_file="windows.parquet", documents=plan.documents,
+        model=cfg.model,
+        tokenizer=cfg.model,
+        hook=cfg.hook,
+        layer=cfg.layer,
+        d_model=d_model,
+        dtype=cfg.dtype,
+        context_length=cfg.context_length,
+        seed=cfg.seed,
+        corpus=cfg.corpus,
+        n_rows=plan.n_rows,
+        rows_per_shard=cfg.rows_per_shard,
+        shards=infos,
+        windows_file="windows.parquet",
+        documents=plan.documents,
         stats={"mean": (total_sum / plan.n_rows).tolist(), "mean_sq_norm": total_sq / plan.n_rows},
         build_config=cfg.identity(),
     )

@@ -23,6 +23,7 @@ import torch
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ROW_GROUP_ROWS = 4096
+POS_STRIDE = 1 << 16  # a row's id is window * POS_STRIDE + pos (pos is int16, so always < the stride)
 
 
 class CorruptShardError(RuntimeError):

@@ -42,7 +42,7 @@ class Manifest:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
         if data.get("format") != FORMAT:
             raise ValueError(f"not a saescale activation cache manifest (format {data.get('format')!r})")
         data = dict(data)

@@ -24,7 +24,7 @@ class ParallelDims:
     tp: int
 
     @classmethod
-    def from_world(cls, world_size: int, tp: int) -> "ParallelDims":
+    def from_world(cls, world_size: int, tp: int) -> ParallelDims:
         if tp <= 0 or world_size <= 0 or world_size % tp:
             raise MeshError(f"the worker count ({world_size}) must be a positive multiple of parallel.tp={tp}")
         return cls(dp=world_size // tp, tp=tp)
@@ -46,7 +46,9 @@ class ParallelDims:
         """(dp_rank, tp_rank) of a global rank."""
         return rank // self.tp, rank % self.tp
 
-    def build(self, rank: int, n_latents: int, device_type: str = "cpu") -> tuple[TensorParallel | None, DataParallel | None]:
+    def build(
+        self, rank: int, n_latents: int, device_type: str = "cpu"
+    ) -> tuple[TensorParallel | None, DataParallel | None]:
         """This rank's TP and DP handles (None for a dimension of size 1). Needs an initialised
         default process group of world_size ranks; every rank must call this together."""
         if self.world_size == 1:

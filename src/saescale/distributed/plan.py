@@ -47,20 +47,38 @@ class MemoryPlan:
         return asdict(self)
 
     def table(self) -> str:
-        rows = [("weights", self.weights), ("grads", self.grads), ("adam", self.adam), ("ema", self.ema),
-                ("pre-activation", self.preact), ("buffers", self.buffers), ("total", self.total),
-                ("device", self.device_bytes)]
-        head = (f"n_latents={self.n_latents} d_model={self.d_model} k={self.k} workers={self.workers} "
-                f"tp={self.tp} dp={self.dp} batch={self.batch} micro_batches={self.micro_batches} "
-                f"latents/rank={self.n_local}")
+        rows = [
+            ("weights", self.weights),
+            ("grads", self.grads),
+            ("adam", self.adam),
+            ("ema", self.ema),
+            ("pre-activation", self.preact),
+            ("buffers", self.buffers),
+            ("total", self.total),
+            ("device", self.device_bytes),
+        ]
+        head = (
+            f"n_latents={self.n_latents} d_model={self.d_model} k={self.k} workers={self.workers} "
+            f"tp={self.tp} dp={self.dp} batch={self.batch} micro_batches={self.micro_batches} "
+            f"latents/rank={self.n_local}"
+        )
         lines = [head, f"{'per rank':<16}{'GiB':>12}"]
         lines += [f"{name:<16}{value / GiB:>12.2f}" for name, value in rows]
         lines.append("fits" if self.fits else "DOES NOT FIT")
         return "\n".join(lines)
 
 
-def plan_memory(n_latents: int, d_model: int, k: int, workers: int, tp: int, batch: int,
-                micro_batches: int = 1, ema: bool = False, device_gib: float = 80.0) -> MemoryPlan:
+def plan_memory(
+    n_latents: int,
+    d_model: int,
+    k: int,
+    workers: int,
+    tp: int,
+    batch: int,
+    micro_batches: int = 1,
+    ema: bool = False,
+    device_gib: float = 80.0,
+) -> MemoryPlan:
     if tp <= 0 or workers <= 0 or workers % tp:
         raise PlanError(f"workers={workers} must be a positive multiple of tp={tp}")
     if n_latents % tp:
@@ -76,8 +94,26 @@ def plan_memory(n_latents: int, d_model: int, k: int, workers: int, tp: int, bat
     buffers = 2 * rows * d_model * 4 + 6 * micro * d_model * 4 + micro * tp * k * 12 + 64 * 2**20
     total = 4 * weights + (weights if ema else 0) + preact + buffers
     device = int(device_gib * GiB)
-    return MemoryPlan(n_latents, d_model, k, workers, tp, dp, batch, micro_batches, n_local, weights, weights,
-                      2 * weights, weights if ema else 0, preact, buffers, total, device, total <= device)
+    return MemoryPlan(
+        n_latents,
+        d_model,
+        k,
+        workers,
+        tp,
+        dp,
+        batch,
+        micro_batches,
+        n_local,
+        weights,
+        weights,
+        2 * weights,
+        weights if ema else 0,
+        preact,
+        buffers,
+        total,
+        device,
+        total <= device,
+    )
 
 
 def check_fits(plan: MemoryPlan) -> None:
@@ -87,10 +123,16 @@ def check_fits(plan: MemoryPlan) -> None:
     over = plan.total - plan.device_bytes
     state = plan.weights + plan.grads + plan.adam + plan.ema
     if state > plan.device_bytes * 0.8:
-        hint = (f"weights, grads and Adam state alone take {state / GiB:.1f} GiB per rank: raise tp "
-                f"(now {plan.tp}) so each rank holds fewer latents")
+        hint = (
+            f"weights, grads and Adam state alone take {state / GiB:.1f} GiB per rank: raise tp "
+            f"(now {plan.tp}) so each rank holds fewer latents"
+        )
     else:
-        hint = (f"the [batch/dp, n_latents/tp] pre-activation takes {plan.preact / GiB:.1f} GiB: raise "
-                f"micro_batches (now {plan.micro_batches}), lower batch, or raise tp")
-    raise PlanError(f"per-rank memory {plan.total / GiB:.1f} GiB exceeds the device's "
-                    f"{plan.device_bytes / GiB:.1f} GiB by {over / GiB:.1f} GiB; {hint}")
+        hint = (
+            f"the [batch/dp, n_latents/tp] pre-activation takes {plan.preact / GiB:.1f} GiB: raise "
+            f"micro_batches (now {plan.micro_batches}), lower batch, or raise tp"
+        )
+    raise PlanError(
+        f"per-rank memory {plan.total / GiB:.1f} GiB exceeds the device's "
+        f"{plan.device_bytes / GiB:.1f} GiB by {over / GiB:.1f} GiB; {hint}"
+    )

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from saescale.core.model import TopKCode, TopKSAE
 from saescale.evaluation.downstream import replace_output
 from saescale.lm.hooks import run_to_hook
-from saescale.core.model import TopKCode, TopKSAE
 
 
 @dataclass
@@ -52,8 +52,15 @@ def _logits_with_site(model: nn.Module, ids: Tensor, site: str, layer: int, repl
 
 
 @torch.no_grad()
-def ablation_sparsity(model: nn.Module, sae: TopKSAE, windows: Tensor, site: str, layer: int,
-                      positions: list[tuple[int, int]], horizon: int = 16) -> AblationSparsity:
+def ablation_sparsity(
+    model: nn.Module,
+    sae: TopKSAE,
+    windows: Tensor,
+    site: str,
+    layer: int,
+    positions: list[tuple[int, int]],
+    horizon: int = 16,
+) -> AblationSparsity:
     """`positions`: (window index, token position) pairs of `windows` [n, seq] to ablate at."""
     if horizon < 1:
         raise ValueError(f"the horizon T must be at least 1 (got {horizon})")

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saescale.lm.hooks import hook_module
 from saescale.core.model import TopKSAE
+from saescale.lm.hooks import hook_module
 
 
 @dataclass
@@ -58,8 +58,15 @@ def _logits(model: nn.Module, input_ids: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def downstream_loss(model: nn.Module, sae: TopKSAE, windows: Tensor, site: str, layer: int,
-                    keep_mask: Tensor | None = None, batch_size: int = 16) -> DownstreamLoss:
+def downstream_loss(
+    model: nn.Module,
+    sae: TopKSAE,
+    windows: Tensor,
+    site: str,
+    layer: int,
+    keep_mask: Tensor | None = None,
+    batch_size: int = 16,
+) -> DownstreamLoss:
     """windows: [n, seq] token ids; keep_mask [n, seq]: positions whose activation is replaced
     (default all)."""
     if keep_mask is None:
@@ -71,14 +78,14 @@ def downstream_loss(model: nn.Module, sae: TopKSAE, windows: Tensor, site: str, 
         mask = keep_mask[start : start + batch_size].unsqueeze(-1)
         targets = ids[:, 1:].reshape(-1)
 
-        def spliced(h: Tensor) -> Tensor:
+        def spliced(h: Tensor, mask: Tensor = mask) -> Tensor:
             recon = sae(h.reshape(-1, h.shape[-1]).float()).reshape(h.shape).to(h.dtype)
             return torch.where(mask, recon, h)
 
         clean = _logits(model, ids)[:, :-1]
         with replace_output(model, site, layer, spliced):
             spl = _logits(model, ids)[:, :-1]
-        with replace_output(model, site, layer, lambda h: torch.where(mask, torch.zeros_like(h), h)):
+        with replace_output(model, site, layer, lambda h, mask=mask: torch.where(mask, torch.zeros_like(h), h)):
             zero = _logits(model, ids)[:, :-1]
         vocab = clean.shape[-1]
         sums["clean"] += F.cross_entropy(clean.reshape(-1, vocab), targets, reduction="sum").item()
@@ -89,6 +96,12 @@ def downstream_loss(model: nn.Module, sae: TopKSAE, windows: Tensor, site: str, 
         count += targets.numel()
     clean, spl, zero = (sums[k] / count for k in ("clean", "spliced", "zero"))
     span = zero - clean
-    return DownstreamLoss(tokens=count, ce_clean=clean, ce_spliced=spl, ce_zero_ablation=zero,
-                          ce_increase=spl - clean, kl_clean_to_spliced=sums["kl"] / count,
-                          ce_recovered=1.0 - (spl - clean) / span if span != 0 else float("nan"))
+    return DownstreamLoss(
+        tokens=count,
+        ce_clean=clean,
+        ce_spliced=spl,
+        ce_zero_ablation=zero,
+        ce_increase=spl - clean,
+        kl_clean_to_spliced=sums["kl"] / count,
+        ce_recovered=1.0 - (spl - clean) / span if span != 0 else float("nan"),
+    )

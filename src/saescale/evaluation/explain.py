@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from saescale.lm.hooks import run_to_hook
 from saescale.core.model import TopKSAE
+from saescale.lm.hooks import run_to_hook
 
 ActivationFn = Callable[[Tensor], Tensor]
 WILDCARD = -1
@@ -77,8 +77,14 @@ def _left_pad(sequences: list[list[int]], pad: int) -> Tensor:
 
 
 @torch.no_grad()
-def explain_example(activation_fn: ActivationFn, tokens: list[int], pad: int, max_context: int = 12,
-                    keep: float = 0.5, wildcard_below: float = 0.5) -> tuple[tuple[int, ...], float] | None:
+def explain_example(
+    activation_fn: ActivationFn,
+    tokens: list[int],
+    pad: int,
+    max_context: int = 12,
+    keep: float = 0.5,
+    wildcard_below: float = 0.5,
+) -> tuple[tuple[int, ...], float] | None:
     """The backward pattern of one example (`tokens` ends at the firing token) and its suffix
     activation; None if the latent does not fire on it or every token is a wildcard."""
     original = float(activation_fn(torch.tensor([tokens]))[0, -1])  # in its full context
@@ -101,7 +107,9 @@ def explain_example(activation_fn: ActivationFn, tokens: list[int], pad: int, ma
     return (tuple(backward), sub_act) if backward else None
 
 
-def build_explanation(activation_fn: ActivationFn, examples: list[list[int]], pad: int, max_context: int = 12) -> Explanation:
+def build_explanation(
+    activation_fn: ActivationFn, examples: list[list[int]], pad: int, max_context: int = 12
+) -> Explanation:
     explanation = Explanation()
     for tokens in examples:
         found = explain_example(activation_fn, tokens, pad, max_context)
@@ -123,7 +131,9 @@ class ExplanationScore:
         return asdict(self)
 
 
-def score_explanation(explanation: Explanation, windows: Tensor, activations: Tensor) -> tuple[float, float, float, int]:
+def score_explanation(
+    explanation: Explanation, windows: Tensor, activations: Tensor
+) -> tuple[float, float, float, int]:
     """Precision, recall, F1 of the explanation's firing against `activations` [n, seq] (> 0)."""
     predicted = torch.tensor([explanation.predict(w) for w in windows.tolist()]) > 0
     real = activations > 0
@@ -135,8 +145,9 @@ def score_explanation(explanation: Explanation, windows: Tensor, activations: Te
     return precision, recall, f1, n_real
 
 
-def latent_codes(model: nn.Module, sae: TopKSAE, windows: Tensor, site: str, layer: int,
-                 batch_size: int = 16) -> tuple[Tensor, Tensor]:
+def latent_codes(
+    model: nn.Module, sae: TopKSAE, windows: Tensor, site: str, layer: int, batch_size: int = 16
+) -> tuple[Tensor, Tensor]:
     """The SAE's TopK code (values, indices), each [n, seq, k], of every position of `windows`."""
     values, indices = [], []
     with torch.no_grad():
@@ -163,9 +174,20 @@ def latent_activation_fn(model: nn.Module, sae: TopKSAE, site: str, layer: int, 
     return fn
 
 
-def explain_latents(model: nn.Module, sae: TopKSAE, windows: Tensor, site: str, layer: int, pad: int,
-                    n_latents: int = 16, examples: int = 5, max_context: int = 12, seed: int = 0,
-                    decode: Callable[[int], str] = str, progress: bool = True) -> dict:
+def explain_latents(
+    model: nn.Module,
+    sae: TopKSAE,
+    windows: Tensor,
+    site: str,
+    layer: int,
+    pad: int,
+    n_latents: int = 16,
+    examples: int = 5,
+    max_context: int = 12,
+    seed: int = 0,
+    decode: Callable[[int], str] = str,
+    progress: bool = True,
+) -> dict:
     """Explain `n_latents` sampled latents from the top examples in the first half of `windows`
     and score them on the second half. Latents are sampled among those firing in both halves."""
     from tqdm import tqdm
@@ -174,7 +196,7 @@ def explain_latents(model: nn.Module, sae: TopKSAE, windows: Tensor, site: str, 
         raise ValueError(f"explanations need at least 2 held-out windows (got {windows.shape[0]})")
     values, indices = latent_codes(model, sae, windows, site, layer)
     half = windows.shape[0] // 2
-    active = (values > 0)
+    active = values > 0
     fired_train = torch.zeros(sae.cfg.n_latents, dtype=torch.bool)
     fired_test = torch.zeros(sae.cfg.n_latents, dtype=torch.bool)
     fired_train[indices[:half][active[:half]]] = True
@@ -198,6 +220,13 @@ def explain_latents(model: nn.Module, sae: TopKSAE, windows: Tensor, site: str, 
         vals = [getattr(s, key) for s in scores if getattr(s, key) == getattr(s, key)]  # drop NaN
         return sum(vals) / len(vals) if vals else float("nan")
 
-    return {"latents": [s.to_dict() for s in scores], "mean_precision": mean("precision"),
-            "mean_recall": mean("recall"), "mean_f1": mean("f1"), "train_windows": half,
-            "test_windows": windows.shape[0] - half, "examples_per_latent": examples, "max_context": max_context}
+    return {
+        "latents": [s.to_dict() for s in scores],
+        "mean_precision": mean("precision"),
+        "mean_recall": mean("recall"),
+        "mean_f1": mean("f1"),
+        "train_windows": half,
+        "test_windows": windows.shape[0] - half,
+        "examples_per_latent": examples,
+        "max_context": max_context,
+    }

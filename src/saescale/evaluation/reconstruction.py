@@ -30,6 +30,13 @@ class ReconstructionMetrics:
 
 
 @torch.no_grad()
+def nmse(x_hat: Tensor, x: Tensor) -> float:
+    """Normalised MSE: squared error over the variance of x about its mean (1 = predicting the mean)."""
+    x_hat, x = x_hat.float(), x.float()
+    return ((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30)).item()
+
+
+@torch.no_grad()
 def reconstruction_metrics(sae: TopKSAE, acts: Tensor, batch_size: int = 4096) -> ReconstructionMetrics:
     """Streams `acts` [tokens, d] through the SAE in batches (no [tokens, n_latents] tensor)."""
     acts = acts.float()
@@ -51,7 +58,11 @@ def reconstruction_metrics(sae: TopKSAE, acts: Tensor, batch_size: int = 4096) -
     density = fires.double() / max(tokens, 1)
     log_density = torch.where(density > 0, torch.log10(density.clamp_min(1e-30)), torch.full_like(density, -10.0))
     return ReconstructionMetrics(
-        tokens=tokens, nmse=nmse, fve=1.0 - nmse, l0=nnz_sum / max(tokens, 1),
-        dead_fraction=(fires == 0).double().mean().item(), mean_activation=act_sum / max(nnz_sum, 1),
+        tokens=tokens,
+        nmse=nmse,
+        fve=1.0 - nmse,
+        l0=nnz_sum / max(tokens, 1),
+        dead_fraction=(fires == 0).double().mean().item(),
+        mean_activation=act_sum / max(nnz_sum, 1),
         density_log10=log_density.tolist(),
     )

@@ -65,13 +65,21 @@ class _Tensor(NamedTuple):
 
 
 def _saelens_layout(n: int, d: int) -> list[_Tensor]:
-    return [_Tensor("W_enc", [d, n], "W_enc", transposed=True), _Tensor("b_enc", [n], "b_enc", folded=True),
-            _Tensor("W_dec", [n, d], "W_dec"), _Tensor("b_dec", [d], "b_pre", folded=True)]
+    return [
+        _Tensor("W_enc", [d, n], "W_enc", transposed=True),
+        _Tensor("b_enc", [n], "b_enc", folded=True),
+        _Tensor("W_dec", [n, d], "W_dec"),
+        _Tensor("b_dec", [d], "b_pre", folded=True),
+    ]
 
 
 def _sparsify_layout(n: int, d: int) -> list[_Tensor]:
-    return [_Tensor("encoder.weight", [n, d], "W_enc"), _Tensor("encoder.bias", [n], "b_enc", folded=True),
-            _Tensor("W_dec", [n, d], "W_dec"), _Tensor("b_dec", [d], "b_pre", folded=True)]
+    return [
+        _Tensor("encoder.weight", [n, d], "W_enc"),
+        _Tensor("encoder.bias", [n], "b_enc", folded=True),
+        _Tensor("W_dec", [n, d], "W_dec"),
+        _Tensor("b_dec", [d], "b_pre", folded=True),
+    ]
 
 
 class _ModuleRows:
@@ -204,8 +212,9 @@ def _sparsify_cfg(cfg: SAEConfig) -> dict[str, Any]:
     }
 
 
-def _export(sae: TopKSAE | str, out_dir: str, fmt: str, metadata: dict[str, Any] | None,
-            storage_options: dict[str, Any] | None) -> str:
+def _export(
+    sae: TopKSAE | str, out_dir: str, fmt: str, metadata: dict[str, Any] | None, storage_options: dict[str, Any] | None
+) -> str:
     if isinstance(sae, TopKSAE):
         return _publish(_ModuleRows(sae), out_dir, fmt, metadata, storage_options)
     cfg, _ = read_saved_config(sae, storage_options)
@@ -219,23 +228,37 @@ def _export(sae: TopKSAE | str, out_dir: str, fmt: str, metadata: dict[str, Any]
         return _publish(_SavedRows(cfg, handle), out_dir, fmt, metadata, storage_options)
 
 
-def _publish(source: _ModuleRows | _SavedRows, out_dir: str, fmt: str, metadata: dict[str, Any] | None,
-             storage_options: dict[str, Any] | None) -> str:
+def _publish(
+    source: _ModuleRows | _SavedRows,
+    out_dir: str,
+    fmt: str,
+    metadata: dict[str, Any] | None,
+    storage_options: dict[str, Any] | None,
+) -> str:
     """Weights first, cfg.json last, each published atomically."""
     cfg = source.cfg
     scale = _scale(cfg, source.input_scale)
     if fmt == "saelens":
-        layout, weights, body = _saelens_layout(cfg.n_latents, cfg.d_in), "sae_weights.safetensors", _saelens_cfg(cfg, metadata)
+        layout, weights, body = (
+            _saelens_layout(cfg.n_latents, cfg.d_in),
+            "sae_weights.safetensors",
+            _saelens_cfg(cfg, metadata),
+        )
     else:
         layout, weights, body = _sparsify_layout(cfg.n_latents, cfg.d_in), "sae.safetensors", _sparsify_cfg(cfg)
-    storage.write_file_atomic(storage.join(out_dir, weights), lambda p: _write_safetensors(p, source, layout, scale),
-                              storage_options)
+    storage.write_file_atomic(
+        storage.join(out_dir, weights), lambda p: _write_safetensors(p, source, layout, scale), storage_options
+    )
     storage.write_json_atomic(storage.join(out_dir, "cfg.json"), body, storage_options)
     return out_dir
 
 
-def export_saelens(sae: TopKSAE | str, out_dir: str, metadata: dict[str, Any] | None = None,
-                   storage_options: dict[str, Any] | None = None) -> str:
+def export_saelens(
+    sae: TopKSAE | str,
+    out_dir: str,
+    metadata: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
     """Write a SAELens v6 TopK folder at `out_dir` (any fsspec URL) from an SAE in memory or the
     URL of a saved SAE folder (streamed); a local copy loads with `sae_lens.SAE.load_from_disk`.
     `storage_options` serve both the source URL and `out_dir`."""

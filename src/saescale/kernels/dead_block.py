@@ -28,7 +28,7 @@ def use_dense_block(n_dead: int, k_aux: int) -> bool:
     return n_dead <= DENSE_BLOCK_MAX_RATIO * k_aux
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU multiplies bfloat16 natively (AMX or AVX512-BF16)."""
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
@@ -121,9 +121,7 @@ class DeadBlock:
     def decode(self, w_dec_dead: Tensor) -> Tensor:
         return (self.code @ w_dec_dead.to(self.dtype)).float()
 
-    def backward(
-        self, grad_out: Tensor, w_dec_dead: Tensor, x_centred: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(self, grad_out: Tensor, w_dec_dead: Tensor, x_centred: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Returns the gradients for (W_dec[dead], W_enc[dead], b_enc[dead]), in float32."""
         dtype = self.dtype
         g_out = grad_out.to(dtype)

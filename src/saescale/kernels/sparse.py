@@ -81,16 +81,25 @@ def _bag_into(out: Tensor, rows: Tensor, dense: Tensor, offsets: Tensor, weights
     try:
         empty = torch.empty(0, dtype=torch.long, device=out.device)
         torch.ops.aten._embedding_bag_forward_only.out(
-            dense, rows, offsets, False, 0, False, weights, False, -1,
-            out0=out, out1=empty, out2=empty.clone(), out3=empty.clone(),
+            dense,
+            rows,
+            offsets,
+            False,
+            0,
+            False,
+            weights,
+            False,
+            -1,
+            out0=out,
+            out1=empty,
+            out2=empty.clone(),
+            out3=empty.clone(),
         )
     except (RuntimeError, AttributeError):  # pragma: no cover - backend without the out= variant
         out.copy_(F.embedding_bag(rows, dense, offsets, per_sample_weights=weights, mode="sum"))
 
 
-def rows_by_latent_(
-    out: Tensor, order: LatentOrder, coeffs: Tensor, dense: Tensor, accumulate: bool = False
-) -> Tensor:
+def rows_by_latent_(out: Tensor, order: LatentOrder, coeffs: Tensor, dense: Tensor, accumulate: bool = False) -> Tensor:
     """out[i] (+)= sum over entries (b, j) with latent i of coeffs[b, j] * dense[b].
 
     This is the gradient of a weight matrix [n, d] from sparse coefficients [batch, K] and a
@@ -111,8 +120,9 @@ def rows_by_latent_(
         for first in range(0, latents.numel(), chunk):
             last = min(latents.numel(), first + chunk)
             lo, hi = bounds[first], bounds[last]
-            part = F.embedding_bag(order.rows[lo:hi], dense, starts[first:last] - lo,
-                                   per_sample_weights=weights_sorted[lo:hi], mode="sum")
+            part = F.embedding_bag(
+                order.rows[lo:hi], dense, starts[first:last] - lo, per_sample_weights=weights_sorted[lo:hi], mode="sum"
+            )
             out.index_add_(0, latents[first:last], part)
         return out
     for start in range(0, n, chunk):

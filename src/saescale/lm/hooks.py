@@ -8,6 +8,7 @@ Sites (Hugging Face Llama/Mistral/Qwen/GPT-NeoX-style `model.model.layers`):
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 
 import torch
@@ -70,11 +71,9 @@ def capture(model: nn.Module, site: str, layer: int):
 
 def run_to_hook(model: nn.Module, input_ids: torch.Tensor, site: str, layer: int) -> torch.Tensor:
     """Activations [batch, seq, d_model] at the hook site; runs only the layers it needs."""
-    with capture(model, site, layer) as store, torch.no_grad():
-        try:
-            model(input_ids=input_ids, use_cache=False)
-        except _StopForward:
-            pass
+    # _StopForward is raised at the hook: the later layers never run
+    with capture(model, site, layer) as store, torch.no_grad(), contextlib.suppress(_StopForward):
+        model(input_ids=input_ids, use_cache=False)
     if "acts" not in store:
         raise HookError(f"hook {site}.{layer} did not fire")
     return store["acts"]

@@ -42,8 +42,11 @@ def ray_part_runner(cfg: CacheConfig, plan: Plan, todo: list[int], on_rows: Call
     ds = ray.data.from_items([{"part": p} for p in todo])
     resources = ray.cluster_resources()
     # one model replica per actor: a GPU each when the cluster has them, else a CPU share
-    per_actor = ({"num_gpus": 1} if resources.get("GPU", 0) >= cfg.num_workers
-                 else {"num_cpus": max(1, int(resources.get("CPU", 1)) // cfg.num_workers)})
+    per_actor = (
+        {"num_gpus": 1}
+        if resources.get("GPU", 0) >= cfg.num_workers
+        else {"num_cpus": max(1, int(resources.get("CPU", 1)) // cfg.num_workers)}
+    )
     out = ds.map_batches(
         PartWorker,
         fn_constructor_kwargs={"cfg_dict": asdict(cfg), "plan": plan},

@@ -82,8 +82,13 @@ class RayStarted:
     session_dir: str | None  # on this machine: <session>/logs holds Ray's log files
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, dashboard_port: int | None = None,
-               log_to_driver: bool = True) -> RayStarted | None:
+def ensure_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    *,
+    dashboard_port: int | None = None,
+    log_to_driver: bool = True,
+) -> RayStarted | None:
     """Join `address` (else RAY_ADDRESS) or start an embedded local Ray; None if this process
     is connected already. `dashboard_port` gives the embedded Ray a dashboard (and job server)
     on 127.0.0.1; without it, none (it costs about 1 GB and seconds of startup)."""
@@ -96,25 +101,41 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, dashb
     if address:
         # the workers this job starts get the setup hook too (a job config may bring its own)
         hook = None if "worker_process_setup_hook" in os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "") else _HOOK
-        ctx = ray.init(address=address, log_to_driver=log_to_driver,
-                       runtime_env={"worker_process_setup_hook": hook} if hook else None)
+        ctx = ray.init(
+            address=address,
+            log_to_driver=log_to_driver,
+            runtime_env={"worker_process_setup_hook": hook} if hook else None,
+        )
         resources = ray.cluster_resources()
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         gcs = ctx.address_info.get("gcs_address") or address
-        print(f"[saescale] Ray: joined the running cluster at {gcs} ({resources.get('CPU', 0):g} CPUs, "
-              f"{resources.get('GPU', 0):g} GPUs on {nodes} node(s))", flush=True)
-        return RayStarted(False, gcs, ctx.dashboard_url or None,
-                          ctx.address_info.get("session_dir"))
-    dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port} \
-        if dashboard_port is not None else {"include_dashboard": False}
+        print(
+            f"[saescale] Ray: joined the running cluster at {gcs} ({resources.get('CPU', 0):g} CPUs, "
+            f"{resources.get('GPU', 0):g} GPUs on {nodes} node(s))",
+            flush=True,
+        )
+        return RayStarted(False, gcs, ctx.dashboard_url or None, ctx.address_info.get("session_dir"))
+    dashboard = (
+        {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port}
+        if dashboard_port is not None
+        else {"include_dashboard": False}
+    )
     cpus = num_cpus or os.cpu_count() or 1
     # address="local": a new Ray of our own, even when a `ray start` cluster is running or a dead
     # one left its address in $RAY_TMPDIR/ray/ray_current_cluster
-    ctx = ray.init(address="local", num_cpus=cpus, log_to_driver=log_to_driver, **dashboard,
-                   runtime_env={"env_vars": {k: os.environ[k] for k in _DEFAULTS}, "worker_process_setup_hook": _HOOK})
+    ctx = ray.init(
+        address="local",
+        num_cpus=cpus,
+        log_to_driver=log_to_driver,
+        **dashboard,
+        runtime_env={"env_vars": {k: os.environ[k] for k in _DEFAULTS}, "worker_process_setup_hook": _HOOK},
+    )
     session = ctx.address_info.get("session_dir")
-    print(f"[saescale] Ray: started an embedded local Ray ({cpus} CPUs"
-          + (f", dashboard http://{ctx.dashboard_url}" if ctx.dashboard_url else "")
-          + f"; logs in {os.path.join(session, 'logs') if session else '?'}); it stops when this process ends "
-          "(set ray.address or RAY_ADDRESS to use a running cluster)", flush=True)
+    print(
+        f"[saescale] Ray: started an embedded local Ray ({cpus} CPUs"
+        + (f", dashboard http://{ctx.dashboard_url}" if ctx.dashboard_url else "")
+        + f"; logs in {os.path.join(session, 'logs') if session else '?'}); it stops when this process ends "
+        "(set ray.address or RAY_ADDRESS to use a running cluster)",
+        flush=True,
+    )
     return RayStarted(True, ctx.address_info.get("gcs_address", ""), ctx.dashboard_url or None, session)

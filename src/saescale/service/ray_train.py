@@ -29,17 +29,23 @@ from typing import Any
 
 import torch
 
-from saescale.data.reader import ActivationCache
-from saescale.core.config import SAEConfig, TrainConfig
 from saescale.console import print0
+from saescale.core.config import SAEConfig, TrainConfig
+from saescale.data.reader import ActivationCache
+from saescale.distributed.mesh import ParallelDims
+from saescale.service.stream import (
+    DataPlan,
+    arrow_filesystem,
+    cache_remedy,
+    make_collate,
+    make_datasets,
+    stop_on_corrupt_shard,
+)
 from saescale.train.checkpoint import Fetch, load_rank_shard, write_meta, write_rank_files
 from saescale.train.convergence import tokens_to_convergence
+from saescale.train.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
 from saescale.train.rank_setup import build_rank_trainer
 from saescale.train.trainer import EPS, Trainer
-from saescale.train.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
-from saescale.distributed.mesh import ParallelDims
-from saescale.service.stream import (DataPlan, arrow_filesystem, cache_remedy, make_collate, make_datasets,
-                                      stop_on_corrupt_shard)
 
 
 # ------------------------------------------------------------------ inside each Ray Train worker
@@ -52,8 +58,12 @@ def checkpoint_fetcher(checkpoint, directory: str) -> Fetch:
     def fetch(name: str) -> str:
         local = os.path.join(directory, name)
         if not os.path.exists(local):
-            pafs.copy_files(f"{checkpoint.path}/{name}", local, source_filesystem=checkpoint.filesystem,
-                            destination_filesystem=pafs.LocalFileSystem())
+            pafs.copy_files(
+                f"{checkpoint.path}/{name}",
+                local,
+                source_filesystem=checkpoint.filesystem,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
         return local
 
     return fetch
@@ -68,12 +78,16 @@ def check_data_position(saved: dict[str, Any], data: DataPlan, world: int, seed:
         return
     batch, saved_batch = data.per_rank_batch * world, saved["per_rank_batch"] * saved["world"]
     if batch != saved_batch or saved["seed"] != seed:
-        raise ValueError(f"the checkpoint's data stream had global batch {saved_batch} and seed {saved['seed']}, "
-                         f"this run's has {batch} and {seed}: resuming would retrain or skip rows; resume with "
-                         "the same train.batch_size and train.seed")
+        raise ValueError(
+            f"the checkpoint's data stream had global batch {saved_batch} and seed {saved['seed']}, "
+            f"this run's has {batch} and {seed}: resuming would retrain or skip rows; resume with "
+            "the same train.batch_size and train.seed"
+        )
     if saved["world"] != world:
-        print0(f"resuming a {saved['world']}-worker checkpoint on {world} workers: same tokens per step, but the "
-               "rest of the epoch is split across workers differently from the original run")
+        print0(
+            f"resuming a {saved['world']}-worker checkpoint on {world} workers: same tokens per step, but the "
+            "rest of the epoch is split across workers differently from the original run"
+        )
 
 
 class RayReportCheckpointer:
@@ -89,35 +103,51 @@ class RayReportCheckpointer:
         summary, step = trainer.summary, trainer.step
         metrics: dict[str, Any] = {"step": step, "tokens": trainer.tokens_seen, "final": final}
         if summary.history:  # the last logged step's (global) values
-            metrics.update({k: v for k, v in summary.history[-1].items() if k in ("loss", "fvu", "l0", "dead_fraction")})
+            metrics.update(
+                {k: v for k, v in summary.history[-1].items() if k in ("loss", "fvu", "l0", "dead_fraction")}
+            )
         if not final:
             return metrics
         t = summary.totals
         wall = t.data_wait + t.compute + t.comm
-        metrics.update({"total_data_wait_s": t.data_wait, "total_compute_s": t.compute, "total_comm_s": t.comm,
-                        "startup_wait_s": t.startup_wait,
-                        "peak_rss_mb_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                        "data_wait_frac": t.data_wait / max(wall, EPS),
-                        "comm_bytes_per_step": t.comm_bytes / max(t.steps, 1), "steps_this_attempt": t.steps})
+        metrics.update(
+            {
+                "total_data_wait_s": t.data_wait,
+                "total_compute_s": t.compute,
+                "total_comm_s": t.comm,
+                "startup_wait_s": t.startup_wait,
+                "peak_rss_mb_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "data_wait_frac": t.data_wait / max(wall, EPS),
+                "comm_bytes_per_step": t.comm_bytes / max(t.steps, 1),
+                "steps_this_attempt": t.steps,
+            }
+        )
         curve = [(h["step"], h["fvu"]) for h in summary.history if "fvu" in h]
         if curve and step:  # this attempt's curve only (a resumed run's earlier steps are not kept)
             per_step = trainer.tokens_seen / step
-            metrics["tokens_to_convergence"] = tokens_to_convergence([s * per_step for s, _ in curve],
-                                                                     [f for _, f in curve])
+            metrics["tokens_to_convergence"] = tokens_to_convergence(
+                [s * per_step for s, _ in curve], [f for _, f in curve]
+            )
         return metrics
 
     def save(self, trainer: Trainer, final: bool = False) -> None:
         import ray.train
 
-        position = {"batches_consumed_per_rank": trainer.step, "per_rank_batch": self.data.per_rank_batch,
-                    "seed": self.config["seed"], "world": self.world}
+        position = {
+            "batches_consumed_per_rank": trainer.step,
+            "per_rank_batch": self.data.per_rank_batch,
+            "seed": self.config["seed"],
+            "world": self.world,
+        }
         with tempfile.TemporaryDirectory(prefix="saescale-ckpt-") as directory:
             write_rank_files(directory, trainer)
             write_meta(directory, trainer, extra={"data": position})
             _maybe_fail(self.config, self.rank, trainer.step, during_save=True)
             has_files = bool(os.listdir(directory))
-            ray.train.report(self.metrics(trainer, final),
-                             checkpoint=ray.train.Checkpoint.from_directory(directory) if has_files else None)
+            ray.train.report(
+                self.metrics(trainer, final),
+                checkpoint=ray.train.Checkpoint.from_directory(directory) if has_files else None,
+            )
 
 
 def _rank0_logger(config: dict[str, Any], start_step: int) -> MultiLogger:
@@ -161,8 +191,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="saescale-resume-") as directory:
             meta = load_rank_shard(checkpoint_fetcher(checkpoint, directory), trainer)
         check_data_position(meta.get("data", {}), data, world, config["seed"])
-        print0(f"resumed from the step-{trainer.step} checkpoint ({trainer.tokens_seen} tokens; written at "
-               f"dp={meta['dp']} x tp={meta['tp']}, resuming at dp={dims.dp} x tp={dims.tp})")
+        print0(
+            f"resumed from the step-{trainer.step} checkpoint ({trainer.tokens_seen} tokens; written at "
+            f"dp={meta['dp']} x tp={meta['tp']}, resuming at dp={dims.dp} x tp={dims.tp})"
+        )
     else:
         cache = ActivationCache(config["cache"]["url"], config["cache"]["options"])
         sample = cache.read_shard(config["cache"]["init_shard"])[: train_cfg.geometric_median_samples]
@@ -175,9 +207,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         collate = make_collate(config["cache"]["dtype"], sae_cfg.d_in, with_ids=bool(record))
         skip, step = trainer.step, trainer.step
         batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=data.per_rank_batch, collate_fn=collate, drop_last=True,
+            batch_size=data.per_rank_batch,
+            collate_fn=collate,
+            drop_last=True,
             local_shuffle_buffer_size=config["shuffle_buffer_rows"] or None,
-            local_shuffle_seed=config["seed"], prefetch_batches=config["prefetch_batches"])
+            local_shuffle_seed=config["seed"],
+            prefetch_batches=config["prefetch_batches"],
+        )
         for i, batch in enumerate(batches):
             if i < skip:
                 continue  # trained before the checkpoint we resumed from
@@ -188,9 +224,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     handle.write(json.dumps({"step": step, "ids": ids.tolist()}) + "\n")
             yield batch
 
-    trainer.fit(local_batches(), train_cfg.total_steps or data.total_steps,
-                checkpointer=RayReportCheckpointer(config, rank, data, world),
-                on_step=lambda s: _maybe_fail(config, rank, s, during_save=False))
+    trainer.fit(
+        local_batches(),
+        train_cfg.total_steps or data.total_steps,
+        checkpointer=RayReportCheckpointer(config, rank, data, world),
+        on_step=lambda s: _maybe_fail(config, rank, s, during_save=False),
+    )
     trainer.logger.close()
 
 
@@ -223,24 +262,32 @@ def launch(spec: LaunchSpec):
     ctx.enable_progress_bars = False  # rank 0's step progress bar is the one to watch
     cache = spec.worker_config["cache"]
     filesystem, _ = arrow_filesystem(cache["url"], cache["options"])
-    datasets = make_datasets(DataPlan(**spec.worker_config["data"]), filesystem,
-                             with_ids=bool(spec.worker_config.get("record_rows_dir")),
-                             cache_url=cache["url"], remedy=cache_remedy(cache["url"], cache["options"]))
+    datasets = make_datasets(
+        DataPlan(**spec.worker_config["data"]),
+        filesystem,
+        with_ids=bool(spec.worker_config.get("record_rows_dir")),
+        cache_url=cache["url"],
+        remedy=cache_remedy(cache["url"], cache["options"]),
+    )
     storage_fs, storage_path = arrow_filesystem(spec.storage_url, spec.storage_options)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec.worker_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
-                                               resources_per_worker={"CPU": spec.cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker={"CPU": spec.cpus_per_worker}
+        ),
         run_config=ray.train.RunConfig(
-            name=spec.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            name=spec.run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[stop_on_corrupt_shard()],  # a corrupt shard ends the run: no restarts
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True),
-                                            enable_shard_locality=False),
+        dataset_config=ray.train.DataConfig(
+            execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False
+        ),
     )
     return trainer.fit()
 

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from saescale.data.format import CorruptShardError
+from saescale.data.format import POS_STRIDE, CorruptShardError
+from saescale.train.checkpoint import CheckpointError
 
 ACT_COLUMN = "act"
 ROW_ID_COLUMNS = ["window", "pos"]
@@ -47,8 +48,17 @@ class DataPlan:
     sizes: list[int] = field(default_factory=list)  # the manifest's byte count of each file
 
 
-def plan_data(rows: int, files: list[str], batch_size: int, world: int, epochs: int, seed: int, *,
-              sha256: list[str], sizes: list[int]) -> DataPlan:
+def plan_data(
+    rows: int,
+    files: list[str],
+    batch_size: int,
+    world: int,
+    epochs: int,
+    seed: int,
+    *,
+    sha256: list[str],
+    sizes: list[int],
+) -> DataPlan:
     if not len(files) == len(sha256) == len(sizes):
         raise ValueError(f"{len(files)} shard files but {len(sha256)} digests and {len(sizes)} sizes")
     per_rank = batch_size // world
@@ -78,7 +88,7 @@ def make_collate(dtype: str, d_model: int, with_ids: bool):
                 return acts
             window = torch.from_numpy(batch.column("window").to_numpy().astype(np.int64))
             pos = torch.from_numpy(batch.column("pos").to_numpy().astype(np.int64))
-            return acts, window * 65536 + pos
+            return acts, window * POS_STRIDE + pos
 
     return ActivationCollate()
 
@@ -121,8 +131,9 @@ def rebuild_hint(cache_url: str, build_config: dict[str, Any], endpoint_url: str
     args = [_hydra_arg("output", url)] + [_hydra_arg(k, v) for k, v in build_config.items()]
     if endpoint_url:
         args.append(_hydra_arg("storage.endpoint_url", endpoint_url))
-    return (f"rebuild the cache: remove {storage.join(url, 'manifest.json')} and run "
-            f"python jobs/cache.py {' '.join(args)}")
+    return (
+        f"rebuild the cache: remove {storage.join(url, 'manifest.json')} and run python jobs/cache.py {' '.join(args)}"
+    )
 
 
 def cache_remedy(cache_url: str, storage_options: dict[str, Any] | None) -> str:
@@ -148,16 +159,17 @@ def read_verified(stream, check: ShardCheck, columns: list[str] | None):
     digest = hashlib.sha256()
     got = 0
     while got < check.size:
-        n = stream.readinto(view[got: got + READ_CHUNK])
+        n = stream.readinto(view[got : got + READ_CHUNK])
         if not n:
             raise shard_error(check, f"truncated ({got} of the manifest's {check.size} bytes)")
-        digest.update(view[got: got + n])
+        digest.update(view[got : got + n])
         got += n
     if stream.read(1):
         raise shard_error(check, f"checksum mismatch (longer than the manifest's {check.size} bytes)")
     if digest.hexdigest() != check.sha256:
-        raise shard_error(check, f"checksum mismatch (sha256 {digest.hexdigest()[:16]}..., "
-                                 f"manifest says {check.sha256[:16]}...)")
+        raise shard_error(
+            check, f"checksum mismatch (sha256 {digest.hexdigest()[:16]}..., manifest says {check.sha256[:16]}...)"
+        )
     return pq.read_table(pa.py_buffer(buffer), columns=columns)
 
 
@@ -184,8 +196,12 @@ def _datasource_class():
             import ray
 
             paths = list(checks)
-            super().__init__(paths, filesystem=filesystem, shuffle=None,
-                             meta_provider=ManifestSizes({p: c.size for p, c in checks.items()}))
+            super().__init__(
+                paths,
+                filesystem=filesystem,
+                shuffle=None,
+                meta_provider=ManifestSizes({p: c.size for p, c in checks.items()}),
+            )
             missing = set(self._paths()) - set(paths)
             if missing:  # Ray renamed a path: the checks could not be found in the read tasks
                 raise ValueError(f"internal: Ray Data resolved shard paths to {sorted(missing)[:3]}")
@@ -217,33 +233,55 @@ def make_datasets(plan: DataPlan, filesystem, with_ids: bool, cache_url: str, re
 
     if len(plan.sha256) != len(plan.files) or len(plan.sizes) != len(plan.files):
         raise ValueError("the data plan has no sha256/size for every shard: shards must be verified as read")
-    checks = {path: ShardCheck(digest, size, f"{posixpath.basename(path)} in {storage.redact(cache_url)}", remedy)
-              for path, digest, size in zip(plan.files, plan.sha256, plan.sizes)}
+    checks = {
+        path: ShardCheck(digest, size, f"{posixpath.basename(path)} in {storage.redact(cache_url)}", remedy)
+        for path, digest, size in zip(plan.files, plan.sha256, plan.sizes)
+    }
     columns = [ACT_COLUMN] + (ROW_ID_COLUMNS if with_ids else [])
     source = _datasource_class()
     # one read per epoch (its paths are distinct), concatenated; one read task per shard, so the
     # first batch waits for one shard
-    epochs = [ray.data.read_datasource(source({p: checks[p] for p in epoch_files(plan.files, plan.seed, e)},
-                                              columns, filesystem), override_num_blocks=len(plan.files))
-              for e in range(plan.epochs)]
+    epochs = [
+        ray.data.read_datasource(
+            source({p: checks[p] for p in epoch_files(plan.files, plan.seed, e)}, columns, filesystem),
+            override_num_blocks=len(plan.files),
+        )
+        for e in range(plan.epochs)
+    ]
     return {"train": epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]}
 
 
-def find_corrupt_shard(error: BaseException | None) -> CorruptShardError | None:
-    """The CorruptShardError behind a Ray task, worker group or controller error, if any. Ray's
-    RayTaskError copies also pass `isinstance(CorruptShardError)`, but their text is a remote
-    traceback: the search follows them to their `cause`, the original with its one-line message."""
+# input errors that a worker-group restart cannot fix: it would read the same bytes or the same
+# checkpoint again
+NOT_RETRIED: tuple[type[BaseException], ...] = (CorruptShardError, CheckpointError)
+
+
+def find_cause(
+    error: BaseException | None, kinds: tuple[type[BaseException], ...] = NOT_RETRIED
+) -> BaseException | None:
+    """The error of one of `kinds` behind a Ray task, worker group or controller error, if any.
+    Ray's RayTaskError copies also pass `isinstance`, but their text is a remote traceback: the
+    search follows them to their `cause`, the original with its one-line message."""
     pending, seen = [error], set()
     while pending:
         exc = pending.pop()
         if not isinstance(exc, BaseException) or id(exc) in seen:
             continue
         seen.add(id(exc))
-        if type(exc) is CorruptShardError:
+        if type(exc) in kinds:
             return exc
-        pending += [exc.__context__, exc.__cause__, *(getattr(exc, "worker_failures", None) or {}).values(),
-                    getattr(exc, "controller_failure", None), getattr(exc, "cause", None)]
+        pending += [
+            exc.__context__,
+            exc.__cause__,
+            *(getattr(exc, "worker_failures", None) or {}).values(),
+            getattr(exc, "controller_failure", None),
+            getattr(exc, "cause", None),
+        ]
     return None
+
+
+def find_corrupt_shard(error: BaseException | None) -> CorruptShardError | None:
+    return find_cause(error, (CorruptShardError,))  # type: ignore[return-value]
 
 
 def first_line(error: BaseException) -> str:
@@ -265,15 +303,15 @@ def _stop_callback_class():
     from ray.train import ControllerError, UserCallback
 
     class StopOnCorruptShard(UserCallback):
-        """Runs in the Ray Train controller: a worker failing on a corrupt shard ends the run
-        (a ControllerError is not retried) instead of costing `max_failures` restarts that
-        would read the same bytes again."""
+        """Runs in the Ray Train controller: a worker failing on a corrupt shard (or refusing a
+        checkpoint of another config) ends the run (a ControllerError is not retried) instead of
+        costing `max_failures` restarts that would read the same bytes again."""
 
         def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
             for exc in worker_exceptions.values():
-                corrupt = find_corrupt_shard(exc)
-                if corrupt is not None:
-                    raise ControllerError(CorruptShardError(first_line(corrupt)))
+                cause = find_cause(exc)
+                if cause is not None:
+                    raise ControllerError(type(cause)(first_line(cause)))
 
     return StopOnCorruptShard
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from saescale.net import free_port
 from saescale.service.ray_local import apply_env_defaults, ensure_ray
 from saescale.sweeps.scheduler import BackendUnavailable, SweepError, SweepRun, one_line
 
@@ -32,8 +33,16 @@ def is_transient(exc: BaseException) -> bool:
     answer (no such job, a bad request) or an authentication error is final."""
     import requests
 
-    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                        requests.exceptions.ChunkedEncodingError, ConnectionError, TimeoutError)):
+    if isinstance(
+        exc,
+        (
+            requests.exceptions.ConnectionError,
+            requests.exceptions.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+            ConnectionError,
+            TimeoutError,
+        ),
+    ):
         return True
     return isinstance(exc, RuntimeError) and re.search(r"status code (5\d\d|429)\b", str(exc)) is not None
 
@@ -56,17 +65,12 @@ def _port_taken(port: int) -> bool:
     return False
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class RayJobsBackend:
     """Submits, polls and stops Ray Jobs; knows the cluster's size when it can see it."""
 
-    def __init__(self, script: str, address: str | None = None, num_cpus: int | None = None,
-                 connect_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, script: str, address: str | None = None, num_cpus: int | None = None, connect_timeout_s: float = 120.0
+    ) -> None:
         apply_env_defaults()
         import ray
         from ray.job_submission import JobSubmissionClient
@@ -81,19 +85,24 @@ class RayJobsBackend:
             dashboard = address  # a remote job server: its size is not visible from here
         else:
             if not address and _port_taken(JOB_AGENT_PORT):
-                raise SweepError(f"port {JOB_AGENT_PORT}, where the job agent of the sweep's own Ray would listen, "
-                                 "is taken by another Ray on this machine (such as a `ray start --head`), so that "
-                                 "Ray could run no jobs: run the sweep on the running cluster with "
-                                 "hydra.launcher.address=auto (or its job server, e.g. http://127.0.0.1:8265), or stop it")
+                raise SweepError(
+                    f"port {JOB_AGENT_PORT}, where the job agent of the sweep's own Ray would listen, "
+                    "is taken by another Ray on this machine (such as a `ray start --head`), so that "
+                    "Ray could run no jobs: run the sweep on the running cluster with "
+                    "hydra.launcher.address=auto (or its job server, e.g. http://127.0.0.1:8265), or stop it"
+                )
             # logical CPUs beyond the cores leave Ray Data room beside the training workers
-            started = ensure_ray(address, num_cpus or 2 * (os.cpu_count() or 1), dashboard_port=_free_port(),
-                                 log_to_driver=False)
+            started = ensure_ray(
+                address, num_cpus or 2 * (os.cpu_count() or 1), dashboard_port=free_port(), log_to_driver=False
+            )
             if started is None:
                 raise SweepError("Ray is already initialised in this process; the sweep starts or joins its own")
             self.started_ray = started.embedded
             if not started.dashboard_url:
-                raise SweepError("the Ray cluster has no dashboard, so no job server: start it with "
-                                 "`ray start --head` from an environment with ray[default]")
+                raise SweepError(
+                    "the Ray cluster has no dashboard, so no job server: start it with "
+                    "`ray start --head` from an environment with ray[default]"
+                )
             dashboard = "http://" + started.dashboard_url
             resources = ray.cluster_resources()
             self.capacity = (float(resources.get("CPU", 0)), float(resources.get("GPU", 0)))
@@ -122,8 +131,9 @@ class RayJobsBackend:
             return call()
         except Exception as exc:
             if is_transient(exc):
-                raise BackendUnavailable(f"the Ray job server at {self.dashboard} failed {what}: "
-                                         f"{one_line(exc)[:300]}") from exc
+                raise BackendUnavailable(
+                    f"the Ray job server at {self.dashboard} failed {what}: {one_line(exc)[:300]}"
+                ) from exc
             raise
 
     def submit(self, run: SweepRun) -> str:
@@ -131,10 +141,16 @@ class RayJobsBackend:
         # the same submission id on every attempt: a retry after a lost answer cannot start a second job
         submission_id = self._submission_ids.setdefault(run.num, f"{run.run_name}-{run.num}-{os.urandom(3).hex()}")
         try:
-            job_id = self._call("a submit", lambda: self.client.submit_job(
-                entrypoint=self.entrypoint(run), runtime_env=runtime_env, submission_id=submission_id,
-                metadata={"saescale_run": run.run_name, "sweep_job": str(run.num)},
-                entrypoint_num_cpus=0))  # the training workers hold the CPUs, not the driver
+            job_id = self._call(
+                "a submit",
+                lambda: self.client.submit_job(
+                    entrypoint=self.entrypoint(run),
+                    runtime_env=runtime_env,
+                    submission_id=submission_id,
+                    metadata={"saescale_run": run.run_name, "sweep_job": str(run.num)},
+                    entrypoint_num_cpus=0,
+                ),
+            )  # the training workers hold the CPUs, not the driver
         except RuntimeError as exc:
             if f"{submission_id} already exists" not in str(exc):
                 raise
@@ -147,8 +163,7 @@ class RayJobsBackend:
 
     def info(self, job_id: str) -> dict[str, Any]:
         info = self._call("a job info query", lambda: self.client.get_job_info(job_id))
-        seconds = (lambda ms: ms / 1000.0 if ms else None)
-        return {"start_time": seconds(info.start_time), "end_time": seconds(info.end_time), "message": info.message}
+        return {"start_time": _seconds(info.start_time), "end_time": _seconds(info.end_time), "message": info.message}
 
     def logs(self, job_id: str) -> str:
         try:
@@ -166,3 +181,8 @@ class RayJobsBackend:
 
         if ray.is_initialized():
             ray.shutdown()
+
+
+def _seconds(ms: int | None) -> float | None:
+    """Ray's job times are epoch milliseconds (None before the job started or ended)."""
+    return ms / 1000.0 if ms else None

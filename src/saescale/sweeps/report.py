@@ -14,7 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from saescale.sweeps.scaling import Fit, FitError, fit_joint_law, fit_power_law, fit_tokens_to_convergence, joint_law, power_law
+from saescale.sweeps.scaling import (
+    Fit,
+    FitError,
+    fit_joint_law,
+    fit_power_law,
+    fit_tokens_to_convergence,
+    joint_law,
+    power_law,
+)
 
 
 def read_results(path: str) -> dict[str, np.ndarray]:
@@ -42,9 +50,11 @@ def fit_results(results: dict[str, np.ndarray], loss: str = "heldout_nmse") -> d
             out["L(N)"][str(int(kv))] = fit_power_law(n[sel], y[sel]).to_dict()
         except FitError as exc:
             out["errors"][f"L(N) at k={int(kv)}"] = str(exc)
-    for key, fn, args in (("L(N,k)", fit_joint_law, (n, k, y)),
-                          ("L(C)", fit_power_law, (results.get("compute"), y, "L(C) = e + a C^b")),
-                          ("T(N)", fit_tokens_to_convergence, (n, results.get("tokens_to_convergence")))):
+    for key, fn, args in (
+        ("L(N,k)", fit_joint_law, (n, k, y)),
+        ("L(C)", fit_power_law, (results.get("compute"), y, "L(C) = e + a C^b")),
+        ("T(N)", fit_tokens_to_convergence, (n, results.get("tokens_to_convergence"))),
+    ):
         if any(a is None for a in args):
             continue
         try:
@@ -84,10 +94,20 @@ def plot_fits(results: dict[str, np.ndarray], fits: dict[str, Any], out_dir: str
             p = fits["L(N)"][str(int(kv))]["params"]
             ax.plot(grid, power_law(grid, p["e"], p["a"], p["b"]), color=color, lw=1)
         if "L(N,k)" in fits:
-            ax.plot(grid, joint_law(np.vstack([grid, np.full_like(grid, kv)]), **fits["L(N,k)"]["params"]),
-                    color=color, lw=1, ls="--")
-    ax.set(xscale="log", yscale="log", xlabel="latents N", ylabel=loss,
-           title="solid: L(N) = e + a N^b per k; dashed: joint L(N, k)")
+            ax.plot(
+                grid,
+                joint_law(np.vstack([grid, np.full_like(grid, kv)]), **fits["L(N,k)"]["params"]),
+                color=color,
+                lw=1,
+                ls="--",
+            )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="latents N",
+        ylabel=loss,
+        title="solid: L(N) = e + a N^b per k; dashed: joint L(N, k)",
+    )
     ax.legend(fontsize=8)
     written.append(_save(fig, out_dir, "loss_vs_latents.png"))
     if "L(C)" in fits:
@@ -106,8 +126,7 @@ def plot_fits(results: dict[str, np.ndarray], fits: dict[str, Any], out_dir: str
             ax.scatter(n[k == kv], t[k == kv], color=f"C{i}", label=f"k={int(kv)}")
         p = fits["T(N)"]["params"]
         ax.plot(grid, np.exp(p["log_c"] + p["p"] * np.log(grid)), color="k", lw=1, label=f"c N^{p['p']:.2f}")
-        ax.set(xscale="log", yscale="log", xlabel="latents N", ylabel="tokens to convergence",
-               title="T(N) = c N^p")
+        ax.set(xscale="log", yscale="log", xlabel="latents N", ylabel="tokens to convergence", title="T(N) = c N^p")
         ax.legend(fontsize=8)
         written.append(_save(fig, out_dir, "tokens_to_convergence.png"))
     return written

@@ -67,8 +67,13 @@ def _fit(law: str, func, x, y, p0, names: list[str], log_target: bool, bounds=(-
     except (RuntimeError, ValueError) as exc:
         raise FitError(f"{law}: the fit did not converge ({exc})") from exc
     err = np.sqrt(np.clip(np.diag(cov), 0, None)) if np.all(np.isfinite(cov)) else np.full(len(names), math.inf)
-    return Fit(law, dict(zip(names, map(float, params))), dict(zip(names, map(float, err))),
-               _r2_log(y, func(x, *params)), len(y))
+    return Fit(
+        law,
+        dict(zip(names, map(float, params))),
+        dict(zip(names, map(float, err))),
+        _r2_log(y, func(x, *params)),
+        len(y),
+    )
 
 
 def power_law(x: np.ndarray, e: float, a: float, b: float) -> np.ndarray:
@@ -82,8 +87,16 @@ def fit_power_law(x, loss, law: str = "L(N) = e + a N^b") -> Fit:
     loss = np.asarray(loss, dtype=np.float64)
     scale = float(np.exp(np.log(x).mean()))
     p0 = [float(loss.min()) * 0.5, float(loss.max() - loss.min() * 0.5), -0.5]
-    fit = _fit(law, power_law, x / scale, loss, p0, ["e", "a", "b"], log_target=True,
-               bounds=([0.0, 0.0, -5.0], [np.inf, np.inf, 5.0]))
+    fit = _fit(
+        law,
+        power_law,
+        x / scale,
+        loss,
+        p0,
+        ["e", "a", "b"],
+        log_target=True,
+        bounds=([0.0, 0.0, -5.0], [np.inf, np.inf, 5.0]),
+    )
     b = fit.params["b"]
     factor = scale ** (-b)
     fit.params["a"] *= factor
@@ -103,14 +116,26 @@ def fit_joint_law(n, k, loss) -> Fit:
     n, k = np.asarray(n, dtype=np.float64), np.asarray(k, dtype=np.float64)
     loss = np.asarray(loss, dtype=np.float64)
     p0 = [float(np.log(loss.max())), -0.5, -0.2, 0.0, float(np.log(loss.min()) - 1.0), -0.3]
-    return _fit("L(N,k) = exp(a + b_k log k + b_N log N + g log k log N) + exp(z + h log k)", joint_law,
-                np.vstack([n, k]), loss, p0, ["a", "b_k", "b_N", "g", "z", "h"], log_target=True)
+    return _fit(
+        "L(N,k) = exp(a + b_k log k + b_N log N + g log k log N) + exp(z + h log k)",
+        joint_law,
+        np.vstack([n, k]),
+        loss,
+        p0,
+        ["a", "b_k", "b_N", "g", "z", "h"],
+        log_target=True,
+    )
 
 
 def fit_tokens_to_convergence(n, tokens) -> Fit:
     """T(N) = c N^p, by least squares on log T (a line in log-log)."""
     n, tokens = np.asarray(n, dtype=np.float64), np.asarray(tokens, dtype=np.float64)
-    return _fit("T(N) = c N^p", lambda x, log_c, p: np.exp(log_c + p * np.log(x)), n, tokens,
-                [float(np.log(tokens.mean())), 0.5], ["log_c", "p"], log_target=True)
-
-
+    return _fit(
+        "T(N) = c N^p",
+        lambda x, log_c, p: np.exp(log_c + p * np.log(x)),
+        n,
+        tokens,
+        [float(np.log(tokens.mean())), 0.5],
+        ["log_c", "p"],
+        log_target=True,
+    )

@@ -10,13 +10,11 @@ scheduler knows nothing of Ray: `JobBackend` is the five calls it needs.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
-import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from saescale import storage
@@ -39,7 +37,7 @@ class SweepRun:
     cpus: float  # Ray CPUs the run holds while training (workers x cpus_per_worker + 1 for Ray Data)
     gpus: float = 0.0
     storage_options: dict | None = None
-    config_hash: str | None = None  # saescale.service.run_identity.config_hash of the run's config
+    config_hash: str | None = None  # saescale.app.run_identity.config_hash of the run's config
     status: str = "pending"  # pending | running | finished | failed
     action: str = "run"  # run | skipped (finished before this sweep started)
     job_id: str | None = None
@@ -131,8 +129,9 @@ def finished_same_config(run: SweepRun, result: dict[str, Any] | None) -> bool:
 
 def shown_overrides(run: SweepRun) -> str:
     """The run's overrides for logs and the results table, with any user:password@ in URLs dropped."""
-    return " ".join(f"{o.split('=', 1)[0]}={storage.redact(o.split('=', 1)[1])}" if "=" in o else o
-                    for o in run.overrides)
+    return " ".join(
+        f"{o.split('=', 1)[0]}={storage.redact(o.split('=', 1)[1])}" if "=" in o else o for o in run.overrides
+    )
 
 
 def _fits(run: SweepRun, used: tuple[float, float], capacity: tuple[float, float] | None) -> bool:
@@ -141,10 +140,17 @@ def _fits(run: SweepRun, used: tuple[float, float], capacity: tuple[float, float
     return used[0] + run.cpus <= capacity[0] + 1e-9 and used[1] + run.gpus <= capacity[1] + 1e-9
 
 
-def run_sweep(runs: list[SweepRun], backend: JobBackend, capacity: tuple[float, float] | None,
-              max_concurrent: int | None = None, poll_s: float = 2.0, log_dir: str | None = None,
-              skip_finished: bool = True, on_change: Callable[[list[SweepRun]], None] | None = None,
-              retry: RetryPolicy | None = None) -> list[SweepRun]:
+def run_sweep(
+    runs: list[SweepRun],
+    backend: JobBackend,
+    capacity: tuple[float, float] | None,
+    max_concurrent: int | None = None,
+    poll_s: float = 2.0,
+    log_dir: str | None = None,
+    skip_finished: bool = True,
+    on_change: Callable[[list[SweepRun]], None] | None = None,
+    retry: RetryPolicy | None = None,
+) -> list[SweepRun]:
     """Run every unfinished run, several at once when (cpus, gpus) `capacity` allows (None: no
     limit but `max_concurrent`); a failed run is recorded and the others go on. Job-server calls
     that fail transiently are retried (`retry`); one that keeps failing fails its run only.
@@ -157,8 +163,10 @@ def run_sweep(runs: list[SweepRun], backend: JobBackend, capacity: tuple[float, 
         raise SweepError(f"hydra.launcher.poll_s must be a positive number of seconds, got {poll_s}")
     for run in runs:
         if capacity is not None and (run.cpus > capacity[0] + 1e-9 or run.gpus > capacity[1] + 1e-9):
-            raise SweepError(f"run {run.num} ({run.run_name}) needs {run.cpus:g} CPUs and {run.gpus:g} GPUs; "
-                             f"the cluster has {capacity[0]:g} CPUs and {capacity[1]:g} GPUs")
+            raise SweepError(
+                f"run {run.num} ({run.run_name}) needs {run.cpus:g} CPUs and {run.gpus:g} GPUs; "
+                f"the cluster has {capacity[0]:g} CPUs and {capacity[1]:g} GPUs"
+            )
         done = read_result(run) if skip_finished else None
         if finished_same_config(run, done):
             run.status, run.action, run.result = "finished", "skipped", done
@@ -170,12 +178,16 @@ def run_sweep(runs: list[SweepRun], backend: JobBackend, capacity: tuple[float, 
     try:
         while pending or running:
             used = (sum(r.cpus for r in running), sum(r.gpus for r in running))
-            while pending and (max_concurrent is None or len(running) < max_concurrent) and \
-                    (not running or _fits(pending[0], used, capacity)):
+            while (
+                pending
+                and (max_concurrent is None or len(running) < max_concurrent)
+                and (not running or _fits(pending[0], used, capacity))
+            ):
                 run = pending.pop(0)
                 try:
-                    run.job_id = call_with_retries(f"submitting run {run.num} {run.run_name}",
-                                                   lambda r=run: backend.submit(r), retry)
+                    run.job_id = call_with_retries(
+                        f"submitting run {run.num} {run.run_name}", lambda r=run: backend.submit(r), retry
+                    )
                 except Exception as exc:  # noqa: BLE001 - this run fails, the sweep goes on
                     _fail(run, f"could not submit its job: {one_line(exc)}")
                     bar.update(1)
@@ -188,8 +200,11 @@ def run_sweep(runs: list[SweepRun], backend: JobBackend, capacity: tuple[float, 
                 tqdm.write(f"[sweep] started run {run.num} {run.run_name} ({shown_overrides(run)}) as {run.job_id}")
             for run in list(running):
                 try:
-                    state = call_with_retries(f"status of run {run.num} {run.run_name} ({run.job_id})",
-                                              lambda r=run: backend.status(r.job_id), retry)
+                    state = call_with_retries(
+                        f"status of run {run.num} {run.run_name} ({run.job_id})",
+                        lambda r=run: backend.status(r.job_id),
+                        retry,
+                    )
                 except Exception as exc:  # noqa: BLE001 - this run fails, the sweep goes on
                     running.remove(run)
                     _lost(run, exc, backend)
@@ -209,10 +224,8 @@ def run_sweep(runs: list[SweepRun], backend: JobBackend, capacity: tuple[float, 
                 time.sleep(poll_s)  # polling the job server, not synchronisation
     except BaseException:
         for run in running:  # do not leave orphaned runs training after Ctrl-C
-            try:
+            with contextlib.suppress(Exception):  # best effort on the way out
                 backend.stop(run.job_id)
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
         raise
     finally:
         bar.close()
@@ -241,8 +254,9 @@ def _optional(what: str, call: Callable[[], Any], retry: RetryPolicy, default: A
         return default
 
 
-def _collect(run: SweepRun, state: str, backend: JobBackend, log_dir: str | None,
-             retry: RetryPolicy | None = None) -> None:
+def _collect(
+    run: SweepRun, state: str, backend: JobBackend, log_dir: str | None, retry: RetryPolicy | None = None
+) -> None:
     retry = retry or RetryPolicy()
     info = _optional(f"job info of run {run.num}", lambda: backend.info(run.job_id), retry, {})
     run.start_time, run.end_time = info.get("start_time"), info.get("end_time")
@@ -250,13 +264,16 @@ def _collect(run: SweepRun, state: str, backend: JobBackend, log_dir: str | None
     if log_dir:
         os.makedirs(os.path.join(log_dir, str(run.num)), exist_ok=True)
         # Ray echoes the entrypoint (the overrides) into the log: drop user:password@ from URLs
-        safe = re.sub(r"(\w+://)[^/\s@]+@", r"\1***@", log_text)
+        safe = storage.redact(log_text)
         storage.write_bytes_atomic(os.path.join(log_dir, str(run.num), "job.log"), safe.encode())
     result = read_result(run) if state == "SUCCEEDED" else None
     if result is not None:
         run.status, run.result = "finished", result
-        print(f"[sweep] run {run.num} {run.run_name} finished: " +
-              ", ".join(f"{k}={result.get(k)}" for k in ("steps", "heldout_nmse", "dead_fraction")), flush=True)
+        print(
+            f"[sweep] run {run.num} {run.run_name} finished: "
+            + ", ".join(f"{k}={result.get(k)}" for k in ("steps", "heldout_nmse", "dead_fraction")),
+            flush=True,
+        )
         return
     run.status = "failed"
     errors = [line for line in log_text.splitlines() if line.startswith("error:") or "Error" in line]
@@ -267,8 +284,21 @@ def _collect(run: SweepRun, state: str, backend: JobBackend, log_dir: str | None
 
 
 # ------------------------------------------------------------------------- the results table
-RESULT_COLUMNS = ("steps", "tokens", "heldout_nmse", "train_fvu", "dead_fraction", "compute",
-                  "tokens_to_convergence", "model", "hook", "d_in", "dp", "tp", "train_wall_s")
+RESULT_COLUMNS = (
+    "steps",
+    "tokens",
+    "heldout_nmse",
+    "train_fvu",
+    "dead_fraction",
+    "compute",
+    "tokens_to_convergence",
+    "model",
+    "hook",
+    "d_in",
+    "dp",
+    "tp",
+    "train_wall_s",
+)
 
 
 def results_rows(runs: list[SweepRun]) -> list[dict[str, Any]]:
@@ -277,11 +307,20 @@ def results_rows(runs: list[SweepRun]) -> list[dict[str, Any]]:
     for run in runs:
         res = run.result or {}
         row: dict[str, Any] = {
-            "num": run.num, "run_name": run.run_name, "overrides": shown_overrides(run), "status": run.status,
-            "action": run.action, "n_latents": res.get("n_latents"), "k": res.get("k"),
-            "job_id": run.job_id, "start_time": run.start_time, "end_time": run.end_time,
+            "num": run.num,
+            "run_name": run.run_name,
+            "overrides": shown_overrides(run),
+            "status": run.status,
+            "action": run.action,
+            "n_latents": res.get("n_latents"),
+            "k": res.get("k"),
+            "job_id": run.job_id,
+            "start_time": run.start_time,
+            "end_time": run.end_time,
             "job_wall_s": (run.end_time - run.start_time) if run.start_time and run.end_time else None,
-            "error": run.error, "output_dir": storage.redact(run.output_dir)}
+            "error": run.error,
+            "output_dir": storage.redact(run.output_dir),
+        }
         row.update({c: res.get(c) for c in RESULT_COLUMNS})
         if row["n_latents"] is None:  # failed before writing a result: read N, k from the overrides
             for o in run.overrides:
@@ -324,15 +363,15 @@ def plot_timeline(runs: list[SweepRun], path: str) -> None:
     t0 = min(r.start_time for r in timed)
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(timed) + 1.2))
     for i, r in enumerate(timed):
-        ax.barh(i, r.end_time - r.start_time, left=r.start_time - t0,
-                color="tab:blue" if r.status == "finished" else "tab:red")
+        ax.barh(
+            i,
+            r.end_time - r.start_time,
+            left=r.start_time - t0,
+            color="tab:blue" if r.status == "finished" else "tab:red",
+        )
     ax.set_yticks(range(len(timed)), [r.run_name for r in timed], fontsize=7)
     ax.set(xlabel="seconds since the first run started", title="sweep timeline (red: failed)")
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def summary_json(runs: list[SweepRun]) -> str:
-    return json.dumps([{k: v for k, v in asdict(r).items() if k not in ("result", "storage_options")} for r in runs])

@@ -128,22 +128,31 @@ def write_rank_files(folder: str, trainer: Trainer, storage_options: dict[str, A
         return
     base = storage.join(folder, shard_name(tp_rank, tp))
     snap = trainer.snapshot()
-    files = {".sae.safetensors": sae_tensors(trainer.sae),
-             ".state.safetensors": {k: v.detach().contiguous().cpu() for k, v in snap.tensors.items()}}
+    files = {
+        ".sae.safetensors": sae_tensors(trainer.sae),
+        ".state.safetensors": {k: v.detach().contiguous().cpu() for k, v in snap.tensors.items()},
+    }
     if trainer.ema is not None:  # the weights to export: bias-corrected EMA (all per-row ops)
         files[".eval.safetensors"] = sae_tensors(trainer.sae, trainer.eval_weights())
     for suffix, tensors in files.items():
         storage.write_file_atomic(base + suffix, lambda p, t=tensors: save_file(t, p), storage_options)
 
 
-def write_meta(folder: str, trainer: Trainer, extra: dict[str, Any] | None = None,
-               storage_options: dict[str, Any] | None = None) -> None:
+def write_meta(
+    folder: str, trainer: Trainer, extra: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None
+) -> None:
     """Write meta.json (global rank 0 only), after every rank's files: it completes the folder."""
     if not _is_rank0(trainer):
         return
     _, dp, _, tp = _coords(trainer)
-    meta = {"format": CHECKPOINT_FORMAT, "dp": dp, "tp": tp, "sae_cfg_global": trainer.global_sae_cfg.to_dict(),
-            "trainer": trainer.snapshot_info(), **(extra or {})}
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "dp": dp,
+        "tp": tp,
+        "sae_cfg_global": trainer.global_sae_cfg.to_dict(),
+        "trainer": trainer.snapshot_info(),
+        **(extra or {}),
+    }
     storage.write_json_atomic(storage.join(folder, META), meta, storage_options)
 
 
@@ -156,8 +165,10 @@ def read_meta(fetch: Fetch) -> dict[str, Any]:
     with open(path) as handle:
         meta = json.load(handle)
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}: "
-                              "it was written by another saescale version; start a new run")
+        raise CheckpointError(
+            f"checkpoint format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}: "
+            "it was written by another saescale version; start a new run"
+        )
     return meta
 
 
@@ -186,11 +197,16 @@ def check_resumable(meta: dict[str, Any], trainer: Trainer) -> None:
     diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
     saved_train = meta["trainer"]["train_cfg"]
     ours_train = trainer.cfg.to_dict()
-    diff += sorted(f"train.{k}" for k in set(ours_train) | set(saved_train)
-                   if k not in RESUMABLE_TRAIN_KEYS and ours_train.get(k) != saved_train.get(k))
+    diff += sorted(
+        f"train.{k}"
+        for k in set(ours_train) | set(saved_train)
+        if k not in RESUMABLE_TRAIN_KEYS and ours_train.get(k) != saved_train.get(k)
+    )
     if diff:
-        raise CheckpointError(f"the checkpoint was written under another config (differs in {', '.join(diff)}); "
-                              "resume with the same settings or start a new run (another run name / output dir)")
+        raise CheckpointError(
+            f"the checkpoint was written under another config (differs in {', '.join(diff)}); "
+            "resume with the same settings or start a new run (another run name / output dir)"
+        )
 
 
 def load_rank_shard(fetch: Fetch, trainer: Trainer) -> dict[str, Any]:
@@ -223,8 +239,13 @@ class StorageCheckpointer:
     `latest.json`, written only once the folder is complete, so a crash mid-save leaves the
     previous checkpoint as the latest. Works for one process and for a (dp x tp) group."""
 
-    def __init__(self, root: str, storage_options: dict[str, Any] | None = None, keep_last: int | None = KEEP_LAST,
-                 extra: Callable[[Trainer], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        storage_options: dict[str, Any] | None = None,
+        keep_last: int | None = KEEP_LAST,
+        extra: Callable[[Trainer], dict[str, Any]] | None = None,
+    ) -> None:
         self.root, self.storage_options, self.keep_last, self.extra = root, storage_options, keep_last, extra
 
     def save(self, trainer: Trainer, final: bool = False) -> str:
@@ -235,8 +256,11 @@ class StorageCheckpointer:
         write_meta(folder, trainer, self.extra(trainer) if self.extra else None, self.storage_options)
         if _is_rank0(trainer):
             previous = latest_step(self.root, self.storage_options)
-            storage.write_json_atomic(storage.join(self.root, LATEST), {"step": trainer.step,
-                                      "dir": step_dir(trainer.step)}, self.storage_options)
+            storage.write_json_atomic(
+                storage.join(self.root, LATEST),
+                {"step": trainer.step, "dir": step_dir(trainer.step)},
+                self.storage_options,
+            )
             if self.keep_last is not None:
                 self._prune(protect={trainer.step, previous} - {None})
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -293,7 +317,9 @@ def _numel(shape: list[int]) -> int:
 
 
 def export_gathered(
-    checkpoint_url: str, out_url: str, metadata: dict[str, Any] | None = None,
+    checkpoint_url: str,
+    out_url: str,
+    metadata: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> str:
     """Write the full SAE (a folder `load_sae` reads) from a checkpoint folder, one tensor of
@@ -303,10 +329,18 @@ def export_gathered(
     meta = json.loads(storage.read_bytes(storage.join(checkpoint_url, META), storage_options))
     cfg = SAEConfig.from_dict(meta["sae_cfg_global"])
     tp, n, d = meta["tp"], cfg.n_latents, cfg.d_in
-    kind = "eval" if storage.exists(storage.join(checkpoint_url, f"{shard_name(0, tp)}.eval.safetensors"),
-                                    storage_options) else "sae"  # the EMA weights when the run kept them
-    entries = [("W_enc", "F32", [n, d]), ("b_enc", "F32", [n]), ("W_dec", "F32", [n, d]),
-               ("b_pre", "F32", [d]), ("input_scale", "F32", [])]
+    kind = (
+        "eval"
+        if storage.exists(storage.join(checkpoint_url, f"{shard_name(0, tp)}.eval.safetensors"), storage_options)
+        else "sae"
+    )  # the EMA weights when the run kept them
+    entries = [
+        ("W_enc", "F32", [n, d]),
+        ("b_enc", "F32", [n]),
+        ("W_dec", "F32", [n, d]),
+        ("b_pre", "F32", [d]),
+        ("input_scale", "F32", []),
+    ]
     with tempfile.TemporaryDirectory(prefix="saescale-export-") as tmp:
         out_path = os.path.join(tmp, WEIGHTS_FILE)
         with open(out_path, "wb") as out:
@@ -320,7 +354,9 @@ def export_gathered(
                         out.write(handle.get_tensor(name).contiguous().float().numpy().tobytes())
                     if path.startswith(tmp):
                         os.remove(path)
-        storage.write_file_atomic(storage.join(out_url, WEIGHTS_FILE), lambda p: shutil.move(out_path, p), storage_options)
+        storage.write_file_atomic(
+            storage.join(out_url, WEIGHTS_FILE), lambda p: shutil.move(out_path, p), storage_options
+        )
     body = {"format": FORMAT, "sae": cfg.to_dict(), "metadata": metadata or {}}
     storage.write_json_atomic(storage.join(out_url, CONFIG_FILE), body, storage_options)
     return out_url

@@ -14,7 +14,9 @@ def tokens_to_convergence(tokens, loss, tol: float = 0.05, window: int = 5) -> f
     if tokens.size == 0 or tokens.size != loss.size:
         raise ValueError(f"need matching, non-empty token and loss curves (got {tokens.size} and {loss.size} points)")
     kernel = np.ones(min(window, loss.size))
-    smooth = np.convolve(loss, kernel, "full")[: loss.size] / np.convolve(np.ones_like(loss), kernel, "full")[: loss.size]
+    smooth = (
+        np.convolve(loss, kernel, "full")[: loss.size] / np.convolve(np.ones_like(loss), kernel, "full")[: loss.size]
+    )
     above = np.nonzero(smooth > smooth[-1] * (1.0 + tol))[0]
     first = int(above[-1]) + 1 if above.size else 0
     return float(tokens[min(first, tokens.size - 1)])

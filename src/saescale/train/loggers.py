@@ -50,7 +50,7 @@ class JsonlLogger:
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        self._fh = open(path, "a", buffering=1)
+        self._fh = open(path, "a", buffering=1)  # noqa: SIM115 - held open for the run, closed in close()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         clean = {k: (v if isinstance(v, (int, str)) or math.isfinite(v) else None) for k, v in metrics.items()}

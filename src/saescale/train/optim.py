@@ -7,6 +7,8 @@ from torch import Tensor, nn
 
 from saescale.core.config import TrainConfig
 
+PROJECTION_CHUNK_BYTES = 4 * 2**20  # decoder rows projected at a time: a few MiB stays in cache
+
 
 def make_adam(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Adam:
     """Adam(0.9, 0.999), eps 6.25e-10; the fused kernel (~7x faster on CPU) where available."""
@@ -36,7 +38,7 @@ def remove_parallel_grad_(w_dec: Tensor, grad: Tensor) -> None:
     Adam would otherwise spend its step growing the norm that the renormalisation undoes.
     Done in row chunks so no temporary the size of W_dec is allocated (and chunks stay in cache).
     """
-    rows = max(1, (4 * 2**20) // max(1, w_dec.shape[1] * w_dec.element_size()))
+    rows = max(1, PROJECTION_CHUNK_BYTES // max(1, w_dec.shape[1] * w_dec.element_size()))
     for start in range(0, w_dec.shape[0], rows):
         w, g = w_dec[start : start + rows], grad[start : start + rows]
         dots = (g * w).sum(dim=1, keepdim=True)

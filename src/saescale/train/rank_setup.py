@@ -16,8 +16,12 @@ from saescale.train.trainer import Trainer
 
 
 def build_rank_trainer(
-    sae_cfg: SAEConfig, train_cfg: TrainConfig, dims: ParallelDims, rank: int,
-    logger: MetricsLogger | None = None, device: str = "cpu",
+    sae_cfg: SAEConfig,
+    train_cfg: TrainConfig,
+    dims: ParallelDims,
+    rank: int,
+    logger: MetricsLogger | None = None,
+    device: str = "cpu",
 ) -> Trainer:
     """This rank's trainer over its slice of the latents (the whole SAE when tp=1); its TP and
     DP handles are `trainer.tp` and `trainer.dp`. Every rank must call this together."""

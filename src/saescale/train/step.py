@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saescale.train.dead_latents import DeadLatentTracker
+from saescale.core.model import TopKSAE
+from saescale.distributed.parallel import DataParallel, TensorParallel
 from saescale.kernels import (
     DeadBlock,
     LatentOrder,
@@ -34,8 +35,7 @@ from saescale.kernels import (
     use_dense_block,
     values_grad,
 )
-from saescale.core.model import TopKSAE
-from saescale.distributed.parallel import DataParallel, TensorParallel
+from saescale.train.dead_latents import DeadLatentTracker
 
 
 def _mean_sq(t: Tensor) -> Tensor:
@@ -200,9 +200,7 @@ class SparseTopKStep:
         rows_by_latent_(W_enc.grad, enc_order, g_enc, xc, accumulate=False)
         return _Main(err, mse, multi_loss, latent_sums(enc_idx, g_enc, n), grad_b_pre, fired, main_raw)
 
-    def _main_owned(
-        self, x: Tensor, xc: Tensor, idx: Tensor, vals: Tensor, raw_vals: Tensor, owned: Tensor
-    ) -> _Main:
+    def _main_owned(self, x: Tensor, xc: Tensor, idx: Tensor, vals: Tensor, raw_vals: Tensor, owned: Tensor) -> _Main:
         """Main loss on a TP rank from the entries it owns only (a ragged code, about k / tp per
         token): the O(batch * k * d) work is split across the TP group instead of repeated on
         every rank. Writes W_dec.grad and W_enc.grad."""
@@ -219,8 +217,15 @@ class SparseTopKStep:
         order = LatentOrder(code.latents, n, rows=code.rows)
         rows_by_latent_(W_dec.grad, order, code.values, grad_x_hat, accumulate=False)
         rows_by_latent_(W_enc.grad, order, g_enc, xc, accumulate=False)
-        return _Main(err, mse, torch.zeros((), device=x.device), latent_sums(code.latents, g_enc, n),
-                     grad_x_hat.sum(0), fired, raw_vals)
+        return _Main(
+            err,
+            mse,
+            torch.zeros((), device=x.device),
+            latent_sums(code.latents, g_enc, n),
+            grad_x_hat.sum(0),
+            fired,
+            raw_vals,
+        )
 
     def _aux_loss(self, aux_err: Tensor, var_res: Tensor) -> tuple[Tensor, Tensor | None]:
         """AuxK loss from e_hat - e, and its gradient w.r.t. e_hat (None when the loss is not
@@ -302,7 +307,12 @@ class SparseTopKStep:
         return self._auxk_fixed_width(dead_idx[local], raw.clamp_min(0), residual, xc, grad_b_enc, var_res)
 
     def _auxk_fixed_width(
-        self, aux_idx: Tensor, aux_vals: Tensor, residual: Tensor, xc: Tensor, grad_b_enc: Tensor,
+        self,
+        aux_idx: Tensor,
+        aux_vals: Tensor,
+        residual: Tensor,
+        xc: Tensor,
+        grad_b_enc: Tensor,
         var_res: Tensor | None = None,
     ) -> Tensor:
         """AuxK loss and gradients through the sparse kernels for a [batch, k_aux] code over this

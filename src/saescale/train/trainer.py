@@ -47,7 +47,7 @@ EPS = 1e-9  # guards divisions by elapsed times and counts
 class Checkpointer(Protocol):
     """Where a run's checkpoints go; `final` marks the save at the end of `fit`."""
 
-    def save(self, trainer: "Trainer", final: bool = False) -> Any: ...
+    def save(self, trainer: Trainer, final: bool = False) -> Any: ...
 
 
 class RankError(ValueError):
@@ -67,7 +67,7 @@ class StepTimes:
     steps: int = 0
     tokens: int = 0
 
-    def add(self, other: "StepTimes") -> None:
+    def add(self, other: StepTimes) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
@@ -165,8 +165,9 @@ class Trainer:
             return has_batch
         rank = dist.get_rank()
         # on the trainer's device: under NCCL (GPUs) the default group rejects CPU tensors
-        flags = torch.tensor([0 if has_batch else 1, rank + 1 if error is not None else 0],
-                             dtype=torch.int64, device=self.device)
+        flags = torch.tensor(
+            [0 if has_batch else 1, rank + 1 if error is not None else 0], dtype=torch.int64, device=self.device
+        )
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         missing, bad = (int(v) for v in flags.tolist())
         if bad:
@@ -198,8 +199,9 @@ class Trainer:
         stats = self._step_fn(x_normed, compute_fvu=logging_now)
         error = None
         if not torch.isfinite(stats.loss):
-            error = FloatingPointError(f"loss became {stats.loss.item()} at step {self.step}; lower train.lr or "
-                                       "enable train.clip_grad_norm")
+            error = FloatingPointError(
+                f"loss became {stats.loss.item()} at step {self.step}; lower train.lr or enable train.clip_grad_norm"
+            )
         if self.dp is not None:  # TP ranks share one loss; replicas must agree before averaging
             self._agree(True, error)
         elif error is not None:
@@ -227,8 +229,9 @@ class Trainer:
         self._window_tokens += batch_tokens
         if not logging_now:
             return None
-        replica = torch.stack([stats.loss, stats.mse_loss, stats.fvu, stats.auxk_loss, stats.l0,
-                               stats.multi_topk_loss]).float()
+        replica = torch.stack(
+            [stats.loss, stats.mse_loss, stats.fvu, stats.auxk_loss, stats.l0, stats.multi_topk_loss]
+        ).float()
         if self.dp is not None:  # means over the replicas' equal parts = means over the batch
             self.dp.all_reduce_(replica).div_(self.dp.size)
         loss, mse_loss, fvu, auxk_loss, l0, multi_loss = replica.tolist()
@@ -296,9 +299,15 @@ class Trainer:
                 t2 = time.perf_counter()
                 comm1, bytes1 = self._comm()
                 first = summary.totals.steps == 0
-                one = StepTimes(data_wait=0.0 if first else t1 - t0, startup_wait=t1 - t0 if first else 0.0,
-                                compute=(t2 - t1) - (comm1 - comm0), comm=comm1 - comm0, comm_bytes=bytes1 - bytes0,
-                                steps=1, tokens=x.shape[0] * (self.dp.size if self.dp is not None else 1))
+                one = StepTimes(
+                    data_wait=0.0 if first else t1 - t0,
+                    startup_wait=t1 - t0 if first else 0.0,
+                    compute=(t2 - t1) - (comm1 - comm0),
+                    comm=comm1 - comm0,
+                    comm_bytes=bytes1 - bytes0,
+                    steps=1,
+                    tokens=x.shape[0] * (self.dp.size if self.dp is not None else 1),
+                )
                 window.add(one)
                 summary.totals.add(one)
                 if metrics is not None:
@@ -311,8 +320,12 @@ class Trainer:
                     self._log_density_histogram()
                 if on_step is not None:
                     on_step(self.step)
-                if checkpointer is not None and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
-                        and (max_steps is None or self.step < max_steps):
+                if (
+                    checkpointer is not None
+                    and self.cfg.checkpoint_every
+                    and self.step % self.cfg.checkpoint_every == 0
+                    and (max_steps is None or self.step < max_steps)
+                ):
                     checkpointer.save(self)
                     last_saved = self.step
         finally:
@@ -352,8 +365,9 @@ class Trainer:
             "ema_steps": self.ema.steps if self.ema is not None else 0,
             "train_cfg": self.cfg.to_dict(),
             "sae_cfg": self.global_sae_cfg.to_dict(),
-            "adam_param_groups": [{k: v for k, v in g.items() if k != "params"}
-                                  for g in self.optimizer.state_dict()["param_groups"]],
+            "adam_param_groups": [
+                {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.state_dict()["param_groups"]
+            ],
         }
 
     def snapshot(self) -> TrainerSnapshot:

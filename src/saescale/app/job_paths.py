@@ -31,8 +31,8 @@ def working_dir_package(cwd: str | None = None, environ: dict[str, str] | None =
     cwd = os.path.realpath(cwd or os.getcwd())
     parts = cwd.split(os.sep)
     for i in range(len(parts) - 2):
-        if tuple(parts[i:i + 2]) == _PACKAGE_DIRS:
-            return os.sep.join(parts[:i + 3])
+        if tuple(parts[i : i + 2]) == _PACKAGE_DIRS:
+            return os.sep.join(parts[: i + 3])
     environ = os.environ if environ is None else environ
     try:
         runtime_env = json.loads(environ.get(_JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
@@ -48,19 +48,20 @@ def _session_dir(package: str) -> str:
     """Ray's session directory holding the package (everything in it is Ray's temporary state)."""
     parts = package.split(os.sep)
     for i in range(len(parts) - 1):
-        if tuple(parts[i:i + 2]) == _PACKAGE_DIRS:
+        if tuple(parts[i : i + 2]) == _PACKAGE_DIRS:
             return os.sep.join(parts[:i])
     return package
 
 
 def _local_path(url: str) -> str | None:
     """The local path `url` names, or None for any other URL (s3://, gs://, ...)."""
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = url[len("file://") :] if url.startswith("file://") else url
     return None if "://" in path or not path else path
 
 
-def check_job_paths(reads: dict[str, str] | None = None, writes: dict[str, str] | None = None,
-                    package: str | None = None) -> None:
+def check_job_paths(
+    reads: dict[str, str] | None = None, writes: dict[str, str] | None = None, package: str | None = None
+) -> None:
     """Raise JobPathError, in one line naming every offending setting and what to pass instead,
     if this process runs in a Ray working_dir package and a path it reads (`reads`, setting name
     -> URL) or writes (`writes`) is local and resolves into Ray's temporary files: a relative
@@ -83,19 +84,30 @@ def check_job_paths(reads: dict[str, str] | None = None, writes: dict[str, str] 
             inside.append((name, path, url))
     if not relative and not inside:
         return
-    effect = " and ".join(part for part, used in (
-        ("what the job writes would be lost with it", any(n in (writes or {}) for n, _, _ in relative + inside)),
-        ("what it reads is not there", any(n in (reads or {}) for n, _, _ in relative + inside))) if used)
+    effect = " and ".join(
+        part
+        for part, used in (
+            ("what the job writes would be lost with it", any(n in (writes or {}) for n, _, _ in relative + inside)),
+            ("what it reads is not there", any(n in (reads or {}) for n, _, _ in relative + inside)),
+        )
+        if used
+    )
     problems = []
     if relative:
         problems.append(f"{_listing(relative)} {'is a relative path' if len(relative) == 1 else 'are relative paths'}")
     if inside:
-        problems.append(f"{_listing(inside)} {'lies' if len(inside) == 1 else 'lie'} in Ray's session directory ({session})")
-    examples = " ".join(f"{name}=$PWD/{os.path.normpath(path)}" for name, path, _ in relative) or \
-        "absolute paths outside Ray's session directory"
-    raise JobPathError(f"{' and '.join(problems)}, but this job runs in Ray's temporary copy of the working directory "
-                       f"({package}), so {effect}: pass {examples} on a one-machine cluster, or shared URLs such as "
-                       f"s3://bucket/... on a real one")
+        problems.append(
+            f"{_listing(inside)} {'lies' if len(inside) == 1 else 'lie'} in Ray's session directory ({session})"
+        )
+    examples = (
+        " ".join(f"{name}=$PWD/{os.path.normpath(path)}" for name, path, _ in relative)
+        or "absolute paths outside Ray's session directory"
+    )
+    raise JobPathError(
+        f"{' and '.join(problems)}, but this job runs in Ray's temporary copy of the working directory "
+        f"({package}), so {effect}: pass {examples} on a one-machine cluster, or shared URLs such as "
+        f"s3://bucket/... on a real one"
+    )
 
 
 def _listing(items: list[tuple[str, str, str]]) -> str:

@@ -1,0 +1,1 @@
+"""What each command does, behind typed configs: the train, cache and eval jobs (jobs/*.py are their thin Hydra entry points), the config schemas, run identity, path checks and the one-line error policy."""

@@ -1,0 +1,319 @@
+"""The typed configs of the three jobs (cache, train, eval), registered in Hydra's ConfigStore.
+
+Each default and its documentation live here, once; `conf/*.yaml` only picks a schema and holds
+experiments and overrides. Hydra checks types and key names while composing (a typo such as
+`train.lrr=1` is an error naming the key); `OmegaConf.to_object` then builds these dataclasses,
+whose `__post_init__` checks values, so a bad setting fails before Ray or a model starts.
+
+The `sae` and `train` sections are derived from the engine's own `SAEConfig` and `TrainConfig`
+(same fields, defaults and comments; the engine validates them again), with the job's defaults
+for the embedded demo where they differ. Optional[...] instead of `X | None`: OmegaConf reads
+these annotations and does not know PEP 604 unions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from saescale.core.config import ConfigError, SAEConfig, TrainConfig
+from saescale.data.builder import CacheConfig
+
+RUNS = "${oc.env:SAESCALE_RUNS,runs}"  # where local outputs go unless SAESCALE_RUNS says otherwise
+DEFAULT_CACHE = f"{RUNS}/cache/smollm2-resid8"
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _omegaconf_type(hint: Any) -> Any:
+    """The engine's annotation as OmegaConf accepts it: Literal -> str, `X | None` -> Optional[X]."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return str
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return Optional[_omegaconf_type(inner[0]) if len(inner) == 1 else Any]
+    return hint
+
+
+def _section_of(
+    engine_cls: type,
+    name: str,
+    exclude: tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
+    extra: list[tuple[str, Any, Any]] | None = None,
+) -> type:
+    """A config section with the engine dataclass's fields and defaults (minus `exclude`, with
+    `defaults` replaced, plus `extra` job-only fields): one source for each engine default."""
+    hints = typing.get_type_hints(engine_cls)
+    fields = []
+    for f in dataclasses.fields(engine_cls):
+        if f.name in exclude:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        fields.append((f.name, _omegaconf_type(hints[f.name]), field(default=default)))
+    for key, hint, default in extra or []:
+        is_section = dataclasses.is_dataclass(default)
+        fields.append((key, hint, field(default_factory=default) if is_section else field(default=default)))
+    return dataclasses.make_dataclass(name, fields)
+
+
+def _positive(section: str, **values: Any) -> None:
+    for key, value in values.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{section}.{key} must be > 0, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------- sections
+SAESection = _section_of(
+    SAEConfig,
+    "SAESection",
+    exclude=("d_in",),  # d_in comes from the cache's manifest
+    defaults={
+        "n_latents": 4096,
+        "k": 32,
+        # 10M in the paper; scaled to the embedded default's 150k-token cache
+        "dead_tokens_threshold": 1_000_000,
+    },
+)
+
+TrainSection = _section_of(
+    TrainConfig,
+    "TrainSection",
+    exclude=("total_steps",),  # from epochs, max_steps and the cache
+    defaults={"histogram_every": 100, "checkpoint_every": 100},
+    extra=[
+        ("batch_size", int, 1024),  # global batch (tokens per optimiser step), split over the workers
+        ("epochs", int, 3),  # passes over the cache's training shards
+        ("max_steps", Optional[int], None),  # stop before the epochs end (the lr schedule follows)
+    ],
+)
+
+
+@dataclass
+class StorageSection:
+    """Where Ray Train keeps checkpoints: `<url>/<run_id>/checkpoint_*` (s3://... on a cluster)."""
+
+    url: str = f"{RUNS}/ray"
+    endpoint_url: Optional[str] = None  # S3-compatible endpoint; credentials come from the environment
+
+
+@dataclass
+class DataSection:
+    """The activation cache (built by jobs/cache.py, any fsspec URL) and how it is streamed."""
+
+    cache: str = DEFAULT_CACHE
+    endpoint_url: Optional[str] = None  # S3-compatible endpoint for the cache
+    holdout_shards: int = 1  # the first shard(s) are held out for evaluation, never trained on
+    heldout_tokens: int = 4096  # held-out rows for the driver's NMSE
+    shuffle_buffer_rows: int = 4096  # per-worker local shuffle buffer (rows); 0 disables it
+    prefetch_batches: int = 2
+
+    def __post_init__(self) -> None:
+        _positive("data", holdout_shards=self.holdout_shards, heldout_tokens=self.heldout_tokens)
+        if self.shuffle_buffer_rows < 0 or self.prefetch_batches < 0:
+            raise ConfigError("data.shuffle_buffer_rows and data.prefetch_batches must be >= 0")
+
+
+@dataclass
+class ParallelSection:
+    """The Ray Train workers: dp x tp, latents split across the tp workers of each replica."""
+
+    workers: int = 2
+    tp: int = 2
+    cpus_per_worker: float = 1  # also the torch threads of each worker
+    use_gpu: bool = False
+    memory_per_worker_gib: Optional[float] = None  # for the pre-launch check; null: RAM / workers
+
+    def __post_init__(self) -> None:
+        _positive(
+            "parallel",
+            workers=self.workers,
+            tp=self.tp,
+            cpus_per_worker=self.cpus_per_worker,
+            memory_per_worker_gib=self.memory_per_worker_gib,
+        )
+
+
+@dataclass
+class RaySection:
+    address: Optional[str] = None  # null: RAY_ADDRESS if set (ray job submit sets it), else an embedded local Ray
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+
+    def __post_init__(self) -> None:
+        if self.max_failures < 0:
+            raise ConfigError(f"ray.max_failures must be >= 0, got {self.max_failures}")
+
+
+@dataclass
+class WandbSection:
+    enabled: bool = True
+    mode: str = "offline"  # offline | online | disabled; `wandb sync` uploads an offline run later
+    project: str = "saescale"
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in WANDB_MODES:
+            raise ConfigError(f"wandb.mode must be one of {', '.join(WANDB_MODES)}; got {self.mode!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.mode != "disabled"
+
+
+@dataclass
+class ExportSection:
+    """What the driver writes after training; exports do not depend on `evaluate`."""
+
+    evaluate: bool = True  # held-out NMSE in the driver (loads the whole SAE into memory)
+    saelens: bool = True  # output_dir/export/saelens, streamed from output_dir/sae
+    sparsify: bool = True  # output_dir/export/sparsify, likewise
+
+
+@dataclass
+class FaultSection:
+    """Testing: SIGKILL worker `rank` once at `step` (inside a checkpoint save if during_save)."""
+
+    rank: Optional[int] = None
+    step: Optional[int] = None
+    during_save: bool = False
+
+
+@dataclass
+class DebugSection:
+    record_rows: bool = False  # each worker appends the (window, pos) ids of its rows per step
+
+
+# -------------------------------------------------------------------------------- the jobs
+@dataclass
+class TrainJobConfig:
+    """python jobs/train.py: train an SAE on Ray. A run's identity is run_id = <run_name>-<hash>;
+    the hash (`service.run_identity`) covers the settings that define the trained SAE (sae.*,
+    train.*, the cache and how it is streamed), not the cluster layout (parallel.*: checkpoints
+    reshard), logging, wandb, exports, paths or endpoints. Output and checkpoints are keyed by
+    run_id, so runs that differ in any such setting (an lr sweep) never share a folder, and
+    rerunning the same command resumes or skips the same run. run_name is only the readable
+    part; setting run_id yourself drops the hash (its uniqueness is then yours), e.g. to continue
+    a run with a larger train.max_steps."""
+
+    run_name: str = "resid8-n${sae.n_latents}-k${sae.k}"
+    run_id: str = "${run_name}-${saescale.config_hash:}"
+    output_dir: str = f"{RUNS}/${{run_id}}"  # result.json, metrics, the SAE, exports (any fsspec URL)
+    storage: StorageSection = field(default_factory=StorageSection)
+    data: DataSection = field(default_factory=DataSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    ray: RaySection = field(default_factory=RaySection)
+    sae: SAESection = field(default_factory=SAESection)  # type: ignore[valid-type]
+    train: TrainSection = field(default_factory=TrainSection)  # type: ignore[valid-type]
+    wandb: WandbSection = field(default_factory=WandbSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    fault: FaultSection = field(default_factory=FaultSection)
+    debug: DebugSection = field(default_factory=DebugSection)
+
+    def __post_init__(self) -> None:
+        _positive("train", batch_size=self.train.batch_size, epochs=self.train.epochs, max_steps=self.train.max_steps)
+
+
+@dataclass
+class CacheStorageSection:
+    # S3-compatible endpoint; credentials come from the environment (AWS_ACCESS_KEY_ID, ...), never from here
+    endpoint_url: Optional[str] = None
+
+
+CacheJobConfig = _section_of(
+    CacheConfig,
+    "CacheJobConfig",
+    exclude=("storage_options",),  # built from `storage` below
+    defaults={
+        "model": "embedded:smollm2-135m-instruct",  # a Hugging Face id, a local model dir, a .gguf
+        "corpus": "embedded:shakespeare",  # a folder/glob of .txt/.jsonl/.parquet, or an HF dataset id
+        "output": DEFAULT_CACHE,
+    },  # any fsspec URL
+    extra=[("storage", CacheStorageSection, CacheStorageSection)],
+)
+CacheJobConfig.__doc__ = """python jobs/cache.py: run a causal LM over a corpus and write shuffled
+activation shards plus a manifest (`data.builder.CacheConfig` documents each field). Rerunning
+the same command resumes an interrupted build and is a no-op on a finished cache."""
+
+
+@dataclass
+class DownstreamSection:
+    enabled: bool = True
+    model: Optional[str] = None  # null: the model named in the cache manifest
+    windows: int = 64  # held-out context windows spliced through the model
+    batch_size: int = 16
+
+
+@dataclass
+class ProbesSection:
+    enabled: bool = True
+    tokens: int = 4096  # held-out rows the 1-D probes are fitted on
+    task_files: list[str] = field(default_factory=list)  # Parquet/CSV with task, window, pos, label (README)
+
+
+@dataclass
+class ExplainSection:
+    """N2G explanations of sampled latents, with held-out precision and recall."""
+
+    enabled: bool = True
+    latents: int = 32  # sampled among those firing in both halves of the windows
+    examples: int = 5  # top-activating examples per latent (first half of the windows)
+    max_context: int = 12  # longest suffix searched for the minimal context
+    windows: int = 64  # held-out windows: the first half explains, the second half scores
+    padding_text: str = " _"  # the neutral token that replaces context (OpenAI's " _" in GPT-2)
+    seed: int = 0
+
+
+@dataclass
+class AblationSection:
+    """Ablation sparsity: (L1/L2)^2 / (V*T) of ablated latents' logit effects."""
+
+    enabled: bool = True
+    positions: int = 4  # sampled held-out positions; every active latent there is ablated
+    horizon: int = 16  # T: the ablated position and the next T-1 positions
+    seed: int = 0
+
+
+@dataclass
+class EvalDataSection:
+    cache: str = DEFAULT_CACHE
+    endpoint_url: Optional[str] = None
+    holdout_shards: int = 1  # the same held-out shards as training (the first ones)
+    heldout_tokens: int = 16384  # rows for the reconstruction metrics
+
+    def __post_init__(self) -> None:
+        _positive("data", holdout_shards=self.holdout_shards, heldout_tokens=self.heldout_tokens)
+
+
+@dataclass
+class EvalJobConfig:
+    """python jobs/eval.py: evaluate a trained SAE on the held-out part of its cache."""
+
+    run_name: str = "???"  # the training run's run_id (its folder name; jobs/train.py prints it)
+    sae: str = f"{RUNS}/${{run_name}}/sae"  # a saved SAE folder (any fsspec URL)
+    output_dir: str = f"{RUNS}/${{run_name}}/eval"  # results.json and plots
+    data: EvalDataSection = field(default_factory=EvalDataSection)
+    downstream: DownstreamSection = field(default_factory=DownstreamSection)
+    probes: ProbesSection = field(default_factory=ProbesSection)
+    explain: ExplainSection = field(default_factory=ExplainSection)
+    ablation: AblationSection = field(default_factory=AblationSection)
+    wandb: WandbSection = field(default_factory=WandbSection)
+
+
+SCHEMAS = {"train_schema": TrainJobConfig, "cache_schema": CacheJobConfig, "eval_schema": EvalJobConfig}
+
+
+def register_configs() -> None:
+    """Put the job schemas in Hydra's ConfigStore (conf/<job>.yaml names them in its defaults)
+    and register the resolvers they use; call before `@hydra.main` runs."""
+    from saescale.app.run_identity import register_resolvers
+
+    store = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        store.store(name=name, node=schema)
+    register_resolvers()

@@ -1,0 +1,292 @@
+"""The training job (`python jobs/train.py`): check everything that can be checked before Ray
+starts, run the Ray Train service, then gather, export and evaluate, and write result.json.
+
+Steps: open the activation cache (built by jobs/cache.py) and hold out its first shard(s); check
+the (dp x tp) layout and the per-worker memory plan; run the Ray Train job (Ray Data streams the
+other shards into the workers; per-rank checkpoints; a rerun of the same config, i.e. the same
+run_id, resumes); gather the final SAE from the last checkpoint one shard at a time; write the
+SAELens and sparsify exports (streamed from it) and, with export.evaluate, the held-out NMSE;
+log to wandb (rank 0 only). Every local path is made absolute: Ray workers run elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+from omegaconf import DictConfig, OmegaConf
+
+from saescale import storage
+from saescale.app.errors import EXIT_FAILED, fail
+from saescale.app.job_paths import check_job_paths
+from saescale.app.run_identity import config_hash
+from saescale.app.schema import TrainJobConfig
+from saescale.console import print0
+from saescale.core.config import ConfigError, SAEConfig, TrainConfig
+from saescale.data.manifest import Manifest
+from saescale.data.reader import ActivationCache
+from saescale.distributed.mesh import ParallelDims
+from saescale.distributed.plan import check_fits, plan_memory
+from saescale.evaluation.reconstruction import nmse
+from saescale.service.ray_train import LaunchSpec
+from saescale.service.stream import plan_data
+
+# dense-equivalent training FLOPs per token and latent-dimension product: the encoder GEMM's
+# forward and backward dominate (2 forward + 4 backward multiply-adds)
+FLOPS_PER_TOKEN_DN = 6.0
+
+
+def absolute(url: str) -> str:
+    """Workers run in another directory: make local paths absolute (URLs stay as they are)."""
+    return url if "://" in url else os.path.abspath(url)
+
+
+@dataclass
+class PreparedRun:
+    """What the driver knows once every check passed: the launch spec and what the end needs."""
+
+    spec: LaunchSpec
+    cache: ActivationCache
+    manifest: Manifest
+    sae_cfg: SAEConfig
+    output_dir: str  # absolute path or URL
+    output_options: dict[str, Any] | None
+
+
+def typed(cfg: DictConfig) -> TrainJobConfig:
+    """The composed config as the schema's dataclasses (their checks run here)."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def engine_configs(job: TrainJobConfig, d_in: int, total_steps: int) -> tuple[SAEConfig, TrainConfig]:
+    """The engine's SAE and train configs from the job's sections (validated on construction)."""
+    sae = SAEConfig(d_in=d_in, **vars(job.sae))
+    train_keys = {k: v for k, v in vars(job.train).items() if k not in ("batch_size", "epochs", "max_steps")}
+    return sae, TrainConfig(total_steps=total_steps, **train_keys)
+
+
+def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
+    """Validate everything that can be checked before Ray starts; returns the launch spec."""
+    check_job_paths(
+        reads={"data.cache": job.data.cache}, writes={"output_dir": job.output_dir, "storage.url": job.storage.url}
+    )
+    cache_url, out = absolute(job.data.cache), absolute(job.output_dir)
+    cache = ActivationCache(cache_url, storage.endpoint_options(job.data.endpoint_url))
+    manifest = cache.manifest
+    n_shards = len(manifest.shards)
+    if n_shards <= job.data.holdout_shards:
+        raise ConfigError(
+            f"the cache has {n_shards} shard(s); need more than data.holdout_shards={job.data.holdout_shards}"
+        )
+    train_shards = list(range(job.data.holdout_shards, n_shards))
+    dims = ParallelDims.from_world(job.parallel.workers, job.parallel.tp)
+    dims.validate(job.sae.n_latents, job.train.batch_size)
+
+    _, cache_root = storage.url_to_fs(cache_url, cache.storage_options)
+    files = [f"{cache_root.rstrip('/')}/{manifest.shards[s].file}" for s in train_shards]
+    rows = sum(manifest.shards[s].rows for s in train_shards)
+    data = plan_data(
+        rows,
+        files,
+        job.train.batch_size,
+        dims.world_size,
+        job.train.epochs,
+        job.train.seed,
+        sha256=[manifest.shards[s].sha256 for s in train_shards],
+        sizes=[manifest.shards[s].bytes for s in train_shards],
+    )
+    total_steps = min(data.total_steps, job.train.max_steps or data.total_steps)
+    sae_cfg, train_cfg = engine_configs(job, manifest.d_model, total_steps)
+
+    memory = job.parallel.memory_per_worker_gib or psutil.virtual_memory().total / 2**30 / dims.world_size
+    plan = plan_memory(
+        sae_cfg.n_latents,
+        sae_cfg.d_in,
+        sae_cfg.k,
+        dims.world_size,
+        dims.tp,
+        job.train.batch_size,
+        ema=bool(train_cfg.ema_decay),
+        device_gib=memory,
+    )
+    print0("memory plan per worker:\n" + plan.table())
+    check_fits(plan)
+
+    # files only the driver and rank 0 write (metrics, wandb, debug rows): local even for a remote output_dir
+    runs = os.environ.get("SAESCALE_RUNS", "runs")
+    local_out = absolute(os.path.join(runs, job.run_id)) if storage.is_remote(out) else out
+    os.makedirs(local_out, exist_ok=True)
+    wandb = None
+    if job.wandb.active:
+        run_config = OmegaConf.to_container(cfg, resolve=True)
+        run_config["data"]["cache"] = storage.redact(job.data.cache)  # never a secret in wandb
+        tags = list(job.wandb.tags) + [
+            f"N={sae_cfg.n_latents}",
+            f"k={sae_cfg.k}",
+            f"model={manifest.model}",
+            f"hook={manifest.hook}.{manifest.layer}",
+            f"tp={dims.tp}",
+            f"dp={dims.dp}",
+        ]
+        wandb = {
+            "project": job.wandb.project,
+            "name": job.run_id,
+            "group": job.wandb.group,
+            "tags": tags,
+            "config": run_config,
+            "mode": job.wandb.mode,
+            "dir": local_out,
+            "run_id": job.run_id,
+        }
+    record = os.path.join(local_out, "rows") if job.debug.record_rows else None
+    if record:
+        os.makedirs(record, exist_ok=True)
+    fault = None
+    if job.fault.step is not None:
+        fault = {**vars(job.fault), "marker": os.path.join(local_out, ".fault-injected")}
+    worker_config = {
+        "sae": sae_cfg.to_dict(),
+        "train": train_cfg.to_dict(),
+        "tp": dims.tp,
+        "threads_per_worker": max(1, int(job.parallel.cpus_per_worker)),
+        "use_gpu": job.parallel.use_gpu,
+        "cache": {
+            "url": cache_url,
+            "options": cache.storage_options,
+            "dtype": manifest.dtype,
+            "init_shard": train_shards[0],
+        },
+        "data": vars(data),
+        "seed": job.train.seed,
+        "shuffle_buffer_rows": job.data.shuffle_buffer_rows,
+        "prefetch_batches": job.data.prefetch_batches,
+        "logging": {"jsonl": os.path.join(local_out, "metrics.jsonl"), "wandb": wandb},
+        "fault": fault,
+        "record_rows_dir": record,
+    }
+    # the Ray Train run name keys the checkpoints: another config never resumes this run's
+    spec = LaunchSpec(
+        planned_bytes=plan.total,
+        run_name=job.run_id,
+        storage_url=absolute(job.storage.url),
+        storage_options=storage.endpoint_options(job.storage.endpoint_url),
+        workers=dims.world_size,
+        tp=dims.tp,
+        cpus_per_worker=job.parallel.cpus_per_worker,
+        use_gpu=job.parallel.use_gpu,
+        max_failures=job.ray.max_failures,
+        worker_config=worker_config,
+    )
+    print0(
+        f"cache {storage.redact(job.data.cache)}: {manifest.n_rows} rows of {manifest.model} "
+        f"{manifest.hook}.{manifest.layer}; training on {len(train_shards)} shards ({rows} rows), "
+        f"{total_steps} steps of {job.train.batch_size} over dp={dims.dp} x tp={dims.tp} workers"
+    )
+    # output_dir shares storage.url's endpoint (the driver writes both)
+    options = storage.endpoint_options(job.storage.endpoint_url) if storage.is_remote(out) else None
+    return PreparedRun(spec, cache, manifest, sae_cfg, out, options)
+
+
+def export_and_evaluate(job: TrainJobConfig, run: PreparedRun, meta: dict[str, Any], sae_url: str) -> dict[str, Any]:
+    """The exports asked for (streamed from the gathered SAE, whatever its size), then, with
+    export.evaluate, the held-out NMSE (which loads the whole SAE into the driver's memory)."""
+    import torch
+
+    from saescale.formats.export import export_saelens, export_sparsify
+    from saescale.formats.saved import load_sae
+
+    out, options = run.output_dir, run.output_options
+    peer_meta = {k: v for k, v in meta.items() if k != "cache"}  # what the peer formats describe
+    if job.export.saelens:
+        export_saelens(sae_url, storage.join(out, "export", "saelens"), peer_meta, options)
+    if job.export.sparsify:
+        export_sparsify(sae_url, storage.join(out, "export", "sparsify"), options)
+    if not job.export.evaluate:
+        return {}
+    sae, _ = load_sae(sae_url, storage_options=options)
+    heldout = torch.cat([run.cache.read_shard(s) for s in range(job.data.holdout_shards)])[: job.data.heldout_tokens]
+    with torch.no_grad():
+        return {"heldout_nmse": nmse(sae(heldout), heldout)}
+
+
+def run_train(cfg: DictConfig) -> dict[str, Any]:
+    """The whole job; bad input exits 2 with one line, a failed run 1 (see `app.errors`)."""
+    from saescale.app.errors import USER_ERRORS
+
+    try:
+        job = typed(cfg)
+        run = prepare(cfg, job)
+    except USER_ERRORS as exc:
+        fail(exc)
+    print0(f"run {job.run_id} -> {storage.redact(run.output_dir)}")
+
+    import ray.train
+
+    from saescale.service.ray_local import ensure_ray
+    from saescale.service.ray_train import checkpoint_url, launch
+    from saescale.service.stream import corrupt_shard_line, find_cause, find_corrupt_shard, first_line, rebuild_hint
+    from saescale.train.checkpoint import CheckpointError, export_gathered
+
+    spec, manifest = run.spec, run.manifest
+    started = time.time()
+    ensure_ray(job.ray.address, num_cpus=int(spec.workers * spec.cpus_per_worker) + 2)
+    try:
+        result = launch(spec)
+    except ray.train.TrainingFailedError as exc:
+        corrupt = find_corrupt_shard(exc)
+        if corrupt is not None:  # bad input, not a crash: one line with the remedy, no restarts were spent
+            cache_url = spec.worker_config["cache"]["url"]
+            remedy = rebuild_hint(cache_url, manifest.build_config, job.data.endpoint_url)
+            fail(corrupt_shard_line(corrupt, cache_url, remedy))
+        refused = find_cause(exc, (CheckpointError,))
+        if refused is not None:  # resuming under another config: the user's to fix
+            fail(first_line(refused))
+        fail(f"training failed after {job.ray.max_failures} restart(s): {exc}", EXIT_FAILED)
+    final = dict(result.metrics or {})
+    ckpt = checkpoint_url(result, spec.storage_url)
+    sae_url = storage.join(run.output_dir, "sae")
+    meta = {
+        "model_name": manifest.model,
+        "hook_name": f"{manifest.hook}.{manifest.layer}",
+        "context_size": manifest.context_length,
+        "corpus": manifest.corpus,
+        "cache": storage.redact(job.data.cache),
+    }
+    export_gathered(ckpt, sae_url, meta, spec.storage_options)
+    tokens = final.get("tokens") or 0
+    sae_cfg = run.sae_cfg
+    # config_hash marks which config finished here: a sweep skips the run only when it matches
+    summary = {
+        "run_name": job.run_name,
+        "run_id": job.run_id,
+        "config_hash": config_hash(cfg),
+        "steps": final.get("step"),
+        "tokens": final.get("tokens"),
+        "n_latents": sae_cfg.n_latents,
+        "k": sae_cfg.k,
+        "dp": spec.workers // spec.tp,
+        "tp": spec.tp,
+        "model": manifest.model,
+        "hook": f"{manifest.hook}.{manifest.layer}",
+        "d_in": sae_cfg.d_in,
+        "compute": FLOPS_PER_TOKEN_DN * tokens * sae_cfg.d_in * sae_cfg.n_latents,
+        "tokens_to_convergence": final.get("tokens_to_convergence"),
+        "train_wall_s": round(time.time() - started, 1),
+        "dead_fraction": final.get("dead_fraction"),
+        "train_fvu": final.get("fvu"),
+        "data_wait_frac": final.get("data_wait_frac"),
+        "comm_bytes_per_step": final.get("comm_bytes_per_step"),
+        "time_split_s": {k: final.get(f"total_{k}_s") for k in ("data_wait", "compute", "comm")},
+        "startup_wait_s": final.get("startup_wait_s"),
+        "peak_rss_mb_rank0": final.get("peak_rss_mb_rank0"),
+        "planned_mb_per_rank": round(spec.planned_bytes / 2**20, 1),
+        "checkpoint": storage.redact(ckpt),
+    }
+    summary.update(export_and_evaluate(job, run, meta, sae_url))
+    storage.write_json_atomic(storage.join(run.output_dir, "result.json"), summary, run.output_options)
+    print0(json.dumps(summary))
+    return summary

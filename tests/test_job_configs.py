@@ -1,0 +1,93 @@
+"""The jobs' typed configs (Hydra structured configs in saescale.app.schema): one source for each
+default, key names checked while composing, values checked before Ray or a model starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from saescale.app.schema import SAESection, TrainSection, register_configs
+from saescale.core.config import ConfigError, SAEConfig, TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# where the job's defaults differ from the engine's, on purpose (see schema.py)
+JOB_DEFAULTS = {
+    "n_latents": 4096,
+    "k": 32,
+    "dead_tokens_threshold": 1_000_000,
+    "histogram_every": 100,
+    "checkpoint_every": 100,
+}
+
+
+def compose_job(name: str, *overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base=None):
+        return compose(name, overrides=list(overrides))
+
+
+@pytest.mark.parametrize("engine,section", [(SAEConfig, SAESection), (TrainConfig, TrainSection)])
+def test_job_sections_take_every_engine_default(engine, section):
+    ours = {f.name: f.default for f in dataclasses.fields(section)}
+    for f in dataclasses.fields(engine):
+        if f.name in ("d_in", "total_steps"):  # from the cache and the run length
+            assert f.name not in ours
+            continue
+        assert ours[f.name] == JOB_DEFAULTS.get(f.name, f.default), f.name
+
+
+@pytest.mark.parametrize("job", ["train", "cache", "eval"])
+def test_a_mistyped_key_is_refused_while_composing(job):
+    from hydra.errors import ConfigCompositionException
+
+    bad = {"train": "train.lrr=1", "cache": "layr=3", "eval": "probes.token=3"}[job]
+    with pytest.raises(ConfigCompositionException):
+        compose_job(job, bad, "run_name=x")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("wandb.mode=foo", "wandb.mode must be one of offline, online, disabled"),
+        ("parallel.workers=0", "parallel.workers must be > 0"),
+        ("train.batch_size=0", "train.batch_size must be > 0"),
+        ("data.shuffle_buffer_rows=-1", "data.shuffle_buffer_rows"),
+        ("ray.max_failures=-1", "ray.max_failures must be >= 0"),
+    ],
+)
+def test_bad_values_fail_in_the_dataclasses(override, message):
+    with pytest.raises(ConfigError, match=message):
+        OmegaConf.to_object(compose_job("train", override))
+
+
+def test_a_wrong_type_is_refused_while_composing():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose_job("train", "sae.k=many")
+
+
+def test_the_train_job_reports_bad_settings_and_a_missing_cache_in_one_line(tmp_path):
+    env = dict(os.environ, SAESCALE_RUNS=str(tmp_path))
+    for override, message in {
+        "wandb.mode=foo": "wandb.mode must be one of",
+        f"data.cache={tmp_path / 'none'}": "no manifest.json",
+    }.items():
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "jobs", "train.py"), override],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=ROOT,
+        )
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
