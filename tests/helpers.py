@@ -61,3 +61,34 @@ def ray_job_submit(cmd: list[str], tries: int = 4, **run_kwargs):
         if proc.returncode == 0 or "No available agent to submit job" not in proc.stdout + proc.stderr:
             return proc
     return proc
+
+
+def start_ray_head(env: dict[str, str], num_cpus: int = 2, timeout_s: float = 180) -> tuple[str, str]:
+    """`ray start --head` on loopback, every port free (the dashboard agent's too: another Ray on
+    the machine holds the default 52365), in env's RAY_TMPDIR; returns (GCS address, job server
+    URL). Stop it with `stop_ray_started_in(env["RAY_TMPDIR"])`, never `ray stop`."""
+    import subprocess
+    import sys
+
+    from saescale.net import free_port
+
+    gcs, dash = free_port(), free_port()
+    start = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "ray"),
+            "start",
+            "--head",
+            f"--num-cpus={num_cpus}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--port={gcs}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert start.returncode == 0, start.stderr[-2000:]
+    return f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"

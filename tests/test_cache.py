@@ -14,7 +14,6 @@ from saescale.data.reader import ActivationCache
 from saescale.lm.corpus import CorpusError
 from saescale.lm.hooks import HookError, run_to_hook
 from saescale.lm.models import ModelLoadError, load_causal_lm
-from saescale.net import free_port
 from saescale.storage import StorageError
 
 
@@ -238,7 +237,7 @@ def test_cache_job_through_ray_job_submit(tmp_path):
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from helpers import ray_job_submit, stop_ray_started_in
+    from helpers import ray_job_submit, start_ray_head, stop_ray_started_in
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bin_dir = os.path.dirname(sys.executable)
@@ -253,24 +252,7 @@ def test_cache_job_through_ray_job_submit(tmp_path):
     )
     for name in ("RAY_ADDRESS", "SAESCALE_RUNS"):  # the jobs' defaults stay relative, as for a new user
         env.pop(name, None)
-    address = f"http://127.0.0.1:{free_port()}"
-    start = subprocess.run(
-        [
-            os.path.join(bin_dir, "ray"),
-            "start",
-            "--head",
-            "--num-cpus=2",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={address.rsplit(':', 1)[1]}",
-            f"--port={free_port()}",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert start.returncode == 0, start.stderr[-2000:]
+    _, address = start_ray_head(env, num_cpus=2)
 
     def submit(job_id: str, *entrypoint: str) -> subprocess.CompletedProcess:
         return ray_job_submit(

@@ -12,9 +12,8 @@ import tempfile
 
 import pytest
 
-from helpers import stop_ray_started_in
+from helpers import start_ray_head, stop_ray_started_in
 from saescale.app.job_paths import JobPathError, check_job_paths, working_dir_package
-from saescale.net import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -65,29 +64,6 @@ def _ray_env(ray_tmp: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def _start_head(env: dict[str, str], num_cpus: int = 2) -> tuple[str, str]:
-    """`ray start --head` on free ports; (its GCS address, its job server URL)."""
-    gcs, dash = free_port(), free_port()
-    start = subprocess.run(
-        [
-            os.path.join(BIN, "ray"),
-            "start",
-            "--head",
-            f"--num-cpus={num_cpus}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            f"--port={gcs}",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert start.returncode == 0, start.stderr[-2000:]
-    return f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
-
-
 @pytest.mark.slow
 def test_embedded_ray_beside_a_running_head_with_a_quiet_console(tmp_path, small_cache):
     """The README's `ray start --head` is running (its address in Ray's current-cluster file), and
@@ -97,7 +73,7 @@ def test_embedded_ray_beside_a_running_head_with_a_quiet_console(tmp_path, small
     mid-run still shows its error lines, and Ray's log files keep everything."""
     ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # Ray's socket paths must stay short
     env = _ray_env(ray_tmp, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline", RAY_DEDUP_LOGS="0")
-    head_gcs, _ = _start_head(env)
+    head_gcs, _ = start_ray_head(env)
     try:
         with open(os.path.join(ray_tmp, "ray", "ray_current_cluster")) as current:
             assert head_gcs.split(":")[1] in current.read()  # where a bare ray.init() would go

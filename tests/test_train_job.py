@@ -21,10 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import ray_job_submit, stop_ray_started_in
+from helpers import ray_job_submit, start_ray_head, stop_ray_started_in
 from saescale.data.format import POS_STRIDE
 from saescale.formats.saved import load_sae
-from saescale.net import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -211,28 +210,9 @@ def ray_head(env: dict[str, str], num_cpus: int = 4):
         PATH=f"{BIN}:{os.environ['PATH']}",
     )
     env.pop("RAY_ADDRESS", None)
-    dash = free_port()
-    start = subprocess.run(
-        [
-            os.path.join(BIN, "ray"),
-            "start",
-            "--head",
-            f"--num-cpus={num_cpus}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            f"--port={free_port()}",
-            # not the default 52365: another Ray on this machine would hold it
-            f"--dashboard-agent-listen-port={free_port()}",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert start.returncode == 0, start.stderr[-2000:]
+    _, dashboard = start_ray_head(env, num_cpus)
     try:
-        yield f"http://127.0.0.1:{dash}"
+        yield dashboard
     finally:
         stop_ray_started_in(ray_tmp)  # not `ray stop`: it would stop every Ray on the machine
 
