@@ -11,6 +11,7 @@ blocked in a collective). Plain torch.distributed with gloo; the Ray Train worke
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -96,7 +97,8 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("dp,tp", [(1, 1), (1, 4), (2, 1)])
 def test_tp2_checkpoint_resumes_at_another_layout_exactly(reference, tmp_path, dp, tp):
     ckpt, ref = reference
-    got = _run(dp, tp, ckpt, str(tmp_path / "out"), SAVED_AT)
+    ckpt = shutil.copytree(ckpt, tmp_path / "ckpt")  # the resumed run writes its own checkpoints
+    got = _run(dp, tp, str(ckpt), str(tmp_path / "out"), SAVED_AT)
     torch.testing.assert_close(got["losses"], ref["losses"][SAVED_AT:], rtol=2e-4, atol=1e-6)
     assert int(got["tokens"][0]) == int(ref["tokens"][0]) == STEPS * BATCH
     for name in ("W_enc", "b_enc", "W_dec", "b_pre", "ema.W_enc", "ema.W_dec", "ema.b_pre"):
@@ -130,12 +132,20 @@ def _agreement_worker(rank: int, dp: int, tp: int, port: int, out_dir: str, bad_
                 if rank == bad_rank and step == 3:
                     if kind == "nan":
                         share[0, 0] = float("nan")
-                    else:  # finite input whose loss overflows float32
+                    elif kind == "overflow":  # finite input whose loss overflows float32
                         share.mul_(1e30)
+                    elif kind == "read":  # the data source fails on this rank only
+                        raise OSError("shard read failed on purpose")
                 yield share
 
+        # the checkpoint kind: this rank cannot write its shard of the step-3 checkpoint
+        root = os.path.join(out_dir, "ckpt")
+        if kind == "ckpt" and rank == bad_rank:
+            open(os.path.join(out_dir, "not-a-dir"), "w").close()
+            root = os.path.join(out_dir, "not-a-dir", "ckpt")
+        train_cfg.checkpoint_every = 3
         try:
-            trainer.fit(local(), STEPS)
+            trainer.fit(local(), STEPS, StorageCheckpointer(root))
             message = f"finished at step {trainer.step}"
         except Exception as exc:  # noqa: BLE001 - the test reads what each rank raised
             message = f"{type(exc).__name__} at step {trainer.step}: {exc}"
@@ -152,11 +162,19 @@ def _agreement_worker(rank: int, dp: int, tp: int, port: int, out_dir: str, bad_
         (2, 1, 1, "nan", "rank 1: batch at step 3 contain NaN or inf"),
         (1, 2, 0, "nan", "rank 0: batch at step 3 contain NaN or inf"),
         (2, 1, 1, "overflow", "rank 1: loss became inf at step 3"),
+        (2, 1, 0, "read", "rank 0: shard read failed on purpose"),
+        (1, 2, 1, "ckpt", "rank 1: storage operation on"),
     ],
 )
 def test_a_bad_rank_stops_every_rank_with_its_error(tmp_path, dp, tp, bad_rank, kind, match):
     mp.spawn(_agreement_worker, args=(dp, tp, free_port(), str(tmp_path), bad_rank, kind), nprocs=dp * tp)
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(dp * tp)]
-    for message in messages:
-        assert message.startswith("RankError at step 3:"), messages
-        assert match in message, messages
+    own = {"nan": "NonFiniteInputError", "overflow": "FloatingPointError", "read": "OSError", "ckpt": "StorageError"}[
+        kind
+    ]
+    for rank, message in enumerate(messages):
+        expected = f"{own} at step 3:" if rank == bad_rank else "RankError at step 3:"
+        assert message.startswith(expected), messages
+        assert match.split(": ", 1)[1] in message, messages
+        if rank != bad_rank:
+            assert match in message, messages

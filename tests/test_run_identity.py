@@ -39,6 +39,9 @@ def compose_train(*overrides: str, hydra: bool = False):
         "data.cache=/elsewhere/cache",
         "data.shuffle_buffer_rows=0",
         "data.holdout_shards=2",
+        "parallel.workers=4",
+        "parallel.tp=1",
+        "parallel.use_gpu=true",
     ],
 )
 def test_a_setting_of_the_trained_sae_changes_the_identity(override):
@@ -60,9 +63,6 @@ def test_a_setting_of_the_trained_sae_changes_the_identity(override):
         "ray.address=auto",
         "ray.max_failures=0",
         "parallel.memory_per_worker_gib=8",
-        "parallel.workers=4",
-        "parallel.tp=1",
-        "parallel.use_gpu=true",
         "parallel.cpus_per_worker=2",
         "data.heldout_tokens=16",
         "data.prefetch_batches=1",

@@ -38,9 +38,16 @@ def endpoint_options(endpoint_url: str | None) -> dict[str, Any] | None:
     return {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else None
 
 
+def local_path(url: str) -> str | None:
+    """The local path `url` names (a plain path or a file:// URL), or None for any other URL
+    (s3://, gs://, ...)."""
+    path = url[len("file://") :] if url.startswith("file://") else url
+    return None if "://" in path or not path else path
+
+
 def is_remote(url: str) -> bool:
     """Whether `url` names object storage or another fsspec protocol rather than a local path."""
-    return "://" in url and not url.startswith("file://")
+    return local_path(url) is None
 
 
 _URL_CREDENTIALS = re.compile(r"(\w+://)[^/\s@]+@")  # the user:password@ part of any URL

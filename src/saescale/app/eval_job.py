@@ -10,7 +10,6 @@ output_dir, and logs the scalars to wandb. The held-out rows are the cache's fir
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import torch
@@ -129,7 +128,7 @@ def plot_density(density_log10: list[float], path: str) -> None:
         title=f"{int((values <= -10).sum())} latents never fired",
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # path may be a temp name without the extension
     plt.close(fig)
 
 
@@ -147,7 +146,10 @@ def run_eval(raw: DictConfig) -> dict:
     if manifest.d_model != sae.cfg.d_in:
         fail(f"the SAE has d_in={sae.cfg.d_in} but the cache has d_model={manifest.d_model}")
     shards = list(range(cfg.data.holdout_shards))
-    acts = torch.cat([cache.read_shard(s) for s in shards])[: cfg.data.heldout_tokens]
+    try:
+        acts = torch.cat([cache.read_shard(s) for s in shards])[: cfg.data.heldout_tokens]
+    except USER_ERRORS as exc:  # a damaged held-out shard or unreachable storage
+        fail(exc)
     recon = reconstruction_metrics(sae, acts)
     print0(
         f"reconstruction on {recon.tokens} held-out tokens: NMSE {recon.nmse:.4f}, L0 {recon.l0:.1f}, "
@@ -202,10 +204,11 @@ def run_eval(raw: DictConfig) -> dict:
             f"(1/(V*T) = {1 / (len(lm.tokenizer) * a['horizon']):.3g})"
         )
     out = cfg.output_dir
-    os.makedirs(out, exist_ok=True) if "://" not in out else None
-    storage.write_json_atomic(storage.join(out, "results.json"), result, options if "://" in out else None)
-    if "://" not in out:
-        plot_density(recon.density_log10, os.path.join(out, "latent_density.png"))
+    out_options = options if storage.is_remote(out) else None
+    storage.write_json_atomic(storage.join(out, "results.json"), result, out_options)
+    storage.write_file_atomic(
+        storage.join(out, "latent_density.png"), lambda p: plot_density(recon.density_log10, p), out_options
+    )
     if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
         from saescale.train.loggers import WandbLogger
 
@@ -226,7 +229,7 @@ def run_eval(raw: DictConfig) -> dict:
             ["eval"],
             OmegaConf.to_container(raw, resolve=True) | {"sae": storage.redact(cfg.sae)},
             cfg.wandb.mode,
-            out if "://" not in out else None,
+            storage.local_path(out),
         )
         logger.log(scalars, 0)
         logger.log_histogram("eval/latent_density_log10", torch.tensor(recon.density_log10), 0)

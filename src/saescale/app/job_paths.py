@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 
+from saescale import storage
+
 # the job supervisor passes the job's runtime_env to the entrypoint in this variable
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 _PACKAGE_DIRS = ("runtime_resources", "working_dir_files")
@@ -53,10 +55,15 @@ def _session_dir(package: str) -> str:
     return package
 
 
-def _local_path(url: str) -> str | None:
-    """The local path `url` names, or None for any other URL (s3://, gs://, ...)."""
-    path = url[len("file://") :] if url.startswith("file://") else url
-    return None if "://" in path or not path else path
+def local_side_dir(*parts: str) -> str:
+    """An absolute local folder for a run's side files (metrics, offline wandb, Hydra's own
+    files) when its output_dir is remote: under $SAESCALE_RUNS (default `runs`), except that a
+    relative one inside Ray's working-dir copy would be lost with it, so there it is
+    ~/.cache/saescale/runs instead."""
+    base = os.environ.get("SAESCALE_RUNS", "runs")
+    if not os.path.isabs(base) and working_dir_package() is not None:
+        base = os.path.join(os.path.expanduser("~"), ".cache", "saescale", "runs")
+    return os.path.abspath(os.path.join(base, *parts))
 
 
 def check_job_paths(
@@ -75,7 +82,7 @@ def check_job_paths(
     session = _session_dir(package)
     relative, inside = [], []
     for name, url in named.items():
-        path = _local_path(str(url or ""))
+        path = storage.local_path(str(url or ""))
         if path is None:
             continue
         if not os.path.isabs(path):

@@ -5,7 +5,7 @@ Output folders, Ray Train checkpoints and the sweep's skip-finished rule are key
 trained SAE (say train.lr, which the readable name does not show) never share a folder or a
 checkpoint, while rerunning the same command finds its own run again. Settings that do not change
 the SAE (logging cadence, wandb, exports, paths, endpoints, memory hints, fault/debug hooks)
-are left out, and so is the cluster layout (parallel.*): changing them still resumes the same run.
+are left out: changing them still resumes the same run.
 
 No Ray here: the job, the Hydra launcher and the sweep scheduler all import this.
 """
@@ -23,14 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 from saescale import storage
 
 # the config sections whose values define the trained SAE (the model is named by data.cache).
-# Not `parallel`: the cluster layout does not define the result (tensor parallelism is exact,
-# data parallelism averages the same global batch) and checkpoints reshard, so the same command
-# on another number of workers or another tp resumes the same run.
-IDENTITY_SECTIONS = ("sae", "train", "data")
+# `parallel` too: the worker count decides how the rows are split over the ranks, and the device
+# decides AuxK's precision. Moving a run to another layout is deliberate: pass its run_id (the
+# checkpoint reshards).
+IDENTITY_SECTIONS = ("sae", "train", "data", "parallel")
 # keys of those sections that do not change the trained SAE
 NOT_IDENTITY = {
     "train": ("log_every", "histogram_every", "checkpoint_every"),
     "data": ("endpoint_url", "heldout_tokens", "prefetch_batches"),
+    "parallel": ("cpus_per_worker", "memory_per_worker_gib"),
 }
 HASH_CHARS = 8
 
@@ -65,10 +66,14 @@ def config_hash(cfg: Mapping[str, Any]) -> str:
 
 def local_run_dir(output_dir: str, run_id: str) -> str:
     """Where Hydra keeps a run's own files: `<output_dir>/hydra` when output_dir is local, else a
-    local `$SAESCALE_RUNS/hydra/<run_id>` (Hydra writes with plain os calls, not fsspec)."""
-    if "://" not in output_dir:
-        return os.path.join(output_dir, "hydra")
-    return os.path.join(os.environ.get("SAESCALE_RUNS", "runs"), "hydra", run_id)
+    local `$SAESCALE_RUNS/hydra/<run_id>` (Hydra writes with plain os calls, not fsspec; see
+    `job_paths.local_side_dir`)."""
+    from saescale.app.job_paths import local_side_dir
+
+    local = storage.local_path(output_dir)
+    if local is not None:
+        return os.path.join(local, "hydra")
+    return local_side_dir("hydra", run_id)
 
 
 def _hash_of_root(*, _root_: DictConfig) -> str:

@@ -193,13 +193,13 @@ class DebugSection:
 @dataclass
 class TrainJobConfig:
     """python jobs/train.py: train an SAE on Ray. A run's identity is run_id = <run_name>-<hash>;
-    the hash (`service.run_identity`) covers the settings that define the trained SAE (sae.*,
-    train.*, the cache and how it is streamed), not the cluster layout (parallel.*: checkpoints
-    reshard), logging, wandb, exports, paths or endpoints. Output and checkpoints are keyed by
+    the hash (`app.run_identity`) covers the settings that define the trained SAE (sae.*,
+    train.*, the cache and how it is streamed, parallel.workers/tp/use_gpu), not logging, wandb,
+    exports, paths or endpoints. Output and checkpoints are keyed by
     run_id, so runs that differ in any such setting (an lr sweep) never share a folder, and
     rerunning the same command resumes or skips the same run. run_name is only the readable
     part; setting run_id yourself drops the hash (its uniqueness is then yours), e.g. to continue
-    a run with a larger train.max_steps."""
+    a run with a larger train.max_steps, or on another cluster size (the checkpoint reshards)."""
 
     run_name: str = "resid8-n${sae.n_latents}-k${sae.k}"
     run_id: str = "${run_name}-${saescale.config_hash:}"

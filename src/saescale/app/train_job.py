@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from saescale import storage
 from saescale.app.errors import EXIT_FAILED, fail
-from saescale.app.job_paths import check_job_paths
+from saescale.app.job_paths import check_job_paths, local_side_dir
 from saescale.app.run_identity import config_hash
 from saescale.app.schema import TrainJobConfig
 from saescale.console import print0
 from saescale.core.config import ConfigError, SAEConfig, TrainConfig
+from saescale.data.format import CorruptShardError
 from saescale.data.manifest import Manifest
 from saescale.data.reader import ActivationCache
 from saescale.distributed.mesh import ParallelDims
@@ -116,14 +118,16 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     print0("memory plan per worker:\n" + plan.table())
     check_fits(plan)
 
-    # files only the driver and rank 0 write (metrics, wandb, debug rows): local even for a remote output_dir
-    runs = os.environ.get("SAESCALE_RUNS", "runs")
-    local_out = absolute(os.path.join(runs, job.run_id)) if storage.is_remote(out) else out
+    # files only the driver and rank 0 write (metrics, wandb, debug rows): local even for a remote
+    # output_dir (metrics.jsonl is copied there at the end)
+    local_out = storage.local_path(out) or local_side_dir(job.run_id)
     os.makedirs(local_out, exist_ok=True)
+    if storage.is_remote(out):
+        print0(f"metrics, offline wandb and Hydra files of this run: {local_out}")
     wandb = None
     if job.wandb.active:
         run_config = OmegaConf.to_container(cfg, resolve=True)
-        run_config["data"]["cache"] = storage.redact(job.data.cache)  # never a secret in wandb
+        run_config = json.loads(storage.redact(json.dumps(run_config)))  # no URL credentials in wandb
         tags = list(job.wandb.tags) + [
             f"N={sae_cfg.n_latents}",
             f"k={sae_cfg.k}",
@@ -224,28 +228,25 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         fail(exc)
     print0(f"run {job.run_id} -> {storage.redact(run.output_dir)}")
 
-    import ray.train
-
     from saescale.service.ray_local import ensure_ray
-    from saescale.service.ray_train import checkpoint_url, launch
-    from saescale.service.stream import corrupt_shard_line, find_cause, find_corrupt_shard, first_line, rebuild_hint
-    from saescale.train.checkpoint import CheckpointError, export_gathered
+    from saescale.service.ray_train import RunFailed, checkpoint_url, launch
+    from saescale.service.stream import corrupt_shard_line, first_line, rebuild_hint
+    from saescale.train.checkpoint import export_gathered
 
     spec, manifest = run.spec, run.manifest
     started = time.time()
     ensure_ray(job.ray.address, num_cpus=int(spec.workers * spec.cpus_per_worker) + 2)
     try:
         result = launch(spec)
-    except ray.train.TrainingFailedError as exc:
-        corrupt = find_corrupt_shard(exc)
-        if corrupt is not None:  # bad input, not a crash: one line with the remedy, no restarts were spent
+    except RunFailed as failed:
+        cause = failed.cause
+        if isinstance(cause, CorruptShardError):  # bad input, not a crash: the remedy, no restarts spent
             cache_url = spec.worker_config["cache"]["url"]
             remedy = rebuild_hint(cache_url, manifest.build_config, job.data.endpoint_url)
-            fail(corrupt_shard_line(corrupt, cache_url, remedy))
-        refused = find_cause(exc, (CheckpointError,))
-        if refused is not None:  # resuming under another config: the user's to fix
-            fail(first_line(refused))
-        fail(f"training failed after {job.ray.max_failures} restart(s): {exc}", EXIT_FAILED)
+            fail(corrupt_shard_line(cause, cache_url, remedy))
+        if cause is not None:  # a refused resume, a bad batch or loss: the user's to fix
+            fail(first_line(cause))
+        fail(f"training failed after {job.ray.max_failures} restart(s): {failed}", EXIT_FAILED)
     final = dict(result.metrics or {})
     ckpt = checkpoint_url(result, spec.storage_url)
     sae_url = storage.join(run.output_dir, "sae")
@@ -256,7 +257,10 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         "corpus": manifest.corpus,
         "cache": storage.redact(job.data.cache),
     }
-    export_gathered(ckpt, sae_url, meta, spec.storage_options)
+    try:  # the storage may have gone away, or a held-out shard be damaged: one line, not a traceback
+        export_gathered(ckpt, sae_url, meta, spec.storage_options)
+    except USER_ERRORS as exc:
+        fail(exc)
     tokens = final.get("tokens") or 0
     sae_cfg = run.sae_cfg
     # config_hash marks which config finished here: a sweep skips the run only when it matches
@@ -286,7 +290,15 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         "planned_mb_per_rank": round(spec.planned_bytes / 2**20, 1),
         "checkpoint": storage.redact(ckpt),
     }
-    summary.update(export_and_evaluate(job, run, meta, sae_url))
+    try:
+        summary.update(export_and_evaluate(job, run, meta, sae_url))
+    except USER_ERRORS as exc:
+        fail(exc)
+    metrics = spec.worker_config["logging"]["jsonl"]
+    if storage.is_remote(run.output_dir) and os.path.exists(metrics):  # the remote output holds them too
+        storage.write_file_atomic(
+            storage.join(run.output_dir, "metrics.jsonl"), lambda p: shutil.copyfile(metrics, p), run.output_options
+        )
     storage.write_json_atomic(storage.join(run.output_dir, "result.json"), summary, run.output_options)
     print0(json.dumps(summary))
     return summary

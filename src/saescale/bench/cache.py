@@ -119,7 +119,7 @@ def bench_cache(
         try:
             import s3fs
 
-            options = {"client_kwargs": {"endpoint_url": s3_endpoint}, "skip_instance_cache": True}
+            options = {**storage.endpoint_options(s3_endpoint), "skip_instance_cache": True}
             s3fs.S3FileSystem(**options).mkdir("saescale-bench")
             write_synthetic_cache("s3://saescale-bench/synthetic", d_model, shards, rows_per_shard, options)
             result["reader_s3"] = measure_reader("s3://saescale-bench/synthetic", batch_size, options)

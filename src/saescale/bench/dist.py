@@ -23,9 +23,9 @@ MB = 2**20
 
 
 def _setup(d_in: int, n_latents: int, k: int, batch: int, seed: int = 0):
-    from saescale.core.config import NEVER, SAEConfig, TrainConfig
+    from saescale.core.config import NEVER, NEVER_DEAD, SAEConfig, TrainConfig
 
-    sae_cfg = SAEConfig(d_in=d_in, n_latents=n_latents, k=k, normalization="none", dead_tokens_threshold=10**12)
+    sae_cfg = SAEConfig(d_in=d_in, n_latents=n_latents, k=k, normalization="none", dead_tokens_threshold=NEVER_DEAD)
     train_cfg = TrainConfig(log_every=NEVER, histogram_every=NEVER, seed=seed)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, d_in, generator=g)

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from saescale.core.config import SAEConfig, TrainConfig
+from saescale.core.config import NEVER_DEAD, SAEConfig, TrainConfig
 from saescale.core.model import TopKSAE
 from saescale.core.reference import dense_losses
 from saescale.train.dead_latents import DeadLatentTracker
@@ -54,7 +54,7 @@ def run(spec: dict) -> dict:
     sae, x, dead = build(spec)
     cfg = sae.cfg
     kind = spec["kind"]
-    threshold = 10**12
+    threshold = NEVER_DEAD  # the dead set is planted by hand each step below, never by the tracker
     if kind == "step":
         tracker = DeadLatentTracker(cfg.n_latents, threshold)
         step = SparseTopKStep(sae, mse_scale=1.0, tracker=tracker)

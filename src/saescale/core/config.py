@@ -20,6 +20,7 @@ class ConfigError(ValueError):
 
 
 NEVER = 10**9  # an interval in steps that no run reaches: `log_every=NEVER` never logs
+NEVER_DEAD = 10**12  # a dead_tokens_threshold no run reaches: no latent is ever dead (benchmarks)
 
 
 def default_k_aux(d_in: int) -> int:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+RUNTIME_SLACK_BYTES = 64 * 2**20  # allocator and runtime overhead beside the planned tensors
+
 GiB = 2**30
 
 
@@ -91,7 +93,7 @@ def plan_memory(
     weights = (2 * n_local * d_model + n_local + d_model) * 4
     preact = (rows // micro_batches) * n_local * 4
     micro = rows // micro_batches
-    buffers = 2 * rows * d_model * 4 + 6 * micro * d_model * 4 + micro * tp * k * 12 + 64 * 2**20
+    buffers = 2 * rows * d_model * 4 + 6 * micro * d_model * 4 + micro * tp * k * 12 + RUNTIME_SLACK_BYTES
     total = 4 * weights + (weights if ema else 0) + preact + buffers
     device = int(device_gib * GiB)
     return MemoryPlan(

@@ -15,6 +15,8 @@ import torch
 
 from saescale.lm.embedded import EMBEDDED_MODEL, smollm2_gguf_path
 
+FINGERPRINT_BYTES = 2**20  # a GGUF is identified by its size and its first and last MiB
+
 
 class ModelLoadError(RuntimeError):
     """The model could not be found or loaded; the message says which and why."""
@@ -37,9 +39,9 @@ def _gguf_cache_path(gguf_path: str, cache_dir: str) -> str:
     size = os.path.getsize(gguf_path)
     digest = hashlib.sha256(str(size).encode())
     with open(gguf_path, "rb") as handle:
-        digest.update(handle.read(2**20))
-        handle.seek(max(0, size - 2**20))
-        digest.update(handle.read(2**20))
+        digest.update(handle.read(FINGERPRINT_BYTES))
+        handle.seek(max(0, size - FINGERPRINT_BYTES))
+        digest.update(handle.read(FINGERPRINT_BYTES))
     base = os.path.splitext(os.path.basename(gguf_path))[0]
     return os.path.join(cache_dir, "models", f"{base}-{digest.hexdigest()[:16]}")
 

@@ -31,12 +31,14 @@ import torch
 
 from saescale.console import print0
 from saescale.core.config import SAEConfig, TrainConfig
+from saescale.data.format import CorruptShardError
 from saescale.data.reader import ActivationCache
 from saescale.distributed.mesh import ParallelDims
 from saescale.service.stream import (
     DataPlan,
     arrow_filesystem,
     cache_remedy,
+    find_cause,
     make_collate,
     make_datasets,
     stop_on_corrupt_shard,
@@ -250,8 +252,19 @@ class LaunchSpec:
     planned_bytes: int = 0  # the memory planner's per-worker total, for the report
 
 
+class RunFailed(RuntimeError):
+    """The Ray Train run failed after its restarts. `cause` is the error behind it when it is
+    the user's to fix (a corrupt shard, a refused resume, a bad batch or non-finite loss), else
+    None (a crash)."""
+
+    def __init__(self, message: str, cause: BaseException | None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
 def launch(spec: LaunchSpec):
-    """Run the TorchTrainer to completion; returns Ray's Result (its checkpoint is the last one)."""
+    """Run the TorchTrainer to completion; returns Ray's Result (its checkpoint is the last one).
+    Raises `RunFailed` when the run fails."""
     import ray.data
     import ray.train
     from ray.data import ExecutionOptions
@@ -289,7 +302,11 @@ def launch(spec: LaunchSpec):
             execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        # a corrupt shard first: its message carries the remedy (peers only echo it)
+        raise RunFailed(str(exc), find_cause(exc, (CorruptShardError,)) or find_cause(exc)) from exc
 
 
 def checkpoint_url(result, storage_url: str) -> str:

@@ -28,6 +28,7 @@ import torch
 
 from saescale.data.format import POS_STRIDE, CorruptShardError
 from saescale.train.checkpoint import CheckpointError
+from saescale.train.trainer import RankError
 
 ACT_COLUMN = "act"
 ROW_ID_COLUMNS = ["window", "pos"]
@@ -251,9 +252,9 @@ def make_datasets(plan: DataPlan, filesystem, with_ids: bool, cache_url: str, re
     return {"train": epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]}
 
 
-# input errors that a worker-group restart cannot fix: it would read the same bytes or the same
-# checkpoint again
-NOT_RETRIED: tuple[type[BaseException], ...] = (CorruptShardError, CheckpointError)
+# errors that a worker-group restart cannot fix: it would read the same bytes or the same
+# checkpoint again, or meet the same bad batch or non-finite loss (the run is deterministic)
+NOT_RETRIED: tuple[type[BaseException], ...] = (CorruptShardError, CheckpointError, RankError)
 
 
 def find_cause(

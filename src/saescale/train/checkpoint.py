@@ -85,6 +85,8 @@ class Trainer(Protocol):
 
     def load_snapshot(self, snap: TrainerSnapshot) -> int: ...
 
+    def agree(self, has_batch: bool, error: Exception | None) -> bool: ...
+
 
 def shard_name(tp_rank: int, tp: int) -> str:
     return f"tp{tp_rank:05d}-of-{tp:05d}"
@@ -250,9 +252,13 @@ class StorageCheckpointer:
 
     def save(self, trainer: Trainer, final: bool = False) -> str:
         folder = storage.join(self.root, step_dir(trainer.step))
-        write_rank_files(folder, trainer, self.storage_options)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()  # every rank's files exist before rank 0 completes the folder
+        try:
+            write_rank_files(folder, trainer, self.storage_options)
+            error = None
+        except Exception as exc:  # noqa: BLE001 - one rank's failed write must stop every rank
+            error = exc
+        # every rank's files exist before rank 0 completes the folder (raises on all ranks if not)
+        trainer.agree(True, error)
         write_meta(folder, trainer, self.extra(trainer) if self.extra else None, self.storage_options)
         if _is_rank0(trainer):
             previous = latest_step(self.root, self.storage_options)

@@ -155,10 +155,11 @@ class Trainer:
     def _distributed(self) -> bool:
         return dist.is_initialized() and dist.get_world_size() > 1
 
-    def _agree(self, has_batch: bool, error: Exception | None) -> bool:
-        """Whether every rank has a batch; raises `RankError` on every rank when any rank
-        reports an error (one all-reduce of two ints; the message is broadcast only then).
-        In a single process the error itself is raised."""
+    def agree(self, has_batch: bool, error: Exception | None) -> bool:
+        """Whether every rank has a batch. When any rank reports an error, every rank raises:
+        that rank its own error, the others `RankError` with its message (one all-reduce of two
+        ints per call; the message is broadcast only then). In a single process the error itself
+        is raised."""
         if not self._distributed():
             if error is not None:
                 raise error
@@ -171,8 +172,10 @@ class Trainer:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         missing, bad = (int(v) for v in flags.tolist())
         if bad:
-            message = [str(error)]
+            message = [str(error).split("\n", 1)[0]]
             dist.broadcast_object_list(message, src=bad - 1, device=self.device)
+            if error is not None and bad - 1 == rank:
+                raise error
             raise RankError(f"rank {bad - 1}: {message[0]}")
         return missing == 0
 
@@ -203,7 +206,7 @@ class Trainer:
                 f"loss became {stats.loss.item()} at step {self.step}; lower train.lr or enable train.clip_grad_norm"
             )
         if self.dp is not None:  # TP ranks share one loss; replicas must agree before averaging
-            self._agree(True, error)
+            self.agree(True, error)
         elif error is not None:
             raise error
         if self.dp is not None:
@@ -287,9 +290,12 @@ class Trainer:
         try:
             while max_steps is None or self.step < max_steps:
                 t0 = time.perf_counter()
-                batch = next(iterator, None)
+                try:
+                    batch, error = next(iterator, None), None
+                except Exception as exc:  # noqa: BLE001 - a failed read must stop every rank, not hang them
+                    batch, error = None, exc
                 t1 = time.perf_counter()
-                if not self._agree(batch is not None, self._batch_error(batch)):
+                if not self.agree(batch is not None, error or self._batch_error(batch)):
                     if self._distributed():
                         print0(f"data ended at step {self.step}; stopping every rank there")
                     break
