@@ -91,3 +91,26 @@ def test_the_train_job_reports_bad_settings_and_a_missing_cache_in_one_line(tmp_
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
+
+
+def test_side_files_of_a_remote_run_stay_out_of_rays_working_dir_copy(tmp_path, monkeypatch):
+    """metrics, offline wandb and Hydra's files of a run whose output_dir is remote: under
+    $SAESCALE_RUNS, but never inside Ray's temporary working-dir copy (it is deleted)."""
+    from saescale.app.job_paths import local_side_dir
+    from saescale.app.run_identity import local_run_dir
+
+    package = tmp_path / "ray" / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    package.mkdir(parents=True)
+    monkeypatch.delenv("SAESCALE_RUNS", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(package)
+    assert local_side_dir("run1") == str(tmp_path / "home" / ".cache" / "saescale" / "runs" / "run1")
+    assert local_run_dir("s3://b/out", "run1").startswith(str(tmp_path / "home"))
+    monkeypatch.setenv("SAESCALE_RUNS", "/srv/runs")  # an absolute choice is kept
+    assert local_side_dir("run1") == "/srv/runs/run1"
+    monkeypatch.chdir(tmp_path)  # outside a package: relative to where the job runs, as before
+    monkeypatch.setenv("SAESCALE_RUNS", "runs")
+    assert local_side_dir("run1") == str(tmp_path / "runs" / "run1")
+    # a file:// output_dir is local: Hydra's files go beside it, never into a folder named "file:"
+    assert local_run_dir(f"file://{tmp_path}/out", "run1") == f"{tmp_path}/out/hydra"
