@@ -70,7 +70,7 @@ def run(spec: dict) -> dict:
 
         def floor() -> None:
             # the same GEMM + top-k, into the step's own pre-activation buffer (no extra memory)
-            pre = step._pre_buffer(x.shape[0])
+            pre = step.pre_buffer(x.shape[0])
             torch.addmm(sae.b_enc.detach(), x - sae.b_pre.detach(), sae.W_enc.detach().t(), out=pre)
             pre.topk(cfg.k, dim=1, sorted=False)
 

@@ -104,7 +104,8 @@ class SparseTopKStep:
         self.aux_dtype = resolve_aux_dtype(self.cfg.aux_precision, sae.W_enc.device)
         self.last_aux_path = "none"  # which AuxK implementation the last step used
 
-    def _pre_buffer(self, batch: int) -> Tensor:
+    def pre_buffer(self, batch: int) -> Tensor:
+        """The reused [batch, n_latents] pre-activation buffer (the benchmark's floor uses it too)."""
         n = self.cfg.n_latents
         if self._pre is None or self._pre.shape[0] != batch:
             self._pre = None  # free the old buffer before allocating a new one
@@ -121,7 +122,7 @@ class SparseTopKStep:
 
         # ---- encoder: the floor (one GEMM + top-k) ------------------------------------
         xc = x - b_pre
-        pre = torch.addmm(b_enc, xc, W_enc.t(), out=self._pre_buffer(batch))
+        pre = torch.addmm(b_enc, xc, W_enc.t(), out=self.pre_buffer(batch))
         width = cfg.multi_k if cfg.multi_topk else cfg.k
         raw_vals, idx = pre.topk(min(width, n), dim=1, sorted=False)
         owned = None
