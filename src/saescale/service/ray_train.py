@@ -31,14 +31,13 @@ import torch
 
 from saescale.console import print0
 from saescale.core.config import SAEConfig, TrainConfig
-from saescale.data.format import CorruptShardError
 from saescale.data.reader import ActivationCache
 from saescale.distributed.mesh import ParallelDims
 from saescale.service.stream import (
     DataPlan,
     arrow_filesystem,
     cache_remedy,
-    find_cause,
+    first_cause,
     make_collate,
     make_datasets,
     stop_on_corrupt_shard,
@@ -306,7 +305,7 @@ def launch(spec: LaunchSpec):
         return trainer.fit()
     except ray.train.TrainingFailedError as exc:
         # a corrupt shard first: its message carries the remedy (peers only echo it)
-        raise RunFailed(str(exc), find_cause(exc, (CorruptShardError,)) or find_cause(exc)) from exc
+        raise RunFailed(str(exc), first_cause([exc])) from exc
 
 
 def checkpoint_url(result, storage_url: str) -> str:

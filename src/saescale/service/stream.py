@@ -281,6 +281,18 @@ def find_cause(
     return None
 
 
+def first_cause(errors: list[BaseException]) -> BaseException | None:
+    """The not-retried error behind any of several ranks' errors; a corrupt shard first (every
+    rank reading the stream may fail on it, the peers of the rank that reported it only echo it
+    as a RankError, and its message carries the remedy)."""
+    for kinds in ((CorruptShardError,), NOT_RETRIED):
+        for error in errors:
+            cause = find_cause(error, kinds)
+            if cause is not None:
+                return cause
+    return None
+
+
 def find_corrupt_shard(error: BaseException | None) -> CorruptShardError | None:
     return find_cause(error, (CorruptShardError,))  # type: ignore[return-value]
 
@@ -309,10 +321,9 @@ def _stop_callback_class():
         costing `max_failures` restarts that would read the same bytes again."""
 
         def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-            for exc in worker_exceptions.values():
-                cause = find_cause(exc)
-                if cause is not None:
-                    raise ControllerError(type(cause)(first_line(cause)))
+            cause = first_cause(list(worker_exceptions.values()))
+            if cause is not None:
+                raise ControllerError(type(cause)(first_line(cause)))
 
     return StopOnCorruptShard
 

@@ -55,6 +55,14 @@ class RankError(ValueError):
     with that rank's message, so the run stops together instead of hanging in a collective."""
 
 
+def _first_line(error: BaseException | None) -> str:
+    """An error's own first line; one that wraps another (Ray's RayTaskError keeps it in
+    `.cause`) speaks through the wrapped one."""
+    while error is not None and isinstance(getattr(error, "cause", None), BaseException):
+        error = error.cause
+    return str(error).split("\n", 1)[0]
+
+
 @dataclass
 class StepTimes:
     """Where a window of steps spent its time, summed over the window (seconds)."""
@@ -172,7 +180,7 @@ class Trainer:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         missing, bad = (int(v) for v in flags.tolist())
         if bad:
-            message = [str(error).split("\n", 1)[0]]
+            message = [_first_line(error)]
             dist.broadcast_object_list(message, src=bad - 1, device=self.device)
             if error is not None and bad - 1 == rank:
                 raise error
