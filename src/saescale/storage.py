@@ -45,6 +45,11 @@ def local_path(url: str) -> str | None:
     return None if "://" in path or not path else path
 
 
+def absolute(url: str) -> str:
+    """A local path made absolute (Ray workers run in another directory); URLs stay as they are."""
+    return url if "://" in url else os.path.abspath(url)
+
+
 def is_remote(url: str) -> bool:
     """Whether `url` names object storage or another fsspec protocol rather than a local path."""
     return local_path(url) is None

@@ -26,6 +26,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
+from saescale import storage
+
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +64,6 @@ class RayJobsLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def _run_of(self, num: int, overrides: list[str], group: str):
-        from saescale import storage
         from saescale.app.run_identity import config_hash, register_resolvers
         from saescale.sweeps.scheduler import SweepRun
 
@@ -79,7 +80,7 @@ class RayJobsLauncher(Launcher):
             num=num,
             overrides=overrides,
             run_name=str(cfg.run_id),
-            output_dir=_absolute(str(cfg.output_dir)),
+            output_dir=storage.absolute(str(cfg.output_dir)),
             cpus=workers * cpus + self.data_cpus,
             gpus=float(workers) if cfg.parallel.use_gpu else 0.0,
             storage_options=storage.endpoint_options(endpoint),
@@ -91,7 +92,7 @@ class RayJobsLauncher(Launcher):
         from saescale.sweeps.scheduler import plot_timeline, run_sweep, write_results
 
         assert self.config is not None and self.hydra_context is not None
-        sweep_dir = _absolute(str(self.config.hydra.sweep.dir))
+        sweep_dir = storage.absolute(str(self.config.hydra.sweep.dir))
         os.makedirs(sweep_dir, exist_ok=True)
         group = os.path.basename(sweep_dir.rstrip("/"))
         runs = [self._run_of(initial_job_idx + i, list(o), group) for i, o in enumerate(job_overrides)]
@@ -168,7 +169,6 @@ class RayJobsLauncher(Launcher):
 
 def _check_distinct_outputs(runs) -> None:
     """Two runs of one sweep must not share an output folder (one would resume or skip the other)."""
-    from saescale import storage
     from saescale.sweeps.scheduler import SweepError
 
     seen: dict[str, Any] = {}
@@ -183,7 +183,3 @@ def _check_distinct_outputs(runs) -> None:
 
 def _plain(value: Any) -> Any:
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-
-
-def _absolute(url: str) -> str:
-    return url if "://" in url else os.path.abspath(url)

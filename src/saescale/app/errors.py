@@ -10,6 +10,7 @@ import sys
 from typing import NoReturn
 
 from saescale.app.job_paths import JobPathError
+from saescale.console import one_line
 from saescale.core.config import ConfigError
 from saescale.data.builder import CacheError
 from saescale.data.format import CorruptShardError
@@ -41,12 +42,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     StorageError,
     ValueError,
 )
-
-
-def one_line(exc: BaseException | str) -> str:
-    """The message on one line (pyarrow and boto put newlines in theirs)."""
-    text = exc if isinstance(exc, str) else str(exc)
-    return " ".join(text.split()) or type(exc).__name__
 
 
 def fail(message: BaseException | str, code: int = EXIT_BAD_INPUT) -> NoReturn:

@@ -26,7 +26,7 @@ from saescale.app.errors import EXIT_FAILED, fail
 from saescale.app.job_paths import check_job_paths, local_side_dir
 from saescale.app.run_identity import config_hash
 from saescale.app.schema import TrainJobConfig
-from saescale.console import print0
+from saescale.console import first_line, print0
 from saescale.core.config import ConfigError, SAEConfig, TrainConfig
 from saescale.data.format import CorruptShardError
 from saescale.data.manifest import Manifest
@@ -35,16 +35,11 @@ from saescale.distributed.mesh import ParallelDims
 from saescale.distributed.plan import check_fits, plan_memory
 from saescale.evaluation.reconstruction import nmse
 from saescale.service.ray_train import LaunchSpec
-from saescale.service.stream import plan_data
+from saescale.service.stream import plan_data, rebuild_hint
 
 # dense-equivalent training FLOPs per token and latent-dimension product: the encoder GEMM's
 # forward and backward dominate (2 forward + 4 backward multiply-adds)
 FLOPS_PER_TOKEN_DN = 6.0
-
-
-def absolute(url: str) -> str:
-    """Workers run in another directory: make local paths absolute (URLs stay as they are)."""
-    return url if "://" in url else os.path.abspath(url)
 
 
 @dataclass
@@ -76,7 +71,7 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     check_job_paths(
         reads={"data.cache": job.data.cache}, writes={"output_dir": job.output_dir, "storage.url": job.storage.url}
     )
-    cache_url, out = absolute(job.data.cache), absolute(job.output_dir)
+    cache_url, out = storage.absolute(job.data.cache), storage.absolute(job.output_dir)
     cache = ActivationCache(cache_url, storage.endpoint_options(job.data.endpoint_url))
     manifest = cache.manifest
     n_shards = len(manifest.shards)
@@ -174,9 +169,10 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     }
     # the Ray Train run name keys the checkpoints: another config never resumes this run's
     spec = LaunchSpec(
+        cache_remedy=rebuild_hint(cache_url, manifest.build_config, job.data.endpoint_url),
         planned_bytes=plan.total,
         run_name=job.run_id,
-        storage_url=absolute(job.storage.url),
+        storage_url=storage.absolute(job.storage.url),
         storage_options=storage.endpoint_options(job.storage.endpoint_url),
         workers=dims.world_size,
         tp=dims.tp,
@@ -230,7 +226,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
     from saescale.service.ray_local import ensure_ray
     from saescale.service.ray_train import RunFailed, checkpoint_url, launch
-    from saescale.service.stream import corrupt_shard_line, first_line, rebuild_hint
+    from saescale.service.stream import corrupt_shard_line
     from saescale.train.checkpoint import export_gathered
 
     spec, manifest = run.spec, run.manifest
@@ -242,8 +238,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         cause = failed.cause
         if isinstance(cause, CorruptShardError):  # bad input, not a crash: the remedy, no restarts spent
             cache_url = spec.worker_config["cache"]["url"]
-            remedy = rebuild_hint(cache_url, manifest.build_config, job.data.endpoint_url)
-            fail(corrupt_shard_line(cause, cache_url, remedy))
+            fail(corrupt_shard_line(cause, cache_url, spec.cache_remedy))
         if cause is not None:  # a refused resume, a bad batch or loss: the user's to fix
             fail(first_line(cause))
         fail(f"training failed after {job.ray.max_failures} restart(s): {failed}", EXIT_FAILED)

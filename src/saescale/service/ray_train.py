@@ -36,7 +36,6 @@ from saescale.distributed.mesh import ParallelDims
 from saescale.service.stream import (
     DataPlan,
     arrow_filesystem,
-    cache_remedy,
     first_cause,
     make_collate,
     make_datasets,
@@ -248,6 +247,7 @@ class LaunchSpec:
     use_gpu: bool
     max_failures: int
     worker_config: dict[str, Any]  # train_loop_per_worker's config
+    cache_remedy: str = ""  # how to rebuild the cache, in a corrupt shard's error (`stream.rebuild_hint`)
     planned_bytes: int = 0  # the memory planner's per-worker total, for the report
 
 
@@ -279,7 +279,7 @@ def launch(spec: LaunchSpec):
         filesystem,
         with_ids=bool(spec.worker_config.get("record_rows_dir")),
         cache_url=cache["url"],
-        remedy=cache_remedy(cache["url"], cache["options"]),
+        remedy=spec.cache_remedy,
     )
     storage_fs, storage_path = arrow_filesystem(spec.storage_url, spec.storage_options)
     trainer = TorchTrainer(

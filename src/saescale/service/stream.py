@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from saescale.console import first_line
 from saescale.data.format import POS_STRIDE, CorruptShardError
 from saescale.train.checkpoint import CheckpointError
 from saescale.train.trainer import RankError
@@ -135,14 +136,6 @@ def rebuild_hint(cache_url: str, build_config: dict[str, Any], endpoint_url: str
     return (
         f"rebuild the cache: remove {storage.join(url, 'manifest.json')} and run python jobs/cache.py {' '.join(args)}"
     )
-
-
-def cache_remedy(cache_url: str, storage_options: dict[str, Any] | None) -> str:
-    """`rebuild_hint` for the cache at `cache_url`, from its manifest."""
-    from saescale.data.builder import load_manifest
-
-    endpoint = ((storage_options or {}).get("client_kwargs") or {}).get("endpoint_url")
-    return rebuild_hint(cache_url, load_manifest(cache_url, storage_options).build_config, endpoint)
 
 
 def shard_error(check: ShardCheck, problem: str) -> CorruptShardError:
@@ -291,15 +284,6 @@ def first_cause(errors: list[BaseException]) -> BaseException | None:
             if cause is not None:
                 return cause
     return None
-
-
-def find_corrupt_shard(error: BaseException | None) -> CorruptShardError | None:
-    return find_cause(error, (CorruptShardError,))  # type: ignore[return-value]
-
-
-def first_line(error: BaseException) -> str:
-    """An error's own message: Ray Data appends retry advice to it on further lines."""
-    return str(error).split("\n", 1)[0].strip()
 
 
 def corrupt_shard_line(error: CorruptShardError, cache_url: str, remedy: str) -> str:

@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from saescale.console import one_line
 from saescale.net import free_port
 from saescale.service.ray_local import apply_env_defaults, ensure_ray
-from saescale.sweeps.scheduler import BackendUnavailable, SweepError, SweepRun, one_line
+from saescale.sweeps.scheduler import BackendUnavailable, SweepError, SweepRun
 
 # the local folders a remote cluster does not need (uploaded as the jobs' working_dir otherwise)
 WORKING_DIR_EXCLUDES = [".venv", ".git", "runs", "outputs", "multirun", "docs", "**/__pycache__"]

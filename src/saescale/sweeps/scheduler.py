@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from saescale import storage
+from saescale.console import one_line
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -96,10 +97,6 @@ def call_with_retries(what: str, call: Callable[[], Any], policy: RetryPolicy) -
             policy.sleep(wait)
             waited += wait
             attempt += 1
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class JobBackend(Protocol):

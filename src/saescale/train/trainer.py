@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from saescale.console import print0
+from saescale.console import first_line, print0
 from saescale.core.config import SAEConfig, TrainConfig
 from saescale.core.model import TopKSAE, check_activations
 from saescale.distributed.parallel import DataParallel, TensorParallel
@@ -53,14 +53,6 @@ class Checkpointer(Protocol):
 class RankError(ValueError):
     """A rank of a distributed run saw a bad batch or a non-finite loss; every rank raises this
     with that rank's message, so the run stops together instead of hanging in a collective."""
-
-
-def _first_line(error: BaseException | None) -> str:
-    """An error's own first line; one that wraps another (Ray's RayTaskError keeps it in
-    `.cause`) speaks through the wrapped one."""
-    while error is not None and isinstance(getattr(error, "cause", None), BaseException):
-        error = error.cause
-    return str(error).split("\n", 1)[0]
 
 
 @dataclass
@@ -180,7 +172,7 @@ class Trainer:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         missing, bad = (int(v) for v in flags.tolist())
         if bad:
-            message = [_first_line(error)]
+            message = [first_line(error)]
             dist.broadcast_object_list(message, src=bad - 1, device=self.device)
             if error is not None and bad - 1 == rank:
                 raise error
@@ -200,11 +192,16 @@ class Trainer:
     def train_step(self, batch: Tensor) -> dict[str, float] | None:
         """One optimiser step on this replica's (TP-gathered) batch; returns logged metrics on
         logging steps, else None. Raises on every rank if any replica's loss is not finite."""
+        check_activations(batch, self.sae.cfg.d_in, name=f"batch at step {self.step}")
+        return self._checked_step(batch)
+
+    def _checked_step(self, batch: Tensor) -> dict[str, float] | None:
+        """`train_step` on a batch already checked (`fit` checks each rank's share before the
+        TP all-gather, inside the agreement, so the gathered batch is not checked twice)."""
         if self._step_fn is None:
             self.initialize(batch)
         assert self._step_fn is not None
         x = batch.to(self.device, torch.float32, non_blocking=True)
-        check_activations(x, self.sae.cfg.d_in, name=f"batch at step {self.step}")
         x_normed, _ = self.sae.normalize(x)
         logging_now = (self.step + 1) % self.cfg.log_every == 0
         stats = self._step_fn(x_normed, compute_fvu=logging_now)
@@ -309,7 +306,7 @@ class Trainer:
                     break
                 comm0, bytes0 = self._comm()
                 x = self.tp.all_gather_rows(batch) if self.tp is not None else batch
-                metrics = self.train_step(x)
+                metrics = self._checked_step(x)
                 t2 = time.perf_counter()
                 comm1, bytes1 = self._comm()
                 first = summary.totals.steps == 0
