@@ -30,7 +30,9 @@ def _cfgs() -> tuple[SAEConfig, TrainConfig]:
     sae = SAEConfig(
         d_in=16, n_latents=128, k=4, k_aux=8, dead_tokens_threshold=3 * BATCH, aux_precision="float32", multi_topk=False
     )
-    train = TrainConfig(lr=3e-3, log_every=1, histogram_every=1000, seed=7, clip_grad_norm=5.0, ema_decay=0.9)
+    train = TrainConfig(
+        lr=3e-3, log_every=1, histogram_every=1000, seed=7, clip_grad_norm=5.0, ema_decay=0.9, precision="fp32"
+    )
     return sae, train
 
 

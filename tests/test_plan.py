@@ -8,7 +8,18 @@ import sys
 
 import pytest
 
-from saescale.distributed.plan import GiB, PlanError, check_fits, plan_memory
+from saescale.distributed.plan import (
+    RUNTIME_SLACK_BYTES,
+    DoesNotFit,
+    GiB,
+    PlanError,
+    auto_micro_batches,
+    check_fits,
+    fewest_workers,
+    plan_memory,
+)
+
+GPT4 = dict(n_latents=16_777_216, d_model=4096, k=32, batch=131072)  # conf/experiment/gpt4_16m.yaml
 
 
 def test_gpt4_16m_state_is_2_tib_in_total():
@@ -85,3 +96,94 @@ def test_plan_cli_json_and_exit_codes():
         timeout=120,
     )
     assert bad.returncode == 1 and "raise tp" in bad.stderr
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "saescale.cli", "plan", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_bf16_halves_the_preactivation_and_counts_the_low_precision_encoder_copy():
+    n, d, k, tp, batch, m = 2**20, 1024, 32, 4, 8192, 2
+    fp32 = plan_memory(n, d, k, workers=8, tp=tp, batch=batch, micro_batches=m)
+    bf16 = plan_memory(n, d, k, workers=8, tp=tp, batch=batch, micro_batches=m, precision="bf16")
+    n_local, rows = n // tp, batch // 2
+    micro = rows // m
+    assert fp32.precision == "fp32" and bf16.precision == "bf16"
+    assert fp32.preact == micro * n_local * 4 and bf16.preact * 2 == fp32.preact
+    assert fp32.lowp == 0 and bf16.lowp == n_local * d * 2 + n_local * 2
+    assert bf16.weights == fp32.weights and bf16.adam == fp32.adam  # master state stays float32
+    fp32_buffers = (2 * rows + 6 * micro) * d * 4 + micro * tp * k * 12 + RUNTIME_SLACK_BYTES + rows * d * 4
+    assert fp32.buffers == fp32_buffers
+    assert bf16.buffers == fp32_buffers + micro * 2 * k * (2 + 8)  # the top-2k candidates of the bf16 GEMM
+    assert bf16.total == 4 * bf16.weights + bf16.lowp + bf16.preact + bf16.buffers
+    fp16 = plan_memory(n, d, k, workers=8, tp=tp, batch=batch, micro_batches=m, precision="fp16")
+    assert fp16.total == bf16.total
+    one = plan_memory(n, d, k, workers=8, tp=tp, batch=batch, micro_batches=1)
+    assert one.buffers == (2 * rows + 6 * rows) * d * 4 + rows * tp * k * 12 + RUNTIME_SLACK_BYTES  # no residual copy
+    assert "precision=bf16" in bf16.table() and "low-prec W_enc" in bf16.table()
+    with pytest.raises(PlanError, match="resolve 'auto'"):
+        plan_memory(n, d, k, workers=8, tp=tp, batch=batch, precision="auto")
+
+
+def test_auto_micro_batches_picks_the_fewest_that_fit():
+    plan = plan_memory(**GPT4, workers=64, tp=64, micro_batches="auto", ema=True, precision="bf16")
+    assert plan.fits and plan.micro_batches == 4
+    assert not plan_memory(**GPT4, workers=64, tp=64, micro_batches=2, ema=True, precision="bf16").fits
+    assert auto_micro_batches(**GPT4, workers=64, tp=64, ema=True, precision="bf16") == plan
+    fp32 = auto_micro_batches(**GPT4, workers=64, tp=64, ema=True, precision="fp32")
+    assert fp32.micro_batches == 8  # the fp32 pre-activation is twice as large
+
+
+def test_auto_micro_batches_refuses_naming_the_knob():
+    # the state fits; the three [batch, d] float32 buffers (12 GiB) do not, at any micro-batch count
+    with pytest.raises(DoesNotFit, match="raise the workers") as caught:
+        plan_memory(2**14, 4096, 32, workers=1, tp=1, batch=2**18, micro_batches="auto", device_gib=10)
+    assert caught.value.plan.micro_batches == 64 and not caught.value.plan.fits
+    with pytest.raises(DoesNotFit, match="raise tp"):
+        plan_memory(**GPT4, workers=16, tp=16, micro_batches="auto", precision="bf16")
+
+
+def test_fewest_workers_for_the_gpt4_16m_sae():
+    # By hand, per rank at tp: float32 weights+grads+Adam (+EMA) are 32 (40) bytes per latent per
+    # d_model, the bf16 W_enc copy 2 more: 2^24 * 4096 * 42 B = 2688 GiB with EMA -> tp=32 holds
+    # 84 GiB > 80, tp=64 holds 42 GiB: 64 workers (dp=1). Without EMA 2176 GiB -> tp=32 holds 68 GiB,
+    # leaving ~6 GiB after the 6 GiB of [131072, 4096] float32 buffers; a 4096-row micro-batch
+    # (32 micro-batches) takes ~4.4 GiB (bf16 pre-activation 4 GiB): 32 workers.
+    ema = fewest_workers(**GPT4, ema=True, precision="bf16", device_gib=80)
+    assert (ema.workers, ema.tp, ema.dp, ema.micro_batches) == (64, 64, 1, 4)
+    assert ema.total / GiB == pytest.approx(67.84, abs=0.01)
+    plain = fewest_workers(**GPT4, ema=False, precision="bf16", device_gib=80)
+    assert (plain.workers, plain.tp, plain.dp, plain.micro_batches) == (32, 32, 1, 32)
+    assert plain.fits and not plan_memory(**GPT4, workers=16, tp=16, micro_batches=64, precision="bf16").fits
+    with pytest.raises(DoesNotFit, match="no layout"):
+        fewest_workers(**GPT4, ema=True, precision="bf16", device_gib=0.5, max_micro_batches=4)
+
+
+def test_plan_cli_auto_micro_batches_and_fewest_workers():
+    gpt4 = ["--n-latents", "16777216", "--d-model", "4096", "--k", "32", "--batch", "131072", "--precision", "bf16"]
+    auto = _cli(*gpt4, "--workers", "64", "--tp", "64", "--ema", "--micro-batches", "auto", "--json")
+    assert auto.returncode == 0, auto.stderr
+    assert json.loads(auto.stdout)["micro_batches"] == 4 and json.loads(auto.stdout)["precision"] == "bf16"
+    fewest = _cli(*gpt4, "--ema", "--fewest-workers", "--json")
+    assert fewest.returncode == 0, fewest.stderr
+    assert {k: json.loads(fewest.stdout)[k] for k in ("workers", "tp", "micro_batches")} == {
+        "workers": 64,
+        "tp": 64,
+        "micro_batches": 4,
+    }
+    table = _cli(*gpt4, "--fewest-workers")
+    assert table.returncode == 0 and "workers=32 tp=32" in table.stdout and "micro_batches=32" in table.stdout
+    too_big = _cli(*gpt4, "--workers", "1", "--tp", "1", "--micro-batches", "auto", "--json")
+    assert too_big.returncode == 1 and "raise tp" in too_big.stderr
+    assert not json.loads(too_big.stdout)["fits"]
+    none = _cli(*gpt4, "--fewest-workers", "--device-gib", "0.5", "--max-micro-batches", "4")
+    assert none.returncode == 1 and "no layout" in none.stderr
+    for bad, message in [
+        ((), "--workers and --tp are required"),
+        (("--fewest-workers", "--tp", "8"), "drop them"),
+        (("--workers", "8", "--tp", "8", "--micro-batches", "some"), "positive integer or 'auto'"),
+    ]:
+        result = _cli(*gpt4, *bad)
+        assert result.returncode == 2 and message in result.stderr, result.stderr

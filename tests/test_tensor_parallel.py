@@ -35,7 +35,9 @@ def _setup(cfg: SAEConfig, n_dead: int, seed: int = 0):
     return sae, x, counters
 
 
-def _worker(rank: int, world: int, port: int, cfg_dict: dict, n_dead: int, out_dir: str) -> None:
+def _worker(
+    rank: int, world: int, port: int, cfg_dict: dict, n_dead: int, out_dir: str, micro_batches: int = 1
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -49,7 +51,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, n_dead: int, out_d
             local.b_pre.copy_(full.b_pre)
         tracker = DeadLatentTracker(tp.n_local, THRESHOLD)
         tracker.tokens_since_fired.copy_(tp.shard(counters))
-        stats = SparseTopKStep(local, 0.7, tracker, tp)(x)
+        stats = SparseTopKStep(local, 0.7, tracker, tp, micro_batches=micro_batches)(x)
         out = {f"grad.{n}": p.grad for n, p in local.named_parameters()}
         out.update(
             loss=stats.loss.reshape(1),
@@ -64,9 +66,20 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, n_dead: int, out_d
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("multi_topk,n_dead", [(False, 0), (False, 40), (True, 40)])
-def test_tensor_parallel_step_matches_single_process(tmp_path, world, multi_topk, n_dead):
+@pytest.mark.parametrize(
+    "world,multi_topk,n_dead,micro_batches",
+    [
+        (2, False, 0, 1),
+        (2, False, 40, 1),
+        (2, True, 40, 1),
+        (4, False, 0, 1),
+        (4, False, 40, 1),
+        (4, True, 40, 1),
+        (2, False, 40, 4),  # micro-batched TP step (AuxK active) against the whole-batch single process
+        (2, True, 40, 2),
+    ],
+)
+def test_tensor_parallel_step_matches_single_process(tmp_path, world, multi_topk, n_dead, micro_batches):
     cfg = SAEConfig(
         d_in=24,
         n_latents=256,
@@ -77,7 +90,11 @@ def test_tensor_parallel_step_matches_single_process(tmp_path, world, multi_topk
         aux_precision="float32",
         auxk_coef=1 / 32,
     )
-    mp.spawn(_worker, args=(world, free_port(), dataclasses.asdict(cfg), n_dead, str(tmp_path)), nprocs=world)
+    mp.spawn(
+        _worker,
+        args=(world, free_port(), dataclasses.asdict(cfg), n_dead, str(tmp_path), micro_batches),
+        nprocs=world,
+    )
     ranks = [load_file(os.path.join(tmp_path, f"rank{r}.safetensors")) for r in range(world)]
 
     full, x, counters = _setup(cfg, n_dead)

@@ -24,12 +24,13 @@ from saescale import storage
 
 # the config sections whose values define the trained SAE (the model is named by data.cache).
 # `parallel` too: the worker count decides how the rows are split over the ranks, and the device
-# decides AuxK's precision. Moving a run to another layout is deliberate: pass its run_id (the
-# checkpoint reshards).
+# decides AuxK's precision; `train.precision` too, so a precision sweep keeps its runs apart.
+# Moving a run to another layout or precision is deliberate: pass its run_id (the checkpoint
+# reshards, and records the precision it was written in).
 IDENTITY_SECTIONS = ("sae", "train", "data", "parallel")
 # keys of those sections that do not change the trained SAE
 NOT_IDENTITY = {
-    "train": ("log_every", "histogram_every", "checkpoint_every"),
+    "train": ("log_every", "histogram_every", "checkpoint_every", "micro_batches"),
     "data": ("endpoint_url", "heldout_tokens", "prefetch_batches"),
     "parallel": ("cpus_per_worker", "memory_per_worker_gib"),
 }

@@ -11,6 +11,7 @@ log to wandb (rank 0 only). Every local path is made absolute: Ray workers run e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psutil
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from saescale import storage
@@ -36,6 +38,7 @@ from saescale.distributed.plan import check_fits, plan_memory
 from saescale.evaluation.reconstruction import nmse
 from saescale.service.ray_train import LaunchSpec
 from saescale.service.stream import plan_data, rebuild_hint
+from saescale.train.precision import resolve_precision
 
 # dense-equivalent training FLOPs per token and latent-dimension product: the encoder GEMM's
 # forward and backward dominate (2 forward + 4 backward multiply-adds)
@@ -100,6 +103,10 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     sae_cfg, train_cfg = engine_configs(job, manifest.d_model, total_steps)
 
     memory = job.parallel.memory_per_worker_gib or psutil.virtual_memory().total / 2**30 / dims.world_size
+    # the workers resolve precision "auto" on their own devices; the driver plans for the same kind
+    precision = train_cfg.precision
+    if precision == "auto":
+        precision = "bf16" if job.parallel.use_gpu else resolve_precision("auto", torch.device("cpu"))
     plan = plan_memory(
         sae_cfg.n_latents,
         sae_cfg.d_in,
@@ -107,11 +114,14 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
         dims.world_size,
         dims.tp,
         job.train.batch_size,
+        micro_batches=train_cfg.micro_batches,
         ema=bool(train_cfg.ema_decay),
         device_gib=memory,
+        precision=precision,
     )
     print0("memory plan per worker:\n" + plan.table())
     check_fits(plan)
+    train_cfg = dataclasses.replace(train_cfg, micro_batches=plan.micro_batches)  # "auto" -> the plan's
 
     # files only the driver and rank 0 write (metrics, wandb, debug rows): local even for a remote
     # output_dir (metrics.jsonl is copied there at the end)

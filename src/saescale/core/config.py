@@ -134,8 +134,20 @@ class TrainConfig(_DictConfig):
     log_every: int = 10
     histogram_every: int = 200
     checkpoint_every: int | None = None
+    # Compute dtype of the encoder GEMM and top-k (weights, grads and Adam stay float32):
+    # fp32 | bf16 | fp16 | auto (bf16 where the hardware multiplies it natively, else fp32).
+    precision: str = "auto"
+    # Row chunks per step for the O(batch * n_latents) work: an integer >= 1, or "auto" (the
+    # memory planner picks the fewest that fit the device). The step stays the batch-level step.
+    micro_batches: int | str = 1
 
     def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision must be one of auto, fp32, bf16, fp16; got {self.precision!r}")
+        if self.micro_batches != "auto" and (
+            not isinstance(self.micro_batches, int) or isinstance(self.micro_batches, bool) or self.micro_batches < 1
+        ):
+            raise ConfigError(f"train.micro_batches must be an integer >= 1 or 'auto', got {self.micro_batches!r}")
         if self.lr is not None and (not math.isfinite(self.lr) or self.lr <= 0):
             raise ConfigError(f"train.lr must be a positive number, got {self.lr!r}")
         for name in ("beta1", "beta2"):

@@ -1,14 +1,22 @@
 """Memory planner: per-rank bytes of a (data x tensor)-parallel TopK SAE run, and a refusal,
 naming the knob to turn, when a configuration cannot fit a device.
 
-Per rank (TP shards the latents; every rank of a TP group sees its DP group's whole batch):
-  weights   (2 n_local d + n_local + d) * 4         W_enc, W_dec rows, b_enc slice, b_pre
-  grads     same as weights
-  adam      2 x weights (exp_avg, exp_avg_sq)
-  ema       weights, if an EMA is kept
-  preact    (batch / dp / micro_batches) * n_local * 4   the encoder GEMM output, one micro-batch
-  buffers   the [batch/dp, d] inputs twice, six [micro-batch, d] activations/gradients, the
-            gathered top-k candidates (micro-batch * tp * k values + int64 indices), 64 MiB
+Per rank (TP shards the latents; every rank of a TP group sees its DP group's whole batch;
+rows = batch / dp, micro = rows / micro_batches, e = 2 bytes for bf16/fp16 and 4 for fp32):
+  weights   (2 n_local d + n_local + d) * 4         W_enc, W_dec rows, b_enc slice, b_pre (float32)
+  grads     same as weights                          (float32)
+  adam      2 x weights (exp_avg, exp_avg_sq)        (float32)
+  ema       weights, if an EMA is kept               (float32)
+  lowp      (n_local d + n_local) * e, bf16/fp16 only: the encoder copy the GEMM reads
+  preact    micro * n_local * e                      the encoder GEMM output, one micro-batch
+  buffers   the [rows, d] inputs twice, six [micro, d] activations/gradients, the gathered
+            top-k candidates (micro * tp * k values + int64 indices), 64 MiB; with
+            micro_batches > 1 one more float32 [rows, d] (the whole batch's residual, for AuxK's
+            batch-level normaliser); in bf16/fp16 the low-precision selection's candidates
+            (micro * 2k values of e bytes + int64 indices)
+
+`micro_batches="auto"` picks the fewest (a power of two dividing rows) that fit; `fewest_workers`
+picks the smallest (tp, dp) layout that fits.
 """
 
 from __future__ import annotations
@@ -16,12 +24,25 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 RUNTIME_SLACK_BYTES = 64 * 2**20  # allocator and runtime overhead beside the planned tensors
+MAX_MICRO_BATCHES = 64  # more micro-batches than this: the GEMMs get too thin to keep a GPU busy
 
 GiB = 2**30
+
+# bytes per element of the O(batch * n_latents) work in each precision ("auto" is resolved by the
+# caller: the planner must not guess which hardware the workers have)
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 class PlanError(ValueError):
     """The configuration is invalid or cannot fit; the message names what to change."""
+
+
+class DoesNotFit(PlanError):
+    """A valid configuration that needs more memory than the device has; `plan` is the closest."""
+
+    def __init__(self, message: str, plan: MemoryPlan) -> None:
+        super().__init__(message)
+        self.plan = plan
 
 
 @dataclass
@@ -34,11 +55,13 @@ class MemoryPlan:
     dp: int
     batch: int
     micro_batches: int
+    precision: str
     n_local: int
     weights: int
     grads: int
     adam: int
     ema: int
+    lowp: int
     preact: int
     buffers: int
     total: int
@@ -54,6 +77,7 @@ class MemoryPlan:
             ("grads", self.grads),
             ("adam", self.adam),
             ("ema", self.ema),
+            ("low-prec W_enc", self.lowp),
             ("pre-activation", self.preact),
             ("buffers", self.buffers),
             ("total", self.total),
@@ -62,7 +86,7 @@ class MemoryPlan:
         head = (
             f"n_latents={self.n_latents} d_model={self.d_model} k={self.k} workers={self.workers} "
             f"tp={self.tp} dp={self.dp} batch={self.batch} micro_batches={self.micro_batches} "
-            f"latents/rank={self.n_local}"
+            f"precision={self.precision} latents/rank={self.n_local}"
         )
         lines = [head, f"{'per rank':<16}{'GiB':>12}"]
         lines += [f"{name:<16}{value / GiB:>12.2f}" for name, value in rows]
@@ -77,10 +101,20 @@ def plan_memory(
     workers: int,
     tp: int,
     batch: int,
-    micro_batches: int = 1,
+    micro_batches: int | str = 1,
     ema: bool = False,
     device_gib: float = 80.0,
+    precision: str = "fp32",
+    max_micro_batches: int = MAX_MICRO_BATCHES,
 ) -> MemoryPlan:
+    """The per-rank plan; `micro_batches="auto"` -> `auto_micro_batches` (raises if none fits)."""
+    if micro_batches == "auto":
+        return auto_micro_batches(
+            n_latents, d_model, k, workers, tp, batch, ema, device_gib, precision, max_micro_batches
+        )
+    if isinstance(micro_batches, str) or micro_batches <= 0:
+        raise PlanError(f"micro_batches must be a positive integer or 'auto'; got {micro_batches!r}")
+    e = _element_bytes(precision)
     if tp <= 0 or workers <= 0 or workers % tp:
         raise PlanError(f"workers={workers} must be a positive multiple of tp={tp}")
     if n_latents % tp:
@@ -90,51 +124,156 @@ def plan_memory(
         raise PlanError(f"batch={batch} must divide into dp={dp} groups x micro_batches={micro_batches}")
     n_local = n_latents // tp
     rows = batch // dp
-    weights = (2 * n_local * d_model + n_local + d_model) * 4
-    preact = (rows // micro_batches) * n_local * 4
     micro = rows // micro_batches
+    weights = (2 * n_local * d_model + n_local + d_model) * 4
+    lowp = (n_local * d_model + n_local) * e if e < 4 else 0
+    preact = micro * n_local * e
     buffers = 2 * rows * d_model * 4 + 6 * micro * d_model * 4 + micro * tp * k * 12 + RUNTIME_SLACK_BYTES
-    total = 4 * weights + (weights if ema else 0) + preact + buffers
+    if micro_batches > 1:
+        buffers += rows * d_model * 4  # the whole batch's residual: AuxK normalises over the batch
+    if e < 4:
+        buffers += micro * 2 * k * (e + 8)  # low-precision top-2k candidates, re-scored in float32
+    ema_bytes = weights if ema else 0
+    total = 4 * weights + ema_bytes + lowp + preact + buffers
     device = int(device_gib * GiB)
     return MemoryPlan(
-        n_latents,
-        d_model,
-        k,
-        workers,
-        tp,
-        dp,
-        batch,
-        micro_batches,
-        n_local,
-        weights,
-        weights,
-        2 * weights,
-        weights if ema else 0,
-        preact,
-        buffers,
-        total,
-        device,
-        total <= device,
+        n_latents=n_latents,
+        d_model=d_model,
+        k=k,
+        workers=workers,
+        tp=tp,
+        dp=dp,
+        batch=batch,
+        micro_batches=micro_batches,
+        precision=precision,
+        n_local=n_local,
+        weights=weights,
+        grads=weights,
+        adam=2 * weights,
+        ema=ema_bytes,
+        lowp=lowp,
+        preact=preact,
+        buffers=buffers,
+        total=total,
+        device_bytes=device,
+        fits=total <= device,
     )
+
+
+def _element_bytes(precision: str) -> int:
+    if precision not in ELEMENT_BYTES:
+        raise PlanError(
+            f"precision must be one of {', '.join(ELEMENT_BYTES)}; got {precision!r} "
+            "(resolve 'auto' to the workers' precision before planning)"
+        )
+    return ELEMENT_BYTES[precision]
+
+
+def _micro_batch_choices(rows: int, max_micro_batches: int) -> list[int]:
+    """Powers of two that divide `rows`, up to `max_micro_batches`, smallest first."""
+    choices, m = [], 1
+    while m <= max_micro_batches and rows % m == 0:
+        choices.append(m)
+        m *= 2
+    return choices
+
+
+def auto_micro_batches(
+    n_latents: int,
+    d_model: int,
+    k: int,
+    workers: int,
+    tp: int,
+    batch: int,
+    ema: bool = False,
+    device_gib: float = 80.0,
+    precision: str = "fp32",
+    max_micro_batches: int = MAX_MICRO_BATCHES,
+) -> MemoryPlan:
+    """The plan with the fewest micro-batches (a power of two dividing batch/dp, at most
+    `max_micro_batches`) that fits: fewer micro-batches keep the GEMMs fat. Raises `DoesNotFit`,
+    naming the knob, when even the most micro-batches do not fit."""
+    plan = plan_memory(n_latents, d_model, k, workers, tp, batch, 1, ema, device_gib, precision)  # validates
+    for m in _micro_batch_choices(batch // plan.dp, max_micro_batches)[1:]:
+        if plan.fits:
+            break
+        plan = plan_memory(n_latents, d_model, k, workers, tp, batch, m, ema, device_gib, precision)
+    if not plan.fits:
+        raise DoesNotFit(_refusal(plan, auto=True), plan)
+    return plan
+
+
+def fewest_workers(
+    n_latents: int,
+    d_model: int,
+    k: int,
+    batch: int,
+    ema: bool = False,
+    precision: str = "fp32",
+    device_gib: float = 80.0,
+    max_micro_batches: int = MAX_MICRO_BATCHES,
+) -> MemoryPlan:
+    """The fitting plan with the fewest workers (tp a power of two dividing n_latents, batch
+    divisible by the workers, as the mesh requires), with auto micro-batches. Among equal worker
+    counts the larger tp wins: dp all-reduces the whole gradient every step, tp only gathers
+    top-k candidates."""
+    _element_bytes(precision)
+    if n_latents <= 0 or batch <= 0:
+        raise PlanError(f"n_latents={n_latents} and batch={batch} must be positive")
+    tps = [tp for tp in _powers_of_two_dividing(n_latents) if batch % tp == 0]
+    layouts = sorted((tp * dp, -tp) for tp in tps for dp in _divisors(batch // tp))
+    closest: MemoryPlan | None = None
+    for workers, neg_tp in layouts:
+        try:
+            return auto_micro_batches(
+                n_latents, d_model, k, workers, -neg_tp, batch, ema, device_gib, precision, max_micro_batches
+            )
+        except DoesNotFit as exc:
+            closest = exc.plan  # the last one tried has the most workers
+    assert closest is not None  # tp=1, dp=1 is always among the layouts
+    raise DoesNotFit(
+        f"no layout (tp a power of two dividing n_latents={n_latents}, workers dividing batch={batch}) "
+        f"fits {device_gib:g} GiB per worker, not even {closest.workers} workers at tp={closest.tp}: "
+        "lower batch or n_latents, or use larger devices",
+        closest,
+    )
+
+
+def _powers_of_two_dividing(n: int) -> list[int]:
+    return [2**i for i in range((n & -n).bit_length())] if n > 0 else []
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
 def check_fits(plan: MemoryPlan) -> None:
     """Refuse a plan that does not fit, naming the knob that helps most."""
-    if plan.fits:
-        return
+    if not plan.fits:
+        raise DoesNotFit(_refusal(plan, auto=False), plan)
+
+
+def _refusal(plan: MemoryPlan, auto: bool) -> str:
     over = plan.total - plan.device_bytes
-    state = plan.weights + plan.grads + plan.adam + plan.ema
+    state = plan.weights + plan.grads + plan.adam + plan.ema + plan.lowp
     if state > plan.device_bytes * 0.8:
         hint = (
             f"weights, grads and Adam state alone take {state / GiB:.1f} GiB per rank: raise tp "
             f"(now {plan.tp}) so each rank holds fewer latents"
+        )
+    elif auto:
+        hint = (
+            f"even at micro_batches={plan.micro_batches} (the most 'auto' tries) the batch's "
+            f"buffers and pre-activation take {(plan.preact + plan.buffers) / GiB:.1f} GiB: raise "
+            f"the workers (dp, now {plan.dp}) or tp (now {plan.tp}), or lower batch"
         )
     else:
         hint = (
             f"the [batch/dp, n_latents/tp] pre-activation takes {plan.preact / GiB:.1f} GiB: raise "
             f"micro_batches (now {plan.micro_batches}), lower batch, or raise tp"
         )
-    raise PlanError(
+    return (
         f"per-rank memory {plan.total / GiB:.1f} GiB exceeds the device's "
         f"{plan.device_bytes / GiB:.1f} GiB by {over / GiB:.1f} GiB; {hint}"
     )

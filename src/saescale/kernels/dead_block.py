@@ -6,8 +6,8 @@ much cheaper than gathering k_aux rows per token: a GEMM runs at ~16x the per-FL
 gather on CPU, and far more on GPU. `use_dense_block` makes that choice; the sparse path (the
 same kernels as the main TopK) is used when many latents are dead.
 
-bfloat16 matmuls are optional (the AuxK gradient only steers dead latents back to life, as in
-the paper's own fp16 training); the main TopK path is always float32.
+bfloat16 (or, in fp16 training, float16 under the loss scale) matmuls are optional: the AuxK
+gradient only steers dead latents back to life, as in the paper's own fp16 training.
 """
 
 from __future__ import annotations
@@ -64,13 +64,14 @@ class DeadBlock:
     latents rarely have many positive pre-activations). Otherwise a top-k selects them. The
     ReLU/selection mask is recovered in the backward as Z > 0 (a selected entry with value 0 has
     zero gradient through the ReLU anyway). In float32 the block is read from the step's own
-    pre-activation buffer (bit-exact with the dense reference); in bfloat16 it is recomputed by
-    a [batch, d] x [d, n_dead] matmul, so the selection itself sees bfloat16-rounded values.
+    pre-activation buffer when it holds the whole batch in float32 (bit-exact with the dense
+    reference); otherwise (low precision, or a micro-batched step, `pre=None`) it is recomputed
+    by a [batch, d] x [d, n_dead] matmul in `dtype`.
     """
 
     def __init__(
         self,
-        pre: Tensor,
+        pre: Tensor | None,
         x_centred: Tensor,
         w_enc: Tensor,
         b_enc: Tensor,
@@ -78,17 +79,17 @@ class DeadBlock:
         k_aux: int,
         dtype: torch.dtype,
     ) -> None:
-        batch, n_dead = pre.shape[0], int(dead_idx.numel())
+        batch, n_dead = x_centred.shape[0], int(dead_idx.numel())
         self.dtype = dtype
         # (no out= buffers here: mkldnn's matmul into a view computes aside and copies, 3x slower)
-        if dtype == torch.float32:
+        if pre is not None and pre.dtype == dtype == torch.float32:
             # exact: the dead columns of the step's own pre-activation buffer
             self.code = pre.index_select(1, dead_idx)
         else:
             # low precision: recompute the dead block with one small matmul in `dtype`, cheaper
             # than gathering scattered columns of the [batch, n] buffer and converting them; the
             # bias rides along as an extra input column (no broadcast copy into the output)
-            ones = torch.ones(batch, 1, dtype=dtype, device=pre.device)
+            ones = torch.ones(batch, 1, dtype=dtype, device=x_centred.device)
             x_aug = torch.cat([x_centred.to(dtype), ones], dim=1)
             w_aug = torch.cat([w_enc[dead_idx], b_enc[dead_idx, None]], dim=1).to(dtype)
             self.code = x_aug @ w_aug.t()

@@ -48,7 +48,9 @@ LATEST = "latest.json"
 KEEP_LAST = 2  # checkpoints kept by a StorageCheckpointer (the newest and the one before)
 # Train-config keys that may change between a checkpoint and its resume without changing the
 # result: how often to log, draw histograms and checkpoint, and how long to train.
-RESUMABLE_TRAIN_KEYS = frozenset({"log_every", "histogram_every", "checkpoint_every", "total_steps"})
+RESUMABLE_TRAIN_KEYS = frozenset(
+    {"log_every", "histogram_every", "checkpoint_every", "total_steps", "precision", "micro_batches"}
+)
 
 Fetch = Callable[[str], str]  # file name in a checkpoint folder -> local path holding it
 

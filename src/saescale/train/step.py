@@ -13,6 +13,17 @@ Losses (all means over batch and d_in):
   auxk      = coef * mean((e_hat - e)^2) / mean((e - mean_b e)^2),  e = x - x_hat detached,
               e_hat = W_dec z_aux (no bias) from the top-k_aux dead latents; NaN -> 0
 The dense reference in `saescale.core.reference` defines the same losses with autograd.
+
+Precision (`train.precision`, see `train.precision`): in bf16/fp16 the encoder GEMM runs on a
+low-precision copy of W_enc into a low-precision pre-activation, and the top-k over-selects
+2x the candidates there; their values are recomputed in float32 from the float32 weights and
+the final top-k is taken on those, so the selection matches float32 except at near-ties.
+
+Micro-batching (`micro_batches`): only the encoder GEMM and its top-k (and AuxK's dead
+columns) are O(batch * n_latents), so only they run in row chunks of batch / micro_batches;
+everything after the selection is O(batch * k * d) and runs once on the whole batch. The step
+is therefore exactly the batch-level step: normalisers, the dead-latent update, the AuxK
+residual and every gradient are computed as without chunks.
 """
 
 from __future__ import annotations
@@ -36,6 +47,11 @@ from saescale.kernels import (
     values_grad,
 )
 from saescale.train.dead_latents import DeadLatentTracker
+from saescale.train.precision import Precision
+
+# In low precision the top-k keeps this many times the needed candidates before the float32
+# re-ranking: near-ties at the k-th value are resolved in float32, not in bf16.
+LOW_PRECISION_OVERSELECT = 2
 
 
 def _mean_sq(t: Tensor) -> Tensor:
@@ -59,6 +75,7 @@ class StepStats:
     l0: Tensor
     n_dead: int
     fired: Tensor  # latent indices that fired in this batch (for density statistics)
+    overflow: bool = False  # fp16: a low-precision product overflowed on this rank (skip the step)
 
 
 @dataclass
@@ -84,6 +101,8 @@ class SparseTopKStep:
         tracker: DeadLatentTracker,
         tp: TensorParallel | None = None,
         dp: DataParallel | None = None,
+        precision: Precision | None = None,
+        micro_batches: int = 1,
     ) -> None:
         """`sae` holds this rank's latents; with `tp`, its config's n_latents is the local slice
         and `tp.n_global` the whole autoencoder's (k, k_aux are global). With `dp`, `x` is this
@@ -95,22 +114,84 @@ class SparseTopKStep:
         self.dp = dp if dp is not None and dp.size > 1 else None
         if tp is not None and sae.cfg.n_latents != tp.n_local:
             raise ValueError(f"TP shard holds {sae.cfg.n_latents} latents, expected {tp.n_local}")
+        if not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
         self.mse_scale = float(mse_scale)
         self.tracker = tracker
+        self.precision = precision or Precision("fp32")
+        self.micro_batches = micro_batches
         self._pre: Tensor | None = None
+        self._w_enc_low: Tensor | None = None  # the GEMM's low-precision copy of W_enc (and b_enc)
+        self._b_enc_low: Tensor | None = None
+        self._overflow = False
         for p in sae.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        self.aux_dtype = resolve_aux_dtype(self.cfg.aux_precision, sae.W_enc.device)
+        if self.cfg.aux_precision == "auto" and self.precision.low:
+            self.aux_dtype = self.precision.dtype  # AuxK's dead block follows the step's precision
+        else:
+            self.aux_dtype = resolve_aux_dtype(self.cfg.aux_precision, sae.W_enc.device)
         self.last_aux_path = "none"  # which AuxK implementation the last step used
 
-    def pre_buffer(self, batch: int) -> Tensor:
-        """The reused [batch, n_latents] pre-activation buffer (the benchmark's floor uses it too)."""
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.precision.dtype
+
+    def chunk_rows(self, batch: int) -> int:
+        """Rows per micro-batch (the last chunk may be shorter)."""
+        return -(-batch // self.micro_batches)
+
+    def pre_buffer(self, rows: int) -> Tensor:
+        """The reused [rows, n_latents] pre-activation buffer, in the compute dtype (the
+        benchmark's floor uses it too). Shorter chunks get a view of the same buffer."""
         n = self.cfg.n_latents
-        if self._pre is None or self._pre.shape[0] != batch:
+        if self._pre is None or self._pre.shape[0] < rows or self._pre.dtype != self.compute_dtype:
             self._pre = None  # free the old buffer before allocating a new one
-            self._pre = torch.empty(batch, n, device=self.sae.W_enc.device)
-        return self._pre
+            self._pre = torch.empty(rows, n, device=self.sae.W_enc.device, dtype=self.compute_dtype)
+        return self._pre[:rows]
+
+    def refresh_low_precision_(self) -> None:
+        """Copy W_enc and b_enc into the GEMM's low-precision buffers (once per step: O(n * d),
+        1/batch of the GEMM's work)."""
+        if not self.precision.low:
+            return
+        W_enc, b_enc = self.sae.W_enc, self.sae.b_enc
+        if self._w_enc_low is None:
+            self._w_enc_low = torch.empty_like(W_enc, dtype=self.compute_dtype)
+            self._b_enc_low = torch.empty_like(b_enc, dtype=self.compute_dtype)
+        self._w_enc_low.copy_(W_enc)
+        self._b_enc_low.copy_(b_enc)
+
+    def encode_chunk(self, xc: Tensor) -> Tensor:
+        """The encoder GEMM for a chunk of centred rows, into the reused buffer (the floor)."""
+        out = self.pre_buffer(xc.shape[0])
+        if self.precision.low:
+            assert self._w_enc_low is not None and self._b_enc_low is not None
+            return torch.addmm(self._b_enc_low, xc.to(self.compute_dtype), self._w_enc_low.t(), out=out)
+        return torch.addmm(self.sae.b_enc, xc, self.sae.W_enc.t(), out=out)
+
+    def select(self, pre: Tensor, xc: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        """Top-`width` (values, indices) of a chunk's pre-activation. Values are float32: in low
+        precision, 2x candidates are re-scored exactly from the float32 weights and re-ranked."""
+        n = pre.shape[1]
+        if not self.precision.low:
+            return pre.topk(min(width, n), dim=1, sorted=False)
+        low_vals, idx = pre.topk(min(width * LOW_PRECISION_OVERSELECT, n), dim=1, sorted=False)
+        self._note_overflow(low_vals)
+        exact = values_grad(idx, self.sae.W_enc, xc).add_(self.sae.b_enc[idx])
+        if idx.shape[1] > width:
+            exact, pos = exact.topk(width, dim=1, sorted=False)
+            idx = idx.gather(1, pos)
+        return exact, idx
+
+    def _note_overflow(self, t: Tensor) -> None:
+        """fp16 only: remember that a low-precision result overflowed (the step is skipped)."""
+        if self.precision.scaler is not None and not bool(torch.isfinite(t).all()):
+            self._overflow = True
+
+    def _chunks(self, batch: int) -> list[slice]:
+        rows = self.chunk_rows(batch)
+        return [slice(lo, min(lo + rows, batch)) for lo in range(0, batch, rows)]
 
     @torch.no_grad()
     def __call__(self, x: Tensor, compute_fvu: bool = True) -> StepStats:
@@ -118,13 +199,18 @@ class SparseTopKStep:
         variance (only needed for logging) and reports fvu as NaN."""
         sae, cfg = self.sae, self.cfg
         W_enc, b_enc, b_pre = sae.W_enc, sae.b_enc, sae.b_pre
-        batch, n = x.shape[0], cfg.n_latents
+        self._overflow = False
 
-        # ---- encoder: the floor (one GEMM + top-k) ------------------------------------
+        # ---- encoder: the floor (one GEMM + top-k per micro-batch) ----------------------
         xc = x - b_pre
-        pre = torch.addmm(b_enc, xc, W_enc.t(), out=self.pre_buffer(batch))
         width = cfg.multi_k if cfg.multi_topk else cfg.k
-        raw_vals, idx = pre.topk(min(width, n), dim=1, sorted=False)
+        self.refresh_low_precision_()
+        parts = []
+        for rows in self._chunks(x.shape[0]):
+            pre = self.encode_chunk(xc[rows])
+            parts.append(self.select(pre, xc[rows], width))
+        raw_vals, idx = parts[0] if len(parts) == 1 else (torch.cat([p[i] for p in parts]) for i in (0, 1))
+        whole_pre = pre if len(parts) == 1 else None  # AuxK reads it; chunks recompute dead columns
         owned = None
         if self.tp is not None:  # exact global top-k; entries of other ranks get value 0 here
             raw_vals, idx, owned = self.tp.global_topk(raw_vals, idx, width)
@@ -137,6 +223,7 @@ class SparseTopKStep:
             main = self._main_owned(x, xc, idx, vals, raw_vals, owned)
         else:
             main = self._main_fixed_width(x, xc, idx, vals, raw_vals)
+        self._update_tracker(main.fired, x.shape[0])
         l0 = (main.raw > 0).sum(1).float().mean()
         fvu = main.mse / self._batch_variance(x).clamp_min(1e-30) if compute_fvu else torch.full((), float("nan"))
 
@@ -147,9 +234,9 @@ class SparseTopKStep:
         if self.tp is not None:
             n_dead = int(self.tp.all_reduce_(torch.tensor([n_dead], device=x.device)).item())
             if n_dead > 0 and cfg.auxk_coef > 0:
-                auxk_loss = self._auxk_tp(pre, dead_idx, n_dead, main.err, xc, main.grad_b_enc)
+                auxk_loss = self._auxk_tp(whole_pre, dead_idx, n_dead, main.err, xc, main.grad_b_enc)
         elif n_dead > 0 and cfg.auxk_coef > 0:
-            auxk_loss = self._auxk(pre, dead_idx, main.err, xc, main.grad_b_enc)
+            auxk_loss = self._auxk(whole_pre, dead_idx, main.err, xc, main.grad_b_enc)
 
         b_enc.grad.copy_(main.grad_b_enc)
         main.grad_b_pre -= self._reduce(main.grad_b_enc @ W_enc)  # the encoder's share, summed over shards
@@ -157,7 +244,33 @@ class SparseTopKStep:
 
         mse_loss = self.mse_scale * main.mse
         loss = mse_loss + main.multi_loss + auxk_loss
-        return StepStats(loss, mse_loss, fvu, auxk_loss, main.multi_loss, l0, n_dead, main.fired)
+        return StepStats(
+            loss, mse_loss, fvu, auxk_loss, main.multi_loss, l0, n_dead, main.fired, overflow=self._overflow
+        )
+
+    def dead_topk(self, pre: Tensor | None, xc: Tensor, dead_idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Each row's top-k over the dead latents: (float32 values, global latent indices). Read
+        from the whole-batch pre-activation when there is one, else recomputed per micro-batch
+        from the dead rows of the encoder only (O(batch * n_dead * d))."""
+        if pre is not None:
+            vals, local = pre.index_select(1, dead_idx).topk(k, dim=1, sorted=False)
+            self._note_overflow(vals)
+            return vals.float(), dead_idx[local]
+        w_dead, b_dead = self._dead_encoder(dead_idx)
+        parts = []
+        for rows in self._chunks(xc.shape[0]):
+            cols = torch.addmm(b_dead, xc[rows].to(w_dead.dtype), w_dead.t())
+            vals, local = cols.topk(k, dim=1, sorted=False)
+            self._note_overflow(vals)
+            parts.append((vals.float(), dead_idx[local]))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _dead_encoder(self, dead_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """The dead latents' encoder rows and biases, in the GEMM's dtype."""
+        if self.precision.low:
+            assert self._w_enc_low is not None and self._b_enc_low is not None
+            return self._w_enc_low.index_select(0, dead_idx), self._b_enc_low.index_select(0, dead_idx)
+        return self.sae.W_enc.index_select(0, dead_idx), self.sae.b_enc.index_select(0, dead_idx)
 
     def _main_fixed_width(self, x: Tensor, xc: Tensor, idx: Tensor, vals: Tensor, raw_vals: Tensor) -> _Main:
         """Main loss (and Multi-TopK) from the [batch, width] code; writes W_dec.grad and
@@ -176,7 +289,6 @@ class SparseTopKStep:
         grad_x_hat = err * (2.0 * self.mse_scale / denom)
         fired_mask = main_vals > 0  # this rank's latents that fired
         fired = main_idx[fired_mask]
-        self._update_tracker(fired, x.shape[0])
 
         # gradient w.r.t. the encoder values at `idx` (width entries per token)
         g_main = values_grad(main_idx, W_dec, grad_x_hat) * fired_mask
@@ -213,7 +325,6 @@ class SparseTopKStep:
         grad_x_hat = err * (2.0 * self.mse_scale / x.numel())
         active = code.values > 0
         fired = code.latents[active]
-        self._update_tracker(fired, x.shape[0])
         g_enc = code.values_grad(W_dec, grad_x_hat) * active
         order = LatentOrder(code.latents, n, rows=code.rows)
         rows_by_latent_(W_dec.grad, order, code.values, grad_x_hat, accumulate=False)
@@ -264,24 +375,23 @@ class SparseTopKStep:
         return partial if self.tp is None else self.tp.all_reduce_(partial)
 
     def _auxk_tp(
-        self, pre: Tensor, dead_idx: Tensor, n_dead: int, err: Tensor, xc: Tensor, grad_b_enc: Tensor
+        self, pre: Tensor | None, dead_idx: Tensor, n_dead: int, err: Tensor, xc: Tensor, grad_b_enc: Tensor
     ) -> Tensor:
         """AuxK with latent-sharded weights: exact global top-k_aux over every rank's dead
         latents (candidates padded to a common width), then the sparse kernels on each shard."""
         assert self.tp is not None
         batch = err.shape[0]
         k_aux = min(self.cfg.k_aux, n_dead)
-        cand_vals = torch.full((batch, k_aux), float("-inf"), device=pre.device)
-        cand_idx = torch.full((batch, k_aux), -1, dtype=torch.long, device=pre.device)
+        cand_vals = torch.full((batch, k_aux), float("-inf"), device=xc.device)
+        cand_idx = torch.full((batch, k_aux), -1, dtype=torch.long, device=xc.device)
         k_local = min(k_aux, int(dead_idx.numel()))
         if k_local > 0:
-            v, loc = pre.index_select(1, dead_idx).topk(k_local, dim=1, sorted=False)
-            cand_vals[:, :k_local], cand_idx[:, :k_local] = v, dead_idx[loc]
+            cand_vals[:, :k_local], cand_idx[:, :k_local] = self.dead_topk(pre, xc, dead_idx, k_local)
         raw, aux_idx, owned = self.tp.global_topk(cand_vals, cand_idx, k_aux)
         self.last_aux_path = "tp_sparse_topk"
         return self._auxk_fixed_width(aux_idx, raw.clamp_min(0) * owned, -err, xc, grad_b_enc)
 
-    def _auxk(self, pre: Tensor, dead_idx: Tensor, err: Tensor, xc: Tensor, grad_b_enc: Tensor) -> Tensor:
+    def _auxk(self, pre: Tensor | None, dead_idx: Tensor, err: Tensor, xc: Tensor, grad_b_enc: Tensor) -> Tensor:
         """AuxK loss; adds its gradients to W_dec.grad, W_enc.grad and grad_b_enc. err = x_hat - x."""
         cfg, sae = self.cfg, self.sae
         W_enc, W_dec = sae.W_enc, sae.W_dec
@@ -298,14 +408,28 @@ class SparseTopKStep:
             aux, grad_e_hat = self._aux_loss(block.decode(w_dead).sub_(residual), var_res)
             if grad_e_hat is None:
                 return aux
-            g_wdec, g_wenc, g_benc = block.backward(grad_e_hat, w_dead, xc)
+            g_wdec, g_wenc, g_benc = self._scaled_block_backward(block, grad_e_hat, w_dead, xc)
             W_dec.grad.index_add_(0, dead_idx, g_wdec)
             W_enc.grad.index_add_(0, dead_idx, g_wenc)
             grad_b_enc.index_add_(0, dead_idx, g_benc)
             return aux
         self.last_aux_path = "sparse_topk"
-        raw, local = pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False)
-        return self._auxk_fixed_width(dead_idx[local], raw.clamp_min(0), residual, xc, grad_b_enc, var_res)
+        raw, aux_idx = self.dead_topk(pre, xc, dead_idx, k_aux)
+        return self._auxk_fixed_width(aux_idx, raw.clamp_min(0), residual, xc, grad_b_enc, var_res)
+
+    def _scaled_block_backward(
+        self, block: DeadBlock, grad_e_hat: Tensor, w_dead: Tensor, xc: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The dead block's backward; in fp16 under the loss scale (its products would underflow
+        unscaled), unscaled in float32 and checked for overflow."""
+        if block.dtype != torch.float16:
+            return block.backward(grad_e_hat, w_dead, xc)
+        scale = self.precision.scale
+        grads = block.backward(grad_e_hat * scale, w_dead, xc)
+        for g in grads:
+            g.div_(scale)
+            self._note_overflow(g)
+        return grads
 
     def _auxk_fixed_width(
         self,

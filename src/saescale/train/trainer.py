@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import psutil
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -35,11 +36,13 @@ from saescale.console import first_line, print0
 from saescale.core.config import SAEConfig, TrainConfig
 from saescale.core.model import TopKSAE, check_activations
 from saescale.distributed.parallel import DataParallel, TensorParallel
+from saescale.distributed.plan import auto_micro_batches
 from saescale.train.checkpoint import StorageCheckpointer, TrainerSnapshot
 from saescale.train.dead_latents import DeadLatentTracker
 from saescale.train.loggers import MetricsLogger, NullLogger
 from saescale.train.optim import WeightEMA, lr_at, make_adam, remove_parallel_grad_
-from saescale.train.step import SparseTopKStep
+from saescale.train.precision import Precision
+from saescale.train.step import SparseTopKStep, StepStats
 
 EPS = 1e-9  # guards divisions by elapsed times and counts
 
@@ -123,6 +126,8 @@ class Trainer:
         self.optimizer = make_adam(self.params, cfg, self.base_lr)
         self.tracker = DeadLatentTracker(sae.cfg.n_latents, sae.cfg.dead_tokens_threshold, self.device)
         self.ema = WeightEMA(self.params, cfg.ema_decay) if cfg.ema_decay else None
+        self.precision = Precision.make(cfg.precision, self.device)
+        self.micro_batches = cfg.micro_batches
         self.step = 0
         self.tokens_seen = 0
         self.mse_scale: float | None = None
@@ -149,7 +154,15 @@ class Trainer:
 
     def _make_step_fn(self) -> None:
         assert self.mse_scale is not None
-        self._step_fn = SparseTopKStep(self.sae, self.mse_scale, self.tracker, tp=self.tp, dp=self.dp)
+        self._step_fn = SparseTopKStep(
+            self.sae,
+            self.mse_scale,
+            self.tracker,
+            tp=self.tp,
+            dp=self.dp,
+            precision=self.precision,
+            micro_batches=self.micro_batches if self.micro_batches != "auto" else 1,
+        )
 
     # ---------------------------------------------------------- agreement
     def _distributed(self) -> bool:
@@ -203,8 +216,12 @@ class Trainer:
         assert self._step_fn is not None
         x = batch.to(self.device, torch.float32, non_blocking=True)
         x_normed, _ = self.sae.normalize(x)
+        if self._step_fn.micro_batches != self.micro_batches:  # "auto": planned on the first batch
+            self._step_fn.micro_batches = self._planned_micro_batches(x.shape[0])
         logging_now = (self.step + 1) % self.cfg.log_every == 0
         stats = self._step_fn(x_normed, compute_fvu=logging_now)
+        if self._agreed_overflow(stats.overflow):
+            return self._skip_step(x.shape[0], stats, logging_now)
         error = None
         if not torch.isfinite(stats.loss):
             error = FloatingPointError(
@@ -256,7 +273,59 @@ class Trainer:
         }
         if self.sae.cfg.multi_topk:
             metrics["multi_topk_loss"] = multi_loss
+        if self.precision.scaler is not None:
+            metrics["loss_scale"] = self.precision.scale
+            metrics["skipped_steps"] = float(self.precision.scaler.skipped_steps)
         return metrics
+
+    def _planned_micro_batches(self, rows: int) -> int:
+        """`micro_batches="auto"`: the memory planner's fewest chunks for this device's memory."""
+        if self.micro_batches != "auto":
+            return int(self.micro_batches)
+        if self.device.type == "cuda":
+            device_bytes = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            device_bytes = psutil.virtual_memory().total
+        tp = self.tp.size if self.tp is not None else 1
+        dp = self.dp.size if self.dp is not None else 1
+        plan = auto_micro_batches(
+            self.n_global,
+            self.sae.cfg.d_in,
+            self.sae.cfg.k,
+            tp * dp,
+            tp,
+            rows * dp,
+            ema=self.ema is not None,
+            device_gib=device_bytes / 2**30,
+            precision=self.precision.name,
+        )
+        self.micro_batches = plan.micro_batches
+        return plan.micro_batches
+
+    def _agreed_overflow(self, overflow: bool) -> bool:
+        """fp16: whether any rank's low-precision products overflowed (one all-reduce MAX of one
+        int); every rank then updates its loss scale alike. Always False in bf16/fp32."""
+        scaler = self.precision.scaler
+        if scaler is None:
+            return False
+        if self._distributed():
+            flag = torch.tensor([int(overflow)], dtype=torch.int64, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            overflow = bool(flag.item())
+        scaler.update(overflow)
+        return overflow
+
+    def _skip_step(self, rows: int, stats: StepStats, logging_now: bool) -> dict[str, float] | None:
+        """An fp16 overflow on some rank: no optimiser update anywhere, the batch counts as seen
+        (the data position stays that of a normal step), the halved scale is logged."""
+        self.step += 1
+        self.tokens_seen += rows * (self.dp.size if self.dp is not None else 1)
+        self._window_tokens += rows
+        self._fire_counts += torch.bincount(stats.fired, minlength=self.sae.cfg.n_latents)
+        print0(f"step {self.step}: fp16 overflow, step skipped; loss scale now {self.precision.scale:g}")
+        if not logging_now:
+            return None
+        return {"loss_scale": self.precision.scale, "skipped_steps": float(self.precision.scaler.skipped_steps)}
 
     @torch.no_grad()
     def _grad_norm(self) -> Tensor:
@@ -376,6 +445,8 @@ class Trainer:
             "ema_steps": self.ema.steps if self.ema is not None else 0,
             "train_cfg": self.cfg.to_dict(),
             "sae_cfg": self.global_sae_cfg.to_dict(),
+            "precision": self.precision.name,  # resolved; a resume may run in another one
+            "loss_scale": self.precision.scaler.state_dict() if self.precision.scaler is not None else None,
             "adam_param_groups": [
                 {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.state_dict()["param_groups"]
             ],
@@ -418,5 +489,9 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(tensors, int(info["ema_steps"]))
         torch.set_rng_state(tensors["rng.cpu"])
+        if self.precision.scaler is not None and info.get("loss_scale"):
+            self.precision.scaler.load_state_dict(info["loss_scale"])
+        if info.get("precision", self.precision.name) != self.precision.name:
+            print0(f"resuming a {info['precision']} checkpoint in {self.precision.name}")
         self._make_step_fn()
         return self.step
