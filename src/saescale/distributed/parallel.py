@@ -35,9 +35,18 @@ class CommStats:
         self.seconds, self.bytes_sent = 0.0, 0
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU, where ops run synchronously): CUDA
+    kernels are asynchronous, so a timer read without it charges compute to whatever waits next."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _all_reduce(t: Tensor, size: int, group, stats: CommStats, op=dist.ReduceOp.SUM) -> Tensor:
+    synchronize(t.device)  # pending compute is not communication
     t0 = time.perf_counter()
     dist.all_reduce(t, op=op, group=group)
+    synchronize(t.device)
     stats.seconds += time.perf_counter() - t0
     stats.bytes_sent += 2 * (size - 1) * t.numel() * t.element_size() // size
     return t
@@ -77,9 +86,11 @@ class TensorParallel:
         return torch.cat(self._all_gather(t), dim=0)
 
     def _all_gather(self, t: Tensor) -> list[Tensor]:
+        synchronize(t.device)
         t0 = time.perf_counter()
         parts = [torch.empty_like(t) for _ in range(self.size)]
         dist.all_gather(parts, t.contiguous(), group=self.group)
+        synchronize(t.device)
         self.stats.seconds += time.perf_counter() - t0
         self.stats.bytes_sent += (self.size - 1) * t.numel() * t.element_size()
         return parts

@@ -225,7 +225,11 @@ class SparseTopKStep:
             main = self._main_fixed_width(x, xc, idx, vals, raw_vals)
         self._update_tracker(main.fired, x.shape[0])
         l0 = (main.raw > 0).sum(1).float().mean()
-        fvu = main.mse / self._batch_variance(x).clamp_min(1e-30) if compute_fvu else torch.full((), float("nan"))
+        fvu = (
+            main.mse / self._batch_variance(x).clamp_min(1e-30)
+            if compute_fvu
+            else torch.full((), float("nan"), device=x.device)
+        )
 
         # ---- AuxK on the dead latents ------------------------------------------------------
         auxk_loss = torch.zeros((), device=x.device)

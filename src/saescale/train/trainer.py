@@ -35,7 +35,7 @@ from torch import Tensor
 from saescale.console import first_line, print0
 from saescale.core.config import SAEConfig, TrainConfig
 from saescale.core.model import TopKSAE, check_activations
-from saescale.distributed.parallel import DataParallel, TensorParallel
+from saescale.distributed.parallel import DataParallel, TensorParallel, synchronize
 from saescale.distributed.plan import auto_micro_batches
 from saescale.train.checkpoint import StorageCheckpointer, TrainerSnapshot
 from saescale.train.dead_latents import DeadLatentTracker
@@ -374,8 +374,10 @@ class Trainer:
                         print0(f"data ended at step {self.step}; stopping every rank there")
                     break
                 comm0, bytes0 = self._comm()
+                batch = batch.to(self.device, non_blocking=True)  # NCCL gathers device tensors only
                 x = self.tp.all_gather_rows(batch) if self.tp is not None else batch
                 metrics = self._checked_step(x)
+                synchronize(self.device)  # CUDA: the step's kernels have finished
                 t2 = time.perf_counter()
                 comm1, bytes1 = self._comm()
                 first = summary.totals.steps == 0

@@ -1,0 +1,57 @@
+"""The same step on a CUDA device as on the CPU, on the same weights (skipped without a GPU: the
+suite never depends on one; bench/gpu_check.sh runs these and the GPU benchmarks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import perturbed_sae
+from saescale.core.config import SAEConfig, TrainConfig
+from saescale.train.dead_latents import DeadLatentTracker
+from saescale.train.precision import Precision
+from saescale.train.step import SparseTopKStep
+from saescale.train.trainer import Trainer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)"),
+]
+
+
+def _step_on(device: str, precision: str, micro_batches: int):
+    cfg = SAEConfig(d_in=64, n_latents=4096, k=32, k_aux=32, normalization="none", aux_precision="float32")
+    g = torch.Generator().manual_seed(0)
+    sae = perturbed_sae(cfg, g).to(device)
+    with torch.no_grad():
+        sae.b_enc[:300] -= 1.0
+    x = torch.randn(256, 64, generator=g).to(device)
+    tracker = DeadLatentTracker(cfg.n_latents, 1000, torch.device(device))
+    tracker.tokens_since_fired[:300] = 1000
+    step = SparseTopKStep(
+        sae, 0.7, tracker, precision=Precision.make(precision, torch.device(device)), micro_batches=micro_batches
+    )
+    stats = step(x)
+    return stats, {n: p.grad.cpu() for n, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("precision,rtol", [("fp32", 1e-3), ("bf16", 3e-2)])
+def test_cuda_step_matches_the_cpu_float32_step(precision, rtol):
+    ref, ref_grads = _step_on("cpu", "fp32", 1)
+    stats, grads = _step_on("cuda", precision, 2)
+    assert stats.loss.device.type == "cuda"
+    torch.testing.assert_close(stats.loss.cpu(), ref.loss, rtol=rtol, atol=0)
+    for name, g in grads.items():
+        diff = (g - ref_grads[name]).norm() / ref_grads[name].norm()
+        assert diff <= rtol, f"{name}: {diff:.2e}"
+
+
+def test_cuda_trainer_logs_and_checkpoints(tmp_path):
+    cfg = SAEConfig(d_in=32, n_latents=1024, k=8)
+    sae = perturbed_sae(cfg, torch.Generator().manual_seed(1)).to("cuda")
+    trainer = Trainer(sae, TrainConfig(log_every=2, checkpoint_every=4), checkpoint_url=str(tmp_path / "ck"))
+    data = [torch.randn(128, 32) for _ in range(4)]
+    summary = trainer.fit(data)
+    assert summary.steps == 4 and summary.final["loss"] == summary.final["loss"]
+    assert trainer.precision.name == "bf16"
+    assert (tmp_path / "ck" / "latest.json").exists()
