@@ -1,7 +1,8 @@
 """A run's identity, run_id = <run_name>-<config hash>: runs that differ in any setting of the
 trained SAE (train.lr, which the readable name does not show) get their own folder and
 checkpoints, settings that do not change the SAE keep the run, and a sweep skips a run only when
-its folder holds a result of the same config."""
+its folder holds a result of the same config. A real sweep over train.lr (a folder and a config
+hash per lr, and a rerun that skips them) runs in tests/test_sweep.py, whose Ray sweep varies lr."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import pyarrow.parquet as pq
 import pytest
 
 from saescale import storage
@@ -134,24 +134,6 @@ def sweep(tmp_path, cache: str, *overrides: str) -> subprocess.CompletedProcess:
         *overrides,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
-
-
-@pytest.mark.slow
-def test_an_lr_sweep_trains_each_lr_in_its_own_folder_and_a_rerun_skips_them(tmp_path, small_cache):
-    proc = sweep(tmp_path, small_cache)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    rows = pq.read_table(tmp_path / "sweeps" / "lr" / "results.parquet").to_pylist()
-    assert [r["status"] for r in rows] == ["finished", "finished"] and [r["steps"] for r in rows] == [4, 4]
-    folders = {r["output_dir"] for r in rows}
-    assert len(folders) == 2  # one folder per lr, each with its own result
-    hashes = {storage.read_json(os.path.join(folder, "result.json"))["config_hash"] for folder in folders}
-    assert len(hashes) == 2
-    assert len({r["run_name"] for r in rows}) == 2 and all(r["run_name"].startswith("resid8-n256-k8-") for r in rows)
-
-    again = sweep(tmp_path, small_cache)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    rows = pq.read_table(tmp_path / "sweeps" / "lr" / "results.parquet").to_pylist()
-    assert [r["action"] for r in rows] == ["skipped", "skipped"]
 
 
 def test_a_sweep_whose_runs_share_an_output_dir_is_refused(tmp_path):

@@ -2,9 +2,14 @@
 
 Through the real job (embedded local Ray, Ray Data stream, Ray Train workers) on a copy of the
 real small cache: one training shard, not the held-out shard 0 and not the shard the workers read
-for the initialisation sample, gets 16 bytes flipped in its middle, or loses its second half.
-The run must exit non-zero with a single `error:` line naming that shard and how to rebuild it,
-print no Python traceback of its own, spend no worker-group restart on it, and write no result.json.
+for the initialisation sample, gets 16 bytes flipped in its middle. The run must exit non-zero
+with a single `error:` line naming that shard and how to rebuild it, print no Python traceback of
+its own, spend no worker-group restart on it, and write no result.json.
+
+Both kinds of damage (16 flipped bytes, a lost second half) are also read through the job's own
+Ray Data stream (`service.stream.make_datasets`) on a local Ray: each must fail the read with the
+one line the job prints. The two kinds take the same path from the read task to the driver's
+line, so one whole Ray Train job (about 40 s) covers that path for both.
 """
 
 from __future__ import annotations
@@ -37,14 +42,26 @@ def damage(path: str, how: str) -> None:
         handle.write(data)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("how", ["flip", "truncate"])
-def test_damaged_training_shard_stops_the_job_in_one_line(tmp_path, small_cache, how):
-    cache = tmp_path / "cache"
-    shutil.copytree(small_cache, cache)
-    manifest = json.loads((cache / "manifest.json").read_text())
+def damaged_copy(small_cache: str, where, how: str) -> tuple[str, dict]:
+    """A copy of the cache at `where` with shard DAMAGED damaged `how`; returns (its file, manifest)."""
+    shutil.copytree(small_cache, where)
+    manifest = json.loads((where / "manifest.json").read_text())
     shard = manifest["shards"][DAMAGED]["file"]
-    damage(str(cache / shard), how)
+    damage(str(where / shard), how)
+    return shard, manifest
+
+
+def assert_names_shard_and_remedy(line: str, cache, shard: str, how: str) -> None:
+    assert os.path.basename(shard) in line and str(cache) in line, line
+    assert ("checksum mismatch" if how == "flip" else "truncated") in line, line
+    assert "python jobs/cache.py" in line and f"output={cache}" in line, line  # the remedy, runnable as printed
+
+
+@pytest.mark.slow
+def test_damaged_training_shard_stops_the_job_in_one_line(tmp_path, small_cache):
+    how = "flip"
+    cache = tmp_path / "cache"
+    shard, _ = damaged_copy(small_cache, cache, how)
 
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
     env = dict(os.environ, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline", RAY_DEDUP_LOGS="0", RAY_TMPDIR=ray_tmp)
@@ -75,9 +92,70 @@ def test_damaged_training_shard_stops_the_job_in_one_line(tmp_path, small_cache,
     assert not any("Traceback" in line for line in driver), log
     errors = [line for line in driver if line.startswith("error:")]
     assert len(errors) == 1, log
-    line = errors[0]
-    assert os.path.basename(shard) in line and str(cache) in line, line
-    assert ("checksum mismatch" if how == "flip" else "truncated") in line, line
-    assert "python jobs/cache.py" in line and f"output={cache}" in line, line  # the remedy, runnable as printed
+    assert_names_shard_and_remedy(errors[0], cache, shard, how)
     assert not list(tmp_path.rglob("result.json"))  # wherever this run's output folder is
     assert "[FailurePolicy] RETRY" not in proc.stdout + proc.stderr  # no worker-group restart was spent on it
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """An embedded local Ray in this process, as the job starts it (`ensure_ray`), for the
+    stream tests below; its own short temp dir (Ray's socket paths must stay short)."""
+    import ray
+
+    from saescale.service.ray_local import ensure_ray
+
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = ray_tmp
+    try:
+        assert ensure_ray(num_cpus=2) is not None, "this process was connected to a Ray already"
+        yield
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_damaged_shard_fails_the_ray_data_stream_with_the_jobs_line(tmp_path, small_cache, local_ray, how):
+    """The job's stream of every training shard, read by Ray Data tasks: the damaged shard's read
+    fails with the CorruptShardError the job reports (`first_cause` finds it behind Ray's
+    wrappers), and the driver's line names the shard, the kind of damage and the rebuild."""
+    from saescale.data.format import CorruptShardError
+    from saescale.service.stream import (
+        arrow_filesystem,
+        corrupt_shard_line,
+        first_cause,
+        make_datasets,
+        plan_data,
+        rebuild_hint,
+    )
+
+    cache = tmp_path / "cache"
+    shard, manifest = damaged_copy(small_cache, cache, how)
+    train = manifest["shards"][1:]  # shard 0 is held out, as in the job
+    filesystem, root = arrow_filesystem(str(cache), None)
+    plan = plan_data(
+        sum(s["rows"] for s in train),
+        [f"{root}/{s['file']}" for s in train],
+        batch_size=256,
+        world=2,
+        epochs=1,
+        seed=0,
+        sha256=[s["sha256"] for s in train],
+        sizes=[s["bytes"] for s in train],
+    )
+    remedy = rebuild_hint(str(cache), manifest["build_config"])
+    stream = make_datasets(plan, filesystem, with_ids=False, cache_url=str(cache), remedy=remedy)["train"]
+    with pytest.raises(Exception) as failed:  # Ray's wrapper of the read task's error
+        stream.materialize()
+    cause = first_cause([failed.value])
+    assert type(cause) is CorruptShardError, repr(failed.value)[-3000:]
+    line = corrupt_shard_line(cause, str(cache), remedy)
+    assert "\n" not in line
+    assert_names_shard_and_remedy(line, cache, shard, how)

@@ -1,6 +1,8 @@
 """A Hydra multirun sweep of the training job on a real embedded Ray cluster: every run is its own
 Ray Job, runs train at the same time when the cluster has room, a failing run does not stop the
-others, and re-running the sweep skips finished runs. Results land in one Parquet table."""
+others, and re-running the sweep skips finished runs. Results land in one Parquet table. The
+finished runs differ only in train.lr, which their readable name does not show: each still gets
+its own folder and config hash (the run identity of tests/test_run_identity.py, end to end)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+
+from saescale import storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = "sweep-ztest"
@@ -25,8 +29,9 @@ def run_sweep(tmp_path, cache: str) -> subprocess.CompletedProcess:
         os.path.join(ROOT, "jobs", "train.py"),
         "-m",
         # k=1024 > n_latents: those two runs fail their config check inside their own job
-        "sae.n_latents=256,512",
+        "train.lr=0.001,0.003",
         "sae.k=8,1024",
+        "sae.n_latents=256",
         f"data.cache={cache}",
         "data.heldout_tokens=512",
         "data.shuffle_buffer_rows=256",
@@ -44,9 +49,17 @@ def run_sweep(tmp_path, cache: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
 
 
-def read_table(tmp_path) -> dict[tuple[int, int], dict]:
+LRS = ("0.001", "0.003")
+
+
+def read_table(tmp_path) -> dict[tuple[str, int], dict]:
+    """The results table keyed by (train.lr as given, k)."""
     rows = pq.read_table(tmp_path / "sweeps" / SWEEP / "results.parquet").to_pylist()
-    return {(r["n_latents"], r["k"]): r for r in rows}
+    table = {}
+    for r in rows:
+        (lr,) = [o.split("=", 1)[1] for o in r["overrides"].split() if o.startswith("train.lr=")]
+        table[(lr, r["k"])] = r
+    return table
 
 
 @pytest.mark.slow
@@ -56,18 +69,24 @@ def test_sweep_runs_concurrently_survives_a_failing_run_and_resumes(tmp_path, sm
     assert proc.returncode != 0, log[-3000:]  # the sweep reports its failed runs in its exit code
     assert "2 finished" in log and "2 failed" in log, log[-3000:]
     table = read_table(tmp_path)
-    assert sorted(table) == [(256, 8), (256, 1024), (512, 8), (512, 1024)]
-    a, b = table[(256, 8)], table[(512, 8)]
+    assert sorted(table) == [(lr, k) for lr in LRS for k in (8, 1024)]
+    a, b = table[(LRS[0], 8)], table[(LRS[1], 8)]
     for row in (a, b):
+        assert row["n_latents"] == 256 and row["k"] == 8
         assert row["status"] == "finished" and row["action"] == "run", row
         assert 0 < row["heldout_nmse"] < 1 and row["dead_fraction"] is not None
         assert row["tokens"] == row["steps"] * 256 > 0
         assert row["compute"] == pytest.approx(6 * row["tokens"] * 576 * row["n_latents"])
         assert 0 < row["tokens_to_convergence"] <= row["tokens"]
         assert row["model"] and row["hook"] == "resid_post.8"
+    # runs that differ only in train.lr: one folder each, each result with its own config hash
+    assert a["output_dir"] != b["output_dir"] and a["run_name"] != b["run_name"]
+    assert all(row["run_name"].startswith("resid8-n256-k8-") for row in (a, b))
+    hashes = {storage.read_json(os.path.join(row["output_dir"], "result.json"))["config_hash"] for row in (a, b)}
+    assert len(hashes) == 2
     # the two good runs trained at the same time (their job intervals overlap)
     assert a["start_time"] < b["end_time"] and b["start_time"] < a["end_time"], (a, b)
-    for key in ((256, 1024), (512, 1024)):
+    for key in ((LRS[0], 1024), (LRS[1], 1024)):
         assert table[key]["status"] == "failed"
         assert "k=1024" in table[key]["error"] or "k (1024)" in table[key]["error"], table[key]["error"]
         log_file = tmp_path / "sweeps" / SWEEP / str(table[key]["num"]) / "job.log"
@@ -81,10 +100,15 @@ def test_sweep_runs_concurrently_survives_a_failing_run_and_resumes(tmp_path, sm
     # re-running the sweep skips the finished runs and retries only the failed ones
     again = run_sweep(tmp_path, small_cache)
     table2 = read_table(tmp_path)
-    for key in ((256, 8), (512, 8)):
+    for key in ((LRS[0], 8), (LRS[1], 8)):
         assert table2[key]["action"] == "skipped" and table2[key]["job_id"] is None
         assert table2[key]["heldout_nmse"] == table[key]["heldout_nmse"]
-    assert table2[(256, 1024)]["status"] == "failed" and table2[(256, 1024)]["job_id"] != table[(256, 1024)]["job_id"]
+    failed = (LRS[0], 1024)
+    assert table2[failed]["status"] == "failed" and table2[failed]["job_id"] != table[failed]["job_id"]
+    # the launcher got through its results, timeline and wandb table with skipped runs in them:
+    # its last line, so the non-zero exit is the failed runs' alone
+    again_log = again.stdout + again.stderr
+    assert "2 finished (2 skipped as already finished), 2 failed" in again_log, again_log[-3000:]
     assert again.returncode != 0
 
 

@@ -3,9 +3,10 @@ on Shakespeare): Ray Data -> Ray Train workers (tp=2) -> per-rank checkpoints ->
 
 - one run (a module fixture) whose driver is restarted and whose worker is SIGKILLed inside a
   checkpoint save: each test checks one thing of it (resume points, every row trained once, the
-  gathered SAE and exports, metrics and wandb, the evaluation job on its SAE);
-- `ray start --head` + `ray job submit`, with the cache read from and checkpoints written to a
-  real S3 server on loopback (moto).
+  gathered SAE and exports, metrics and wandb, the evaluation job on its SAE, the same steps as
+  a dp=2 run, a quiet console beside a running `ray start --head`);
+- `ray job submit` to that head (one `ray start --head` for the module), with the cache read
+  from and checkpoints written to a real S3 server on loopback (moto).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,8 +51,8 @@ def job_args(cache: str, *overrides: str) -> list[str]:
     return [d for d in defaults if d.split("=", 1)[0] not in keys] + list(overrides)
 
 
-def run_job(tmp_path, cache, *overrides):
-    env = dict(os.environ, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline", RAY_DEDUP_LOGS="0")
+def run_job(tmp_path, cache, *overrides, env=None):
+    env = dict(env or os.environ, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline", RAY_DEDUP_LOGS="0")
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, os.path.join(ROOT, "jobs", "train.py"), *job_args(cache, *overrides)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
@@ -85,16 +88,50 @@ def rows_trained(rows_dir) -> dict[int, list[int]]:
     return steps
 
 
+# the first launch of the resumed run; the dp=2 run repeats it with parallel.tp=1
+FIRST_LAUNCH = ("train.max_steps=4", "train.log_every=1", "debug.record_rows=true")
+
+
 @pytest.fixture(scope="module")
-def resumed_run(tmp_path_factory, small_cache):
+def ray_head_env(tmp_path_factory):
+    """One `ray start --head` (4 CPUs, its own temp dir) for the module: the S3 test submits its
+    job to it, and the resumed run starts its embedded Ray beside it. Yields (env with the head's
+    RAY_TMPDIR, the job server's address, $SAESCALE_RUNS of the jobs submitted to it, the GCS
+    address)."""
+    runs = tmp_path_factory.mktemp("head-runs")
+    env = dict(os.environ, SAESCALE_RUNS=str(runs), WANDB_MODE="offline")
+    # a submitted job has the head's environment: the S3 server's test credentials (as `s3_bucket` sets them)
+    env.update(
+        AWS_ACCESS_KEY_ID="testing-key-id", AWS_SECRET_ACCESS_KEY="testing-secret-key", AWS_DEFAULT_REGION="us-east-1"
+    )
+    with ray_head(env) as (gcs, address):
+        yield env, address, runs, gcs
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory, small_cache, ray_head_env):
     """One run interrupted twice: the driver stops after 4 steps (as if it were restarted there);
     the rerun of the same command resumes at step 4, and rank 1 is SIGKILLed while saving the
     step-8 checkpoint, so that checkpoint never registers and the new worker group resumes from 4.
-    Returns (runs dir, the run's folder, the second launch's log)."""
+    Both launches start their own embedded Ray while the module's `ray start --head` runs, in the
+    same RAY_TMPDIR (its address in Ray's current-cluster file), as a new user following the README.
+    The first launch's SAE and metrics are kept in `first/` (the second launch replaces them).
+    Returns (runs dir, the run's folder, the second launch's log, the first launch's result)."""
+    head_env = ray_head_env[0]
     runs = tmp_path_factory.mktemp("resumed")
-    run_job(runs, small_cache, "train.max_steps=4", "debug.record_rows=true")
+    run_job(runs, small_cache, *FIRST_LAUNCH, env=head_env)
     first = json.loads((runs / "tiny" / "result.json").read_text())
-    log = run_job(runs, small_cache, "debug.record_rows=true", "fault.rank=1", "fault.step=8", "fault.during_save=true")
+    shutil.copytree(runs / "tiny" / "sae", runs / "first" / "sae")
+    shutil.copy(runs / "tiny" / "metrics.jsonl", runs / "first" / "metrics.jsonl")
+    log = run_job(
+        runs,
+        small_cache,
+        "debug.record_rows=true",
+        "fault.rank=1",
+        "fault.step=8",
+        "fault.during_save=true",
+        env=head_env,
+    )
     return runs, runs / "tiny", log, first
 
 
@@ -199,7 +236,7 @@ def load_sae_shard(checkpoint: str, tp_rank: int) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def ray_head(env: dict[str, str], num_cpus: int = 4):
-    """`ray start --head` on loopback with its own temp dir; yields the dashboard address."""
+    """`ray start --head` on loopback with its own temp dir; yields (GCS address, dashboard address)."""
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
     env.update(
         RAY_TMPDIR=ray_tmp,
@@ -210,50 +247,49 @@ def ray_head(env: dict[str, str], num_cpus: int = 4):
         PATH=f"{BIN}:{os.environ['PATH']}",
     )
     env.pop("RAY_ADDRESS", None)
-    _, dashboard = start_ray_head(env, num_cpus)
+    gcs, dashboard = start_ray_head(env, num_cpus)
     try:
-        yield dashboard
+        yield gcs, dashboard
     finally:
         stop_ray_started_in(ray_tmp)  # not `ray stop`: it would stop every Ray on the machine
 
 
 @pytest.mark.slow
-def test_ray_job_submit_reads_cache_from_s3_and_checkpoints_there(tmp_path, small_cache, s3_bucket):
+def test_ray_job_submit_reads_cache_from_s3_and_checkpoints_there(small_cache, s3_bucket, ray_head_env):
     import s3fs
 
     bucket, options = s3_bucket
     fs = s3fs.S3FileSystem(**options)
     fs.put(small_cache, f"{bucket}/cache", recursive=True)
     endpoint = options["client_kwargs"]["endpoint_url"]
-    env = dict(os.environ, SAESCALE_RUNS=str(tmp_path), WANDB_MODE="offline")
-    with ray_head(env) as address:
-        job = ray_job_submit(
-            [
-                os.path.join(BIN, "ray"),
-                "job",
-                "submit",
-                "--address",
-                address,
-                "--working-dir",
-                ROOT,
-                "--",
-                "python",
-                "jobs/train.py",
-                *job_args(
-                    f"{bucket}/cache",
-                    f"data.endpoint_url={endpoint}",
-                    f"storage.url={bucket}/runs",
-                    f"storage.endpoint_url={endpoint}",
-                    f"output_dir={bucket}/out",
-                    "export.evaluate=false",
-                    "train.max_steps=6",
-                ),
-            ],
-            env=env,
-            timeout=900,
-            cwd=ROOT,
-        )
-        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    env, address, runs, _ = ray_head_env  # the head's $SAESCALE_RUNS is what the submitted job sees
+    job = ray_job_submit(
+        [
+            os.path.join(BIN, "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            ROOT,
+            "--",
+            "python",
+            "jobs/train.py",
+            *job_args(
+                f"{bucket}/cache",
+                f"data.endpoint_url={endpoint}",
+                f"storage.url={bucket}/runs",
+                f"storage.endpoint_url={endpoint}",
+                f"output_dir={bucket}/out",
+                "export.evaluate=false",
+                "train.max_steps=6",
+            ),
+        ],
+        env=env,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     fs.invalidate_cache()
     result = json.loads(fs.cat_file(f"{bucket}/out/result.json"))
     assert result["steps"] == 6 and result["tokens"] == 6 * BATCH
@@ -270,13 +306,13 @@ def test_ray_job_submit_reads_cache_from_s3_and_checkpoints_there(tmp_path, smal
     # dir (a copy under Ray's temp dir), not here; Hydra's own files went to $SAESCALE_RUNS/hydra
     local = [
         os.path.join(d, n)
-        for top in (env["RAY_TMPDIR"], str(tmp_path))
+        for top in (env["RAY_TMPDIR"], str(runs))
         for d, dirs, files in os.walk(top)
         for n in dirs + files
     ] + os.listdir(ROOT)
     assert any(p.startswith(env["RAY_TMPDIR"]) and p.endswith(os.path.join("jobs", "train.py")) for p in local)
     assert [p for p in local if "s3:" in os.path.basename(p)] == []
-    assert (tmp_path / "hydra" / "tiny" / ".hydra" / "config.yaml").exists()
+    assert (runs / "hydra" / "tiny" / ".hydra" / "config.yaml").exists()
     assert result["checkpoint"].startswith(f"{bucket}/runs/tiny/checkpoint_")
     names = {os.path.basename(p) for p in fs.ls(result["checkpoint"])}
     assert {
@@ -333,28 +369,69 @@ def test_cache_job_rejects_unknown_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_dp2_and_tp2_jobs_take_the_same_steps(tmp_path, small_cache):
-    """Through the real Ray job: 2 workers as dp=2 x tp=1 and as dp=1 x tp=2 read the same
-    streams (the split depends only on the worker count), so they must log the same losses and
-    end with the same SAE (the engine-level test compares against one process)."""
+def test_dp2_and_tp2_jobs_take_the_same_steps(tmp_path, small_cache, resumed_run):
+    """Through the real Ray job: 2 workers as dp=2 x tp=1 and as dp=1 x tp=2 (the resumed run's
+    first launch) read the same streams (the split depends only on the worker count), so they
+    must log the same losses and end with the same SAE (the engine-level test compares against
+    one process)."""
+    runs, _, _, _ = resumed_run
+    run_job(
+        tmp_path,
+        small_cache,
+        "run_id=tp1",
+        "parallel.tp=1",
+        *FIRST_LAUNCH,
+        "export.saelens=false",
+        "export.sparsify=false",
+    )
     results = {}
-    for layout in ("parallel.tp=1", "parallel.tp=2"):
-        run_job(
-            tmp_path,
-            small_cache,
-            f"run_id={layout.replace('=', '')}",
-            layout,
-            "train.max_steps=6",
-            "train.log_every=1",
-            "export.saelens=false",
-            "export.sparsify=false",
-        )
-        out = tmp_path / layout.replace("=", "")
+    for layout, out in (("parallel.tp=1", tmp_path / "tp1"), ("parallel.tp=2", runs / "first")):
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses = [m["loss"] for m in metrics if "loss" in m]
         results[layout] = (losses, load_sae(str(out / "sae"))[0])
     (loss_dp, sae_dp), (loss_tp, sae_tp) = results.values()
-    assert len(loss_dp) == len(loss_tp) == 6
+    assert len(loss_dp) == len(loss_tp) == 4
     torch.testing.assert_close(torch.tensor(loss_dp), torch.tensor(loss_tp), rtol=1e-4, atol=1e-6)
     for name in ("W_enc", "b_enc", "W_dec", "b_pre"):
         torch.testing.assert_close(getattr(sae_dp, name), getattr(sae_tp, name), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_embedded_ray_beside_a_running_head_with_a_quiet_console(resumed_run, ray_head_env):
+    """The README's `ray start --head` is running (its address in Ray's current-cluster file), and
+    `python jobs/train.py` with no address (the resumed run's second launch) must start its own
+    Ray, say so, and train. Its console has the progress bars and the summary but not Ray's own
+    noise (the placement-group cleaner's State API warning every second, Ray Data's per-epoch
+    execution blocks); the worker killed mid-run still shows its error lines, and Ray's log files
+    keep everything."""
+    _, out, console, _ = resumed_run
+    env, _, _, head_gcs = ray_head_env
+    ray_tmp = env["RAY_TMPDIR"]
+    with open(os.path.join(ray_tmp, "ray", "ray_current_cluster")) as current:
+        assert head_gcs.split(":")[1] in current.read()  # where a bare ray.init() would go
+    steps = json.loads((out / "result.json").read_text())["steps"]
+    assert "num_cpus and num_gpus must not be provided" not in console
+    started = [line for line in console.splitlines() if line.startswith("[saescale] Ray: ")]
+    assert len(started) == 1 and "started an embedded local Ray" in started[0], started
+    # the worker SIGKILLed at step 8: Ray's error lines still reach the console, and the run restarts
+    assert "A worker died or was killed" in console or "ActorDiedError" in console, console[-4000:]
+    assert "[FailurePolicy] RETRY" in console, console[-4000:]
+    assert f"{steps}/{steps}" in console and f'"steps": {steps}' in console  # the progress bar and the summary
+    for noise in (
+        "PlacementGroupCleaner",
+        "State API",
+        "Starting execution of Dataset",
+        "Execution plan of Dataset",
+        "execution finished in",
+        "Progress bars disabled",
+        "Estimated parquet",
+    ):
+        assert noise not in console, (noise, console[-4000:])
+    # ... all of it is still in the embedded Ray's log files
+    logs = re.search(r"logs in (\S+/logs)\)", started[0]).group(1)
+    assert logs.startswith(ray_tmp) and os.path.isdir(logs)
+    with open(os.path.join(logs, "ray-data", "ray-data.log")) as handle:
+        data_log = handle.read()
+    assert "Execution plan of Dataset" in data_log and "execution finished in" in data_log
+    assert any(name.startswith("worker-") and name.endswith(".err") for name in os.listdir(logs))
+    assert os.path.exists(os.path.join(logs, "raylet.out"))
