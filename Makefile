@@ -39,6 +39,8 @@ bench: install
 	$(BIN)/saescale bench cache
 	$(BIN)/saescale bench step --d-in 576 --n-latents 16384 --k 32 --batch 4096 --no-auxk
 	$(BIN)/saescale bench step --d-in 576 --n-latents 16384 --k 32 --batch 4096 --dead-fraction 0.1
+	$(BIN)/saescale bench step --d-in 576 --n-latents 16384 --k 32 --batch 4096 --no-naive --precision bf16
+	$(BIN)/saescale bench step --d-in 576 --n-latents 65536 --k 32 --batch 4096 --no-naive --no-auxk --micro-batches 4
 	$(BIN)/saescale bench dist --d-in 576 --n-latents 16384 --k 32 --batch 4096 --tp 2
 
 bench-large: install  ## peak memory at 2^16, 2^18 latents and 2^19 at tp=2 (minutes; ~14 GB of RAM)

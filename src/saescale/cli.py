@@ -27,6 +27,9 @@ def _bench_step(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
         aux_precision=args.aux_precision,
+        precision=args.precision,
+        micro_batches=args.micro_batches,
+        device=args.device,
     )
     print(json.dumps(result))
     return 0
@@ -58,14 +61,46 @@ def _bench_recovery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_precision(args: argparse.Namespace) -> int:
+    from saescale.bench.precision import Setting, bench_precision
+
+    setting = Setting(
+        d_in=args.d_in,
+        n_latents=args.n_latents,
+        k=args.k,
+        batch=args.batch,
+        steps=args.steps,
+        n_atoms=args.n_atoms,
+        active=args.active,
+        lr=args.lr,
+        dead_steps=args.dead_steps,
+        micro_batches=args.micro_batches,
+        seed=args.seed,
+    )
+    print(json.dumps(bench_precision(tuple(args.precision), setting, args.device, args.threads)))
+    return 0
+
+
 def _bench_dist(args: argparse.Namespace) -> int:
     from saescale.bench.dist import bench_dist, bench_peak_memory
 
     if args.peak_memory:
-        result = bench_peak_memory(args.d_in, args.n_latents, args.k, args.batch, args.tp, args.repeats)
+        result = bench_peak_memory(
+            args.d_in, args.n_latents, args.k, args.batch, args.tp, args.repeats, args.precision, args.micro_batches
+        )
     else:
         result = bench_dist(
-            args.d_in, args.n_latents, args.k, args.batch, args.tp, args.threads, args.repeats, args.warmup, args.rounds
+            args.d_in,
+            args.n_latents,
+            args.k,
+            args.batch,
+            args.tp,
+            args.threads,
+            args.repeats,
+            args.warmup,
+            args.rounds,
+            args.precision,
+            args.micro_batches,
         )
     print(json.dumps(result))
     return 0
@@ -138,6 +173,17 @@ def _choose_plan(args: argparse.Namespace) -> MemoryPlan:
     )
 
 
+def _positive_int(value: str) -> int:
+    """A positive integer (argparse type)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return number
+
+
 def _micro_batches_arg(value: str) -> int | str:
     """A positive integer or 'auto' (argparse type)."""
     if value == "auto":
@@ -169,6 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--warmup", type=int, default=2)
     step.add_argument("--repeats", type=int, default=7)
     step.add_argument("--aux-precision", choices=["auto", "float32", "bfloat16"], default="auto")
+    step.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="fp32",
+        help="the step's compute dtype (train.precision); default fp32, so numbers stay comparable "
+        "with earlier runs (auto = bf16 where the hardware multiplies it natively)",
+    )
+    step.add_argument(
+        "--micro-batches",
+        type=_positive_int,
+        default=1,
+        help="row chunks of the GEMM + top-k (train.micro_batches); default 1, the whole batch at once",
+    )
+    step.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every tensor lives")
     step.set_defaults(func=_bench_step)
     cache = bench_sub.add_parser("cache", help="activation cache writer tokens/s and reader rows/s (local, S3)")
     cache.add_argument("--d-model", type=int, default=576)
@@ -224,6 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: train --repeats steps at tp ranks, per-rank peak RSS vs saescale plan",
     )
+    dist.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="fp32",
+        help="train.precision of every trainer (and of the plan); default fp32, as in earlier versions",
+    )
+    dist.add_argument(
+        "--micro-batches", type=_positive_int, default=1, help="train.micro_batches of every trainer (and of the plan)"
+    )
     dist.set_defaults(func=_bench_dist)
 
     scaling = sub.add_parser("scaling", help="scaling-law fits of a sweep's results table")
@@ -233,6 +302,31 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--loss", default="heldout_nmse", help="the loss column")
     fit.add_argument("--out", default="scaling", help="folder for fits.json and the plots")
     fit.set_defaults(func=_scaling_fit)
+
+    prec = bench_sub.add_parser(
+        "precision", help="held-out NMSE, dead fraction and step time of a short run in fp32 vs low precision"
+    )
+    prec.add_argument(
+        "--precision",
+        nargs="+",
+        choices=["auto", "bf16", "fp16"],
+        default=["bf16"],
+        help="precisions compared with the fp32 run (default bf16)",
+    )
+    prec.add_argument("--d-in", type=int, default=128)
+    prec.add_argument("--n-latents", type=int, default=4096)
+    prec.add_argument("--k", type=int, default=32)
+    prec.add_argument("--batch", type=int, default=1024)
+    prec.add_argument("--steps", type=int, default=600)
+    prec.add_argument("--n-atoms", type=int, default=2048, help="atoms of the synthetic dictionary")
+    prec.add_argument("--active", type=int, default=16, help="atoms per synthetic token")
+    prec.add_argument("--lr", type=float, default=1e-3)
+    prec.add_argument("--dead-steps", type=int, default=20, help="batches without firing before a latent is dead")
+    prec.add_argument("--micro-batches", type=_positive_int, default=1)
+    prec.add_argument("--seed", type=int, default=0)
+    prec.add_argument("--threads", type=int, default=2)
+    prec.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    prec.set_defaults(func=_bench_precision)
 
     rec = bench_sub.add_parser("recovery", help="recovery of a known sparse dictionary (AuxK / init ablations)")
     rec.add_argument("--no-auxk", action="store_true")

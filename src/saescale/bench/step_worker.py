@@ -1,7 +1,13 @@
-"""Child process of `saescale bench step`: times one kind of step and reports its own peak RSS.
+"""Child process of `saescale bench step`: times one kind of step and reports its own peak memory.
 
 Each kind runs in a fresh process so that one measurement's allocations never inflate another's
 peak memory. Usage: python -m saescale.bench.step_worker '<json spec>'
+
+The `step` kind runs in two phases. Phase 1 interleaves the same-precision floor (the step's own
+encoder GEMM + top-k, chunked like the step, into the step's own buffer: no extra memory) with
+the step, and records the peak memory. Only then, in low precision, phase 2 allocates a float32
+chunk buffer and interleaves the float32 floor with the step, so the float32 comparison never
+shows in the peak. On CUDA every timed region is bracketed by `torch.cuda.synchronize()`.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -19,14 +27,43 @@ from saescale.core.model import TopKSAE
 from saescale.core.reference import dense_losses
 from saescale.train.dead_latents import DeadLatentTracker
 from saescale.train.optim import make_adam, remove_parallel_grad_
-from saescale.train.step import SparseTopKStep
+from saescale.train.precision import Precision
+from saescale.train.step import LOW_PRECISION_OVERSELECT, SparseTopKStep
+
+Fn = Callable[[], None]
 
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def build(spec: dict) -> tuple[TopKSAE, torch.Tensor, torch.Tensor]:
+def device_of(spec: dict[str, Any]) -> torch.device:
+    """The device named by --device; a clear error when CUDA is asked for but absent."""
+    name = spec.get("device", "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "saescale bench step: --device cuda but torch sees no CUDA device; "
+            "install a CUDA torch (make install TORCH=torch) or use --device cpu"
+        )
+    return torch.device(name)
+
+
+def synchronizer(device: torch.device) -> Fn:
+    """What ends a timed region: waiting for the GPU's queued kernels (nothing on CPU)."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def timed(fn: Fn, sync: Fn) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def build(spec: dict[str, Any], device: torch.device) -> tuple[TopKSAE, torch.Tensor, torch.Tensor]:
+    """The SAE, a batch and the planted dead latents, all on `device` (drawn from seeded CPU
+    generators, so CPU and CUDA runs see the same numbers)."""
     cfg = SAEConfig(
         d_in=spec["d_in"],
         n_latents=spec["n_latents"],
@@ -36,94 +73,164 @@ def build(spec: dict) -> tuple[TopKSAE, torch.Tensor, torch.Tensor]:
         normalization="none",
         aux_precision=spec.get("aux_precision", "auto"),
     )
+    sae = TopKSAE(cfg, device=device)
+    sae.reset_parameters_seeded(0)
     g = torch.Generator().manual_seed(0)
-    sae = TopKSAE(cfg)
-    sae.reset_parameters(generator=g)
     n_dead = int(round(spec["dead_fraction"] * cfg.n_latents))
-    dead = torch.randperm(cfg.n_latents, generator=g)[:n_dead]
+    dead = torch.randperm(cfg.n_latents, generator=g)[:n_dead].to(device)
     with torch.no_grad():
         # dead latents: kept out of the main top-k by a negative bias, but with a tail of
         # positive pre-activations (~2% of tokens) for AuxK to model, as in a real run
         sae.b_enc[dead] = spec.get("dead_bias", -2.0)
-    x = torch.randn(spec["batch"], cfg.d_in, generator=g)
+    x = torch.randn(spec["batch"], cfg.d_in, generator=g).to(device)
     return sae, x, dead
 
 
-def run(spec: dict) -> dict:
-    torch.set_num_threads(spec["threads"])
-    sae, x, dead = build(spec)
+def chunk_slices(step: SparseTopKStep, batch: int) -> list[slice]:
+    """The step's micro-batches (rows per chunk from the step itself)."""
+    rows = step.chunk_rows(batch)
+    return [slice(lo, min(lo + rows, batch)) for lo in range(0, batch, rows)]
+
+
+def step_width(sae: TopKSAE) -> int:
+    return sae.cfg.multi_k if sae.cfg.multi_topk else sae.cfg.k
+
+
+def same_precision_floor(step: SparseTopKStep, x: torch.Tensor) -> Fn:
+    """The step's floor in its own dtype: the low-precision weight copy, then per micro-batch
+    `encode_chunk` and the top-k width the step takes there (2x candidates in low precision),
+    into the step's own pre-activation buffer."""
+    sae, slices = step.sae, chunk_slices(step, x.shape[0])
+    over = LOW_PRECISION_OVERSELECT if step.precision.low else 1
+    width = min(step_width(sae) * over, sae.cfg.n_latents)
+
+    @torch.no_grad()
+    def floor() -> None:
+        xc = x - sae.b_pre
+        step.refresh_low_precision_()
+        for rows in slices:
+            step.encode_chunk(xc[rows]).topk(width, dim=1, sorted=False)
+
+    return floor
+
+
+def fp32_floor(step: SparseTopKStep, x: torch.Tensor) -> Fn:
+    """The same chunked GEMM + top-k in float32 (allocates a float32 chunk buffer: phase 2 only)."""
+    sae, slices = step.sae, chunk_slices(step, x.shape[0])
+    n = sae.cfg.n_latents
+    width = min(step_width(sae), n)
+    buf = torch.empty(step.chunk_rows(x.shape[0]), n, device=x.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def floor() -> None:
+        xc = x - sae.b_pre
+        for rows in slices:
+            out = buf[: rows.stop - rows.start]
+            torch.addmm(sae.b_enc, xc[rows], sae.W_enc.t(), out=out).topk(width, dim=1, sorted=False)
+
+    return floor
+
+
+def interleave(floor: Fn, train_step: Fn, repeats: int, sync: Fn) -> tuple[list[float], list[float]]:
+    """(floor times, step times), each step timed just after its floor (noise hits both alike)."""
+    floor_times, step_times = [], []
+    for _ in range(repeats):
+        floor_times.append(timed(floor, sync))
+        step_times.append(timed(train_step, sync))
+    return floor_times, step_times
+
+
+def peak_device_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def run_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    sae, x, dead = build(spec, device)
     cfg = sae.cfg
-    kind = spec["kind"]
     threshold = NEVER_DEAD  # the dead set is planted by hand each step below, never by the tracker
-    if kind == "step":
-        tracker = DeadLatentTracker(cfg.n_latents, threshold)
-        step = SparseTopKStep(sae, mse_scale=1.0, tracker=tracker)
-        params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre]
-        opt = make_adam(params, TrainConfig(), lr=1e-4)
+    tracker = DeadLatentTracker(cfg.n_latents, threshold, device)
+    precision = Precision.make(spec.get("precision", "fp32"), device)
+    step = SparseTopKStep(sae, 1.0, tracker, precision=precision, micro_batches=spec.get("micro_batches", 1))
+    opt = make_adam([sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre], TrainConfig(), lr=1e-4)
+    sync = synchronizer(device)
 
-        def train_step() -> None:
-            tracker.tokens_since_fired[dead] = threshold
-            step(x, compute_fvu=False)  # as the trainer does on non-logging steps
-            remove_parallel_grad_(sae.W_dec, sae.W_dec.grad)
-            opt.step()
-            sae.normalize_decoder_()
+    def train_step() -> None:
+        tracker.tokens_since_fired[dead] = threshold
+        step(x, compute_fvu=False)  # as the trainer does on non-logging steps
+        remove_parallel_grad_(sae.W_dec, sae.W_dec.grad)
+        opt.step()
+        sae.normalize_decoder_()
 
-        def floor() -> None:
-            # the same GEMM + top-k, into the step's own pre-activation buffer (no extra memory)
-            pre = step.pre_buffer(x.shape[0])
-            torch.addmm(sae.b_enc.detach(), x - sae.b_pre.detach(), sae.W_enc.detach().t(), out=pre)
-            pre.topk(cfg.k, dim=1, sorted=False)
+    floor = same_precision_floor(step, x)
+    for _ in range(spec["warmup"]):
+        train_step()
+        floor()
+    floor_times, step_times = interleave(floor, train_step, spec["repeats"], sync)
+    result = {
+        "kind": "step",
+        "precision": precision.name,
+        "micro_batches": step.micro_batches,
+        "chunk_rows": step.chunk_rows(x.shape[0]),
+        "median_s": statistics.median(step_times),
+        "floor_median_s": statistics.median(floor_times),
+        "times_s": step_times,
+        "floor_times_s": floor_times,
+        "peak_rss_bytes": peak_rss_bytes(),  # before phase 2's float32 buffer exists
+        "peak_device_bytes": peak_device_bytes(device),
+    }
+    if precision.low:  # phase 2: the float32 floor, with a buffer of its own
+        floor32 = fp32_floor(step, x)
+        floor32()  # first touch of the new buffer
+        result["fp32_floor_times_s"], result["fp32_step_times_s"] = interleave(
+            floor32, train_step, spec["repeats"], sync
+        )
+    else:
+        result["fp32_floor_times_s"], result["fp32_step_times_s"] = floor_times, step_times
+    return result
 
-        for _ in range(spec["warmup"]):
-            train_step()
-            floor()
-        step_times, floor_times = [], []
-        for _ in range(spec["repeats"]):  # interleaved, so machine noise hits both alike
-            t0 = time.perf_counter()
-            floor()
-            t1 = time.perf_counter()
-            train_step()
-            t2 = time.perf_counter()
-            floor_times.append(t1 - t0)
-            step_times.append(t2 - t1)
-        return {
-            "kind": kind,
-            "median_s": statistics.median(step_times),
-            "floor_median_s": statistics.median(floor_times),
-            "times_s": step_times,
-            "floor_times_s": floor_times,
-            "peak_rss_bytes": peak_rss_bytes(),
-        }
-    if kind == "naive":
-        params = {n: p for n, p in sae.named_parameters()}
-        opt = torch.optim.Adam(list(params.values()), lr=1e-4, eps=6.25e-10)
-        dead_mask = torch.zeros(cfg.n_latents, dtype=torch.bool)
-        dead_mask[dead] = True
 
-        def naive_step() -> None:
-            opt.zero_grad(set_to_none=True)
-            out = dense_losses(params, x, cfg, 1.0, dead_mask if spec["auxk"] and len(dead) else None)
-            out["loss"].backward()
-            with torch.no_grad():
-                w, g = sae.W_dec, sae.W_dec.grad
-                g -= (g * w).sum(1, keepdim=True) * w
-            opt.step()
-            sae.normalize_decoder_()
+def run_naive(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The dense autograd step (float32 whatever --precision says)."""
+    sae, x, dead = build(spec, device)
+    cfg = sae.cfg
+    params = dict(sae.named_parameters())
+    opt = torch.optim.Adam(list(params.values()), lr=1e-4, eps=6.25e-10)
+    dead_mask = torch.zeros(cfg.n_latents, dtype=torch.bool, device=device)
+    dead_mask[dead] = True
+    sync = synchronizer(device)
 
-        for _ in range(spec["warmup"]):
-            naive_step()
-        times = []
-        for _ in range(spec["repeats"]):
-            t0 = time.perf_counter()
-            naive_step()
-            times.append(time.perf_counter() - t0)
-        return {
-            "kind": kind,
-            "median_s": statistics.median(times),
-            "times_s": times,
-            "peak_rss_bytes": peak_rss_bytes(),
-        }
-    raise ValueError(f"unknown kind {kind!r}")
+    def naive_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = dense_losses(params, x, cfg, 1.0, dead_mask if spec["auxk"] and len(dead) else None)
+        out["loss"].backward()
+        with torch.no_grad():
+            w, g = sae.W_dec, sae.W_dec.grad
+            g -= (g * w).sum(1, keepdim=True) * w
+        opt.step()
+        sae.normalize_decoder_()
+
+    for _ in range(spec["warmup"]):
+        naive_step()
+    times = [timed(naive_step, sync) for _ in range(spec["repeats"])]
+    return {
+        "kind": "naive",
+        "median_s": statistics.median(times),
+        "times_s": times,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_device_bytes": peak_device_bytes(device),
+    }
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    torch.set_num_threads(spec["threads"])
+    device = device_of(spec)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if spec["kind"] == "step":
+        return run_step(spec, device)
+    if spec["kind"] == "naive":
+        return run_naive(spec, device)
+    raise ValueError(f"unknown kind {spec['kind']!r}")
 
 
 if __name__ == "__main__":

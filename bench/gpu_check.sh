@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# A prepared check for a machine with one NVIDIA GPU; not part of the test suite.
+#
+#   make install TORCH=torch            # a CUDA build of torch (see the Makefile's TORCH)
+#   bash bench/gpu_check.sh [all|env|step|precision|train]    # from the repo root; default all
+#
+# Prints one JSON object per line:
+#   {"check": "env", ...}        nvidia-smi's GPU, torch and CUDA versions
+#   {"check": "step", ...}       saescale bench step --device cuda --no-naive, d=4096, k=32, batch
+#                                8192, n = 2^19, 2^20, 2^22 latents, fp32 and bf16; micro-batches chosen
+#                                by `saescale plan --micro-batches auto` for this GPU's memory, and a
+#                                size the planner rejects is reported as skipped, not run
+#   {"check": "precision", ...}  saescale bench precision --device cuda (fp32 vs bf16 NMSE drift)
+#   {"check": "cache"|"train"}   jobs/cache.py, then a 20-step Ray Train job on the GPU
+# Every command runs under a timeout; a failure or timeout is reported in its line (ok=false, rc,
+# the end of its stderr) and the script goes on. The sections let a runner with a per-command
+# limit split the work (the whole script takes several minutes on an H100/H200).
+set -u
+
+PY=${PY:-.venv/bin/python}
+SECTION=${1:-all}
+STEP_TIMEOUT=${STEP_TIMEOUT:-240}
+JOB_TIMEOUT=${JOB_TIMEOUT:-300}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+export WANDB_MODE=disabled
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/saescale-gpu-check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+
+case "$SECTION" in
+    all | env | step | precision | train) ;;
+    *)
+        echo "gpu_check.sh: unknown section '$SECTION'; use one of all, env, step, precision, train" >&2
+        exit 2
+        ;;
+esac
+
+# report NAME RC START END STDOUT_FILE STDERR_FILE EXTRA_JSON CMD...: one JSON line for one command
+report() {
+    "$PY" - "$@" <<'EOF'
+import json
+import sys
+
+name, rc, start, end, out, err, extra, *cmd = sys.argv[1:]
+rc = int(rc)
+seconds = round(float(end) - float(start), 1)
+line = {"check": name, **json.loads(extra), "ok": rc == 0, "rc": rc, "seconds": seconds}
+if rc in (124, 137):
+    line["timed_out"] = True
+stdout = open(out).read().strip().splitlines()
+try:
+    line["result"] = json.loads(stdout[-1]) if stdout else None
+except json.JSONDecodeError:
+    line["stdout_tail"] = stdout[-5:]
+if rc != 0:
+    line["stderr_tail"] = open(err).read().strip().splitlines()[-15:]
+line["cmd"] = " ".join(cmd)
+print(json.dumps(line), flush=True)
+EOF
+}
+
+# check NAME TIMEOUT EXTRA_JSON CMD...: run CMD under a timeout and report it
+check() {
+    local name=$1 limit=$2 extra=$3 rc start end
+    shift 3
+    start=$(date +%s.%N)
+    timeout --kill-after=30 "$limit" "$@" >"$WORK/out" 2>"$WORK/err"
+    rc=$?
+    end=$(date +%s.%N)
+    report "$name" "$rc" "$start" "$end" "$WORK/out" "$WORK/err" "$extra" "$@"
+}
+
+env_check() {
+    local smi
+    smi=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)
+    "$PY" - "$smi" <<'EOF'
+import json
+import sys
+
+import torch
+
+line = {"check": "env", "nvidia_smi": sys.argv[1], "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+line["cuda_available"] = torch.cuda.is_available()
+if line["cuda_available"]:
+    props = torch.cuda.get_device_properties(0)
+    line.update(gpu=props.name, gpu_gib=round(props.total_memory / 2**30, 1), bf16=torch.cuda.is_bf16_supported())
+print(json.dumps(line), flush=True)
+EOF
+}
+
+gpu_gib() {
+    "$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30)" 2>/dev/null || echo 80
+}
+
+step_checks() {
+    local gib n p plan mb extra
+    gib=$(gpu_gib)
+    for n in 524288 1048576 4194304; do
+        for p in fp32 bf16; do
+            extra="{\"n_latents\": $n, \"precision\": \"$p\"}"
+            plan=$("$PY" -m saescale.cli plan --n-latents "$n" --d-model 4096 --k 32 --workers 1 --tp 1 \
+                --batch 8192 --micro-batches auto --precision "$p" --device-gib "$gib" --json 2>"$WORK/plan_err")
+            if [ $? -ne 0 ]; then
+                "$PY" - "$extra" "$WORK/plan_err" <<'EOF'
+import json
+import sys
+
+why = open(sys.argv[2]).read().strip().splitlines()
+print(json.dumps({"check": "step", **json.loads(sys.argv[1]), "skipped": why[-1] if why else "planner failed"}))
+EOF
+                continue
+            fi
+            mb=$(echo "$plan" | "$PY" -c "import json, sys; print(json.load(sys.stdin)['micro_batches'])")
+            check step "$STEP_TIMEOUT" "${extra%\}}, \"micro_batches\": $mb}" \
+                "$PY" -m saescale.cli bench step --device cuda --no-naive --d-in 4096 --n-latents "$n" --k 32 \
+                --batch 8192 --precision "$p" --micro-batches "$mb" --repeats 3 --warmup 1 --threads "$(nproc)"
+        done
+    done
+}
+
+precision_check() {
+    check precision "$STEP_TIMEOUT" '{}' "$PY" -m saescale.cli bench precision --device cuda --precision bf16 fp16
+}
+
+train_checks() {
+    check cache "$JOB_TIMEOUT" '{}' "$PY" jobs/cache.py
+    check train "$JOB_TIMEOUT" '{}' "$PY" jobs/train.py parallel.use_gpu=true parallel.workers=1 parallel.tp=1 \
+        train.max_steps=20 train.log_every=5 wandb.enabled=false export.saelens=false export.sparsify=false \
+        run_id=gpu-check "output_dir=$WORK/train" "storage.url=$WORK/ray"
+    if [ -f "$WORK/train/result.json" ]; then
+        "$PY" -c "import json, sys; print(json.dumps({'check': 'train_result', **json.load(open(sys.argv[1]))}))" \
+            "$WORK/train/result.json"
+    fi
+}
+
+case "$SECTION" in
+    env) env_check ;;
+    step) step_checks ;;
+    precision) precision_check ;;
+    train) train_checks ;;
+    all)
+        env_check
+        step_checks
+        precision_check
+        train_checks
+        ;;
+esac

@@ -1,0 +1,67 @@
+"""The benchmarks' precision and micro-batch reports, at tiny sizes (each runs the real CLI)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+TINY = ["--d-in", "32", "--n-latents", "1024", "--k", "8", "--batch", "256"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "saescale.cli", "bench", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def _json(out: subprocess.CompletedProcess[str]) -> dict:
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bench_step_reports_precision_micro_batches_and_both_floors(precision):
+    quick = ["--repeats", "2", "--warmup", "1", "--no-naive", "--micro-batches", "2"]
+    result = _json(_cli("step", *TINY, *quick, "--precision", precision))
+    assert result["precision"] == precision
+    assert result["micro_batches"] == 2
+    for key in ("step_s", "floor_s", "floor_fp32_s", "step_over_floor", "step_over_fp32_floor", "preact_mb"):
+        assert result[key] > 0, key
+    # one micro-batch's pre-activation: 128 rows x 1024 latents in the compute dtype
+    assert result["preact_mb"] == round(128 * 1024 * (4 if precision == "fp32" else 2) / 2**20, 1)
+    if precision == "fp32":
+        assert result["floor_fp32_s"] == result["floor_s"]
+    else:  # the float32 floor was timed in its own phase, after the peak was taken
+        assert len(result["fp32_floor_times_s"]) == 2
+
+
+def test_bench_step_rejects_micro_batches_larger_than_the_batch():
+    out = _cli("step", *TINY, "--no-naive", "--micro-batches", "512")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "saescale: error: --micro-batches must be between 1 and --batch (256), got 512"
+    ]
+
+
+def test_bench_precision_reports_a_finite_drift():
+    tiny = ["--d-in", "16", "--n-latents", "256", "--k", "4", "--batch", "128", "--steps", "10"]
+    result = _json(_cli("precision", *tiny, "--n-atoms", "64", "--active", "2", "--precision", "bf16"))
+    assert set(result["runs"]) == {"fp32", "bf16"}
+    assert math.isfinite(result["nmse_drift"]["bf16"])
+    for run in result["runs"].values():
+        assert 0 < run["heldout_nmse"] < 2 and run["step_s"] > 0
+
+
+def test_bench_dist_peak_memory_plans_the_precision_and_micro_batches_it_runs():
+    tiny = ["--d-in", "16", "--n-latents", "512", "--k", "4", "--batch", "64", "--tp", "2", "--repeats", "1"]
+    result = _json(_cli("dist", "--peak-memory", *tiny, "--precision", "bf16", "--micro-batches", "2"))
+    assert (result["precision"], result["micro_batches"]) == ("bf16", 2)
+    assert result["peak_over_plan"] > 0
+    # a layout the planner rejects is refused before any rank starts
+    bad = _cli("dist", "--peak-memory", *tiny, "--micro-batches", "3")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "saescale: error: batch=64 must divide into dp=1 groups x micro_batches=3"
