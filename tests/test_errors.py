@@ -128,3 +128,28 @@ def test_bench_step_cli_prints_json_and_rejects_bad_args():
     )
     assert bad.returncode != 0
     assert "k=64 is larger than sae.n_latents=16" in bad.stderr
+
+
+def test_a_crash_through_the_restarts_is_one_readable_line():
+    from saescale.app.train_job import crash_line
+
+    oom = (
+        "Training failed due to controller error: 2 worker(s) were killed due to the node running low on "
+        "memory. Memory on the node was 21.73GB used / 23.54GB limit\n" + "Top 10 memory users: ...\n" * 20
+    )
+    line = crash_line(oom, 2, int(9.89 * 2**30))
+    assert "\n" not in line and "memory monitor killed the workers (planned 9.89 GiB per worker)" in line
+    assert "raise train.micro_batches" in line
+    long = "x" * 5000 + "\nsecond line"
+    line = crash_line(long, 1, 0)
+    assert line.endswith("...") and len(line) < 500 and "second" not in line
+
+
+def test_the_default_worker_memory_leaves_room_for_ray_and_the_driver():
+    import psutil
+
+    from saescale.app.train_job import local_worker_memory_gib
+
+    total = psutil.virtual_memory().total / 2**30
+    assert local_worker_memory_gib(2) == pytest.approx((0.95 * total - 5.0) / 2)
+    assert local_worker_memory_gib(2) < total / 2

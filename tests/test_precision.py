@@ -85,7 +85,7 @@ def test_low_precision_step_matches_the_float32_reference(precision, n_dead):
     for name, p in sae.named_parameters():
         assert _rel(p.grad, params[name].grad) <= grad_tol, f"{precision} grad of {name}"
 
-    # the selected latents: float32 re-ranking of 2x low-precision candidates
+    # the selected latents: float32 re-ranking of the low-precision candidates
     with torch.no_grad():
         step.refresh_low_precision_()
         xc = x - sae.b_pre

@@ -127,7 +127,8 @@ class ParallelSection:
     tp: int = 2
     cpus_per_worker: float = 1  # also the torch threads of each worker
     use_gpu: bool = False
-    memory_per_worker_gib: Optional[float] = None  # for the pre-launch check; null: RAM / workers
+    # for the pre-launch check; null: (95% of RAM - 5 GiB for Ray and the driver) / workers
+    memory_per_worker_gib: Optional[float] = None
 
     def __post_init__(self) -> None:
         _positive(

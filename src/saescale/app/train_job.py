@@ -62,6 +62,34 @@ def typed(cfg: DictConfig) -> TrainJobConfig:
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
+# Ray's memory monitor kills workers above 95% of the node's memory; the driver, Ray's own
+# processes, Ray Data's blocks and the OS take about this much beside the workers (measured: the
+# monitor counted 24.0 GB used when two 2^20-latent workers held 9.6 GB each, i.e. 4.5 GiB else).
+RAY_MEMORY_THRESHOLD = 0.95
+RAY_SIDE_GIB = 5.0
+
+
+def crash_line(message: str, restarts: int, planned_bytes: int) -> str:
+    """One readable line for a run that crashed through its restarts (Ray's own message can be
+    pages long, e.g. its memory monitor's list of every process)."""
+    if "running low on memory" in message:
+        return (
+            f"training failed after {restarts} restart(s): Ray's memory monitor killed the workers "
+            f"(planned {planned_bytes / 2**30:.2f} GiB per worker); lower sae.n_latents or train.batch_size, "
+            "raise train.micro_batches, or run on more or bigger nodes (set parallel.memory_per_worker_gib "
+            "to what a worker really has)"
+        )
+    first = message.strip().split("\n", 1)[0]
+    return f"training failed after {restarts} restart(s): {first[:400]}{'...' if len(first) > 400 else ''}"
+
+
+def local_worker_memory_gib(workers: int) -> float:
+    """Memory each worker of a one-machine (CPU) run may plan for: what Ray's OOM killer allows,
+    less the driver's and Ray's share, split over the workers."""
+    total = psutil.virtual_memory().total / 2**30
+    return max(total * RAY_MEMORY_THRESHOLD - RAY_SIDE_GIB, 0.5) / workers
+
+
 def engine_configs(job: TrainJobConfig, d_in: int, total_steps: int) -> tuple[SAEConfig, TrainConfig]:
     """The engine's SAE and train configs from the job's sections (validated on construction)."""
     sae = SAEConfig(d_in=d_in, **vars(job.sae))
@@ -102,7 +130,7 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     total_steps = min(data.total_steps, job.train.max_steps or data.total_steps)
     sae_cfg, train_cfg = engine_configs(job, manifest.d_model, total_steps)
 
-    memory = job.parallel.memory_per_worker_gib or psutil.virtual_memory().total / 2**30 / dims.world_size
+    memory = job.parallel.memory_per_worker_gib or local_worker_memory_gib(dims.world_size)
     # the workers resolve precision "auto" on their own devices; the driver plans for the same kind
     precision = train_cfg.precision
     if precision == "auto":
@@ -251,7 +279,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             fail(corrupt_shard_line(cause, cache_url, spec.cache_remedy))
         if cause is not None:  # a refused resume, a bad batch or loss: the user's to fix
             fail(first_line(cause))
-        fail(f"training failed after {job.ray.max_failures} restart(s): {failed}", EXIT_FAILED)
+        fail(crash_line(str(failed), job.ray.max_failures, spec.planned_bytes), EXIT_FAILED)
     final = dict(result.metrics or {})
     ckpt = checkpoint_url(result, spec.storage_url)
     sae_url = storage.join(run.output_dir, "sae")

@@ -28,7 +28,7 @@ from saescale.core.reference import dense_losses
 from saescale.train.dead_latents import DeadLatentTracker
 from saescale.train.optim import make_adam, remove_parallel_grad_
 from saescale.train.precision import Precision
-from saescale.train.step import LOW_PRECISION_OVERSELECT, SparseTopKStep
+from saescale.train.step import SparseTopKStep, low_precision_candidates
 
 Fn = Callable[[], None]
 
@@ -98,11 +98,11 @@ def step_width(sae: TopKSAE) -> int:
 
 def same_precision_floor(step: SparseTopKStep, x: torch.Tensor) -> Fn:
     """The step's floor in its own dtype: the low-precision weight copy, then per micro-batch
-    `encode_chunk` and the top-k width the step takes there (2x candidates in low precision),
+    `encode_chunk` and the top-k width the step takes there (its candidates in low precision),
     into the step's own pre-activation buffer."""
     sae, slices = step.sae, chunk_slices(step, x.shape[0])
-    over = LOW_PRECISION_OVERSELECT if step.precision.low else 1
-    width = min(step_width(sae) * over, sae.cfg.n_latents)
+    width = step_width(sae)
+    width = min(low_precision_candidates(width) if step.precision.low else width, sae.cfg.n_latents)
 
     @torch.no_grad()
     def floor() -> None:
