@@ -2,10 +2,11 @@
 # A prepared check for a machine with one NVIDIA GPU; not part of the test suite.
 #
 #   make install TORCH=torch            # a CUDA build of torch (see the Makefile's TORCH)
-#   bash bench/gpu_check.sh [all|env|step|precision|train]    # from the repo root; default all
+#   bash bench/gpu_check.sh [all|env|tests|step|precision|train]    # from the repo root; default all
 #
 # Prints one JSON object per line:
 #   {"check": "env", ...}        nvidia-smi's GPU, torch and CUDA versions
+#   {"check": "tests", ...}      pytest -m gpu tests/test_cuda.py (the CUDA step against the CPU's)
 #   {"check": "step", ...}       saescale bench step --device cuda --no-naive, d=4096, k=32, batch
 #                                8192, n = 2^19, 2^20, 2^22 latents, fp32 and bf16; micro-batches chosen
 #                                by `saescale plan --micro-batches auto` for this GPU's memory, and a
@@ -27,9 +28,9 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/saescale-gpu-check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
 case "$SECTION" in
-    all | env | step | precision | train) ;;
+    all | env | tests | step | precision | train) ;;
     *)
-        echo "gpu_check.sh: unknown section '$SECTION'; use one of all, env, step, precision, train" >&2
+        echo "gpu_check.sh: unknown section '$SECTION'; use one of all, env, tests, step, precision, train" >&2
         exit 2
         ;;
 esac
@@ -117,6 +118,10 @@ EOF
     done
 }
 
+gpu_tests() {
+    check tests "$JOB_TIMEOUT" '{}' "$PY" -m pytest -q -m gpu tests/test_cuda.py
+}
+
 precision_check() {
     check precision "$STEP_TIMEOUT" '{}' "$PY" -m saescale.cli bench precision --device cuda --precision bf16 fp16
 }
@@ -134,11 +139,13 @@ train_checks() {
 
 case "$SECTION" in
     env) env_check ;;
+    tests) gpu_tests ;;
     step) step_checks ;;
     precision) precision_check ;;
     train) train_checks ;;
     all)
         env_check
+        gpu_tests
         step_checks
         precision_check
         train_checks

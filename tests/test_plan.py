@@ -114,14 +114,17 @@ def test_bf16_halves_the_preactivation_and_counts_the_low_precision_encoder_copy
     assert fp32.preact == micro * n_local * 4 and bf16.preact * 2 == fp32.preact
     assert fp32.lowp == 0 and bf16.lowp == n_local * d * 2 + n_local * 2
     assert bf16.weights == fp32.weights and bf16.adam == fp32.adam  # master state stays float32
-    fp32_buffers = (2 * rows + 6 * micro) * d * 4 + micro * tp * k * 12 + RUNTIME_SLACK_BYTES + rows * d * 4
+    # everything after the selection runs on the whole batch: eight [rows, d] and the TP gather
+    fp32_buffers = 8 * rows * d * 4 + 2 * rows * tp * k * 12 + RUNTIME_SLACK_BYTES
     assert fp32.buffers == fp32_buffers
-    assert bf16.buffers == fp32_buffers + micro * 2 * k * (2 + 8)  # the top-2k candidates of the bf16 GEMM
-    assert bf16.total == 4 * bf16.weights + bf16.lowp + bf16.preact + bf16.buffers
+    assert bf16.buffers == fp32_buffers + micro * (k + 8) * (2 + 8)  # the bf16 GEMM's k + max(8, k/4) candidates
+    k_aux = 512  # the SAE config's default at d=1024
+    assert fp32.auxk == 2 * micro * tp * k_aux * 12 + rows * (k_aux // tp) * 40
+    assert bf16.total == 4 * bf16.weights + bf16.lowp + bf16.preact + bf16.buffers + bf16.auxk
     fp16 = plan_memory(n, d, k, workers=8, tp=tp, batch=batch, micro_batches=m, precision="fp16")
     assert fp16.total == bf16.total
     one = plan_memory(n, d, k, workers=8, tp=tp, batch=batch, micro_batches=1)
-    assert one.buffers == (2 * rows + 6 * rows) * d * 4 + rows * tp * k * 12 + RUNTIME_SLACK_BYTES  # no residual copy
+    assert one.buffers == fp32.buffers and one.auxk > fp32.auxk  # AuxK's candidate gather is per micro-batch
     assert "precision=bf16" in bf16.table() and "low-prec W_enc" in bf16.table()
     with pytest.raises(PlanError, match="resolve 'auto'"):
         plan_memory(n, d, k, workers=8, tp=tp, batch=batch, precision="auto")
@@ -129,11 +132,11 @@ def test_bf16_halves_the_preactivation_and_counts_the_low_precision_encoder_copy
 
 def test_auto_micro_batches_picks_the_fewest_that_fit():
     plan = plan_memory(**GPT4, workers=64, tp=64, micro_batches="auto", ema=True, precision="bf16")
-    assert plan.fits and plan.micro_batches == 4
-    assert not plan_memory(**GPT4, workers=64, tp=64, micro_batches=2, ema=True, precision="bf16").fits
+    assert plan.fits and plan.micro_batches == 32
+    assert not plan_memory(**GPT4, workers=64, tp=64, micro_batches=16, ema=True, precision="bf16").fits
     assert auto_micro_batches(**GPT4, workers=64, tp=64, ema=True, precision="bf16") == plan
-    fp32 = auto_micro_batches(**GPT4, workers=64, tp=64, ema=True, precision="fp32")
-    assert fp32.micro_batches == 8  # the fp32 pre-activation is twice as large
+    fp32 = auto_micro_batches(**GPT4, workers=128, tp=64, ema=True, precision="fp32")
+    assert fp32.micro_batches == 16 and fp32.dp == 2  # fp32: a second replica (half the rows each)
 
 
 def test_auto_micro_batches_refuses_naming_the_knob():
@@ -148,15 +151,16 @@ def test_auto_micro_batches_refuses_naming_the_knob():
 def test_fewest_workers_for_the_gpt4_16m_sae():
     # By hand, per rank at tp: float32 weights+grads+Adam (+EMA) are 32 (40) bytes per latent per
     # d_model, the bf16 W_enc copy 2 more: 2^24 * 4096 * 42 B = 2688 GiB with EMA -> tp=32 holds
-    # 84 GiB > 80, tp=64 holds 42 GiB: 64 workers (dp=1). Without EMA 2176 GiB -> tp=32 holds 68 GiB,
-    # leaving ~6 GiB after the 6 GiB of [131072, 4096] float32 buffers; a 4096-row micro-batch
-    # (32 micro-batches) takes ~4.4 GiB (bf16 pre-activation 4 GiB): 32 workers.
+    # 84 GiB > 80, tp=64 holds 42 GiB. Without EMA 2176 GiB -> tp=32 holds 68 GiB, and the
+    # whole-batch buffers at dp=1 (eight [131072, 4096] float32 = 16 GiB) already exceed the rest.
+    # At tp=64, dp=1: 42 (34 without EMA) + 22 GiB of buffers + AuxK's worst case 12 GiB + a
+    # 4096-row bf16 pre-activation 2 GiB: 78.2 (70.2) GiB at 32 micro-batches; 16 do not fit.
     ema = fewest_workers(**GPT4, ema=True, precision="bf16", device_gib=80)
-    assert (ema.workers, ema.tp, ema.dp, ema.micro_batches) == (64, 64, 1, 4)
-    assert ema.total / GiB == pytest.approx(67.84, abs=0.01)
+    assert (ema.workers, ema.tp, ema.dp, ema.micro_batches) == (64, 64, 1, 32)
+    assert ema.total / GiB == pytest.approx(78.23, abs=0.01)
     plain = fewest_workers(**GPT4, ema=False, precision="bf16", device_gib=80)
-    assert (plain.workers, plain.tp, plain.dp, plain.micro_batches) == (32, 32, 1, 32)
-    assert plain.fits and not plan_memory(**GPT4, workers=16, tp=16, micro_batches=64, precision="bf16").fits
+    assert (plain.workers, plain.tp, plain.dp, plain.micro_batches) == (64, 64, 1, 32)
+    assert plain.fits and not plan_memory(**GPT4, workers=32, tp=32, micro_batches=64, precision="bf16").fits
     with pytest.raises(DoesNotFit, match="no layout"):
         fewest_workers(**GPT4, ema=True, precision="bf16", device_gib=0.5, max_micro_batches=4)
 
@@ -165,16 +169,16 @@ def test_plan_cli_auto_micro_batches_and_fewest_workers():
     gpt4 = ["--n-latents", "16777216", "--d-model", "4096", "--k", "32", "--batch", "131072", "--precision", "bf16"]
     auto = _cli(*gpt4, "--workers", "64", "--tp", "64", "--ema", "--micro-batches", "auto", "--json")
     assert auto.returncode == 0, auto.stderr
-    assert json.loads(auto.stdout)["micro_batches"] == 4 and json.loads(auto.stdout)["precision"] == "bf16"
+    assert json.loads(auto.stdout)["micro_batches"] == 32 and json.loads(auto.stdout)["precision"] == "bf16"
     fewest = _cli(*gpt4, "--ema", "--fewest-workers", "--json")
     assert fewest.returncode == 0, fewest.stderr
     assert {k: json.loads(fewest.stdout)[k] for k in ("workers", "tp", "micro_batches")} == {
         "workers": 64,
         "tp": 64,
-        "micro_batches": 4,
+        "micro_batches": 32,
     }
     table = _cli(*gpt4, "--fewest-workers")
-    assert table.returncode == 0 and "workers=32 tp=32" in table.stdout and "micro_batches=32" in table.stdout
+    assert table.returncode == 0 and "workers=64 tp=64" in table.stdout and "auxk (worst)" in table.stdout
     too_big = _cli(*gpt4, "--workers", "1", "--tp", "1", "--micro-batches", "auto", "--json")
     assert too_big.returncode == 1 and "raise tp" in too_big.stderr
     assert not json.loads(too_big.stdout)["fits"]

@@ -5,6 +5,7 @@ across data-parallel ranks; checkpoints record the precision and resume in anoth
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -95,16 +96,22 @@ def test_low_precision_step_matches_the_float32_reference(precision, n_dead):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("n_dead,multi_topk", [(0, False), (200, False), (3000, False), (200, True)])
-def test_micro_batches_give_the_batch_level_step(precision, n_dead, multi_topk):
+@pytest.mark.parametrize(
+    "n_dead,multi_topk,aux_path",
+    [(0, False, "none"), (200, False, "dense_topk"), (3000, False, "sparse_topk"), (200, True, "dense_topk")],
+)
+def test_micro_batches_give_the_batch_level_step(precision, n_dead, multi_topk, aux_path):
     cfg = SAEConfig(
-        d_in=48, n_latents=2048, k=16, k_aux=32, multi_topk=multi_topk, normalization="none", aux_precision="float32"
+        d_in=48, n_latents=4096, k=16, k_aux=32, multi_topk=multi_topk, normalization="none", aux_precision="auto"
     )
-    results = {m: _step(cfg, n_dead, batch=240, precision=precision, micro_batches=m) for m in (1, 2, 4)}
+    batch = 250  # 4 micro-batches of 63, 63, 63 and 61 rows
+    results = {m: _step(cfg, n_dead, batch=batch, precision=precision, micro_batches=m) for m in (1, 2, 4)}
     sae1, step1, s1, _, _ = results[1]
+    assert step1.last_aux_path == aux_path
     for m in (2, 4):
         sae, step, s, _, _ = results[m]
-        assert step._pre.shape[0] == 240 // m  # only a micro-batch of pre-activations is held
+        assert step.last_aux_path == aux_path
+        assert step._pre.shape[0] == -(-batch // m)  # only a micro-batch of pre-activations is held
         for field in ("loss", "mse_loss", "auxk_loss", "multi_topk_loss", "l0", "fvu"):
             torch.testing.assert_close(getattr(s, field), getattr(s1, field), rtol=1e-5, atol=1e-8)
         assert s.n_dead == s1.n_dead
@@ -219,11 +226,21 @@ def test_checkpoint_records_the_precision_and_resumes_in_another(tmp_path):
     latest = json.loads((tmp_path / "ckpt" / "latest.json").read_text())
     meta_path = next((tmp_path / "ckpt").rglob("meta.json"))
     meta = json.loads(meta_path.read_text())
-    assert "bf16" in json.dumps(meta) and latest
-    assert first.step == 3
+    assert latest and first.step == 3
+    assert meta["trainer"]["precision"] == "bf16" and meta["trainer"]["loss_scale"] is None
     resumed = _train(tmp_path, "fp32", 6, data[3:], resume=True)
     assert resumed.step == 6 and resumed.precision.name == "fp32"
-    assert resumed.summary.final["loss"] == pytest.approx(resumed.summary.final["loss"])  # finite, logged
+    assert math.isfinite(resumed.summary.final["loss"])
+
+
+def test_fp16_checkpoint_keeps_the_loss_scale(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    data = [torch.randn(128, 32, generator=g) for _ in range(4)]
+    data[1] = data[1] * 1e6  # one fp16 overflow: the scale halves
+    first = _train(tmp_path, "fp16", 3, data[:3])
+    assert first.precision.scale == 2.0**15 and first.precision.scaler.skipped_steps == 1
+    resumed = _train(tmp_path, "fp16", 4, data[3:], resume=True)
+    assert resumed.precision.scale == 2.0**15 and resumed.precision.scaler.skipped_steps == 1
 
 
 def test_bf16_training_reaches_the_float32_nmse(tmp_path):

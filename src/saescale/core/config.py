@@ -75,8 +75,10 @@ class SAEConfig(_DictConfig):
     #   dataset_scale: one scalar so that E||x||^2 = d_in (computed once from a data sample)
     #   token_unit_norm: the paper's per-token (x - mean_d x) / ||x - mean_d x||
     normalization: Normalization = "dataset_scale"
-    # Precision of the AuxK matmuls over the dead-latent block. "auto" uses bfloat16 where the
-    # hardware multiplies it natively (CUDA, CPUs with AMX/AVX512-BF16) and float32 elsewhere.
+    # Precision of the AuxK matmuls over the dense dead-latent block. "auto" follows
+    # train.precision when that is bf16/fp16, else bfloat16 where the hardware multiplies it
+    # natively (CUDA, CPUs with AMX/AVX512-BF16) and float32 elsewhere. (AuxK's sparse top-k reads
+    # the step's own pre-activation, in train.precision.)
     aux_precision: AuxPrecision = "auto"
 
     def __post_init__(self) -> None:

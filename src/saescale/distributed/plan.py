@@ -9,11 +9,15 @@ rows = batch / dp, micro = rows / micro_batches, e = 2 bytes for bf16/fp16 and 4
   ema       weights, if an EMA is kept               (float32)
   lowp      (n_local d + n_local) * e, bf16/fp16 only: the encoder copy the GEMM reads
   preact    micro * n_local * e                      the encoder GEMM output, one micro-batch
-  buffers   the [rows, d] inputs twice, six [micro, d] activations/gradients, the gathered
-            top-k candidates (micro * tp * k values + int64 indices), 64 MiB; with
-            micro_batches > 1 one more float32 [rows, d] (the whole batch's residual, for AuxK's
-            batch-level normaliser); in bf16/fp16 the low-precision selection's candidates
-            (micro * 2k values of e bytes + int64 indices)
+  buffers   everything after the selection runs on the whole batch: eight float32 [rows, d]
+            (input, normalised input, centred input, error, its gradient, AuxK's residual, error
+            and gradient), the TP top-k gather (rows * tp * k values + int64 indices, twice:
+            the parts and their concatenation), the low-precision selection's candidates
+            (micro * (k + max(8, k/4)) * (e + 8)), 64 MiB of slack
+  auxk      AuxK with every rank's dead latents >= k_aux (its worst case): under TP the
+            per-micro-batch candidate gather (2 * micro * tp * k_aux * 12) and the ragged code of
+            owned entries (rows * k_aux / tp * 40); at tp=1 the dense dead block and its
+            gradient (2 * rows * min(16 k_aux, n_local) * e) or the [rows, k_aux] sparse code
 
 `micro_batches="auto"` picks the fewest (a power of two dividing rows) that fit; `fewest_workers`
 picks the smallest (tp, dp) layout that fits.
@@ -22,6 +26,8 @@ picks the smallest (tp, dp) layout that fits.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+from saescale.core.config import default_k_aux
 
 RUNTIME_SLACK_BYTES = 64 * 2**20  # allocator and runtime overhead beside the planned tensors
 MAX_MICRO_BATCHES = 64  # more micro-batches than this: the GEMMs get too thin to keep a GPU busy
@@ -64,6 +70,7 @@ class MemoryPlan:
     lowp: int
     preact: int
     buffers: int
+    auxk: int
     total: int
     device_bytes: int
     fits: bool
@@ -80,6 +87,7 @@ class MemoryPlan:
             ("low-prec W_enc", self.lowp),
             ("pre-activation", self.preact),
             ("buffers", self.buffers),
+            ("auxk (worst)", self.auxk),
             ("total", self.total),
             ("device", self.device_bytes),
         ]
@@ -106,8 +114,10 @@ def plan_memory(
     device_gib: float = 80.0,
     precision: str = "fp32",
     max_micro_batches: int = MAX_MICRO_BATCHES,
+    k_aux: int | None = None,
 ) -> MemoryPlan:
-    """The per-rank plan; `micro_batches="auto"` -> `auto_micro_batches` (raises if none fits)."""
+    """The per-rank plan; `micro_batches="auto"` -> `auto_micro_batches` (raises if none fits).
+    `k_aux` defaults to the SAE config's (a power of two near d_model / 2)."""
     if micro_batches == "auto":
         return auto_micro_batches(
             n_latents, d_model, k, workers, tp, batch, ema, device_gib, precision, max_micro_batches
@@ -128,13 +138,14 @@ def plan_memory(
     weights = (2 * n_local * d_model + n_local + d_model) * 4
     lowp = (n_local * d_model + n_local) * e if e < 4 else 0
     preact = micro * n_local * e
-    buffers = 2 * rows * d_model * 4 + 6 * micro * d_model * 4 + micro * tp * k * 12 + RUNTIME_SLACK_BYTES
-    if micro_batches > 1:
-        buffers += rows * d_model * 4  # the whole batch's residual: AuxK normalises over the batch
+    buffers = 8 * rows * d_model * 4 + RUNTIME_SLACK_BYTES
+    if tp > 1:
+        buffers += 2 * rows * tp * k * 12  # the global top-k's gathered candidates, parts and concatenation
     if e < 4:
-        buffers += micro * 2 * k * (e + 8)  # low-precision top-2k candidates, re-scored in float32
+        buffers += micro * (k + max(8, k // 4)) * (e + 8)  # low-precision candidates, re-scored in float32
+    auxk = _auxk_bytes(rows, micro, tp, n_local, min(k_aux or default_k_aux(d_model), n_latents), e)
     ema_bytes = weights if ema else 0
-    total = 4 * weights + ema_bytes + lowp + preact + buffers
+    total = 4 * weights + ema_bytes + lowp + preact + buffers + auxk
     device = int(device_gib * GiB)
     return MemoryPlan(
         n_latents=n_latents,
@@ -154,10 +165,18 @@ def plan_memory(
         lowp=lowp,
         preact=preact,
         buffers=buffers,
+        auxk=auxk,
         total=total,
         device_bytes=device,
         fits=total <= device,
     )
+
+
+def _auxk_bytes(rows: int, micro: int, tp: int, n_local: int, k_aux: int, e: int) -> int:
+    """AuxK's worst case (every rank has >= k_aux dead latents; a healthy run needs far less)."""
+    if tp > 1:
+        return 2 * micro * tp * k_aux * 12 + rows * -(-k_aux // tp) * 40
+    return max(2 * rows * min(16 * k_aux, n_local) * e, rows * k_aux * 12)
 
 
 def _element_bytes(precision: str) -> int:

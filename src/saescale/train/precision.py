@@ -27,8 +27,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bfloat16 at (at least) its float32 rate."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # tensor-core bf16 from Ampere (sm_80) on; older GPUs emulate it
+        return torch.cuda.get_device_properties(device).major >= 8
     return device.type == "cpu" and cpu_has_fast_bf16()
 
 

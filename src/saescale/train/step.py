@@ -219,7 +219,9 @@ class SparseTopKStep:
             pre = self.encode_chunk(xc[rows])
             parts.append(self.select(pre, xc[rows], width))
         raw_vals, idx = parts[0] if len(parts) == 1 else (torch.cat([p[i] for p in parts]) for i in (0, 1))
-        whole_pre = pre if len(parts) == 1 else None  # AuxK reads it; chunks recompute dead columns
+        # AuxK's top-k over the dead columns reads the whole-batch pre-activation; with
+        # micro-batches it recomputes those columns in the same dtype (the same selection)
+        whole_pre = pre if len(parts) == 1 else None
         owned = None
         if self.tp is not None:  # exact global top-k; entries of other ranks get value 0 here
             raw_vals, idx, owned = self.tp.global_topk(raw_vals, idx, width)
@@ -261,25 +263,32 @@ class SparseTopKStep:
             loss, mse_loss, fvu, auxk_loss, main.multi_loss, l0, n_dead, main.fired, overflow=self._overflow
         )
 
-    def dead_topk(self, pre: Tensor | None, xc: Tensor, dead_idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Each row's top-k over the dead latents: (float32 values, global latent indices). Read
-        from the whole-batch pre-activation when there is one, else recomputed per micro-batch
-        from the dead rows of the encoder only (O(batch * n_dead * d))."""
+    def dead_topk(
+        self, pre: Tensor | None, xc: Tensor, dead_idx: Tensor, k: int, encoder: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Each row of xc's top-k over the dead latents: (float32 values, this rank's latent
+        indices). Read from `pre` (the pre-activation of the same rows) when given, else
+        recomputed from the dead rows of the encoder only (`encoder`, from `_dead_encoder`;
+        O(rows * n_dead * d))."""
         if pre is not None:
             vals, local = pre.index_select(1, dead_idx).topk(k, dim=1, sorted=False)
-            self._note_overflow(vals)
-            return vals.float(), dead_idx[local]
-        w_dead, b_dead = self._dead_encoder(dead_idx)
-        parts = []
-        for rows in self._chunks(xc.shape[0]):
-            cols = torch.addmm(b_dead, xc[rows].to(w_dead.dtype), w_dead.t())
-            vals, local = cols.topk(k, dim=1, sorted=False)
-            self._note_overflow(vals)
-            parts.append((vals.float(), dead_idx[local]))
+        else:
+            w_dead, b_dead = encoder if encoder is not None else self._dead_encoder(dead_idx)
+            vals, local = torch.addmm(b_dead, xc.to(w_dead.dtype), w_dead.t()).topk(k, dim=1, sorted=False)
+        self._note_overflow(vals)
+        return vals.float(), dead_idx[local]
+
+    def _dead_topk_chunked(self, pre: Tensor | None, xc: Tensor, dead_idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """`dead_topk` over the whole batch: from the whole pre-activation, or per micro-batch."""
+        if pre is not None:
+            return self.dead_topk(pre, xc, dead_idx, k)
+        encoder = self._dead_encoder(dead_idx)
+        parts = [self.dead_topk(None, xc[rows], dead_idx, k, encoder) for rows in self._chunks(xc.shape[0])]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _dead_encoder(self, dead_idx: Tensor) -> tuple[Tensor, Tensor]:
-        """The dead latents' encoder rows and biases, in the GEMM's dtype."""
+        """The dead latents' encoder rows and biases in the GEMM's dtype, so recomputed dead
+        columns are those of the pre-activation (`sae.aux_precision` is the dense dead block's)."""
         if self.precision.low:
             assert self._w_enc_low is not None and self._b_enc_low is not None
             return self._w_enc_low.index_select(0, dead_idx), self._b_enc_low.index_select(0, dead_idx)
@@ -391,18 +400,36 @@ class SparseTopKStep:
         self, pre: Tensor | None, dead_idx: Tensor, n_dead: int, err: Tensor, xc: Tensor, grad_b_enc: Tensor
     ) -> Tensor:
         """AuxK with latent-sharded weights: exact global top-k_aux over every rank's dead
-        latents (candidates padded to a common width), then the sparse kernels on each shard."""
+        latents, per micro-batch (each rank offers its top-min(k_aux, its dead) candidates,
+        padded to the largest rank's count, so a healthy run with few dead latents gathers
+        little), then each rank decodes and back-propagates only the entries it owns (a ragged
+        code, about k_aux / tp per token)."""
         assert self.tp is not None
-        batch = err.shape[0]
         k_aux = min(self.cfg.k_aux, n_dead)
-        cand_vals = torch.full((batch, k_aux), float("-inf"), device=xc.device)
-        cand_idx = torch.full((batch, k_aux), -1, dtype=torch.long, device=xc.device)
-        k_local = min(k_aux, int(dead_idx.numel()))
-        if k_local > 0:
-            cand_vals[:, :k_local], cand_idx[:, :k_local] = self.dead_topk(pre, xc, dead_idx, k_local)
-        raw, aux_idx, owned = self.tp.global_topk(cand_vals, cand_idx, k_aux)
-        self.last_aux_path = "tp_sparse_topk"
-        return self._auxk_fixed_width(aux_idx, raw.clamp_min(0) * owned, -err, xc, grad_b_enc)
+        local_counts = self.tp.all_gather_cat(torch.tensor([[int(dead_idx.numel())]], device=xc.device))
+        width = min(k_aux, int(local_counts.max()))  # candidates each rank offers (padded)
+        k_local = min(width, int(dead_idx.numel()))
+        encoder = self._dead_encoder(dead_idx) if pre is None and k_local > 0 else None
+        rows_parts, latent_parts, value_parts = [], [], []
+        for rows in self._chunks(xc.shape[0]):
+            chunk = rows.stop - rows.start
+            cand_vals = torch.full((chunk, width), float("-inf"), device=xc.device)
+            cand_idx = torch.full((chunk, width), -1, dtype=torch.long, device=xc.device)
+            if k_local > 0:
+                chunk_pre = None if pre is None else pre[rows]
+                cand_vals[:, :k_local], cand_idx[:, :k_local] = self.dead_topk(
+                    chunk_pre, xc[rows], dead_idx, k_local, encoder
+                )
+            raw, local, owned = self.tp.global_topk(cand_vals, cand_idx, min(k_aux, width * self.tp.size))
+            keep = owned & (raw > 0)  # entries at or below 0 add nothing and get no gradient (ReLU)
+            r, c = keep.nonzero(as_tuple=True)
+            rows_parts.append(r + rows.start)
+            latent_parts.append(local[r, c])
+            value_parts.append(raw[r, c])
+        code = RaggedCode(torch.cat(rows_parts), torch.cat(latent_parts), torch.cat(value_parts), xc.shape[0])
+        self.last_aux_path = "tp_ragged"
+        residual = -err
+        return self._auxk_ragged(code, residual, self._batch_variance(residual), xc, grad_b_enc)
 
     def _auxk(self, pre: Tensor | None, dead_idx: Tensor, err: Tensor, xc: Tensor, grad_b_enc: Tensor) -> Tensor:
         """AuxK loss; adds its gradients to W_dec.grad, W_enc.grad and grad_b_enc. err = x_hat - x."""
@@ -418,7 +445,10 @@ class SparseTopKStep:
                 return self._auxk_ragged(block.ragged(dead_idx), residual, var_res, xc, grad_b_enc)
             self.last_aux_path = "dense_topk" if block.used_topk else "dense"
             w_dead = W_dec.index_select(0, dead_idx)
-            aux, grad_e_hat = self._aux_loss(block.decode(w_dead).sub_(residual), var_res)
+            decoded = block.decode(w_dead)
+            if block.dtype == torch.float16:
+                self._note_overflow(decoded)
+            aux, grad_e_hat = self._aux_loss(decoded.sub_(residual), var_res)
             if grad_e_hat is None:
                 return aux
             g_wdec, g_wenc, g_benc = self._scaled_block_backward(block, grad_e_hat, w_dead, xc)
@@ -427,7 +457,7 @@ class SparseTopKStep:
             grad_b_enc.index_add_(0, dead_idx, g_benc)
             return aux
         self.last_aux_path = "sparse_topk"
-        raw, aux_idx = self.dead_topk(pre, xc, dead_idx, k_aux)
+        raw, aux_idx = self._dead_topk_chunked(pre, xc, dead_idx, k_aux)
         return self._auxk_fixed_width(aux_idx, raw.clamp_min(0), residual, xc, grad_b_enc, var_res)
 
     def _scaled_block_backward(
@@ -471,9 +501,10 @@ class SparseTopKStep:
     def _auxk_ragged(
         self, code: RaggedCode, residual: Tensor, var_res: Tensor, xc: Tensor, grad_b_enc: Tensor
     ) -> Tensor:
-        """AuxK through the sparse kernels when only a few dead entries per token are active."""
+        """AuxK through the sparse kernels from a ragged code of positive entries (few active
+        dead entries per token, or a TP rank's own entries: the decode is summed over shards)."""
         cfg, W_enc, W_dec = self.cfg, self.sae.W_enc, self.sae.W_dec
-        aux, grad_e_hat = self._aux_loss(code.decode(W_dec).sub_(residual), var_res)
+        aux, grad_e_hat = self._aux_loss(self._reduce(code.decode(W_dec)).sub_(residual), var_res)
         if grad_e_hat is None:
             return aux
         order = LatentOrder(code.latents, cfg.n_latents, rows=code.rows)

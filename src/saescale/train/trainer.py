@@ -221,7 +221,7 @@ class Trainer:
         logging_now = (self.step + 1) % self.cfg.log_every == 0
         stats = self._step_fn(x_normed, compute_fvu=logging_now)
         if self._agreed_overflow(stats.overflow):
-            return self._skip_step(x.shape[0], stats, logging_now)
+            return self._skip_step(x.shape[0], stats)
         error = None
         if not torch.isfinite(stats.loss):
             error = FloatingPointError(
@@ -312,20 +312,24 @@ class Trainer:
             flag = torch.tensor([int(overflow)], dtype=torch.int64, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             overflow = bool(flag.item())
+        if overflow and scaler.scale <= 1.0:  # not the backward's range: the forward overflows fp16
+            raise FloatingPointError(
+                f"fp16 overflowed at step {self.step} with the loss scale at 1: the pre-activations exceed "
+                "fp16's range (65504); use train.precision=bf16 or fp32"
+            )
         scaler.update(overflow)
         return overflow
 
-    def _skip_step(self, rows: int, stats: StepStats, logging_now: bool) -> dict[str, float] | None:
-        """An fp16 overflow on some rank: no optimiser update anywhere, the batch counts as seen
-        (the data position stays that of a normal step), the halved scale is logged."""
+    def _skip_step(self, rows: int, stats: StepStats) -> None:
+        """An fp16 overflow on some rank: no optimiser update anywhere; the batch counts as seen
+        (the data position stays that of a normal step, and the dead-latent counters, already
+        advanced by the step, keep this batch's firings)."""
         self.step += 1
         self.tokens_seen += rows * (self.dp.size if self.dp is not None else 1)
         self._window_tokens += rows
         self._fire_counts += torch.bincount(stats.fired, minlength=self.sae.cfg.n_latents)
         print0(f"step {self.step}: fp16 overflow, step skipped; loss scale now {self.precision.scale:g}")
-        if not logging_now:
-            return None
-        return {"loss_scale": self.precision.scale, "skipped_steps": float(self.precision.scaler.skipped_steps)}
+        return None  # the next logged step reports loss_scale and skipped_steps
 
     @torch.no_grad()
     def _grad_norm(self) -> Tensor:
