@@ -109,7 +109,11 @@ def same_precision_floor(step: SparseTopKStep, x: torch.Tensor) -> Fn:
         xc = x - sae.b_pre
         step.refresh_low_precision_()
         for rows in slices:
-            step.encode_chunk(xc[rows]).topk(width, dim=1, sorted=False)
+            pre = step.encode_chunk(xc[rows])
+            if step.precision.low:
+                step.candidates(pre, width)  # the step's own low-precision selection
+            else:
+                pre.topk(width, dim=1, sorted=False)
 
     return floor
 

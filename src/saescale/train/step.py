@@ -129,8 +129,11 @@ class SparseTopKStep:
         self.precision = precision or Precision("fp32")
         self.micro_batches = micro_batches
         self._pre: Tensor | None = None
-        self._w_enc_low: Tensor | None = None  # the GEMM's low-precision copy of W_enc (and b_enc)
-        self._b_enc_low: Tensor | None = None
+        # low precision: [W_enc | b_enc] as one [n, d + 1] matrix, and the chunk's [xc | 1], so the
+        # GEMM adds the bias itself (addmm's broadcast of b_enc into the output costs a third of
+        # a bf16 GEMM on CPU: measured 53 ms against 36 ms at d=576, n=16384, 4096 rows)
+        self._w_enc_low: Tensor | None = None
+        self._x_low: Tensor | None = None
         self._overflow = False
         for p in sae.parameters():
             if p.grad is None:
@@ -164,19 +167,33 @@ class SparseTopKStep:
         if not self.precision.low:
             return
         W_enc, b_enc = self.sae.W_enc, self.sae.b_enc
+        n, d = W_enc.shape
         if self._w_enc_low is None:
-            self._w_enc_low = torch.empty_like(W_enc, dtype=self.compute_dtype)
-            self._b_enc_low = torch.empty_like(b_enc, dtype=self.compute_dtype)
-        self._w_enc_low.copy_(W_enc)
-        self._b_enc_low.copy_(b_enc)
+            self._w_enc_low = torch.empty(n, d + 1, dtype=self.compute_dtype, device=W_enc.device)
+        self._w_enc_low[:, :d].copy_(W_enc)
+        self._w_enc_low[:, d].copy_(b_enc)
 
     def encode_chunk(self, xc: Tensor) -> Tensor:
         """The encoder GEMM for a chunk of centred rows, into the reused buffer (the floor)."""
         out = self.pre_buffer(xc.shape[0])
         if self.precision.low:
-            assert self._w_enc_low is not None and self._b_enc_low is not None
-            return torch.addmm(self._b_enc_low, xc.to(self.compute_dtype), self._w_enc_low.t(), out=out)
+            assert self._w_enc_low is not None
+            rows, d = xc.shape
+            if self._x_low is None or self._x_low.shape[0] < rows:
+                self._x_low = torch.ones(rows, d + 1, dtype=self.compute_dtype, device=xc.device)
+            x_low = self._x_low[:rows]
+            x_low[:, :d].copy_(xc)
+            return torch.mm(x_low, self._w_enc_low.t(), out=out)
         return torch.addmm(self.sae.b_enc, xc, self.sae.W_enc.t(), out=out)
+
+    def candidates(self, pre: Tensor, count: int) -> Tensor:
+        """Indices of each row's `count` largest low-precision pre-activations, by a top-k over
+        the int16 view of the bits: bf16/fp16 are sign-magnitude, so non-negative values order
+        like their bit patterns, and an int16 top-k runs 1.35x faster than a bf16 one on CPU
+        (62 against 84 ms at 4096 x 16384). Negative values, which the ReLU zeroes, may be picked
+        in another order; that changes nothing downstream (they fire nowhere and carry no
+        gradient), and the float32 re-ranking orders whatever is picked."""
+        return pre.view(torch.int16).topk(count, dim=1, sorted=False).indices
 
     def select(self, pre: Tensor, xc: Tensor, width: int) -> tuple[Tensor, Tensor]:
         """Top-`width` (values, indices) of a chunk's pre-activation. Values are float32: in low
@@ -185,8 +202,9 @@ class SparseTopKStep:
         n = pre.shape[1]
         if not self.precision.low:
             return pre.topk(min(width, n), dim=1, sorted=False)
-        low_vals, idx = pre.topk(min(low_precision_candidates(width), n), dim=1, sorted=False)
-        self._note_overflow(low_vals)
+        idx = self.candidates(pre, min(low_precision_candidates(width), n))
+        if self.precision.scaler is not None:
+            self._note_overflow(pre.gather(1, idx))
         exact = values_grad(idx, self.sae.W_enc, xc).add_(self.sae.b_enc[idx])
         if idx.shape[1] > width:
             exact, pos = exact.topk(width, dim=1, sorted=False)
@@ -290,8 +308,9 @@ class SparseTopKStep:
         """The dead latents' encoder rows and biases in the GEMM's dtype, so recomputed dead
         columns are those of the pre-activation (`sae.aux_precision` is the dense dead block's)."""
         if self.precision.low:
-            assert self._w_enc_low is not None and self._b_enc_low is not None
-            return self._w_enc_low.index_select(0, dead_idx), self._b_enc_low.index_select(0, dead_idx)
+            assert self._w_enc_low is not None
+            rows = self._w_enc_low.index_select(0, dead_idx)
+            return rows[:, :-1], rows[:, -1]
         return self.sae.W_enc.index_select(0, dead_idx), self.sae.b_enc.index_select(0, dead_idx)
 
     def _main_fixed_width(self, x: Tensor, xc: Tensor, idx: Tensor, vals: Tensor, raw_vals: Tensor) -> _Main:
