@@ -146,6 +146,7 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
         ema=bool(train_cfg.ema_decay),
         device_gib=memory,
         precision=precision,
+        k_aux=sae_cfg.k_aux,
     )
     print0("memory plan per worker:\n" + plan.table())
     check_fits(plan)

@@ -120,7 +120,7 @@ def plan_memory(
     `k_aux` defaults to the SAE config's (a power of two near d_model / 2)."""
     if micro_batches == "auto":
         return auto_micro_batches(
-            n_latents, d_model, k, workers, tp, batch, ema, device_gib, precision, max_micro_batches
+            n_latents, d_model, k, workers, tp, batch, ema, device_gib, precision, max_micro_batches, k_aux
         )
     if isinstance(micro_batches, str) or micro_batches <= 0:
         raise PlanError(f"micro_batches must be a positive integer or 'auto'; got {micro_batches!r}")
@@ -208,15 +208,16 @@ def auto_micro_batches(
     device_gib: float = 80.0,
     precision: str = "fp32",
     max_micro_batches: int = MAX_MICRO_BATCHES,
+    k_aux: int | None = None,
 ) -> MemoryPlan:
     """The plan with the fewest micro-batches (a power of two dividing batch/dp, at most
     `max_micro_batches`) that fits: fewer micro-batches keep the GEMMs fat. Raises `DoesNotFit`,
     naming the knob, when even the most micro-batches do not fit."""
-    plan = plan_memory(n_latents, d_model, k, workers, tp, batch, 1, ema, device_gib, precision)  # validates
+    plan = plan_memory(n_latents, d_model, k, workers, tp, batch, 1, ema, device_gib, precision, k_aux=k_aux)
     for m in _micro_batch_choices(batch // plan.dp, max_micro_batches)[1:]:
         if plan.fits:
             break
-        plan = plan_memory(n_latents, d_model, k, workers, tp, batch, m, ema, device_gib, precision)
+        plan = plan_memory(n_latents, d_model, k, workers, tp, batch, m, ema, device_gib, precision, k_aux=k_aux)
     if not plan.fits:
         raise DoesNotFit(_refusal(plan, auto=True), plan)
     return plan

@@ -298,6 +298,7 @@ class Trainer:
             ema=self.ema is not None,
             device_gib=device_bytes / 2**30,
             precision=self.precision.name,
+            k_aux=self.sae.cfg.k_aux,
         )
         self.micro_batches = plan.micro_batches
         return plan.micro_batches
