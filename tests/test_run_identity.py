@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from saescale import storage
-from saescale.app.run_identity import config_hash
+from saescale.app.run_identity import config_hash, identity_config
 from saescale.app.schema import register_configs
 from saescale.sweeps.scheduler import SweepRun, finished_same_config, run_sweep
 
@@ -42,6 +42,8 @@ def compose_train(*overrides: str, hydra: bool = False):
         "parallel.workers=4",
         "parallel.tp=1",
         "parallel.use_gpu=true",
+        "train.precision=bf16",  # a precision sweep keeps its runs apart
+        "train.precision=fp32",
     ],
 )
 def test_a_setting_of_the_trained_sae_changes_the_identity(override):
@@ -71,10 +73,22 @@ def test_a_setting_of_the_trained_sae_changes_the_identity(override):
         "debug.record_rows=true",
         "storage.url=s3://b/ray",
         "output_dir=s3://b/out",
+        "train.micro_batches=4",  # the same batch-level step
+        "train.micro_batches=auto",
     ],
 )
 def test_settings_that_do_not_change_the_sae_keep_the_identity(override):
     assert compose_train(override).run_id == compose_train().run_id
+
+
+def test_runs_started_before_the_precision_setting_keep_their_identity():
+    """train.precision at its default (auto) is left out of the hash, so a run started before the
+    setting existed is found again (and resumed) by the same command."""
+    cfg = compose_train()
+    before = identity_config(cfg)
+    assert "precision" not in before["train"] and "micro_batches" not in before["train"]
+    # the default run's id before train.precision existed (commit d351ec7); change deliberately
+    assert cfg.run_id == "resid8-n4096-k32-2294712c"
 
 
 def test_credentials_in_the_cache_url_do_not_enter_the_identity():

@@ -34,6 +34,9 @@ NOT_IDENTITY = {
     "data": ("endpoint_url", "heldout_tokens", "prefetch_batches"),
     "parallel": ("cpus_per_worker", "memory_per_worker_gib"),
 }
+# keys added after runs existed, left out of the hash at their default: a run started before
+# the key existed keeps its run_id (and resumes) when rerun with the same command
+OMITTED_AT_DEFAULT = {"train": {"precision": "auto"}}
 HASH_CHARS = 8
 
 
@@ -47,6 +50,9 @@ def identity_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
         for key in NOT_IDENTITY.get(section, ()):
             values.pop(key, None)
+        for key, default in OMITTED_AT_DEFAULT.get(section, {}).items():
+            if values.get(key) == default:
+                values.pop(key)
         out[section] = values
     data = out.get("data", {})
     if isinstance(data.get("cache"), str):
