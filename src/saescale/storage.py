@@ -3,7 +3,8 @@
 A file becomes visible only when complete: locally it is written beside its target and renamed
 (`os.replace` is atomic on POSIX); on object stores it is uploaded as one object, which the
 store publishes only once the PUT (or multipart upload) completes. Credentials come from the
-environment or `storage_options` and are never logged or written anywhere.
+environment or `storage_options` and are never logged or written anywhere. Calls on remote
+storage are retried through transient faults for `retry.budget_s()` seconds (`saescale.retry`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from saescale import retry
 
 
 class StorageError(RuntimeError):
@@ -72,7 +75,16 @@ def join(url: str, *parts: str) -> str:
 
 
 def _wrap(url: str, exc: Exception) -> StorageError:
+    if isinstance(exc, retry.RetriesExhausted):
+        return StorageError(redact(str(exc)))
     return StorageError(f"storage operation on {redact(url)} failed: {type(exc).__name__}: {exc}")
+
+
+def _retrying(what: str, url: str, fs: fsspec.AbstractFileSystem, fn: Callable[[], Any]) -> Any:
+    """fn() through `retry.call` on remote storage (a local filesystem has no transient faults)."""
+    if isinstance(fs, LocalFileSystem):
+        return fn()
+    return retry.call(f"{what} {redact(url)}", fn)
 
 
 def write_file_atomic(url: str, writer: Callable[[str], None], storage_options: dict[str, Any] | None = None) -> None:
@@ -95,7 +107,7 @@ def write_file_atomic(url: str, writer: Callable[[str], None], storage_options: 
         with tempfile.TemporaryDirectory(prefix="saescale-upload-") as tmpdir:
             local = os.path.join(tmpdir, os.path.basename(path) or "blob")
             writer(local)
-            fs.put_file(local, path)
+            _retrying("write", url, fs, lambda: fs.put_file(local, path))
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001 - every backend raises its own types
@@ -117,7 +129,7 @@ def write_json_atomic(url: str, obj: Any, storage_options: dict[str, Any] | None
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     fs, path = url_to_fs(url, storage_options)
     try:
-        return fs.cat_file(path)
+        return _retrying("read", url, fs, lambda: fs.cat_file(path))
     except FileNotFoundError as exc:
         raise StorageError(f"not found: {redact(url)}") from exc
     except Exception as exc:  # noqa: BLE001
@@ -131,16 +143,30 @@ def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = url_to_fs(url, storage_options)
     try:
-        return bool(fs.exists(path))
+        return bool(_retrying("check", url, fs, lambda: _exists_or_raise(fs, path)))
     except Exception as exc:  # noqa: BLE001
         raise _wrap(url, exc) from exc
 
 
+def _exists_or_raise(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """fs.exists, except that a fault raises (s3fs's `exists` answers False on any error, which
+    would read an outage as "no such object")."""
+    try:
+        fs.info(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def remove_tree(url: str, storage_options: dict[str, Any] | None = None) -> None:
     fs, path = url_to_fs(url, storage_options)
-    try:
-        if fs.exists(path):
+
+    def remove() -> None:
+        if _exists_or_raise(fs, path):
             fs.rm(path, recursive=True)
+
+    try:
+        _retrying("remove", url, fs, remove)
     except Exception as exc:  # noqa: BLE001
         raise _wrap(url, exc) from exc
 
@@ -153,7 +179,7 @@ def local_copy(url: str, local_path: str, storage_options: dict[str, Any] | None
             raise StorageError(f"not found: {redact(url)}")
         return path
     try:
-        fs.get_file(path, local_path)
+        _retrying("download", url, fs, lambda: fs.get_file(path, local_path))
     except FileNotFoundError as exc:
         raise StorageError(f"not found: {redact(url)}") from exc
     except Exception as exc:  # noqa: BLE001

@@ -100,6 +100,13 @@ class StorageSection:
 
     url: str = f"{RUNS}/ray"
     endpoint_url: Optional[str] = None  # S3-compatible endpoint; credentials come from the environment
+    # how long one storage call (manifest, checksums, checkpoints, exports, result.json) waits out
+    # transient faults (refused/reset connections, timeouts, 5xx, SlowDown) before the run fails
+    retry_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.retry_s < 0:
+            raise ConfigError(f"storage.retry_s must be >= 0, got {self.retry_s!r}")
 
 
 @dataclass

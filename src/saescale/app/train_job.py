@@ -23,7 +23,7 @@ import psutil
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from saescale import storage
+from saescale import retry, storage
 from saescale.app.errors import EXIT_FAILED, fail
 from saescale.app.job_paths import check_job_paths, local_side_dir
 from saescale.app.run_identity import config_hash
@@ -99,6 +99,7 @@ def engine_configs(job: TrainJobConfig, d_in: int, total_steps: int) -> tuple[SA
 
 def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     """Validate everything that can be checked before Ray starts; returns the launch spec."""
+    retry.set_budget(job.storage.retry_s)
     check_job_paths(
         reads={"data.cache": job.data.cache}, writes={"output_dir": job.output_dir, "storage.url": job.storage.url}
     )
@@ -192,6 +193,7 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
         "tp": dims.tp,
         "threads_per_worker": max(1, int(job.parallel.cpus_per_worker)),
         "use_gpu": job.parallel.use_gpu,
+        "storage_retry_s": job.storage.retry_s,
         "cache": {
             "url": cache_url,
             "options": cache.storage_options,

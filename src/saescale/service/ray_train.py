@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from saescale import retry
 from saescale.console import print0
 from saescale.core.config import SAEConfig, TrainConfig
 from saescale.data.reader import ActivationCache
@@ -181,6 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads_per_worker"])
+    retry.set_budget(config.get("storage_retry_s"))
     dims = ParallelDims.from_world(world, config["tp"])
     sae_cfg, train_cfg = SAEConfig.from_dict(config["sae"]), TrainConfig.from_dict(config["train"])
     device = "cuda" if config.get("use_gpu") else "cpu"

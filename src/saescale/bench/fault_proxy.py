@@ -1,0 +1,215 @@
+"""A fault-injecting HTTP proxy on loopback, in front of an S3-compatible server (moto in the
+tests), for the storage-fault tests and soak benchmarks.
+
+Every client request is read whole and sent upstream on a connection of its own with
+`Connection: close`, and the client connection is closed after the response, so a fault can hit
+any single request (clients reconnect, as HTTP/1.1 allows). Faults:
+
+  down     the port stops listening: connections are refused (an outage)
+  reset    the connection is reset before any answer
+  503      `503 Slow Down` with S3's XML error body (throttling)
+  delay    the request waits `delay_s` before it is forwarded
+
+each for a time window (`outage`, `start_fault` / `stop_fault`), for the next N requests
+(`fail_next`), or for a random fraction of requests (`fail_fraction`). `counts` says how many
+faults were injected and requests forwarded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+KINDS = ("down", "reset", "503", "delay")
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+
+
+@dataclass
+class _Fault:
+    kind: str
+    until: float | None = None  # monotonic deadline of a time window
+    remaining: int | None = None  # next N requests
+    fraction: float | None = None  # random share of requests
+    delay_s: float = 0.0
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, seed: int = 0) -> None:
+        """`upstream`: http://host:port of the real server."""
+        host_port = upstream.split("://", 1)[-1].rstrip("/")
+        host, port = host_port.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.rng = random.Random(seed)
+        self.counts: Counter[str] = Counter()
+        self._fault: _Fault | None = None
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._stopped = threading.Event()
+        self.port = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> str:
+        """Listen on a free loopback port; returns the endpoint URL clients should use."""
+        self._listen()
+        threading.Thread(target=self._serve, daemon=True).start()
+        return self.url
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._close_listener()
+
+    def _listen(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(64)
+        sock.settimeout(0.2)
+        self.port = sock.getsockname()[1]
+        self._listener = sock
+
+    def _close_listener(self) -> None:
+        with contextlib.suppress(OSError):
+            if self._listener is not None:
+                self._listener.close()
+        self._listener = None
+
+    # --------------------------------------------------------------------- faults
+    def start_fault(self, kind: str, delay_s: float = 0.0) -> None:
+        """A fault on every request until `stop_fault` (a `down` outage closes the port)."""
+        self._set(_Fault(kind, delay_s=delay_s))
+
+    def stop_fault(self) -> None:
+        self._set(None)
+
+    @contextlib.contextmanager
+    def outage(self, kind: str = "down", delay_s: float = 0.0):
+        self.start_fault(kind, delay_s)
+        try:
+            yield self
+        finally:
+            self.stop_fault()
+
+    def outage_for(self, seconds: float, kind: str = "down") -> None:
+        """A fault window of `seconds` from now, ended by the proxy itself (a fault schedule)."""
+        self._set(_Fault(kind, until=time.monotonic() + seconds))
+
+    def fail_next(self, n: int, kind: str = "503") -> None:
+        self._set(_Fault(kind, remaining=n))
+
+    def fail_fraction(self, fraction: float, kind: str = "503") -> None:
+        self._set(_Fault(kind, fraction=fraction))
+
+    def _set(self, fault: _Fault | None) -> None:
+        if fault is not None and fault.kind not in KINDS:
+            raise ValueError(f"fault kind must be one of {KINDS}, got {fault.kind!r}")
+        with self._lock:
+            self._fault = fault
+        if fault is not None and fault.kind == "down" and fault.remaining is None and fault.fraction is None:
+            self._close_listener()  # refused from now on
+        elif self._listener is None and not self._stopped.is_set():
+            self._listen()
+
+    def _take(self) -> _Fault | None:
+        """The fault for the request at hand, if any (and count it)."""
+        with self._lock:
+            fault = self._fault
+            if fault is None:
+                return None
+            if fault.until is not None and time.monotonic() >= fault.until:
+                self._fault = None
+                return None
+            if fault.remaining is not None:
+                if fault.remaining <= 0:
+                    self._fault = None
+                    return None
+                fault.remaining -= 1
+            if fault.fraction is not None and self.rng.random() >= fault.fraction:
+                return None
+            self.counts[fault.kind] += 1
+            return fault
+
+    # --------------------------------------------------------------------- serving
+    def _serve(self) -> None:
+        while not self._stopped.is_set():
+            listener = self._listener
+            if listener is None:  # down: refuse until the window ends
+                with self._lock:
+                    fault = self._fault
+                if fault is None or (fault.until is not None and time.monotonic() >= fault.until):
+                    self._set(None)
+                time.sleep(0.05)
+                continue
+            try:
+                client, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
+
+    def _handle(self, client: socket.socket) -> None:
+        with contextlib.closing(client):
+            client.settimeout(60)
+            request = _read_request(client)
+            if request is None:
+                return
+            fault = self._take()
+            if fault is not None and fault.kind in ("reset", "down"):
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return  # closing with linger 0 sends RST
+            if fault is not None and fault.kind == "503":
+                head = (
+                    "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                    f"Content-Length: {len(SLOW_DOWN)}\r\nConnection: close\r\n\r\n"
+                )
+                client.sendall(head.encode() + SLOW_DOWN)
+                return
+            if fault is not None and fault.kind == "delay":
+                time.sleep(fault.delay_s)
+            self.counts["forwarded"] += 1
+            with contextlib.closing(socket.create_connection(self.upstream, timeout=60)) as upstream:
+                upstream.sendall(request)
+                while chunk := upstream.recv(65536):
+                    client.sendall(chunk)
+
+
+def _read_request(sock: socket.socket) -> bytes | None:
+    """One whole HTTP request (head and Content-Length body), with `Connection: close` set."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    length = 0
+    kept = [lines[0]]
+    for line in lines[1:]:
+        name = line.split(b":", 1)[0].strip().lower()
+        if name == b"content-length":
+            length = int(line.split(b":", 1)[1])
+        if name in (b"connection", b"keep-alive"):
+            continue
+        kept.append(line)
+    if any(line.lower().startswith(b"expect:") for line in kept):
+        sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        kept = [line for line in kept if not line.lower().startswith(b"expect:")]
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        body += chunk
+    kept.append(b"Connection: close")
+    return b"\r\n".join(kept) + b"\r\n\r\n" + body

@@ -1,0 +1,117 @@
+"""Storage calls wait out transient faults and fail at once on permanent ones: a real S3 server
+(moto) behind the fault-injecting proxy, through s3fs."""
+
+from __future__ import annotations
+
+import errno
+import time
+
+import pytest
+import s3fs
+
+from saescale import retry, storage
+from saescale.bench.fault_proxy import FaultProxy
+
+# s3fs and botocore retry a few times on their own; the tests turn that off so every injected
+# fault reaches saescale's retry layer (in production both layers run, botocore's first)
+NO_CLIENT_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1}}}
+
+
+@pytest.fixture()
+def faulty_s3(s3_bucket, s3_endpoint, monkeypatch):
+    """(proxy, bucket url, options through the proxy, options straight to moto)."""
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs's own retry count (a class setting)
+    url, direct = s3_bucket
+    proxy = FaultProxy(s3_endpoint)
+    options = {**storage.endpoint_options(proxy.start()), "skip_instance_cache": True, **NO_CLIENT_RETRIES}
+    yield proxy, url, options, direct
+    proxy.stop()
+
+
+def _retry_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if "storage:" in line and "retrying in" in line]
+
+
+def test_a_write_waits_out_an_outage(faulty_s3, capsys, monkeypatch):
+    proxy, url, options, direct = faulty_s3
+    monkeypatch.setenv(retry.ENV_BUDGET, "60")
+    proxy.outage_for(3.0, "down")  # the port refuses connections for 3 s
+    start = time.monotonic()
+    storage.write_json_atomic(f"{url}/run/result.json", {"steps": 7}, options)
+    assert time.monotonic() - start >= 2.0
+    assert storage.read_json(f"{url}/run/result.json", direct) == {"steps": 7}
+    lines = _retry_lines(capsys)
+    assert lines and all("write s3://" in line and "attempt" in line for line in lines)
+
+
+def test_throttling_on_a_fifth_of_the_requests_loses_nothing(faulty_s3, capsys, monkeypatch):
+    proxy, url, options, direct = faulty_s3
+    monkeypatch.setenv(retry.ENV_BUDGET, "60")
+    proxy.fail_fraction(0.2, "503")
+    for i in range(12):
+        storage.write_bytes_atomic(f"{url}/shards/{i}.bin", bytes([i]) * 100, options)
+    read = [storage.read_bytes(f"{url}/shards/{i}.bin", options) for i in range(12)]
+    proxy.stop_fault()
+    assert read == [bytes([i]) * 100 for i in range(12)]
+    # every 503 is retried by someone: saescale (one line each) or, for some calls, botocore itself
+    assert proxy.counts["503"] >= 1 and 1 <= len(_retry_lines(capsys)) <= proxy.counts["503"]
+
+
+def test_a_missing_object_fails_at_once(faulty_s3, capsys):
+    _, url, options, _ = faulty_s3
+    start = time.monotonic()
+    with pytest.raises(storage.StorageError, match="not found"):
+        storage.read_bytes(f"{url}/no/such/object", options)
+    assert time.monotonic() - start < 5 and not _retry_lines(capsys)
+
+
+def test_storage_down_past_the_budget_is_one_line(faulty_s3, capsys, monkeypatch):
+    proxy, url, options, _ = faulty_s3
+    monkeypatch.setenv(retry.ENV_BUDGET, "2")
+    start = time.monotonic()
+    with proxy.outage("down"), pytest.raises(storage.StorageError) as caught:
+        storage.read_bytes(f"{url}/anything", options)
+    assert time.monotonic() - start < 10
+    message = str(caught.value)
+    assert "\n" not in message and "storage did not answer for" in message and "storage.retry_s=2" in message
+    assert f"read {url}/anything" in message
+
+
+def test_a_write_cut_by_an_outage_publishes_nothing(faulty_s3, monkeypatch):
+    proxy, url, options, direct = faulty_s3
+    monkeypatch.setenv(retry.ENV_BUDGET, "1")
+    target = f"{url}/ckpt/meta.json"
+    with proxy.outage("reset"), pytest.raises(storage.StorageError):
+        storage.write_json_atomic(target, {"step": 1}, options)
+    assert not storage.exists(target, direct)
+    assert not s3fs.S3FileSystem(**direct).ls(url.removeprefix("s3://"))  # no partial or temporary object
+    storage.write_json_atomic(target, {"step": 1}, options)  # storage is back
+    assert storage.read_json(target, direct) == {"step": 1}
+
+
+@pytest.mark.parametrize(
+    "error,transient",
+    [
+        (ConnectionRefusedError(), True),
+        (ConnectionResetError(), True),
+        (TimeoutError(), True),
+        (OSError(errno.EBUSY, "SlowDown"), True),  # s3fs's translation of SlowDown / 503
+        (OSError("An error occurred (503) when calling the PutObject operation"), True),
+        (FileNotFoundError("no such key"), False),
+        (PermissionError("AccessDenied"), False),
+        (type("NoCredentialsError", (Exception,), {})("Unable to locate credentials"), False),
+        (ValueError("bad"), False),
+    ],
+)
+def test_transient_and_permanent_errors_are_told_apart(error, transient):
+    assert retry.is_transient(error) is transient
+
+
+def test_a_permanent_error_inside_a_transient_looking_one_is_permanent():
+    try:
+        try:
+            raise PermissionError("AccessDenied")
+        except PermissionError as inner:
+            raise OSError("request failed after connection reset") from inner
+    except OSError as outer:
+        assert retry.is_transient(outer) is False
