@@ -115,3 +115,55 @@ def test_a_permanent_error_inside_a_transient_looking_one_is_permanent():
             raise OSError("request failed after connection reset") from inner
     except OSError as outer:
         assert retry.is_transient(outer) is False
+
+
+def _parquet_shard(url: str, options: dict) -> tuple[str, bytes]:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"x": list(range(1000))}), sink)
+    data = sink.getvalue()
+    storage.write_bytes_atomic(url, data, options)
+    return url, data
+
+
+def test_a_shard_read_waits_out_resets_and_an_outage(faulty_s3, capsys, monkeypatch):
+    """The Ray Data datasource's read (`stream.read_shard`) through pyarrow over s3fs, as in a
+    training run: faults on the open and the read are retried, the bytes still checked."""
+    import hashlib
+
+    from saescale.service.stream import ShardCheck, arrow_filesystem, read_shard
+
+    proxy, url, options, direct = faulty_s3
+    monkeypatch.setenv(retry.ENV_BUDGET, "60")
+    shard_url, data = _parquet_shard(f"{url}/cache/shard-00000.parquet", direct)
+    fs, path = arrow_filesystem(shard_url, options)
+    check = ShardCheck(hashlib.sha256(data).hexdigest(), len(data), "shard-00000.parquet in the cache", "rebuild")
+
+    def open_stream():
+        return fs.open_input_stream(path, compression=None, buffer_size=0)
+
+    proxy.fail_next(3, "reset")
+    assert read_shard(open_stream, check, ["x"]).column("x").to_pylist() == list(range(1000))
+    assert proxy.counts["reset"] == 3
+    proxy.outage_for(3.0, "down")  # longer than s3fs's and botocore's own retries last
+    start = time.monotonic()
+    assert read_shard(open_stream, check, ["x"]).column("x").to_pylist() == list(range(1000))
+    assert time.monotonic() - start >= 2.0
+    assert any("read shard shard-00000.parquet in the cache" in line for line in _retry_lines(capsys))
+
+
+def test_a_corrupt_shard_is_not_retried(faulty_s3, capsys):
+    from saescale.data.format import CorruptShardError
+    from saescale.service.stream import ShardCheck, arrow_filesystem, read_shard
+
+    _, url, options, direct = faulty_s3
+    shard_url, data = _parquet_shard(f"{url}/cache/shard-00001.parquet", direct)
+    fs, path = arrow_filesystem(shard_url, options)
+    check = ShardCheck("0" * 64, len(data), "shard-00001.parquet in the cache", "rebuild it")
+    with pytest.raises(CorruptShardError, match="checksum mismatch"):
+        read_shard(lambda: fs.open_input_stream(path, compression=None, buffer_size=0), check, ["x"])
+    assert not _retry_lines(capsys)

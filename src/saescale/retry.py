@@ -57,8 +57,10 @@ TRANSIENT_TYPES = {
     "ProtocolError",
 }
 PERMANENT_TYPES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+# what an OSError's text says when the type does not (pyarrow's S3 errors, s3fs's wrapped ones)
 _TRANSIENT_TEXT = re.compile(
-    r"SlowDown|Service ?Unavailable|Too ?Many ?Requests|Throttl|RequestTimeout|InternalError|"
+    r"SlowDown|SLOW_DOWN|Service ?Unavailable|SERVICE_UNAVAILABLE|Too ?Many ?Requests|Throttl|"
+    r"RequestTimeout|InternalError|INTERNAL_FAILURE|NETWORK_CONNECTION|Couldn't connect|curlCode|"
     r"\b(500|502|503|504|429)\b|Connection (refused|reset|aborted)|timed out",
     re.IGNORECASE,
 )
@@ -87,16 +89,21 @@ def _chain(exc: BaseException):
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether waiting may fix this error (walks its causes: s3fs wraps botocore and aiohttp)."""
-    for err in _chain(exc):
-        name = type(err).__name__
-        if name in PERMANENT_TYPES or isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
+    """Whether waiting may fix this error (walks its causes: s3fs wraps botocore and aiohttp).
+    A permanent cause anywhere in the chain wins."""
+    chain = list(_chain(exc))
+    for err in chain:
+        if type(err).__name__ in PERMANENT_TYPES or isinstance(
+            err, (FileNotFoundError, PermissionError, IsADirectoryError)
+        ):
             return False
+    for err in chain:
+        name = type(err).__name__
         if name in TRANSIENT_TYPES or isinstance(err, (ConnectionError, TimeoutError)):
             return True
-        if isinstance(err, OSError) and err.errno in TRANSIENT_ERRNOS:
+        if isinstance(err, OSError) and (err.errno in TRANSIENT_ERRNOS or _TRANSIENT_TEXT.search(str(err))):
             return True
-    return bool(_TRANSIENT_TEXT.search(str(exc)))
+    return False
 
 
 def first_line(exc: BaseException) -> str:

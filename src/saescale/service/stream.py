@@ -14,6 +14,7 @@ restarting the worker group (the same bytes would fail again).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -167,6 +168,25 @@ def read_verified(stream, check: ShardCheck, columns: list[str] | None):
     return pq.read_table(pa.py_buffer(buffer), columns=columns)
 
 
+def read_shard(open_stream, check: ShardCheck, columns: list[str] | None, first_stream=None):
+    """`read_verified` through transient storage faults: the shard is re-opened and read again
+    from its start (it is read whole into memory anyway) for `storage.retry_s`; a corrupt shard
+    or a missing one is not a fault that waiting fixes and fails at once."""
+    from saescale import retry
+
+    pending = [first_stream] if first_stream is not None else []
+
+    def attempt():
+        stream = pending.pop() if pending else open_stream()
+        try:
+            return read_verified(stream, check, columns)
+        finally:
+            with contextlib.suppress(Exception):
+                stream.close()
+
+    return retry.call(f"read shard {check.where}", attempt)
+
+
 @functools.cache
 def _datasource_class():
     """Defined on first use: Ray is imported only where the stream is built or read."""
@@ -203,9 +223,15 @@ def _datasource_class():
             self._columns = columns
 
         def _open_input_source(self, filesystem, path: str, **open_args):
+            from saescale import retry
+
+            self._filesystem_for_retries = filesystem
             try:
                 # unbuffered: readinto fills our buffer directly
-                return filesystem.open_input_stream(path, compression=None, buffer_size=0)
+                return retry.call(
+                    f"open shard {path}",
+                    lambda: filesystem.open_input_stream(path, compression=None, buffer_size=0),
+                )
             except FileNotFoundError:
                 import ray
 
@@ -214,7 +240,13 @@ def _datasource_class():
         def _read_stream(self, f, path: str):
             import ray
 
-            yield read_verified(f, ray.get(self._checks_ref)[path], self._columns)
+            check = ray.get(self._checks_ref)[path]
+            filesystem = self._filesystem_for_retries
+
+            def reopen():
+                return filesystem.open_input_stream(path, compression=None, buffer_size=0)
+
+            yield read_shard(reopen, check, self._columns, first_stream=f)
 
     return VerifiedShards
 
@@ -329,4 +361,25 @@ def arrow_filesystem(url: str, storage_options: dict[str, Any] | None):
     fs, path = storage.url_to_fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         return pafs.LocalFileSystem(), os.path.abspath(path)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    return pafs.PyFileSystem(_strict_handler_class()(fs)), path
+
+
+@functools.cache
+def _strict_handler_class():
+    """pyarrow's fsspec handler, except that opening a file does not ask `isfile` first: s3fs
+    answers False on any error, so an outage would read as a missing shard (measured through the
+    fault proxy). `fs.open` raises FileNotFoundError only for a missing object."""
+    import pyarrow.fs as pafs
+
+    class StrictFSSpecHandler(pafs.FSSpecHandler):
+        def open_input_stream(self, path):
+            from pyarrow import PythonFile
+
+            return PythonFile(self.fs.open(path, mode="rb"), mode="r")
+
+        def open_input_file(self, path):
+            from pyarrow import PythonFile
+
+            return PythonFile(self.fs.open(path, mode="rb"), mode="r")
+
+    return StrictFSSpecHandler
