@@ -56,7 +56,8 @@ TRANSIENT_TYPES = {
     "IncompleteRead",
     "ProtocolError",
 }
-PERMANENT_TYPES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+# (RetriesExhausted: an inner retry already spent the budget; an outer one must not start over)
+PERMANENT_TYPES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "RetriesExhausted"}
 # what an OSError's text says when the type does not (pyarrow's S3 errors, s3fs's wrapped ones)
 _TRANSIENT_TEXT = re.compile(
     r"SlowDown|SLOW_DOWN|Service ?Unavailable|SERVICE_UNAVAILABLE|Too ?Many ?Requests|Throttl|"

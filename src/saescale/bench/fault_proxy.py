@@ -74,17 +74,27 @@ class FaultProxy:
     def _listen(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
+        deadline = time.monotonic() + 5.0
+        while True:  # the old listener may still be closing (an accept in flight holds it)
+            try:
+                sock.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         sock.listen(64)
         sock.settimeout(0.2)
         self.port = sock.getsockname()[1]
         self._listener = sock
 
     def _close_listener(self) -> None:
-        with contextlib.suppress(OSError):
-            if self._listener is not None:
-                self._listener.close()
-        self._listener = None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept
+            with contextlib.suppress(OSError):
+                listener.close()
 
     # --------------------------------------------------------------------- faults
     def start_fault(self, kind: str, delay_s: float = 0.0) -> None:

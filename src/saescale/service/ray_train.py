@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from saescale.service.stream import (
     make_datasets,
     stop_on_corrupt_shard,
 )
-from saescale.train.checkpoint import Fetch, load_rank_shard, write_meta, write_rank_files
+from saescale.train.checkpoint import META, Fetch, load_rank_shard, write_meta, write_rank_files
 from saescale.train.convergence import tokens_to_convergence
 from saescale.train.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
 from saescale.train.rank_setup import build_rank_trainer
@@ -89,6 +90,12 @@ def check_data_position(saved: dict[str, Any], data: DataPlan, world: int, seed:
             f"resuming a {saved['world']}-worker checkpoint on {world} workers: same tokens per step, but the "
             "rest of the epoch is split across workers differently from the original run"
         )
+
+
+def _put_file(fs, source: str, target: str) -> None:
+    """Stream a local file into a pyarrow filesystem; closing the stream raises if it failed."""
+    with open(source, "rb") as src, fs.open_output_stream(target) as out:
+        shutil.copyfileobj(src, out, 8 * 2**20)
 
 
 class RayReportCheckpointer:
@@ -148,7 +155,26 @@ class RayReportCheckpointer:
             ray.train.report(
                 self.metrics(trainer, final),
                 checkpoint=ray.train.Checkpoint.from_directory(directory) if has_files else None,
+                checkpoint_upload_fn=upload_checkpoint,
             )
+
+
+def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
+    """Ray Train's checkpoint upload, replaced: this rank's files go to the same place in the
+    run's storage (Ray's storage context gives the path and filesystem), each through storage
+    faults (`saescale.retry`), meta.json last, and a file that cannot be written raises. Ray's
+    default (pyarrow's `copy_files`) returns without error when writing a file to an fsspec
+    filesystem fails (measured through the fault proxy), which would register a checkpoint with
+    files missing."""
+    import ray.train
+
+    context = ray.train.get_context().get_storage()
+    fs, destination = context.storage_filesystem, context.build_checkpoint_path_from_name(checkpoint_dir_name)
+    retry.call(f"create {destination}", lambda: fs.create_dir(destination))
+    for name in sorted(os.listdir(checkpoint.path), key=lambda name: (name == META, name)):
+        source, target = os.path.join(checkpoint.path, name), f"{destination}/{name}"
+        retry.call(f"upload {name} to {destination}", lambda s=source, t=target: _put_file(fs, s, t))
+    return ray.train.Checkpoint(path=destination, filesystem=fs)
 
 
 def _rank0_logger(config: dict[str, Any], start_step: int) -> MultiLogger:

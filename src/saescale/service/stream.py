@@ -25,8 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
+from pyarrow import PythonFile
 
+from saescale import retry
 from saescale.console import first_line
 from saescale.data.format import POS_STRIDE, CorruptShardError
 from saescale.train.checkpoint import CheckpointError
@@ -172,8 +175,6 @@ def read_shard(open_stream, check: ShardCheck, columns: list[str] | None, first_
     """`read_verified` through transient storage faults: the shard is re-opened and read again
     from its start (it is read whole into memory anyway) for `storage.retry_s`; a corrupt shard
     or a missing one is not a fault that waiting fixes and fails at once."""
-    from saescale import retry
-
     pending = [first_stream] if first_stream is not None else []
 
     def attempt():
@@ -223,15 +224,11 @@ def _datasource_class():
             self._columns = columns
 
         def _open_input_source(self, filesystem, path: str, **open_args):
-            from saescale import retry
-
             self._filesystem_for_retries = filesystem
             try:
-                # unbuffered: readinto fills our buffer directly
-                return retry.call(
-                    f"open shard {path}",
-                    lambda: filesystem.open_input_stream(path, compression=None, buffer_size=0),
-                )
+                # unbuffered: readinto fills our buffer directly (`arrow_filesystem`'s handler
+                # retries the open through storage faults)
+                return filesystem.open_input_stream(path, compression=None, buffer_size=0)
             except FileNotFoundError:
                 import ray
 
@@ -361,25 +358,39 @@ def arrow_filesystem(url: str, storage_options: dict[str, Any] | None):
     fs, path = storage.url_to_fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         return pafs.LocalFileSystem(), os.path.abspath(path)
-    return pafs.PyFileSystem(_strict_handler_class()(fs)), path
+    return pafs.PyFileSystem(RetryingFSSpecHandler(fs)), path
 
 
-@functools.cache
-def _strict_handler_class():
-    """pyarrow's fsspec handler, except that opening a file does not ask `isfile` first: s3fs
-    answers False on any error, so an outage would read as a missing shard (measured through the
-    fault proxy). `fs.open` raises FileNotFoundError only for a missing object."""
-    import pyarrow.fs as pafs
+def _retried(name: str):
+    """A FSSpecHandler method run through `retry.call` (transient faults waited out)."""
 
-    class StrictFSSpecHandler(pafs.FSSpecHandler):
-        def open_input_stream(self, path):
-            from pyarrow import PythonFile
+    def method(self, *args):
+        parent = getattr(pafs.FSSpecHandler, name)
+        return retry.call(f"{name} {args[0] if args else ''}", lambda: parent(self, *args))
 
-            return PythonFile(self.fs.open(path, mode="rb"), mode="r")
+    method.__name__ = name
+    return method
 
-        def open_input_file(self, path):
-            from pyarrow import PythonFile
 
-            return PythonFile(self.fs.open(path, mode="rb"), mode="r")
+class RetryingFSSpecHandler(pafs.FSSpecHandler):
+    """pyarrow's fsspec handler with every call retried through transient storage faults
+    (`saescale.retry`), so whatever pyarrow drives (Ray Data's shard reads, Ray Train's storage
+    checks, checkpoint uploads and downloads) waits an outage out instead of failing; and opening
+    a file does not ask `isfile` first: s3fs answers False on any error, so an outage read as a
+    missing shard (measured through the fault proxy). Defined at module level: Ray pickles it."""
 
-    return StrictFSSpecHandler
+    def open_input_stream(self, path):
+        return retry.call(f"open {path}", lambda: PythonFile(self.fs.open(path, mode="rb"), mode="r"))
+
+    def open_input_file(self, path):
+        return retry.call(f"open {path}", lambda: PythonFile(self.fs.open(path, mode="rb"), mode="r"))
+
+    get_file_info = _retried("get_file_info")
+    get_file_info_selector = _retried("get_file_info_selector")
+    create_dir = _retried("create_dir")
+    delete_dir = _retried("delete_dir")
+    delete_dir_contents = _retried("delete_dir_contents")
+    delete_file = _retried("delete_file")
+    move = _retried("move")
+    copy_file = _retried("copy_file")
+    open_output_stream = _retried("open_output_stream")
