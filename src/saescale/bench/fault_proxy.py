@@ -54,6 +54,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._stopped = threading.Event()
+        self._trigger: tuple[int, float, str] | None = None
         self.port = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -116,6 +117,12 @@ class FaultProxy:
         """A fault window of `seconds` from now, ended by the proxy itself (a fault schedule)."""
         self._set(_Fault(kind, until=time.monotonic() + seconds))
 
+    def outage_after(self, requests: int, seconds: float, kind: str = "down") -> None:
+        """An outage of `seconds` that starts once `requests` more requests were forwarded: a
+        schedule tied to the client's progress rather than to the clock."""
+        with self._lock:
+            self._trigger = (self.counts["forwarded"] + requests, seconds, kind)
+
     def fail_next(self, n: int, kind: str = "503") -> None:
         self._set(_Fault(kind, remaining=n))
 
@@ -150,6 +157,17 @@ class FaultProxy:
                 return None
             self.counts[fault.kind] += 1
             return fault
+
+    def _count_forwarded(self) -> None:
+        with self._lock:
+            self.counts["forwarded"] += 1
+            trigger = self._trigger
+            fire = trigger is not None and self.counts["forwarded"] >= trigger[0]
+            if fire:
+                self._trigger = None
+        if fire:
+            self.counts["outages"] += 1
+            self.outage_for(trigger[1], trigger[2])
 
     # --------------------------------------------------------------------- serving
     def _serve(self) -> None:
@@ -187,7 +205,7 @@ class FaultProxy:
                 return
             if fault is not None and fault.kind == "delay":
                 time.sleep(fault.delay_s)
-            self.counts["forwarded"] += 1
+            self._count_forwarded()
             with contextlib.closing(socket.create_connection(self.upstream, timeout=60)) as upstream:
                 upstream.sendall(request)
                 while chunk := upstream.recv(65536):

@@ -21,6 +21,7 @@ import os
 import posixpath
 import re
 import shlex
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -393,4 +394,45 @@ class RetryingFSSpecHandler(pafs.FSSpecHandler):
     delete_file = _retried("delete_file")
     move = _retried("move")
     copy_file = _retried("copy_file")
-    open_output_stream = _retried("open_output_stream")
+
+    def open_output_stream(self, path, metadata):
+        """Writes land in a local file, uploaded in one retried `put_file` when the stream
+        closes (fsspec's own stream fails at close on an outage, with the bytes gone)."""
+        return PythonFile(_UploadOnClose(self.fs, path), mode="w")
+
+
+class _UploadOnClose:
+    """A write-only file that uploads itself to `path` on close, through storage faults."""
+
+    def __init__(self, fs, path: str) -> None:
+        self._fs, self._path = fs, path
+        self._tmp = tempfile.NamedTemporaryFile(prefix="saescale-put-", delete=False)  # noqa: SIM115 - closed in close()
+        self.closed = False
+
+    def write(self, data) -> int:
+        return self._tmp.write(data)
+
+    def flush(self) -> None:
+        self._tmp.flush()
+
+    def tell(self) -> int:
+        return self._tmp.tell()
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._tmp.close()
+        try:
+            retry.call(f"write {self._path}", lambda: self._fs.put_file(self._tmp.name, self._path))
+        finally:
+            os.remove(self._tmp.name)
