@@ -160,12 +160,13 @@ def test_unwritable_file_destination(tiny_model_dir, corpus_dir, tmp_path):
 
 def test_unreachable_s3_and_missing_credentials(tiny_model_dir, corpus_dir, s3_bucket, monkeypatch):
     url, options = s3_bucket
+    monkeypatch.setenv("SAESCALE_STORAGE_RETRY_S", "2")  # unreachable storage is waited out that long
     dead = {
         "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
         "skip_instance_cache": True,
         "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
     }
-    with pytest.raises(CacheError, match="cannot access.*Could not connect"):
+    with pytest.raises(CacheError, match="cannot access.*storage did not answer.*Could not connect"):
         build_cache(tiny_cfg(tiny_model_dir, corpus_dir, f"{url}/x", storage_options=dead), progress=lambda s: None)
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)

@@ -154,7 +154,7 @@ def _exists_or_raise(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     try:
         fs.info(path)
         return True
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a path under a file cannot exist either
         return False
 
 
