@@ -161,8 +161,10 @@ class RayReportCheckpointer:
 
 def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
     """Ray Train's checkpoint upload, replaced: this rank's files go to the same place in the
-    run's storage (Ray's storage context gives the path and filesystem), each through storage
-    faults (`saescale.retry`), meta.json last, and a file that cannot be written raises. Ray's
+    run's storage (Ray's storage context gives the path and filesystem), meta.json last, and a
+    file that cannot be written raises. The storage filesystem (`stream.arrow_filesystem`)
+    already retries through storage faults: creating the folder, and each file's upload when its
+    stream closes. Ray's
     default (pyarrow's `copy_files`) returns without error when writing a file to an fsspec
     filesystem fails (measured through the fault proxy), which would register a checkpoint with
     files missing."""
@@ -170,10 +172,9 @@ def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
 
     context = ray.train.get_context().get_storage()
     fs, destination = context.storage_filesystem, context.build_checkpoint_path_from_name(checkpoint_dir_name)
-    retry.call(f"create {destination}", lambda: fs.create_dir(destination))
+    fs.create_dir(destination)
     for name in sorted(os.listdir(checkpoint.path), key=lambda name: (name == META, name)):
-        source, target = os.path.join(checkpoint.path, name), f"{destination}/{name}"
-        retry.call(f"upload {name} to {destination}", lambda s=source, t=target: _put_file(fs, s, t))
+        _put_file(fs, os.path.join(checkpoint.path, name), f"{destination}/{name}")
     return ray.train.Checkpoint(path=destination, filesystem=fs)
 
 
