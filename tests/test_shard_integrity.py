@@ -127,10 +127,10 @@ def test_damaged_shard_fails_the_ray_data_stream_with_the_jobs_line(tmp_path, sm
     fails with the CorruptShardError the job reports (`first_cause` finds it behind Ray's
     wrappers), and the driver's line names the shard, the kind of damage and the rebuild."""
     from saescale.data.format import CorruptShardError
+    from saescale.service.failures import first_cause
     from saescale.service.stream import (
         arrow_filesystem,
         corrupt_shard_line,
-        first_cause,
         make_datasets,
         plan_data,
         rebuild_hint,

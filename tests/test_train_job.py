@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -436,52 +435,3 @@ def test_embedded_ray_beside_a_running_head_with_a_quiet_console(resumed_run, ra
     assert "Execution plan of Dataset" in data_log and "execution finished in" in data_log
     assert any(name.startswith("worker-") and name.endswith(".err") for name in os.listdir(logs))
     assert os.path.exists(os.path.join(logs, "raylet.out"))
-
-
-@pytest.mark.slow
-def test_a_storage_outage_mid_run_changes_nothing(tmp_path, small_cache, s3_bucket, s3_endpoint):
-    """Cache and checkpoints on S3 behind the fault proxy: the same run twice, the second with a
-    20 s outage (connections refused) starting halfway through its storage requests. It finishes
-    with the same steps, tokens and final SAE, waiting the outage out instead of failing."""
-    import s3fs
-
-    from saescale.bench.fault_proxy import FaultProxy
-
-    bucket, options = s3_bucket
-    s3fs.S3FileSystem(**options).put(small_cache, f"{bucket}/cache", recursive=True)
-    proxy = FaultProxy(s3_endpoint)
-    endpoint = proxy.start()
-
-    def run(run_id: str) -> tuple[str, float]:
-        start = time.monotonic()
-        log = run_job(
-            tmp_path,
-            f"{bucket}/cache",
-            f"run_id={run_id}",
-            f"data.endpoint_url={endpoint}",
-            f"storage.url={bucket}/runs",
-            f"storage.endpoint_url={endpoint}",
-            "storage.retry_s=120",
-            "train.max_steps=10",
-            "train.checkpoint_every=2",
-            "export.saelens=false",
-            "export.sparsify=false",
-        )
-        return log, time.monotonic() - start
-
-    try:
-        _, plain_s = run("plain")
-        proxy.outage_after(proxy.counts["forwarded"] // 2, 20.0, "down")
-        log, outage_s = run("outage")
-    finally:
-        proxy.stop()
-    assert proxy.counts["outages"] == 1
-    assert "storage:" in log and "retrying in" in log  # waited, one line per retry
-    print(f"wall time: {plain_s:.1f} s uninterrupted, {outage_s:.1f} s with the 20 s outage")
-    results = {r: json.loads((tmp_path / r / "result.json").read_text()) for r in ("plain", "outage")}
-    assert results["outage"]["steps"] == results["plain"]["steps"] == 10
-    assert results["outage"]["tokens"] == results["plain"]["tokens"]
-    plain, _ = load_sae(str(tmp_path / "plain" / "sae"))
-    outage, _ = load_sae(str(tmp_path / "outage" / "sae"))
-    for name in ("W_enc", "b_enc", "W_dec", "b_pre"):
-        assert torch.equal(getattr(plain, name), getattr(outage, name)), name

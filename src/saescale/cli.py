@@ -106,6 +106,29 @@ def _bench_dist(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_soak(args: argparse.Namespace) -> int:
+    from saescale.app.schema import DEFAULT_CACHE
+    from saescale.bench.soak import bench_soak
+
+    result = bench_soak(
+        args.cache or DEFAULT_CACHE,
+        args.project,
+        args.overrides,
+        schedule=args.schedule,
+        minutes=args.minutes,
+        fault_every_s=args.fault_every_s,
+        max_outage_s=args.max_outage_s,
+        kill_every_s=args.kill_every_s,
+        outage_s=args.outage_s,
+        retry_s=args.retry_s,
+        max_failures=args.max_failures,
+        seed=args.seed,
+        out=args.out,
+    )
+    print(json.dumps(result))
+    return 0 if result.get("identical") else 1
+
+
 def _scaling_fit(args: argparse.Namespace) -> int:
     from saescale.sweeps.report import run
     from saescale.sweeps.scaling import FitError
@@ -333,6 +356,30 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--no-transpose-init", action="store_true")
     rec.add_argument("--seed", type=int, default=0)
     rec.set_defaults(func=_bench_recovery)
+
+    soak = bench_sub.add_parser(
+        "soak",
+        help="the train job on S3 (moto) behind a fault proxy: uninterrupted, then under storage faults "
+        "and worker kills; same steps, tokens and weights?",
+        description="Run from the project's root. Extra job overrides go after --, e.g. "
+        "`saescale bench soak -- train.epochs=10`. Exit 0 when the faulted run ends identical.",
+    )
+    soak.add_argument(
+        "--cache", default=None, help="a local activation cache (default: the embedded default's, from `make train`)"
+    )
+    soak.add_argument("--project", default=".", help="the project root (where jobs/train.py is)")
+    soak.add_argument("--schedule", choices=["random", "single"], default="random")
+    soak.add_argument("--minutes", type=float, default=15.0, help="(random) how long the faulted run should last")
+    soak.add_argument("--fault-every-s", type=float, default=60.0, help="(random) mean seconds between storage faults")
+    soak.add_argument("--max-outage-s", type=float, default=30.0, help="(random) longest storage fault")
+    soak.add_argument("--kill-every-s", type=float, default=240.0, help="(random) mean seconds between worker kills")
+    soak.add_argument("--outage-s", type=float, default=30.0, help="(single) the outage's length")
+    soak.add_argument("--retry-s", type=float, default=120.0, help="storage.retry_s of both runs")
+    soak.add_argument("--max-failures", type=int, default=20, help="ray.max_failures of both runs")
+    soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument("--out", default=None, help="folder for both runs and their logs (default: a temp dir)")
+    soak.add_argument("overrides", nargs="*", help="job overrides (key=value), after --")
+    soak.set_defaults(func=_bench_soak)
     return parser
 
 

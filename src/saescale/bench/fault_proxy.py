@@ -10,15 +10,18 @@ any single request (clients reconnect, as HTTP/1.1 allows). Faults:
   503      `503 Slow Down` with S3's XML error body (throttling)
   delay    the request waits `delay_s` before it is forwarded
 
-each for a time window (`outage`, `start_fault` / `stop_fault`), for the next N requests
-(`fail_next`), or for a random fraction of requests (`fail_fraction`). `counts` says how many
-faults were injected and requests forwarded.
+each for a time window (`outage`, `start_fault` / `stop_fault`, `outage_for`), for the next N
+requests (`fail_next`), or for a random fraction of requests (`fail_fraction`); an outage can
+also start after N more forwarded requests (`outage_after`) or at the first request whose line
+matches a pattern (`outage_on`, e.g. the upload of a checkpoint file). `counts` says how many
+faults were injected and requests forwarded; `outage_started` when the last outage began.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
+import re
 import socket
 import struct
 import threading
@@ -31,6 +34,17 @@ SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
+
+
+@dataclass
+class _Selective:
+    """A fault on the requests matching `pattern` only, from the `start_left`+1-th request
+    matching `start_on` on (None: at once)."""
+
+    pattern: re.Pattern[bytes]
+    kind: str
+    start_on: re.Pattern[bytes] | None
+    start_left: int
 
 
 @dataclass
@@ -52,9 +66,14 @@ class FaultProxy:
         self.counts: Counter[str] = Counter()
         self._fault: _Fault | None = None
         self._lock = threading.Lock()
+        self._counted = threading.Condition(self._lock)  # notified when a selective fault is counted
         self._listener: socket.socket | None = None
         self._stopped = threading.Event()
         self._trigger: tuple[int, float, str] | None = None
+        self._pattern: tuple[re.Pattern[bytes], float | None, str] | None = None
+        self._pattern_left = 0  # matches to let through before the outage starts
+        self._selective: _Selective | None = None
+        self.outage_started: float | None = None  # time.monotonic() when the last outage began
         self.port = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -103,7 +122,20 @@ class FaultProxy:
         self._set(_Fault(kind, delay_s=delay_s))
 
     def stop_fault(self) -> None:
+        with self._lock:
+            self._selective = None
         self._set(None)
+
+    def fail_matching(self, pattern: str, kind: str = "reset", start_on: str | None = None, nth: int = 1) -> None:
+        """A fault (`reset` or `503`) on every request whose line matches `pattern`, the others
+        forwarded, until `stop_fault`; with `start_on`, from the `nth` request matching it on
+        (that request included when it matches `pattern`)."""
+        if kind not in ("reset", "503"):
+            raise ValueError(f"a selective fault is 'reset' or '503', got {kind!r}")
+        with self._lock:
+            self._selective = _Selective(
+                re.compile(pattern.encode()), kind, re.compile(start_on.encode()) if start_on else None, nth - 1
+            )
 
     @contextlib.contextmanager
     def outage(self, kind: str = "down", delay_s: float = 0.0):
@@ -123,6 +155,19 @@ class FaultProxy:
         with self._lock:
             self._trigger = (self.counts["forwarded"] + requests, seconds, kind)
 
+    def wait_selective(self, more_than: int, timeout: float) -> bool:
+        """Block until the `fail_matching` fault has hit more than `more_than` requests (or
+        `timeout` passed); whether it has."""
+        with self._counted:
+            return self._counted.wait_for(lambda: self.counts["selective"] > more_than, timeout)
+
+    def outage_on(self, pattern: str, seconds: float | None, kind: str = "down", nth: int = 1) -> None:
+        """An outage that starts at the `nth` request whose request line (method and path)
+        matches the regular expression `pattern`, that request included; `seconds=None` keeps
+        it until `stop_fault` (a permanent outage)."""
+        with self._lock:
+            self._pattern, self._pattern_left = (re.compile(pattern.encode()), seconds, kind), nth - 1
+
     def fail_next(self, n: int, kind: str = "503") -> None:
         self._set(_Fault(kind, remaining=n))
 
@@ -134,14 +179,28 @@ class FaultProxy:
             raise ValueError(f"fault kind must be one of {KINDS}, got {fault.kind!r}")
         with self._lock:
             self._fault = fault
+            if fault is not None and fault.remaining is None and fault.fraction is None:
+                self.outage_started = time.monotonic()
         if fault is not None and fault.kind == "down" and fault.remaining is None and fault.fraction is None:
             self._close_listener()  # refused from now on
         elif self._listener is None and not self._stopped.is_set():
             self._listen()
 
-    def _take(self) -> _Fault | None:
+    def _take(self, request: bytes = b"") -> _Fault | None:
         """The fault for the request at hand, if any (and count it)."""
+        line = request.split(b"\r\n", 1)[0]
         with self._lock:
+            rule = self._selective
+            if rule is not None and rule.start_on is not None and rule.start_on.search(line):
+                if rule.start_left == 0:
+                    rule.start_on = None  # started
+                else:
+                    rule.start_left -= 1
+            if rule is not None and rule.start_on is None and rule.pattern.search(line):
+                self.counts[rule.kind] += 1
+                self.counts["selective"] += 1
+                self._counted.notify_all()
+                return _Fault(rule.kind)
             fault = self._fault
             if fault is None:
                 return None
@@ -169,6 +228,24 @@ class FaultProxy:
             self.counts["outages"] += 1
             self.outage_for(trigger[1], trigger[2])
 
+    def _match_pattern(self, request: bytes) -> None:
+        """Start the `outage_on` outage if this request's line matches its pattern."""
+        with self._lock:
+            pattern = self._pattern
+            fire = pattern is not None and pattern[0].search(request.split(b"\r\n", 1)[0]) is not None
+            if fire and self._pattern_left > 0:
+                self._pattern_left -= 1
+                fire = False
+            if fire:
+                self._pattern = None
+        if fire:
+            self.counts["outages"] += 1
+            _, seconds, kind = pattern
+            if seconds is None:
+                self.start_fault(kind)
+            else:
+                self.outage_for(seconds, kind)
+
     # --------------------------------------------------------------------- serving
     def _serve(self) -> None:
         while not self._stopped.is_set():
@@ -192,7 +269,8 @@ class FaultProxy:
             request = _read_request(client)
             if request is None:
                 return
-            fault = self._take()
+            self._match_pattern(request)
+            fault = self._take(request)
             if fault is not None and fault.kind in ("reset", "down"):
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 return  # closing with linger 0 sends RST

@@ -30,19 +30,13 @@ from typing import Any
 
 import torch
 
-from saescale import retry
+from saescale import retry, storage
 from saescale.console import print0
 from saescale.core.config import SAEConfig, TrainConfig
 from saescale.data.reader import ActivationCache
 from saescale.distributed.mesh import ParallelDims
-from saescale.service.stream import (
-    DataPlan,
-    arrow_filesystem,
-    first_cause,
-    make_collate,
-    make_datasets,
-    stop_on_corrupt_shard,
-)
+from saescale.service.failures import failure_policy, first_cause, stopped_by_storage, storage_fault
+from saescale.service.stream import DataPlan, arrow_filesystem, make_collate, make_datasets, set_retry_budget
 from saescale.train.checkpoint import META, Fetch, load_rank_shard, write_meta, write_rank_files
 from saescale.train.convergence import tokens_to_convergence
 from saescale.train.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
@@ -210,6 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads_per_worker"])
     retry.set_budget(config.get("storage_retry_s"))
+    set_retry_budget(ctx.get_storage().storage_filesystem, retry.budget_s())  # see `launch`
     dims = ParallelDims.from_world(world, config["tp"])
     sae_cfg, train_cfg = SAEConfig.from_dict(config["sae"]), TrainConfig.from_dict(config["train"])
     device = "cuda" if config.get("use_gpu") else "cpu"
@@ -311,6 +306,13 @@ def launch(spec: LaunchSpec):
         remedy=spec.cache_remedy,
     )
     storage_fs, storage_path = arrow_filesystem(spec.storage_url, spec.storage_options)
+    retry_s = spec.worker_config.get("storage_retry_s")
+    retry_s = retry.budget_s() if retry_s is None else retry_s
+    # Ray Train's controller writes its checkpoint registry through this filesystem, and a
+    # failed write ends the run at once (no restart): it must outlast a worker's failed call
+    # (storage.retry_s) plus the wait before the restart (as long again). The workers set it
+    # back to storage.retry_s in their copy (`_worker_storage_budget`).
+    set_retry_budget(storage_fs, 2 * retry_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec.worker_config,
@@ -323,7 +325,8 @@ def launch(spec: LaunchSpec):
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[stop_on_corrupt_shard()],  # a corrupt shard ends the run: no restarts
+            # a corrupt shard ends the run (no restarts); a storage fault waits for storage first
+            callbacks=[failure_policy(storage_fs, storage_path, storage.redact(spec.storage_url), retry_s)],
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(
@@ -333,8 +336,13 @@ def launch(spec: LaunchSpec):
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        # a corrupt shard first: its message carries the remedy (peers only echo it)
-        raise RunFailed(str(exc), first_cause([exc])) from exc
+        # a corrupt shard first: its message carries the remedy (peers only echo it); then storage
+        # that outlasted the retry budget outside the workers (Ray Train's controller)
+        cause = first_cause([exc])
+        fault = None if cause is not None else storage_fault([exc])
+        if fault is not None:
+            cause = stopped_by_storage(storage.redact(spec.storage_url), fault)
+        raise RunFailed(str(exc), cause) from exc
 
 
 def checkpoint_url(result, storage_url: str) -> str:

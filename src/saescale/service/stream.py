@@ -8,7 +8,7 @@ every rank is a pure function of the seed.
 Every shard is verified as it is read: its bytes are read once, into one buffer, hashed chunk by
 chunk as they arrive, and compared with the manifest's sha256 before Parquet parses that buffer.
 A corrupt, truncated or missing shard raises `CorruptShardError` with one line naming the shard
-and how to rebuild the cache; `StopOnCorruptShard` makes Ray Train end the run on it instead of
+and how to rebuild the cache; `service.failures` makes Ray Train end the run on it instead of
 restarting the worker group (the same bytes would fail again).
 """
 
@@ -33,8 +33,6 @@ from pyarrow import PythonFile
 from saescale import retry
 from saescale.console import first_line
 from saescale.data.format import POS_STRIDE, CorruptShardError
-from saescale.train.checkpoint import CheckpointError
-from saescale.train.trainer import RankError
 
 ACT_COLUMN = "act"
 ROW_ID_COLUMNS = ["window", "pos"]
@@ -172,10 +170,12 @@ def read_verified(stream, check: ShardCheck, columns: list[str] | None):
     return pq.read_table(pa.py_buffer(buffer), columns=columns)
 
 
-def read_shard(open_stream, check: ShardCheck, columns: list[str] | None, first_stream=None):
+def read_shard(
+    open_stream, check: ShardCheck, columns: list[str] | None, first_stream=None, budget: float | None = None
+):
     """`read_verified` through transient storage faults: the shard is re-opened and read again
-    from its start (it is read whole into memory anyway) for `storage.retry_s`; a corrupt shard
-    or a missing one is not a fault that waiting fixes and fails at once."""
+    from its start (it is read whole into memory anyway) for `budget` seconds (`storage.retry_s`);
+    a corrupt shard or a missing one is not a fault that waiting fixes and fails at once."""
     pending = [first_stream] if first_stream is not None else []
 
     def attempt():
@@ -186,7 +186,7 @@ def read_shard(open_stream, check: ShardCheck, columns: list[str] | None, first_
             with contextlib.suppress(Exception):
                 stream.close()
 
-    return retry.call(f"read shard {check.where}", attempt)
+    return retry.call(f"read shard {check.where}", attempt, budget=budget)
 
 
 @functools.cache
@@ -244,7 +244,7 @@ def _datasource_class():
             def reopen():
                 return filesystem.open_input_stream(path, compression=None, buffer_size=0)
 
-            yield read_shard(reopen, check, self._columns, first_stream=f)
+            yield read_shard(reopen, check, self._columns, first_stream=f, budget=retry_budget(filesystem))
 
     return VerifiedShards
 
@@ -275,47 +275,6 @@ def make_datasets(plan: DataPlan, filesystem, with_ids: bool, cache_url: str, re
     return {"train": epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]}
 
 
-# errors that a worker-group restart cannot fix: it would read the same bytes or the same
-# checkpoint again, or meet the same bad batch or non-finite loss (the run is deterministic)
-NOT_RETRIED: tuple[type[BaseException], ...] = (CorruptShardError, CheckpointError, RankError)
-
-
-def find_cause(
-    error: BaseException | None, kinds: tuple[type[BaseException], ...] = NOT_RETRIED
-) -> BaseException | None:
-    """The error of one of `kinds` behind a Ray task, worker group or controller error, if any.
-    Ray's RayTaskError copies also pass `isinstance`, but their text is a remote traceback: the
-    search follows them to their `cause`, the original with its one-line message."""
-    pending, seen = [error], set()
-    while pending:
-        exc = pending.pop()
-        if not isinstance(exc, BaseException) or id(exc) in seen:
-            continue
-        seen.add(id(exc))
-        if type(exc) in kinds:
-            return exc
-        pending += [
-            exc.__context__,
-            exc.__cause__,
-            *(getattr(exc, "worker_failures", None) or {}).values(),
-            getattr(exc, "controller_failure", None),
-            getattr(exc, "cause", None),
-        ]
-    return None
-
-
-def first_cause(errors: list[BaseException]) -> BaseException | None:
-    """The not-retried error behind any of several ranks' errors; a corrupt shard first (every
-    rank reading the stream may fail on it, the peers of the rank that reported it only echo it
-    as a RankError, and its message carries the remedy)."""
-    for kinds in ((CorruptShardError,), NOT_RETRIED):
-        for error in errors:
-            cause = find_cause(error, kinds)
-            if cause is not None:
-                return cause
-    return None
-
-
 def corrupt_shard_line(error: CorruptShardError, cache_url: str, remedy: str) -> str:
     """The error as the driver's one line: the stream's messages name the shard, the cache and the
     remedy already; the workers' initialisation read (ActivationCache) names only the shard."""
@@ -323,28 +282,6 @@ def corrupt_shard_line(error: CorruptShardError, cache_url: str, remedy: str) ->
 
     text = first_line(error)
     return text if remedy in text else f"{text} (cache {storage.redact(cache_url)}); {remedy}"
-
-
-@functools.cache
-def _stop_callback_class():
-    from ray.train import ControllerError, UserCallback
-
-    class StopOnCorruptShard(UserCallback):
-        """Runs in the Ray Train controller: a worker failing on a corrupt shard (or refusing a
-        checkpoint of another config) ends the run (a ControllerError is not retried) instead of
-        costing `max_failures` restarts that would read the same bytes again."""
-
-        def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-            cause = first_cause(list(worker_exceptions.values()))
-            if cause is not None:
-                raise ControllerError(type(cause)(first_line(cause)))
-
-    return StopOnCorruptShard
-
-
-def stop_on_corrupt_shard():
-    """A Ray Train `UserCallback` (for `RunConfig(callbacks=...)`): see StopOnCorruptShard."""
-    return _stop_callback_class()()
 
 
 # ------------------------------------------------------------------------------- filesystems
@@ -362,12 +299,24 @@ def arrow_filesystem(url: str, storage_options: dict[str, Any] | None):
     return pafs.PyFileSystem(RetryingFSSpecHandler(fs)), path
 
 
+def retry_budget(filesystem) -> float | None:
+    """The retry budget a pyarrow filesystem from `arrow_filesystem` carries (None: local)."""
+    return getattr(getattr(filesystem, "handler", None), "budget_s", None)
+
+
+def set_retry_budget(filesystem, seconds: float) -> None:
+    """Set the retry budget of a pyarrow filesystem from `arrow_filesystem` (local: no-op)."""
+    handler = getattr(filesystem, "handler", None)
+    if isinstance(handler, RetryingFSSpecHandler):
+        handler.budget_s = seconds
+
+
 def _retried(name: str):
     """A FSSpecHandler method run through `retry.call` (transient faults waited out)."""
 
     def method(self, *args):
         parent = getattr(pafs.FSSpecHandler, name)
-        return retry.call(f"{name} {args[0] if args else ''}", lambda: parent(self, *args))
+        return self.call(f"{name} {self.url(args[0]) if args else ''}", lambda: parent(self, *args))
 
     method.__name__ = name
     return method
@@ -378,13 +327,30 @@ class RetryingFSSpecHandler(pafs.FSSpecHandler):
     (`saescale.retry`), so whatever pyarrow drives (Ray Data's shard reads, Ray Train's storage
     checks, checkpoint uploads and downloads) waits an outage out instead of failing; and opening
     a file does not ask `isfile` first: s3fs answers False on any error, so an outage read as a
-    missing shard (measured through the fault proxy). Defined at module level: Ray pickles it."""
+    missing shard (measured through the fault proxy). Defined at module level: Ray pickles it,
+    with the budget it was made with (`storage.retry_s` of the job, wherever it is unpickled:
+    Ray Data's read tasks, Ray Train's controller and workers)."""
+
+    def __init__(self, fs, budget_s: float | None = None) -> None:
+        super().__init__(fs)
+        self.budget_s = retry.budget_s() if budget_s is None else budget_s
+
+    def call(self, what: str, fn):
+        return retry.call(what, fn, budget=self.budget_s)
+
+    def url(self, path) -> str:
+        """The full URL of a path (errors and retry lines name it with its scheme); of the
+        first of several paths or a selector's base directory."""
+        path = getattr(path, "base_dir", path)
+        if isinstance(path, list | tuple):
+            path = f"{path[0]} (+{len(path) - 1} more)" if len(path) > 1 else (path[0] if path else "")
+        return self.fs.unstrip_protocol(str(path))
 
     def open_input_stream(self, path):
-        return retry.call(f"open {path}", lambda: PythonFile(self.fs.open(path, mode="rb"), mode="r"))
+        return self.call(f"open {self.url(path)}", lambda: PythonFile(self.fs.open(path, mode="rb"), mode="r"))
 
     def open_input_file(self, path):
-        return retry.call(f"open {path}", lambda: PythonFile(self.fs.open(path, mode="rb"), mode="r"))
+        return self.call(f"open {self.url(path)}", lambda: PythonFile(self.fs.open(path, mode="rb"), mode="r"))
 
     get_file_info = _retried("get_file_info")
     get_file_info_selector = _retried("get_file_info_selector")
@@ -398,14 +364,14 @@ class RetryingFSSpecHandler(pafs.FSSpecHandler):
     def open_output_stream(self, path, metadata):
         """Writes land in a local file, uploaded in one retried `put_file` when the stream
         closes (fsspec's own stream fails at close on an outage, with the bytes gone)."""
-        return PythonFile(_UploadOnClose(self.fs, path), mode="w")
+        return PythonFile(_UploadOnClose(self, path), mode="w")
 
 
 class _UploadOnClose:
     """A write-only file that uploads itself to `path` on close, through storage faults."""
 
-    def __init__(self, fs, path: str) -> None:
-        self._fs, self._path = fs, path
+    def __init__(self, handler: RetryingFSSpecHandler, path: str) -> None:
+        self._handler, self._path = handler, path
         self._tmp = tempfile.NamedTemporaryFile(prefix="saescale-put-", delete=False)  # noqa: SIM115 - closed in close()
         self.closed = False
 
@@ -433,6 +399,7 @@ class _UploadOnClose:
         self.closed = True
         self._tmp.close()
         try:
-            retry.call(f"write {self._path}", lambda: self._fs.put_file(self._tmp.name, self._path))
+            fs, url = self._handler.fs, self._handler.url(self._path)
+            self._handler.call(f"write {url}", lambda: fs.put_file(self._tmp.name, self._path))
         finally:
             os.remove(self._tmp.name)

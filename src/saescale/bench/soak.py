@@ -1,0 +1,294 @@
+"""`saescale bench soak`: the training job with its cache and checkpoints on S3 (moto on loopback)
+behind the fault proxy, run once uninterrupted and once under faults; the two results compared.
+
+Schedules of the faulted run:
+  random   until the run ends: a storage fault every `fault_every_s` on average (refused
+           connections, resets, 503 SlowDown or 5 s delays on every request, each for 2 to
+           `max_outage_s` seconds), and a Ray Train worker SIGKILLed every `kill_every_s` on
+           average (0: none)
+  single   one outage of `outage_s` seconds of refused connections, starting halfway through the
+           uninterrupted run's requests: the wall-time cost of one outage
+
+The faulted run must end as the uninterrupted one did: the same steps and tokens and, since a run
+is deterministic from its checkpoints, bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saescale.bench.fault_proxy import FaultProxy
+
+CREDENTIALS = {  # moto accepts any; the job's S3 clients need some
+    "AWS_ACCESS_KEY_ID": "soak-key-id",
+    "AWS_SECRET_ACCESS_KEY": "soak-secret-key",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def say(line: str) -> None:
+    print(f"[soak] {line}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Stage:
+    """A bucket holding the cache on an S3 endpoint, the fault proxy in front of it, and the train
+    job (`jobs/train.py` of `project`) reading the cache and writing checkpoints through the proxy.
+    Each run's outputs land in `runs/<run_id>`."""
+
+    endpoint: str
+    bucket: str
+    runs: Path
+    project: Path
+    proxy: FaultProxy
+    env: dict[str, str]
+    ray_tmp: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="soak", dir="/tmp"))
+
+    @classmethod
+    def create(cls, endpoint: str, cache: str, runs: Path, project: Path, seed: int = 0) -> Stage:
+        import s3fs
+
+        from saescale import storage
+
+        env = dict(os.environ, **CREDENTIALS, SAESCALE_RUNS=str(runs), WANDB_MODE="offline", RAY_DEDUP_LOGS="0")
+        env.pop("RAY_ADDRESS", None)
+        bucket = f"s3://soak-{uuid.uuid4().hex[:12]}"
+        options = storage.endpoint_options(endpoint)
+        fs = s3fs.S3FileSystem(
+            **options, key=CREDENTIALS["AWS_ACCESS_KEY_ID"], secret=CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
+        )
+        fs.mkdir(bucket)
+        fs.put(cache.rstrip("/"), f"{bucket}/cache", recursive=True)
+        proxy = FaultProxy(endpoint, seed=seed)
+        proxy.start()
+        return cls(endpoint, bucket, runs, project, proxy, env)
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        from saescale import storage
+
+        return {
+            **storage.endpoint_options(self.endpoint),
+            "key": CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "secret": CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            "skip_instance_cache": True,
+        }
+
+    def command(self, run_id: str, overrides: list[str]) -> list[str]:
+        return [
+            sys.executable,
+            str(self.project / "jobs" / "train.py"),
+            f"run_id={run_id}",
+            f"data.cache={self.bucket}/cache",
+            f"data.endpoint_url={self.proxy.url}",
+            f"storage.url={self.bucket}/runs",
+            f"storage.endpoint_url={self.proxy.url}",
+            *overrides,
+        ]
+
+    def start(self, run_id: str, overrides: list[str], log: Path | None = None) -> subprocess.Popen:
+        """The job, started; its console goes to `log` (else is captured)."""
+        env = dict(self.env, RAY_TMPDIR=self.ray_tmp)  # its Ray's processes carry this: `worker_pids`
+        out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115 - the caller waits on the process
+        return subprocess.Popen(
+            self.command(run_id, overrides),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=self.project,
+        )
+
+    def run(self, run_id: str, overrides: list[str], timeout: float = 3600) -> tuple[int, str, float]:
+        """(exit code, console, wall seconds) of one job run to its end."""
+        start = time.monotonic()
+        proc = self.start(run_id, overrides)
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out, time.monotonic() - start
+
+    def result(self, run_id: str) -> dict[str, Any]:
+        return json.loads((self.runs / run_id / "result.json").read_text())
+
+    def worker_pids(self) -> list[int]:
+        """The Ray Train workers of the jobs this stage started."""
+        import psutil
+
+        pids = []
+        for proc in psutil.process_iter(["cmdline", "environ"]):
+            try:
+                cmdline = " ".join(proc.info["cmdline"] or [])
+                ours = (proc.info["environ"] or {}).get("RAY_TMPDIR") == self.ray_tmp
+            except psutil.Error:
+                continue
+            if ours and "RayTrainWorker" in cmdline:
+                pids.append(proc.pid)
+        return pids
+
+    def close(self) -> None:
+        self.proxy.stop()
+
+
+def compare(stage: Stage, reference: str, faulted: str) -> dict[str, Any]:
+    """Steps, tokens and the largest weight difference of two runs' final SAEs."""
+    from saescale.formats.saved import load_sae
+
+    a, b = stage.result(reference), stage.result(faulted)
+    sae_a, sae_b = (load_sae(str(stage.runs / r / "sae"))[0] for r in (reference, faulted))
+    diff = max(
+        float((getattr(sae_a, n) - getattr(sae_b, n)).detach().abs().max())
+        for n in ("W_enc", "b_enc", "W_dec", "b_pre")
+    )
+    return {
+        "same_steps": a["steps"] == b["steps"],
+        "same_tokens": a["tokens"] == b["tokens"],
+        "max_abs_weight_diff": diff,
+        "identical": a["steps"] == b["steps"] and a["tokens"] == b["tokens"] and diff == 0.0,
+    }
+
+
+class RandomFaults(threading.Thread):
+    """Random storage faults and worker kills until `stop` is set (the `random` schedule)."""
+
+    STORAGE = ("down", "reset", "503", "delay")
+
+    def __init__(self, stage: Stage, fault_every_s: float, max_outage_s: float, kill_every_s: float, seed: int):
+        super().__init__(daemon=True)
+        self.stage, self.rng = stage, random.Random(seed)
+        self.fault_every_s, self.max_outage_s, self.kill_every_s = fault_every_s, max_outage_s, kill_every_s
+        self.stop = threading.Event()
+        self.injected: Counter[str] = Counter()
+        self.events: list[dict[str, Any]] = []
+
+    def _next_kill(self, now: float) -> float:
+        return now + self.rng.expovariate(1 / self.kill_every_s) if self.kill_every_s > 0 else float("inf")
+
+    def run(self) -> None:
+        start = time.monotonic()
+        next_fault = start + self.rng.expovariate(1 / self.fault_every_s)
+        next_kill = self._next_kill(start)
+        while not self.stop.wait(0.5):
+            now = time.monotonic()
+            if now >= next_fault:
+                kind, seconds = self.rng.choice(self.STORAGE), round(self.rng.uniform(2, self.max_outage_s), 1)
+                say(f"t={now - start:.0f} s: storage {kind} for {seconds} s")
+                if kind == "delay":
+                    self.stage.proxy.start_fault("delay", delay_s=5.0)
+                    self.stop.wait(seconds)
+                    self.stage.proxy.stop_fault()
+                else:
+                    self.stage.proxy.outage_for(seconds, kind)
+                    self.stop.wait(seconds)
+                self.injected[f"storage_{kind}"] += 1
+                self.events.append({"t_s": round(now - start, 1), "fault": kind, "seconds": seconds})
+                next_fault = time.monotonic() + self.rng.expovariate(1 / self.fault_every_s)
+            if now >= next_kill:
+                pids = self.stage.worker_pids()
+                if pids:
+                    pid = self.rng.choice(pids)
+                    say(f"t={now - start:.0f} s: SIGKILL Ray Train worker {pid}")
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        self.injected["worker_kill"] += 1
+                        self.events.append({"t_s": round(now - start, 1), "fault": "worker_kill"})
+                    except ProcessLookupError:
+                        pass
+                next_kill = self._next_kill(time.monotonic())
+
+
+def bench_soak(
+    cache: str,
+    project: str,
+    overrides: list[str],
+    schedule: str = "random",
+    minutes: float = 15.0,
+    fault_every_s: float = 60.0,
+    max_outage_s: float = 30.0,
+    kill_every_s: float = 240.0,
+    outage_s: float = 30.0,
+    retry_s: float = 120.0,
+    max_failures: int = 20,
+    seed: int = 0,
+    out: str | None = None,
+) -> dict[str, Any]:
+    """Run the job uninterrupted, then under `schedule`; returns the comparison as JSON-able dict."""
+    from moto.server import ThreadedMotoServer
+
+    from saescale.net import free_port
+
+    root = Path(project).resolve()
+    if not (root / "jobs" / "train.py").exists():
+        raise ValueError(f"no jobs/train.py under {root}: run the soak from the project's root or pass --project")
+    if schedule not in ("random", "single"):
+        raise ValueError(f"schedule must be 'random' or 'single', got {schedule!r}")
+    runs = Path(out or tempfile.mkdtemp(prefix="saescale-soak-")).resolve()
+    runs.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    stage = Stage.create(f"http://127.0.0.1:{port}", cache, runs, root, seed)
+    common = [f"storage.retry_s={retry_s:g}", f"ray.max_failures={max_failures}", *overrides]
+    try:
+        say(f"uninterrupted run -> {runs / 'reference'}")
+        before = stage.proxy.counts["forwarded"]
+        code, log, reference_s = stage.run("reference", common)
+        (runs / "reference.log").write_text(log)
+        if code != 0:
+            raise RuntimeError(f"the uninterrupted run failed (exit {code}); see {runs / 'reference.log'}")
+        requests = stage.proxy.counts["forwarded"] - before
+        say(f"uninterrupted: {reference_s:.0f} s, {requests} storage requests")
+        faults = None
+        if schedule == "single":
+            stage.proxy.outage_after(requests // 2, outage_s, "down")
+        else:
+            faults = RandomFaults(stage, fault_every_s, max_outage_s, kill_every_s, seed)
+        start = time.monotonic()
+        proc = stage.start("faulted", common, log=runs / "faulted.log")
+        if faults is not None:
+            faults.start()
+        code = proc.wait()
+        faulted_s = time.monotonic() - start
+        if faults is not None:
+            faults.stop.set()
+            faults.join()
+        stage.proxy.stop_fault()
+        report: dict[str, Any] = {
+            "bench": "soak",
+            "schedule": schedule,
+            "runs": str(runs),
+            "reference_wall_s": round(reference_s, 1),
+            "faulted_wall_s": round(faulted_s, 1),
+            "faulted_exit_code": code,
+            "survived": code == 0,
+            "storage_requests_reference": requests,
+            "proxy_counts": dict(stage.proxy.counts),
+            "retries_logged": (runs / "faulted.log").read_text().count("retrying in"),
+            "restarts": (runs / "faulted.log").read_text().count("[FailurePolicy] RETRY"),
+        }
+        if faults is not None:
+            report.update(
+                injected=dict(faults.injected),
+                events=faults.events,
+                minutes_requested=minutes,
+                long_enough=faulted_s >= 60 * minutes,
+            )
+        else:
+            report.update(outage_s=outage_s, outage_cost_s=round(faulted_s - reference_s, 1))
+        if code == 0:
+            report.update(compare(stage, "reference", "faulted"))
+        return report
+    finally:
+        stage.close()
+        server.stop()
