@@ -224,6 +224,8 @@ def bench_soak(
     out: str | None = None,
 ) -> dict[str, Any]:
     """Run the job uninterrupted, then under `schedule`; returns the comparison as JSON-able dict."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
     from saescale.net import free_port
@@ -235,6 +237,7 @@ def bench_soak(
         raise ValueError(f"schedule must be 'random' or 'single', got {schedule!r}")
     runs = Path(out or tempfile.mkdtemp(prefix="saescale-soak-")).resolve()
     runs.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server: a line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
