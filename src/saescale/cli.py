@@ -107,11 +107,13 @@ def _bench_dist(args: argparse.Namespace) -> int:
 
 
 def _bench_soak(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
     from saescale.app.schema import DEFAULT_CACHE
     from saescale.bench.soak import bench_soak
 
     result = bench_soak(
-        args.cache or DEFAULT_CACHE,
+        args.cache or OmegaConf.create({"cache": DEFAULT_CACHE}).cache,  # resolves $SAESCALE_RUNS
         args.project,
         args.overrides,
         schedule=args.schedule,

@@ -233,6 +233,10 @@ def bench_soak(
     root = Path(project).resolve()
     if not (root / "jobs" / "train.py").exists():
         raise ValueError(f"no jobs/train.py under {root}: run the soak from the project's root or pass --project")
+    if not os.path.exists(os.path.join(cache, "manifest.json")):
+        raise ValueError(
+            f"no activation cache at {cache}: build one first (`make train` or python jobs/cache.py) or pass --cache"
+        )
     if schedule not in ("random", "single"):
         raise ValueError(f"schedule must be 'random' or 'single', got {schedule!r}")
     runs = Path(out or tempfile.mkdtemp(prefix="saescale-soak-")).resolve()
