@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import errno
+import subprocess
+import sys
 import time
 
 import pytest
@@ -201,3 +203,19 @@ def test_a_missing_file_is_still_missing_through_pyarrow(faulty_s3):
     assert fs.get_file_info(f"{root}/nothing/here").type == pafs.FileType.NotFound
     with pytest.raises(FileNotFoundError):
         fs.open_input_stream(f"{root}/nothing/here")
+
+
+def test_bench_soak_names_what_is_missing(tmp_path):
+    """`saescale bench soak` before a cache exists, or away from the project root: one line, exit 2."""
+    cache = tmp_path / "cache"
+
+    def soak(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "saescale.cli", "bench", "soak", f"--cache={cache}", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    proc = soak()
+    assert proc.returncode == 2 and f"no activation cache at {cache}" in proc.stderr, proc.stderr[-2000:]
+    cache.mkdir()
+    (cache / "manifest.json").write_text("{}")
+    proc = soak("--project", str(tmp_path))
+    assert proc.returncode == 2 and f"no jobs/train.py under {tmp_path}" in proc.stderr, proc.stderr[-2000:]
