@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +14,8 @@ import s3fs
 
 from saescale import retry, storage
 from saescale.bench.fault_proxy import FaultProxy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # s3fs and botocore retry a few times on their own; the tests turn that off so every injected
 # fault reaches saescale's retry layer (in production both layers run, botocore's first)
@@ -210,7 +213,7 @@ def test_bench_soak_names_what_is_missing(tmp_path):
     cache = tmp_path / "cache"
 
     def soak(*args: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "saescale.cli", "bench", "soak", f"--cache={cache}", *args]
+        cmd = [sys.executable, "-m", "saescale.cli", "bench", "soak", f"--cache={cache}", "--project", ROOT, *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
     proc = soak()
@@ -219,3 +222,59 @@ def test_bench_soak_names_what_is_missing(tmp_path):
     (cache / "manifest.json").write_text("{}")
     proc = soak("--project", str(tmp_path))
     assert proc.returncode == 2 and f"no jobs/train.py under {tmp_path}" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_retry_budget_reaches_ray_datas_read_tasks(faulty_s3):
+    """Ray Data wraps the datasource filesystem in its own retrying one: the job's budget is
+    still what a shard re-read uses."""
+    from ray.data._internal.util import RetryingPyFileSystem
+
+    from saescale.service.stream import arrow_filesystem, retry_budget, set_retry_budget
+
+    _, url, options, _ = faulty_s3
+    filesystem, _ = arrow_filesystem(url, options)
+    set_retry_budget(filesystem, 7.0)
+    assert retry_budget(RetryingPyFileSystem.wrap(filesystem, retryable_errors=[])) == 7.0
+
+
+def test_a_worker_group_failed_on_storage_restarts_once_storage_answers(faulty_s3, capsys):
+    """The controller's policy (`service.failures`): a rank's exhausted storage call, echoed by
+    its peer as a RankError, is a storage fault: the restart waits for storage (the fault proxy
+    refusing connections), and when storage stays silent past the wait the run stops with one
+    line naming the storage URL and the rerun that resumes."""
+    from ray.train import ControllerError
+
+    from saescale.service.failures import StorageUnavailable, failure_policy
+    from saescale.service.stream import arrow_filesystem
+    from saescale.train.trainer import RankError
+
+    proxy, url, options, _ = faulty_s3
+    filesystem, path = arrow_filesystem(f"{url}/runs", options)
+    exhausted = retry.RetriesExhausted(f"write {url}/runs/x: storage did not answer for 3 s")
+    errors = {0: RankError(f"rank 1: RetriesExhausted: {exhausted}"), 1: RuntimeError("upload failed")}
+    errors[1].__cause__ = exhausted
+    policy = failure_policy([(filesystem, path, f"{url}/runs")], wait_s=2.0)
+
+    policy.after_exception(None, errors)  # storage answers: Ray may restart the group
+    assert "answers again" in capsys.readouterr().err
+
+    with proxy.outage("down"), pytest.raises(ControllerError) as stopped:
+        start = time.monotonic()
+        policy.after_exception(None, errors)
+    assert 1.5 < time.monotonic() - start < 10
+    cause = stopped.value.controller_failure
+    assert type(cause) is StorageUnavailable and "\n" not in str(cause), repr(cause)
+    assert str(cause).startswith(f"storage {url}/runs is unreachable: write {url}/runs/x: storage did not")
+    assert "no answer in 2 s more before a restart" in str(cause) and "rerun the same command" in str(cause)
+
+
+def test_an_outage_past_the_budget_exits_1_not_2(tmp_path):
+    """A job's storage that did not answer is not bad input: `fail` exits 1 (a rerun may work)."""
+    from saescale.app.errors import EXIT_BAD_INPUT, EXIT_FAILED, fail
+
+    outage = storage.StorageError("write s3://b/result.json: storage did not answer for 300 s")
+    outage.__cause__ = retry.RetriesExhausted("write s3://b/result.json")
+    for error, code in ((outage, EXIT_FAILED), (storage.StorageError("not found: s3://b/x"), EXIT_BAD_INPUT)):
+        with pytest.raises(SystemExit) as exited:
+            fail(error)
+        assert exited.value.code == code

@@ -1,5 +1,5 @@
 """Retrying object-storage calls through transient faults (connection refused or reset, timeouts,
-5xx, SlowDown/throttling), with capped exponential backoff and full jitter, for a total time
+5xx, SlowDown/throttling), with capped exponential backoff and jitter (0.5-1x), for a total time
 budget; permanent faults (missing object, access denied, bad credentials) fail at once.
 
 Object stores blip every day on a cloud, and a long run must wait them out instead of ending.
@@ -116,6 +116,11 @@ class RetriesExhausted(RuntimeError):
     """A transient fault outlasted the retry budget."""
 
 
+def storage_outage(exc: BaseException) -> bool:
+    """Whether `exc` is (or was caused by) storage that did not answer within its budget."""
+    return any(isinstance(err, RetriesExhausted) for err in _chain(exc))
+
+
 def call(
     what: str,
     fn: Callable[[], T],
@@ -137,7 +142,7 @@ def call(
                 raise
             elapsed = max(time.monotonic() - start, slept)  # (a test's `sleep` may not take time)
             if elapsed >= budget:
-                raise RetriesExhausted(
+                raise RetriesExhausted(  # its text names `what`: callers pass URLs already redacted
                     f"{what}: storage did not answer for {elapsed:.0f} s ({attempt} attempts; "
                     f"storage.retry_s={budget:g}); last error {first_line(exc)}"
                 ) from exc

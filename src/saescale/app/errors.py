@@ -20,6 +20,7 @@ from saescale.formats.saved import SavedSAEError
 from saescale.lm.corpus import CorpusError
 from saescale.lm.hooks import HookError
 from saescale.lm.models import ModelLoadError
+from saescale.retry import storage_outage
 from saescale.storage import StorageError
 from saescale.train.checkpoint import CheckpointError
 
@@ -45,6 +46,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def fail(message: BaseException | str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    """Print `error: <message>` on stderr and exit with `code`."""
+    """Print `error: <message>` on stderr and exit with `code`; storage that did not answer
+    within `storage.retry_s` is not bad input: exit `EXIT_FAILED` (a rerun may well succeed)."""
+    if isinstance(message, BaseException) and storage_outage(message):
+        code = EXIT_FAILED
     print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(code)

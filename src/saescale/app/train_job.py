@@ -334,10 +334,13 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     except USER_ERRORS as exc:
         fail(exc)
     metrics = spec.worker_config["logging"]["jsonl"]
-    if storage.is_remote(run.output_dir) and os.path.exists(metrics):  # the remote output holds them too
-        storage.write_file_atomic(
-            storage.join(run.output_dir, "metrics.jsonl"), lambda p: shutil.copyfile(metrics, p), run.output_options
-        )
-    storage.write_json_atomic(storage.join(run.output_dir, "result.json"), summary, run.output_options)
+    try:  # storage may be gone by now: one line, not a traceback
+        if storage.is_remote(run.output_dir) and os.path.exists(metrics):  # the remote output holds them too
+            storage.write_file_atomic(
+                storage.join(run.output_dir, "metrics.jsonl"), lambda p: shutil.copyfile(metrics, p), run.output_options
+            )
+        storage.write_json_atomic(storage.join(run.output_dir, "result.json"), summary, run.output_options)
+    except USER_ERRORS as exc:
+        fail(exc)
     print0(json.dumps(summary))
     return summary

@@ -92,17 +92,19 @@ class FaultProxy:
         self._close_listener()
 
     def _listen(self) -> None:
+        """Listen on `self.port` (a free one the first time). Only `start` and the serving thread
+        call it; a rebind after an outage waits until the port is free again (the old listener
+        may still be closing, or a client's ephemeral socket may hold the port for a while)."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        deadline = time.monotonic() + 5.0
-        while True:  # the old listener may still be closing (an accept in flight holds it)
+        while True:
             try:
                 sock.bind(("127.0.0.1", self.port))
                 break
             except OSError:
-                if time.monotonic() > deadline:
+                if self.port == 0 or self._stopped.wait(0.05):
+                    sock.close()
                     raise
-                time.sleep(0.05)
         sock.listen(64)
         sock.settimeout(0.2)
         self.port = sock.getsockname()[1]
@@ -122,8 +124,9 @@ class FaultProxy:
         self._set(_Fault(kind, delay_s=delay_s))
 
     def stop_fault(self) -> None:
+        """End every fault, and drop the ones still waiting for their trigger."""
         with self._lock:
-            self._selective = None
+            self._selective, self._trigger, self._pattern = None, None, None
         self._set(None)
 
     def fail_matching(self, pattern: str, kind: str = "reset", start_on: str | None = None, nth: int = 1) -> None:
@@ -182,9 +185,7 @@ class FaultProxy:
             if fault is not None and fault.remaining is None and fault.fraction is None:
                 self.outage_started = time.monotonic()
         if fault is not None and fault.kind == "down" and fault.remaining is None and fault.fraction is None:
-            self._close_listener()  # refused from now on
-        elif self._listener is None and not self._stopped.is_set():
-            self._listen()
+            self._close_listener()  # refused from now on; the serving thread listens again after it
 
     def _take(self, request: bytes = b"") -> _Fault | None:
         """The fault for the request at hand, if any (and count it)."""
@@ -224,8 +225,8 @@ class FaultProxy:
             fire = trigger is not None and self.counts["forwarded"] >= trigger[0]
             if fire:
                 self._trigger = None
+                self.counts["outages"] += 1
         if fire:
-            self.counts["outages"] += 1
             self.outage_for(trigger[1], trigger[2])
 
     def _match_pattern(self, request: bytes) -> None:
@@ -238,8 +239,8 @@ class FaultProxy:
                 fire = False
             if fire:
                 self._pattern = None
+                self.counts["outages"] += 1
         if fire:
-            self.counts["outages"] += 1
             _, seconds, kind = pattern
             if seconds is None:
                 self.start_fault(kind)
@@ -250,12 +251,18 @@ class FaultProxy:
     def _serve(self) -> None:
         while not self._stopped.is_set():
             listener = self._listener
-            if listener is None:  # down: refuse until the window ends
+            if listener is None:  # down: refuse until the outage ends, then listen again
                 with self._lock:
                     fault = self._fault
-                if fault is None or (fault.until is not None and time.monotonic() >= fault.until):
-                    self._set(None)
-                time.sleep(0.05)
+                    expired = fault is not None and fault.until is not None and time.monotonic() >= fault.until
+                    if expired:
+                        self._fault = None
+                    down = fault is not None and fault.kind == "down" and not expired
+                if not down:
+                    with contextlib.suppress(OSError):
+                        self._listen()
+                    continue
+                self._stopped.wait(0.05)
                 continue
             try:
                 client, _ = listener.accept()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,10 +38,10 @@ class StorageUnavailable(RuntimeError):
     before a restart: the run stops, its last registered checkpoint intact."""
 
 
-# what the driver reports as the run's cause, in this order (a corrupt shard first: every rank
+# what the driver reports as the run's cause, in this order: a corrupt shard first (every rank
 # reading the stream may fail on it, its peers only echo it as a RankError, and its message
-# carries the remedy)
-REPORTED: tuple[tuple[type[BaseException], ...], ...] = ((CorruptShardError,), (*NOT_RETRIED, StorageUnavailable))
+# carries the remedy), then storage that stayed silent, then the rest
+REPORTED: tuple[tuple[type[BaseException], ...], ...] = ((CorruptShardError,), (StorageUnavailable,), NOT_RETRIED)
 
 
 def _behind(error: BaseException | None) -> Iterator[BaseException]:
@@ -70,9 +71,11 @@ def find_cause(
     return next((exc for exc in _behind(error) if type(exc) in kinds), None)
 
 
-def first_cause(errors: list[BaseException]) -> BaseException | None:
-    """The error behind any of several ranks' errors that the driver reports (`REPORTED`)."""
-    for kinds in REPORTED:
+def first_cause(
+    errors: list[BaseException], order: tuple[tuple[type[BaseException], ...], ...] = REPORTED
+) -> BaseException | None:
+    """The error behind any of several ranks' errors that the driver reports, by `order`."""
+    for kinds in order:
         for error in errors:
             cause = find_cause(error, kinds)
             if cause is not None:
@@ -94,6 +97,9 @@ def storage_fault(errors: list[BaseException]) -> BaseException | None:
     return None
 
 
+Probe = tuple[Any, str, str]  # (pyarrow filesystem, path in it, redacted URL for messages)
+
+
 def _probe(filesystem, path: str) -> None:
     """One storage round trip, not retried (`retry.call` around it does that)."""
     handler = getattr(filesystem, "handler", None)
@@ -107,26 +113,41 @@ def _probe(filesystem, path: str) -> None:
         pass  # an answer all the same
 
 
-def wait_for_storage(filesystem, path: str, url: str, fault: BaseException, budget: float) -> None:
-    """Block until the run's storage answers, for up to `budget` seconds; raise
-    `StorageUnavailable` if it does not."""
+def wait_for_storage(probes: list[Probe], fault: BaseException, budget: float) -> None:
+    """Block until the run's storage and the cache's answer, for up to `budget` seconds in
+    all; raise `StorageUnavailable` (naming the one that did not) if they do not."""
     say = functools.partial(print, file=sys.stderr, flush=True)
+    urls = " and ".join(dict.fromkeys(url for _, _, url in probes))
     say(
         f"[saescale] storage: a worker failed on storage ({first_line(fault)}); waiting up to {budget:g} s "
-        f"for {url} to answer before restarting the workers"
+        f"for {urls} to answer before restarting the workers"
     )
-    try:
-        retry.call(f"reach {url}", lambda: _probe(filesystem, path), budget=budget, log=lambda _: None)
-    except Exception as exc:  # noqa: BLE001 - any failure to answer ends the run with one line
-        raise stopped_by_storage(url, fault, f"no answer in {budget:g} s more before a restart") from exc
-    say(f"[saescale] storage: {url} answers again; restarting the workers from the last registered checkpoint")
+    deadline = time.monotonic() + budget
+    for filesystem, path, url in probes:
+        try:
+            retry.call(
+                f"reach {url}",
+                functools.partial(_probe, filesystem, path),
+                budget=max(deadline - time.monotonic(), 0.0),
+                log=lambda _: None,
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure to answer ends the run with one line
+            why = f"no answer in {budget:g} s more before a restart"
+            if not retry.storage_outage(exc):
+                why += f" ({first_line(exc)})"
+            raise stopped_by_storage(url, fault, why) from exc
+    say(f"[saescale] storage: {urls} answers again; restarting the workers from the last registered checkpoint")
 
 
 def stopped_by_storage(url: str, fault: BaseException, tried: str = "") -> StorageUnavailable:
     """The one line of a run that storage stopped."""
+    from saescale import storage
+
     return StorageUnavailable(
-        f"storage {url} is unreachable: {first_line(fault)}{'; ' + tried if tried else ''}. The last "
-        "registered checkpoint is intact: rerun the same command once storage answers to resume from it"
+        storage.redact(
+            f"storage {url} is unreachable: {first_line(fault)}{'; ' + tried if tried else ''}. The last "
+            "registered checkpoint is intact: rerun the same command once storage answers to resume from it"
+        )
     )
 
 
@@ -137,28 +158,30 @@ def _policy_class():
     class FailurePolicy(UserCallback):
         """Runs in the Ray Train controller after a worker group failed (see the module)."""
 
-        def __init__(self, storage_filesystem, storage_path: str, storage_url: str, wait_s: float) -> None:
-            self.storage_filesystem, self.storage_path, self.storage_url = storage_filesystem, storage_path, storage_url
-            self.wait_s = wait_s
+        def __init__(self, probes: list[Probe], wait_s: float) -> None:
+            self.probes, self.wait_s = probes, wait_s
 
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
             errors = list(worker_exceptions.values())
-            cause = first_cause(errors)
+            # a corrupt shard first; then a storage fault, whose peers' RankErrors only echo it
+            cause = first_cause(errors, ((CorruptShardError,),))
+            fault = None if cause is not None else storage_fault(errors)
+            if fault is not None:
+                try:
+                    wait_for_storage(self.probes, fault, self.wait_s)
+                except StorageUnavailable as stop:
+                    raise ControllerError(stop) from None
+                return  # storage answers: Ray restarts the group
+            cause = cause or first_cause(errors)
             if cause is not None:
                 raise ControllerError(type(cause)(first_line(cause)))
-            fault = storage_fault(errors)
-            if fault is None:
-                return  # a crash: Ray restarts the group
-            try:
-                wait_for_storage(self.storage_filesystem, self.storage_path, self.storage_url, fault, self.wait_s)
-            except StorageUnavailable as stop:
-                raise ControllerError(stop) from None
+            # else a crash: Ray restarts the group
 
     return FailurePolicy
 
 
-def failure_policy(storage_filesystem, storage_path: str, storage_url: str, wait_s: float):
+def failure_policy(probes: list[Probe], wait_s: float):
     """The Ray Train `UserCallback` (for `RunConfig(callbacks=...)`) of the module's rules;
-    `storage_url` (redacted) is what its lines name, `wait_s` (`storage.retry_s`) how long a
-    restart waits for storage."""
-    return _policy_class()(storage_filesystem, storage_path, storage_url, wait_s)
+    `probes` are what a restart after a storage fault waits for (the run's storage, the cache),
+    `wait_s` (`storage.retry_s`) for how long."""
+    return _policy_class()(probes, wait_s)

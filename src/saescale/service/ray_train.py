@@ -277,8 +277,8 @@ class LaunchSpec:
 
 class RunFailed(RuntimeError):
     """The Ray Train run failed after its restarts. `cause` is the error behind it when it is
-    the user's to fix (a corrupt shard, a refused resume, a bad batch or non-finite loss), else
-    None (a crash)."""
+    the user's to fix (a corrupt shard, a refused resume, a bad batch or non-finite loss) or
+    storage that stayed silent (`failures.StorageUnavailable`), else None (a crash)."""
 
     def __init__(self, message: str, cause: BaseException | None) -> None:
         super().__init__(message)
@@ -297,7 +297,7 @@ def launch(spec: LaunchSpec):
     ctx.execution_options.preserve_order = True  # deterministic streams: exact resume
     ctx.enable_progress_bars = False  # rank 0's step progress bar is the one to watch
     cache = spec.worker_config["cache"]
-    filesystem, _ = arrow_filesystem(cache["url"], cache["options"])
+    filesystem, cache_path = arrow_filesystem(cache["url"], cache["options"])
     datasets = make_datasets(
         DataPlan(**spec.worker_config["data"]),
         filesystem,
@@ -311,8 +311,12 @@ def launch(spec: LaunchSpec):
     # Ray Train's controller writes its checkpoint registry through this filesystem, and a
     # failed write ends the run at once (no restart): it must outlast a worker's failed call
     # (storage.retry_s) plus the wait before the restart (as long again). The workers set it
-    # back to storage.retry_s in their copy (`_worker_storage_budget`).
+    # back to storage.retry_s in their copy (`train_loop_per_worker`).
     set_retry_budget(storage_fs, 2 * retry_s)
+    probes = [  # what a restart after a storage fault waits for: the run's storage and the cache's
+        (storage_fs, storage_path, storage.redact(spec.storage_url)),
+        (filesystem, cache_path, storage.redact(cache["url"])),
+    ]
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec.worker_config,
@@ -326,7 +330,7 @@ def launch(spec: LaunchSpec):
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # a corrupt shard ends the run (no restarts); a storage fault waits for storage first
-            callbacks=[failure_policy(storage_fs, storage_path, storage.redact(spec.storage_url), retry_s)],
+            callbacks=[failure_policy(probes, retry_s)],
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(

@@ -300,7 +300,11 @@ def arrow_filesystem(url: str, storage_options: dict[str, Any] | None):
 
 
 def retry_budget(filesystem) -> float | None:
-    """The retry budget a pyarrow filesystem from `arrow_filesystem` carries (None: local)."""
+    """The retry budget a pyarrow filesystem from `arrow_filesystem` carries (None: local);
+    through Ray Data's own wrapper (`RetryingPyFileSystem`) too."""
+    unwrap = getattr(filesystem, "unwrap", None)
+    if callable(unwrap):
+        filesystem = unwrap()
     return getattr(getattr(filesystem, "handler", None), "budget_s", None)
 
 
@@ -341,10 +345,12 @@ class RetryingFSSpecHandler(pafs.FSSpecHandler):
     def url(self, path) -> str:
         """The full URL of a path (errors and retry lines name it with its scheme); of the
         first of several paths or a selector's base directory."""
+        from saescale import storage
+
         path = getattr(path, "base_dir", path)
         if isinstance(path, list | tuple):
             path = f"{path[0]} (+{len(path) - 1} more)" if len(path) > 1 else (path[0] if path else "")
-        return self.fs.unstrip_protocol(str(path))
+        return storage.redact(self.fs.unstrip_protocol(str(path)))
 
     def open_input_stream(self, path):
         return self.call(f"open {self.url(path)}", lambda: PythonFile(self.fs.open(path, mode="rb"), mode="r"))

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from saescale import storage
+from saescale import retry, storage
 from saescale.core.config import SAEConfig
 from saescale.core.model import TopKSAE
 from saescale.distributed.parallel import DataParallel, TensorParallel
@@ -165,6 +165,8 @@ def read_meta(fetch: Fetch) -> dict[str, Any]:
     try:
         path = fetch(META)
     except (FileNotFoundError, storage.StorageError) as exc:
+        if retry.storage_outage(exc):
+            raise  # storage did not answer: the checkpoint is not to blame
         raise CheckpointError(f"no {META}: not a complete saescale checkpoint ({exc})") from exc
     with open(path) as handle:
         meta = json.load(handle)
