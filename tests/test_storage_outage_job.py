@@ -151,7 +151,8 @@ def test_a_restart_after_the_budget_waits_for_storage_then_resumes(stage, refere
     rest, _ = proc.communicate(timeout=600)
     log = "".join(seen) + rest
     assert proc.returncode == 0, log[-4000:]
-    assert waiting is not None and re.search(r"waiting up to 8 s for s3://\S+ to answer before restarting", log)
+    assert waiting is not None
+    assert re.search(r"waiting up to 8 s for s3://\S+/runs and s3://\S+/cache to answer before restarting", log), log
     assert probed, stage.proxy.counts  # the wait's own probe was refused, and the wait went on
     assert "answers again; restarting the workers" in rest, log[-4000:]
     assert "resumed from the step-4 checkpoint" in rest and "resumed from the step-6" not in log, log[-4000:]

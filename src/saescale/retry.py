@@ -127,11 +127,14 @@ def call(
     budget: float | None = None,
     log: Callable[[str], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    budget_label: str | None = None,
 ) -> T:
     """fn(), retried while it raises transient errors, for at most `budget` seconds in total.
     Raises the permanent error at once, or `RetriesExhausted` (naming `what`, the attempts and
-    the time) from the last transient one."""
+    the time) from the last transient one. `budget_label` is how the error names the budget
+    (default `storage.retry_s=<budget>`)."""
     budget = budget_s() if budget is None else budget
+    budget_label = budget_label or f"storage.retry_s={budget:g}"
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     start, attempt, wait, slept = time.monotonic(), 1, FIRST_WAIT_S, 0.0
     while True:
@@ -144,7 +147,7 @@ def call(
             if elapsed >= budget:
                 raise RetriesExhausted(  # its text names `what`: callers pass URLs already redacted
                     f"{what}: storage did not answer for {elapsed:.0f} s ({attempt} attempts; "
-                    f"storage.retry_s={budget:g}); last error {first_line(exc)}"
+                    f"{budget_label}); last error {first_line(exc)}"
                 ) from exc
             # jitter: replicas do not retry in step; the last attempt comes when the budget ends
             pause = min(random.uniform(0.5, 1.0) * min(wait, MAX_WAIT_S), budget - elapsed)

@@ -312,7 +312,7 @@ def launch(spec: LaunchSpec):
     # failed write ends the run at once (no restart): it must outlast a worker's failed call
     # (storage.retry_s) plus the wait before the restart (as long again). The workers set it
     # back to storage.retry_s in their copy (`train_loop_per_worker`).
-    set_retry_budget(storage_fs, 2 * retry_s)
+    set_retry_budget(storage_fs, 2 * retry_s, f"Ray Train's controller: 2 x storage.retry_s={retry_s:g}")
     probes = [  # what a restart after a storage fault waits for: the run's storage and the cache's
         (storage_fs, storage_path, storage.redact(spec.storage_url)),
         (filesystem, cache_path, storage.redact(cache["url"])),

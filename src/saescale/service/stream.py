@@ -308,11 +308,12 @@ def retry_budget(filesystem) -> float | None:
     return getattr(getattr(filesystem, "handler", None), "budget_s", None)
 
 
-def set_retry_budget(filesystem, seconds: float) -> None:
-    """Set the retry budget of a pyarrow filesystem from `arrow_filesystem` (local: no-op)."""
+def set_retry_budget(filesystem, seconds: float, label: str | None = None) -> None:
+    """Set the retry budget of a pyarrow filesystem from `arrow_filesystem` (local: no-op);
+    `label` names it in errors (default `storage.retry_s=<seconds>`)."""
     handler = getattr(filesystem, "handler", None)
     if isinstance(handler, RetryingFSSpecHandler):
-        handler.budget_s = seconds
+        handler.budget_s, handler.budget_label = seconds, label
 
 
 def _retried(name: str):
@@ -340,7 +341,7 @@ class RetryingFSSpecHandler(pafs.FSSpecHandler):
         self.budget_s = retry.budget_s() if budget_s is None else budget_s
 
     def call(self, what: str, fn):
-        return retry.call(what, fn, budget=self.budget_s)
+        return retry.call(what, fn, budget=self.budget_s, budget_label=getattr(self, "budget_label", None))
 
     def url(self, path) -> str:
         """The full URL of a path (errors and retry lines name it with its scheme); of the
