@@ -335,17 +335,21 @@ def test_train_job_rejects_bad_config(tmp_path, small_cache):
         "train.batch_size=100 parallel.workers=8 parallel.tp=2": "batch_size=100 must be divisible",
         "sae.n_latents=67108864 parallel.memory_per_worker_gib=8": "raise tp",
     }
-    for override, message in cases.items():
-        proc = subprocess.run(
+    procs = {  # all at once: each is mostly interpreter start-up and imports
+        override: subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "jobs", "train.py"), f"data.cache={small_cache}", *override.split()],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=600,
             env=env,
             cwd=ROOT,
         )
-        assert proc.returncode == 2, (override, proc.stderr[-2000:])
-        assert message in proc.stderr, (override, proc.stderr[-2000:])
+        for override in cases
+    }
+    for override, proc in procs.items():
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 2, (override, stderr[-2000:])
+        assert cases[override] in stderr, (override, stderr[-2000:])
 
 
 def test_cache_job_rejects_unknown_model(tmp_path):

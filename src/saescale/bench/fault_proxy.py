@@ -45,6 +45,7 @@ class _Selective:
     kind: str
     start_on: re.Pattern[bytes] | None
     start_left: int
+    fraction: float | None = None  # a random share of the matching requests only
 
 
 @dataclass
@@ -129,15 +130,27 @@ class FaultProxy:
             self._selective, self._trigger, self._pattern = None, None, None
         self._set(None)
 
-    def fail_matching(self, pattern: str, kind: str = "reset", start_on: str | None = None, nth: int = 1) -> None:
-        """A fault (`reset` or `503`) on every request whose line matches `pattern`, the others
-        forwarded, until `stop_fault`; with `start_on`, from the `nth` request matching it on
-        (that request included when it matches `pattern`)."""
+    def fail_matching(
+        self,
+        pattern: str,
+        kind: str = "reset",
+        start_on: str | None = None,
+        nth: int = 1,
+        fraction: float | None = None,
+    ) -> None:
+        """A fault (`reset` or `503`) on every request whose line matches `pattern` (or on a
+        random `fraction` of them), the others forwarded, until `stop_fault`; with `start_on`,
+        from the `nth` request matching it on (that request included when it matches
+        `pattern`). It holds beside the time-window faults (`outage_for`, `outage_after`)."""
         if kind not in ("reset", "503"):
             raise ValueError(f"a selective fault is 'reset' or '503', got {kind!r}")
         with self._lock:
             self._selective = _Selective(
-                re.compile(pattern.encode()), kind, re.compile(start_on.encode()) if start_on else None, nth - 1
+                re.compile(pattern.encode()),
+                kind,
+                re.compile(start_on.encode()) if start_on else None,
+                nth - 1,
+                fraction,
             )
 
     @contextlib.contextmanager
@@ -197,7 +210,12 @@ class FaultProxy:
                     rule.start_on = None  # started
                 else:
                     rule.start_left -= 1
-            if rule is not None and rule.start_on is None and rule.pattern.search(line):
+            if (
+                rule is not None
+                and rule.start_on is None
+                and rule.pattern.search(line)
+                and (rule.fraction is None or self.rng.random() < rule.fraction)
+            ):
                 self.counts[rule.kind] += 1
                 self.counts["selective"] += 1
                 self._counted.notify_all()
