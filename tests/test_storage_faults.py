@@ -257,6 +257,8 @@ def test_a_worker_group_failed_on_storage_restarts_once_storage_answers(faulty_s
 
     policy.after_exception(None, errors)  # storage answers: Ray may restart the group
     assert "answers again" in capsys.readouterr().err
+    policy.after_exception(None, {0: errors[0]})  # only the peer's echo reached the controller's poll
+    assert "answers again" in capsys.readouterr().err
 
     with proxy.outage("down"), pytest.raises(ControllerError) as stopped:
         start = time.monotonic()

@@ -372,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     soak.add_argument("--project", default=".", help="the project root (where jobs/train.py is)")
     soak.add_argument("--schedule", choices=["random", "single"], default="random")
-    soak.add_argument("--minutes", type=float, default=15.0, help="(random) how long the faulted run should last")
+    soak.add_argument(
+        "--minutes", type=float, default=None, help="(random) how long the faulted run must last (else exit 1)"
+    )
     soak.add_argument("--fault-every-s", type=float, default=60.0, help="(random) mean seconds between storage faults")
     soak.add_argument("--max-outage-s", type=float, default=30.0, help="(random) longest storage fault")
     soak.add_argument("--kill-every-s", type=float, default=240.0, help="(random) mean seconds between worker kills")

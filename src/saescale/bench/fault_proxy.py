@@ -74,6 +74,7 @@ class FaultProxy:
         self._pattern: tuple[re.Pattern[bytes], float | None, str] | None = None
         self._pattern_left = 0  # matches to let through before the outage starts
         self._selective: _Selective | None = None
+        self._generation = 0  # bumped by stop_fault: a trigger that fired before it does not start after
         self.outage_started: float | None = None  # time.monotonic() when the last outage began
         self.port = 0
 
@@ -128,6 +129,7 @@ class FaultProxy:
         """End every fault, and drop the ones still waiting for their trigger."""
         with self._lock:
             self._selective, self._trigger, self._pattern = None, None, None
+            self._generation += 1
         self._set(None)
 
     def fail_matching(
@@ -244,8 +246,9 @@ class FaultProxy:
             if fire:
                 self._trigger = None
                 self.counts["outages"] += 1
+            generation = self._generation
         if fire:
-            self.outage_for(trigger[1], trigger[2])
+            self._fire(generation, _Fault(trigger[2], until=time.monotonic() + trigger[1]))
 
     def _match_pattern(self, request: bytes) -> None:
         """Start the `outage_on` outage if this request's line matches its pattern."""
@@ -258,12 +261,17 @@ class FaultProxy:
             if fire:
                 self._pattern = None
                 self.counts["outages"] += 1
+            generation = self._generation
         if fire:
             _, seconds, kind = pattern
-            if seconds is None:
-                self.start_fault(kind)
-            else:
-                self.outage_for(seconds, kind)
+            self._fire(generation, _Fault(kind, until=None if seconds is None else time.monotonic() + seconds))
+
+    def _fire(self, generation: int, fault: _Fault) -> None:
+        """Start a triggered outage, unless `stop_fault` came in between."""
+        with self._lock:
+            if generation != self._generation:
+                return
+        self._set(fault)
 
     # --------------------------------------------------------------------- serving
     def _serve(self) -> None:

@@ -213,7 +213,7 @@ def bench_soak(
     project: str,
     overrides: list[str],
     schedule: str = "random",
-    minutes: float = 15.0,
+    minutes: float | None = None,
     fault_every_s: float = 60.0,
     max_outage_s: float = 30.0,
     kill_every_s: float = 240.0,
@@ -289,7 +289,7 @@ def bench_soak(
                 injected=dict(faults.injected),
                 events=faults.events,
                 minutes_requested=minutes,
-                long_enough=faulted_s >= 60 * minutes,
+                long_enough=minutes is None or faulted_s >= 60 * minutes,
             )
         else:
             report.update(outage_s=outage_s, outage_cost_s=round(faulted_s - reference_s, 1))

@@ -94,6 +94,10 @@ def storage_fault(errors: list[BaseException]) -> BaseException | None:
         for exc in _behind(error):
             if isinstance(exc, OSError) and "RayTaskError" not in type(exc).__name__ and retry.is_transient(exc):
                 return exc
+    for error in errors:  # only a peer's echo reached this poll: it carries the fault's text
+        echo = find_cause(error, (RankError,))
+        if echo is not None and "storage did not answer for" in str(echo):
+            return echo
     return None
 
 
@@ -101,7 +105,8 @@ Probe = tuple[Any, str, str]  # (pyarrow filesystem, path in it, redacted URL fo
 
 
 def _probe(filesystem, path: str) -> None:
-    """One storage round trip, not retried (`retry.call` around it does that)."""
+    """One storage round trip, not retried (`retry.call` around it does that). Any answer
+    counts, "no such object" or "access denied" too: only a transient fault is silence."""
     handler = getattr(filesystem, "handler", None)
     try:
         if handler is not None and hasattr(handler, "fs"):  # fsspec behind pyarrow: ask it directly
@@ -109,8 +114,9 @@ def _probe(filesystem, path: str) -> None:
             handler.fs.info(path)
         else:
             filesystem.get_file_info(path)
-    except FileNotFoundError:
-        pass  # an answer all the same
+    except Exception as exc:  # noqa: BLE001 - classified: transient is silence, the rest an answer
+        if retry.is_transient(exc):
+            raise
 
 
 def wait_for_storage(probes: list[Probe], fault: BaseException, budget: float) -> None:

@@ -35,7 +35,7 @@ from saescale.console import print0
 from saescale.core.config import SAEConfig, TrainConfig
 from saescale.data.reader import ActivationCache
 from saescale.distributed.mesh import ParallelDims
-from saescale.service.failures import failure_policy, first_cause, stopped_by_storage, storage_fault
+from saescale.service.failures import REPORTED, failure_policy, first_cause, stopped_by_storage, storage_fault
 from saescale.service.stream import DataPlan, arrow_filesystem, make_collate, make_datasets, set_retry_budget
 from saescale.train.checkpoint import META, Fetch, load_rank_shard, write_meta, write_rank_files
 from saescale.train.convergence import tokens_to_convergence
@@ -212,6 +212,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = DataPlan(**config["data"])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
+        set_retry_budget(checkpoint.filesystem, retry.budget_s())  # the controller's copy had 2x
         with tempfile.TemporaryDirectory(prefix="saescale-resume-") as directory:
             meta = load_rank_shard(checkpoint_fetcher(checkpoint, directory), trainer)
         check_data_position(meta.get("data", {}), data, world, config["seed"])
@@ -315,7 +316,7 @@ def launch(spec: LaunchSpec):
     set_retry_budget(storage_fs, 2 * retry_s, f"Ray Train's controller: 2 x storage.retry_s={retry_s:g}")
     probes = [  # what a restart after a storage fault waits for: the run's storage and the cache's
         (storage_fs, storage_path, storage.redact(spec.storage_url)),
-        (filesystem, cache_path, storage.redact(cache["url"])),
+        (filesystem, f"{cache_path}/manifest.json", storage.redact(cache["url"])),  # no listing right needed
     ]
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -340,13 +341,14 @@ def launch(spec: LaunchSpec):
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        # a corrupt shard first: its message carries the remedy (peers only echo it); then storage
-        # that outlasted the retry budget outside the workers (Ray Train's controller)
-        cause = first_cause([exc])
+        # in the controller's order: a corrupt shard first (its message carries the remedy, peers
+        # only echo it), then storage (the policy's stop, or faults that used up the restarts or
+        # failed Ray Train's controller itself), then the rest
+        cause = first_cause([exc], REPORTED[:2])
         fault = None if cause is not None else storage_fault([exc])
         if fault is not None:
             cause = stopped_by_storage(storage.redact(spec.storage_url), fault)
-        raise RunFailed(str(exc), cause) from exc
+        raise RunFailed(str(exc), cause or first_cause([exc])) from exc
 
 
 def checkpoint_url(result, storage_url: str) -> str:
