@@ -297,7 +297,8 @@ class FaultProxy:
             threading.Thread(target=self._handle, args=(client,), daemon=True).start()
 
     def _handle(self, client: socket.socket) -> None:
-        with contextlib.closing(client):
+        # a client that went away (a killed worker, a timed-out request) ends its own thread quietly
+        with contextlib.closing(client), contextlib.suppress(OSError):
             client.settimeout(60)
             request = _read_request(client)
             if request is None:
