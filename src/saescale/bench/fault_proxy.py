@@ -313,7 +313,7 @@ class FaultProxy:
                     "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
                     f"Content-Length: {len(SLOW_DOWN)}\r\nConnection: close\r\n\r\n"
                 )
-                client.sendall(head.encode() + (b"" if request.startswith(b"HEAD ") else SLOW_DOWN))
+                client.sendall(head.encode() + SLOW_DOWN)
                 return
             if fault is not None and fault.kind == "delay":
                 time.sleep(fault.delay_s)
