@@ -166,12 +166,18 @@ def test_storage_gone_for_good_stops_with_one_line_then_a_rerun_resumes(stage, r
     from saescale.train.checkpoint import export_gathered
 
     stage.proxy.outage_on(RANK1_STATE, None, "down", nth=STEP6_CHECKPOINT)
+    seen, stopped = [], None
     try:
-        code, log, _ = run(stage, "gone", "storage.retry_s=4")
-        stopped = time.monotonic() - stage.proxy.outage_started
+        proc = stage.start("gone", [*JOB, "storage.retry_s=4"])
+        for line in proc.stdout:  # when the one line comes (the process may take longer to exit)
+            seen.append(line)
+            if line.startswith("error:") and stopped is None:
+                stopped = time.monotonic() - stage.proxy.outage_started
+        proc.wait(timeout=600)
     finally:
         stage.proxy.stop_fault()
-    assert code == 1, log[-4000:]
+    code, log = proc.returncode, "".join(seen)
+    assert code == 1 and stopped is not None, log[-4000:]
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, log[-4000:]
     # the worker's upload or Ray Train's own state write after it: whichever outlasted the budget
