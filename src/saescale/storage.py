@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -185,3 +186,39 @@ def local_copy(url: str, local_path: str, storage_options: dict[str, Any] | None
     except Exception as exc:  # noqa: BLE001
         raise _wrap(url, exc) from exc
     return local_path
+
+
+def publish_folder(local_dir: str, url: str, storage_options: dict[str, Any] | None = None, last: str = "") -> None:
+    """Publish a finished local folder at `url`, replacing what was there. Locally the folder is
+    swapped in by renames (a crash leaves the old folder or the new one, never a mix); on object
+    storage each file is uploaded (with retries) and the file named `last` goes up last, so a
+    reader that finds it finds everything it lists."""
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        if isinstance(fs, LocalFileSystem):
+            parent = os.path.dirname(os.path.abspath(path)) or "."
+            os.makedirs(parent, exist_ok=True)
+            old = os.path.join(parent, f".{os.path.basename(path)}.old-{uuid.uuid4().hex}")
+            if os.path.exists(path):
+                os.replace(path, old)
+            if _same_device(local_dir, parent):
+                os.replace(local_dir, path)
+            else:
+                shutil.copytree(local_dir, path)
+            if os.path.exists(old):
+                shutil.rmtree(old, ignore_errors=True)
+            return
+        files = [os.path.relpath(os.path.join(d, f), local_dir) for d, _, fs_ in os.walk(local_dir) for f in fs_]
+        files.sort(key=lambda f: f == last)
+        for rel in files:
+            target = f"{path.rstrip('/')}/{rel.replace(os.sep, '/')}"
+            source = os.path.join(local_dir, rel)
+            _retrying("write", join(url, rel), fs, lambda s=source, t=target: fs.put_file(s, t))
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every backend raises its own types
+        raise _wrap(url, exc) from exc
+
+
+def _same_device(a: str, b: str) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev

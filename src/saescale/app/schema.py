@@ -313,7 +313,81 @@ class EvalJobConfig:
     wandb: WandbSection = field(default_factory=WandbSection)
 
 
-SCHEMAS = {"train_schema": TrainJobConfig, "cache_schema": CacheJobConfig, "eval_schema": EvalJobConfig}
+@dataclass
+class FeatureDataSection:
+    cache: str = ""  # empty: the cache the SAE was trained on (its metadata), else the default cache
+    endpoint_url: Optional[str] = None
+    holdout_shards: int = 1  # the same held-out shards as training (the first ones)
+
+    def __post_init__(self) -> None:
+        _positive("data", holdout_shards=self.holdout_shards)
+
+
+@dataclass
+class FeaturesSection:
+    """What is computed per latent (see `features.sketch` and `features.contexts`)."""
+
+    latents: Any = "all"  # "all", a count (sampled with `seed`), or a list of latent ids
+    shards: str = "heldout"  # heldout (the first data.holdout_shards) | all: the rows the statistics see
+    top: int = 20  # top-activating contexts per latent (one per window)
+    quantile_bins: int = 5  # random positive activations: this many equal-count activation bins ...
+    per_bin: int = 5  # ... and this many examples from each
+    logits: int = 10  # promoted and suppressed tokens shown
+    neighbours: int = 8  # nearest latents by decoder cosine
+    neuronpedia: bool = True  # also write output_dir/neuronpedia/ (Neuronpedia's upload format)
+    wandb_cards: int = 16  # feature cards (top contexts) logged as a wandb Table; 0: none
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shards not in ("heldout", "all"):
+            raise ConfigError(f"features.shards must be heldout or all, got {self.shards!r}")
+        _positive("features", top=self.top, quantile_bins=self.quantile_bins, per_bin=self.per_bin)
+        if self.logits < 0 or self.neighbours < 0 or self.wandb_cards < 0:
+            raise ConfigError("features.logits, features.neighbours and features.wandb_cards must be >= 0")
+
+
+@dataclass
+class FeatureExplainSection:
+    """N2G explanations (the evaluation's code) of some of the latents shown: each costs forward
+    passes of the language model, so not all of them on a CPU."""
+
+    latents: int = 32  # explained latents (sampled among those that fire); 0: none
+    examples: int = 5  # of its top contexts, the ones its explanation is built from
+    max_context: int = 12
+    test_windows: int = 64  # windows (not among a latent's examples) its precision and recall are scored on
+    padding_text: str = " _"
+
+
+@dataclass
+class FeatureRunnerSection:
+    """Who runs the passes over the cache: this process, or Ray Data (the same code per block)."""
+
+    ray: Optional[bool] = None  # null: Ray Data when a cluster is given (ray.address or RAY_ADDRESS)
+    address: Optional[str] = None
+    actors: int = 1  # Ray Data actors encoding blocks (each holds one copy of the SAE)
+    rows_per_block: Optional[int] = None  # rows per summarised block; null: a shard
+
+    def __post_init__(self) -> None:
+        _positive("runner", actors=self.actors, rows_per_block=self.rows_per_block)
+
+
+@dataclass
+class FeaturesJobConfig:
+    """python jobs/features.py: per-latent statistics, examples, logit effects, explanations and
+    neighbours of a trained (or imported) SAE over its cache, written as a static viewer."""
+
+    run_name: str = "???"  # the training run's run_id (its folder name; jobs/train.py prints it)
+    sae: str = f"{RUNS}/${{run_name}}/sae"  # a saved SAE folder (any fsspec URL)
+    output_dir: str = f"{RUNS}/${{run_name}}/features"  # the viewer and its data
+    model: Optional[str] = None  # null: the model named in the cache manifest
+    data: FeatureDataSection = field(default_factory=FeatureDataSection)
+    features: FeaturesSection = field(default_factory=FeaturesSection)
+    explain: FeatureExplainSection = field(default_factory=FeatureExplainSection)
+    runner: FeatureRunnerSection = field(default_factory=FeatureRunnerSection)
+    wandb: WandbSection = field(default_factory=WandbSection)
+
+
+SCHEMAS = {"train_schema": TrainJobConfig, "cache_schema": CacheJobConfig, "eval_schema": EvalJobConfig, "features_schema": FeaturesJobConfig}
 
 
 def register_configs() -> None:

@@ -112,6 +112,9 @@ class WandbLogger:
         hist = self._wandb.Histogram(np_histogram=(counts.numpy(), edges.numpy()))
         self.run.log({name: hist}, step=step)
 
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        self.run.log({name: self._wandb.Table(columns=columns, data=rows)}, step=step)
+
     def close(self) -> None:
         self.run.finish()
 

@@ -1,0 +1,83 @@
+"""The feature passes on Ray Data: the cache's shards are read and checksummed by the same
+datasource as training's stream, each block goes through the work (`features.passes`) in a pool
+of actors (the SAE is loaded once per actor), and the driver receives one small summary per block.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from saescale import storage
+from saescale.data.manifest import Manifest
+from saescale.features.passes import Block, BlockWork
+
+
+class _RunWork:
+    """Ray Data's callable class: opens the work once per actor, then maps block -> summary."""
+
+    def __init__(self, work: BlockWork, dtype: str, d_model: int) -> None:
+        self.fn = work.open()
+        self.dtype, self.d_model = dtype, d_model
+
+    def __call__(self, table):
+        return {"out": [self.fn(Block.from_table(table, self.dtype, self.d_model))]}
+
+
+@dataclass
+class SavedSAE:
+    """The SAE loaded from its saved folder inside each Ray actor (nothing big goes through Ray)."""
+
+    url: str
+    storage_options: dict[str, Any] | None = None
+
+    def __call__(self):
+        from saescale.formats.saved import load_sae
+
+        return load_sae(self.url, storage_options=self.storage_options)[0]
+
+
+class RayDataRunner:
+    """Blocks on Ray Data: a read task per shard, `rows_per_block` rows per work call (None: a
+    shard), at most `actors` actors at once."""
+
+    def __init__(
+        self,
+        cache_url: str,
+        manifest: Manifest,
+        storage_options: dict[str, Any] | None,
+        remedy: str,
+        rows_per_block: int | None = None,
+        actors: int = 1,
+    ) -> None:
+        self.cache_url, self.manifest, self.options = cache_url, manifest, storage_options
+        self.remedy, self.rows_per_block, self.actors = remedy, rows_per_block, actors
+
+    def run(self, work: BlockWork, shards: list[int], desc: str) -> Iterator[bytes]:
+        import ray.data
+
+        from saescale.service.stream import ACT_COLUMN, ROW_ID_COLUMNS, ShardCheck, _datasource_class, arrow_filesystem
+
+        filesystem, root = arrow_filesystem(self.cache_url, self.options)
+        where = storage.redact(self.cache_url)
+        checks = {}
+        for s in shards:
+            info = self.manifest.shards[s]
+            path = posixpath.join(root, info.file)
+            checks[path] = ShardCheck(
+                info.sha256, info.bytes, f"{posixpath.basename(info.file)} in {where}", self.remedy
+            )
+        source = _datasource_class()(checks, [ACT_COLUMN, *ROW_ID_COLUMNS], filesystem)
+        dataset = ray.data.read_datasource(source, override_num_blocks=len(shards)).map_batches(
+            _RunWork,
+            fn_constructor_kwargs={"work": work, "dtype": self.manifest.dtype, "d_model": self.manifest.d_model},
+            batch_size=self.rows_per_block,
+            batch_format="pyarrow",
+            concurrency=self.actors,
+        )
+        dataset.context.enable_progress_bars = False
+        print(f"[saescale] {desc}: {len(shards)} shards on Ray Data ({self.actors} actor(s))", flush=True)
+        for row in dataset.iter_rows():
+            yield row["out"]
