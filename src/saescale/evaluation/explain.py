@@ -76,7 +76,88 @@ def _left_pad(sequences: list[list[int]], pad: int) -> Tensor:
     return torch.tensor([[pad] * (width - len(s)) + s for s in sequences], dtype=torch.long)
 
 
+# (token_ids [b, seq], the latent of each row [b]) -> each row's latent's activation [b, seq]
+RowActivationFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _last_activations(fn: RowActivationFn, seqs: list[list[int]], latents: list[int], batch: int = 64) -> list[float]:
+    """Each sequence's latent's activation at its last token. Sequences are batched only with
+    others of the same length (no padding enters a forward pass that the sequence did not have)."""
+    out = [0.0] * len(seqs)
+    by_length: dict[int, list[int]] = {}
+    for i, s in enumerate(seqs):
+        by_length.setdefault(len(s), []).append(i)
+    for group in by_length.values():
+        for start in range(0, len(group), batch):
+            part = group[start : start + batch]
+            acts = fn(torch.tensor([seqs[i] for i in part]), torch.tensor([latents[i] for i in part]))[:, -1]
+            for i, a in zip(part, acts.tolist()):
+                out[i] = a
+    return out
+
+
 @torch.no_grad()
+def explain_examples(
+    fn: RowActivationFn,
+    jobs: list[tuple[int, list[int]]],
+    pad: int,
+    max_context: int = 12,
+    keep: float = 0.5,
+    wildcard_below: float = 0.5,
+    originals: list[float] | None = None,
+) -> list[tuple[tuple[int, ...], float] | None]:
+    """`explain_example` for many (latent, tokens) jobs at once, in three batched phases (the
+    activation in full context, then every minimal-suffix candidate, then every saliency probe),
+    so that many latents share each language-model forward pass. `originals` gives the full-context
+    activations when they are known already (e.g. from an activation cache)."""
+    if originals is None:
+        originals = _last_activations(fn, [t for _, t in jobs], [la for la, _ in jobs])
+    live = [j for j, o in enumerate(originals) if o > 0]
+    # phase 2: the suffixes of each example, left-padded to its own (truncated) length
+    seqs, lats, owner = [], [], []
+    for j in live:
+        latent, tokens = jobs[j][0], jobs[j][1][-max_context:]
+        for n in range(1, len(tokens) + 1):
+            seqs.append([pad] * (len(tokens) - n) + tokens[-n:])
+            lats.append(latent)
+            owner.append(j)
+    acts = _last_activations(fn, seqs, lats)
+    suffix_acts: dict[int, list[float]] = {}
+    for j, a in zip(owner, acts):
+        suffix_acts.setdefault(j, []).append(a)
+    chosen: dict[int, tuple[list[int], float]] = {}
+    for j in live:
+        tokens, per_length = jobs[j][1][-max_context:], suffix_acts[j]
+        strong = [n for n, a in enumerate(per_length) if a >= keep * originals[j]]
+        length = strong[0] + 1 if strong else len(tokens)
+        if per_length[length - 1] > 0:
+            chosen[j] = (tokens[-length:], per_length[length - 1])
+    # phase 3: each token of each chosen suffix replaced by the padding token
+    seqs, lats, owner = [], [], []
+    for j, (suffix, _) in chosen.items():
+        for i in range(len(suffix)):
+            seqs.append(suffix[:i] + [pad] + suffix[i + 1 :])
+            lats.append(jobs[j][0])
+            owner.append(j)
+    acts = _last_activations(fn, seqs, lats)
+    replaced: dict[int, list[float]] = {}
+    for j, a in zip(owner, acts):
+        replaced.setdefault(j, []).append(a)
+    out: list[tuple[tuple[int, ...], float] | None] = [None] * len(jobs)
+    for j, (suffix, sub_act) in chosen.items():
+        saliency = [1.0 - a / sub_act for a in replaced[j]]
+        backward = [tok if s >= wildcard_below else WILDCARD for tok, s in zip(suffix, saliency)][::-1]
+        while backward and backward[-1] == WILDCARD:  # wildcards at the far end constrain nothing
+            backward.pop()
+        if backward:
+            out[j] = (tuple(backward), sub_act)
+    return out
+
+
+def _single(activation_fn: ActivationFn) -> RowActivationFn:
+    return lambda token_ids, _latents: activation_fn(token_ids)
+
+
 def explain_example(
     activation_fn: ActivationFn,
     tokens: list[int],
@@ -87,35 +168,31 @@ def explain_example(
 ) -> tuple[tuple[int, ...], float] | None:
     """The backward pattern of one example (`tokens` ends at the firing token) and its suffix
     activation; None if the latent does not fire on it or every token is a wildcard."""
-    original = float(activation_fn(torch.tensor([tokens]))[0, -1])  # in its full context
-    if original <= 0:
-        return None
-    tokens = tokens[-max_context:]  # a latent that needs more context than this gets no pattern
-    suffixes = [tokens[-n:] for n in range(1, len(tokens) + 1)]
-    acts = activation_fn(_left_pad(suffixes, pad))[:, -1]
-    strong = (acts >= keep * original).nonzero()
-    length = int(strong[0]) + 1 if strong.numel() else len(tokens)
-    suffix, sub_act = tokens[-length:], float(acts[length - 1])
-    if sub_act <= 0:
-        return None
-    replaced = [suffix[:i] + [pad] + suffix[i + 1 :] for i in range(length)]
-    new_acts = activation_fn(torch.tensor(replaced))[:, -1]
-    saliency = 1.0 - new_acts / sub_act
-    backward = [tok if float(s) >= wildcard_below else WILDCARD for tok, s in zip(suffix, saliency)][::-1]
-    while backward and backward[-1] == WILDCARD:  # wildcards at the far end constrain nothing
-        backward.pop()
-    return (tuple(backward), sub_act) if backward else None
+    return explain_examples(_single(activation_fn), [(0, tokens)], pad, max_context, keep, wildcard_below)[0]
 
 
 def build_explanation(
     activation_fn: ActivationFn, examples: list[list[int]], pad: int, max_context: int = 12
 ) -> Explanation:
-    explanation = Explanation()
-    for tokens in examples:
-        found = explain_example(activation_fn, tokens, pad, max_context)
-        if found is not None:
-            explanation.add(*found)
-    return explanation
+    return build_explanations(_single(activation_fn), {0: examples}, pad, max_context)[0]
+
+
+def build_explanations(
+    fn: RowActivationFn,
+    examples: dict[int, list[list[int]]],
+    pad: int,
+    max_context: int = 12,
+    originals: dict[int, list[float]] | None = None,
+) -> dict[int, Explanation]:
+    """latent -> its explanation from its examples, all latents batched together."""
+    jobs = [(latent, tokens) for latent, texts in examples.items() for tokens in texts]
+    known = [a for latent, texts in examples.items() for a in originals[latent][: len(texts)]] if originals else None
+    found = explain_examples(fn, jobs, pad, max_context, originals=known)
+    out = {latent: Explanation() for latent in examples}
+    for (latent, _), pattern in zip(jobs, found):
+        if pattern is not None:
+            out[latent].add(*pattern)
+    return out
 
 
 @dataclass
@@ -164,6 +241,17 @@ def latent_activation(values: Tensor, indices: Tensor, latent: int) -> Tensor:
     return (values * (indices == latent)).sum(-1).clamp_min(0)
 
 
+def codes_activation_fn(model: nn.Module, sae: TopKSAE, site: str, layer: int) -> RowActivationFn:
+    """The real activation function for many latents: one forward of the language model to the
+    hooked site and the encoder, then each row's own latent."""
+
+    def fn(token_ids: Tensor, latents: Tensor) -> Tensor:
+        values, indices = latent_codes(model, sae, token_ids, site, layer, batch_size=64)
+        return (values * (indices == latents[:, None, None])).sum(-1).clamp_min(0)
+
+    return fn
+
+
 def latent_activation_fn(model: nn.Module, sae: TopKSAE, site: str, layer: int, latent: int) -> ActivationFn:
     """The real activation function: the language model to the hooked site, then the encoder."""
 
@@ -186,12 +274,9 @@ def explain_latents(
     max_context: int = 12,
     seed: int = 0,
     decode: Callable[[int], str] = str,
-    progress: bool = True,
 ) -> dict:
     """Explain `n_latents` sampled latents from the top examples in the first half of `windows`
     and score them on the second half. Latents are sampled among those firing in both halves."""
-    from tqdm import tqdm
-
     if windows.shape[0] < 2:
         raise ValueError(f"explanations need at least 2 held-out windows (got {windows.shape[0]})")
     values, indices = latent_codes(model, sae, windows, site, layer)
@@ -206,13 +291,17 @@ def explain_latents(
         raise ValueError("no latent fires in both halves of the held-out windows: use more windows")
     generator = torch.Generator().manual_seed(seed)
     chosen = candidates[torch.randperm(candidates.numel(), generator=generator)[:n_latents]].sort().values.tolist()
-    scores = []
-    for latent in tqdm(chosen, desc="N2G explanations", unit="latent", disable=not progress):
+    seq = windows.shape[1]
+    texts: dict[int, list[list[int]]] = {}
+    for latent in chosen:
         acts = latent_activation(values, indices, latent)
         top = acts[:half].flatten().topk(min(examples, int((acts[:half] > 0).sum()))).indices.tolist()
-        seq = windows.shape[1]
-        texts = [windows[i // seq, : i % seq + 1].tolist() for i in top]
-        explanation = build_explanation(latent_activation_fn(model, sae, site, layer, latent), texts, pad, max_context)
+        texts[latent] = [windows[i // seq, : i % seq + 1].tolist() for i in top]
+    explanations = build_explanations(codes_activation_fn(model, sae, site, layer), texts, pad, max_context)
+    scores = []
+    for latent in chosen:
+        acts = latent_activation(values, indices, latent)
+        explanation = explanations[latent]
         precision, recall, f1, firings = score_explanation(explanation, windows[half:], acts[half:])
         scores.append(ExplanationScore(latent, explanation.describe(decode), precision, recall, f1, firings))
 

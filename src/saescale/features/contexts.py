@@ -81,16 +81,47 @@ class ContextWork:
         return collect
 
 
-def gather_contexts(parts: Iterable[bytes], context_length: int) -> dict[tuple[int, int], np.ndarray]:
-    """(window, latent) -> the latent's activation at each position of the window (0 where it
-    does not fire, or where the cache has no row: tokens it dropped, such as BOS)."""
-    out: dict[tuple[int, int], np.ndarray] = {}
+class WindowActivations:
+    """The gathered activations: for each (window, latent) pair asked for, the latent's
+    activation at each position of the window (0 where it does not fire, or where the cache has
+    no row: tokens it dropped, such as BOS)."""
+
+    def __init__(self, win: np.ndarray, pos: np.ndarray, lat: np.ndarray, val: np.ndarray, context_length: int) -> None:
+        self.context_length = context_length
+        self.dense = np.zeros((0, context_length), np.float32)
+        self.row: dict[tuple[int, int], int] = {}
+        if len(win):
+            pairs, which = np.unique(np.stack([win, lat], axis=1), axis=0, return_inverse=True)
+            self.dense = np.zeros((len(pairs), context_length), np.float32)
+            self.dense[which.reshape(-1), pos] = val
+            self.row = {(w, la): i for i, (w, la) in enumerate(pairs.tolist())}
+
+    def get(self, window: int, latent: int) -> np.ndarray:
+        """[context_length] activations (zeros for a pair that never fired)."""
+        i = self.row.get((window, latent))
+        return self.dense[i] if i is not None else np.zeros(self.context_length, np.float32)
+
+    def sparse(self) -> dict[tuple[int, int], list[tuple[int, float]]]:
+        """(window, latent) -> [(position, activation), ...] of its nonzero positions, for all
+        pairs at once (one vectorised pass, not one numpy call per example)."""
+        rows, cols = np.nonzero(self.dense)
+        bounds = np.searchsorted(rows, np.arange(len(self.dense) + 1)).tolist()
+        pos, val = cols.tolist(), self.dense[rows, cols].tolist()
+        return {
+            key: list(zip(pos[bounds[i] : bounds[i + 1]], val[bounds[i] : bounds[i + 1]]))
+            for key, i in self.row.items()
+        }
+
+
+def gather_contexts(parts: Iterable[bytes], context_length: int) -> WindowActivations:
+    """Merge the context pass's block results."""
+    columns: dict[str, list[np.ndarray]] = {"win": [], "pos": [], "lat": [], "val": []}
     for data in parts:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            win, pos, lat, val = z["win"], z["pos"], z["lat"], z["val"]
-        for w, p, la, v in zip(win.tolist(), pos.tolist(), lat.tolist(), val.tolist()):
-            acts = out.get((w, la))
-            if acts is None:
-                acts = out[(w, la)] = np.zeros(context_length, np.float32)
-            acts[p] = v
-    return out
+            for name, values in columns.items():
+                values.append(z[name])
+    if not columns["win"]:
+        empty = np.zeros(0, np.int64)
+        return WindowActivations(empty, empty, empty, np.zeros(0, np.float32), context_length)
+    win, pos, lat, val = (np.concatenate(columns[n]) for n in ("win", "pos", "lat", "val"))
+    return WindowActivations(win, pos, lat, val, context_length)

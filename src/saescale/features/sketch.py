@@ -222,14 +222,16 @@ class LatentSketch:
 
     def top_of(self, latent: int) -> list[tuple[int, int, float]]:
         """(window, position, activation) of one latent's top windows, largest first."""
-        at = np.flatnonzero(self.top_lat == latent)
+        lo, hi = np.searchsorted(self.top_lat, [latent, latent + 1])  # sorted by latent (top_windows)
+        at = range(lo, hi)
         return [(int(self.top_win[i]), int(self.top_pos[i]), float(self.top_val[i])) for i in at]
 
     def quantile_samples(self, latent: int, bins: int, per_bin: int) -> list[dict]:
         """Sampled positive activations of one latent in `bins` equal-count activation bins (the
         bins are the sample's quantiles), `per_bin` from each (those with the smallest keys: a
         uniform draw within the bin). Each: window, position, activation, bin's range and share."""
-        at = np.flatnonzero(self.smp_lat == latent)
+        lo, hi = np.searchsorted(self.smp_lat, [latent, latent + 1])  # sorted by latent (bottom_keys)
+        at = np.arange(lo, hi)
         if not len(at):
             return []
         order = at[np.lexsort((self.smp_row[at], self.smp_val[at]))]

@@ -56,7 +56,15 @@ class RayDataRunner:
         self.remedy, self.rows_per_block, self.actors = remedy, rows_per_block, actors
 
     def run(self, work: BlockWork, shards: list[int], desc: str) -> Iterator[bytes]:
+        import ray
         import ray.data
+
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cpus < self.actors + 1:  # the read tasks need a CPU beside the actors, or Ray Data waits forever
+            raise ValueError(
+                f"runner.actors={self.actors} needs {self.actors + 1} CPUs in the Ray cluster (one per actor, "
+                f"one for the shard reads); it has {cpus:g}"
+            )
 
         from saescale.service.stream import ACT_COLUMN, ROW_ID_COLUMNS, ShardCheck, _datasource_class, arrow_filesystem
 

@@ -101,7 +101,7 @@
 
   function contextHtml(ex, scale) {
     const tokens = state.windows[String(ex.window)] || [];
-    return `<div class="ctx"><span class="act">${fmt(ex.act)}</span>${tokensHtml(tokens, ex.acts, ex.pos, scale)}</div>`;
+    return `<div class="ctx"><span class="act">${fmt(ex.act)}</span><span class="toks">${tokensHtml(tokens, ex.acts, ex.pos, scale)}</span></div>`;
   }
 
   function histogramSvg(h) {
@@ -172,7 +172,7 @@
           const alpha = top ? Math.min(1, top[1] / maxAct) : 0;
           return `<span class="tok live-tok" data-i="${i}" style="background:rgba(251,146,60,${(0.1 + 0.9 * alpha).toFixed(3)})">${esc(tokText(t))}</span>`;
         }).join("");
-        $("#live-out").innerHTML = `<div class="ctx">${toks}</div><div id="live-latents" class="muted">click a token</div>`;
+        $("#live-out").innerHTML = `<div class="ctx"><span class="toks">${toks}</span></div><div id="live-latents" class="muted">click a token</div>`;
         $("#live-out").querySelectorAll(".live-tok").forEach((el) => el.addEventListener("click", () => {
           const i = +el.dataset.i;
           $("#live-latents").innerHTML = `<b>${esc(tokText(body.tokens[i]))}</b>: ` + body.latents[i].map(([id, v]) =>

@@ -1,0 +1,56 @@
+"""`saescale view`: serve a features folder on localhost (the viewer also works opened from
+disk; serving adds live inspection). Read-only: GET serves the folder's files, POST /api/live
+answers with `LiveEncoder.run`, nothing is ever written."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+from saescale.features.live import LiveEncoder, LiveInputError
+
+MAX_BODY = 64 * 1024
+
+
+class ViewerHandler(SimpleHTTPRequestHandler):
+    live: LiveEncoder | None = None
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+        pass  # quiet: a page load is dozens of requests
+
+    def _json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path.split("?")[0] == "/api/info":
+            return self._json(200, {"live": self.live is not None})
+        return super().do_GET()
+
+    def do_POST(self) -> None:
+        if self.path.split("?")[0] != "/api/live":
+            return self._json(404, {"error": f"no such endpoint {self.path}"})
+        if self.live is None:
+            return self._json(404, {"error": "live inspection is off: start with saescale view --live"})
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            return self._json(413, {"error": f"request of {length} bytes; the limit is {MAX_BODY}"})
+        try:
+            text = json.loads(self.rfile.read(length) or b"{}").get("text", "")
+            return self._json(200, self.live.run(text))
+        except (LiveInputError, json.JSONDecodeError, AttributeError) as exc:
+            return self._json(400, {"error": str(exc)})
+
+
+def make_server(folder: str, host: str = "127.0.0.1", port: int = 8765, live: LiveEncoder | None = None):
+    """A ThreadingHTTPServer over `folder` (port 0: any free port); call serve_forever()."""
+    if not os.path.isfile(os.path.join(folder, "index.html")):
+        raise FileNotFoundError(f"{folder} has no index.html: run jobs/features.py first")
+    handler = type("Handler", (ViewerHandler,), {"live": live})
+    return ThreadingHTTPServer((host, port), partial(handler, directory=folder))
