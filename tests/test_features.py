@@ -173,6 +173,36 @@ def test_planted_latent_has_the_known_statistics_contexts_logits_and_explanation
         assert json.load(handle)["columns"][0] == "latent"
 
 
+def test_job_on_ray_data_reads_and_writes_object_storage(planted, pages, s3_bucket, s3_endpoint):
+    """sae=<s3 url> data.cache=<s3 url> output_dir=<s3 url>, the passes on Ray Data (an embedded
+    local Ray here; RAY_ADDRESS under `ray job submit`): the same pages as the local run's."""
+    import s3fs
+
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    fs.put(planted["cache"], f"{bucket}/cache", recursive=True)
+    fs.put(planted["sae"], f"{bucket}/sae", recursive=True)
+    proc = run_job(
+        f"sae={bucket}/sae",
+        f"data.cache={bucket}/cache",
+        f"data.endpoint_url={s3_endpoint}",
+        f"output_dir={bucket}/pages",
+        "features.shards=all",
+        f"features.latents=[{PLANTED},3]",
+        "explain.latents=0",
+        "runner.ray=true",
+        "wandb.mode=disabled",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on Ray Data" in proc.stdout
+    remote = json.loads(fs.cat(f"{bucket}/pages/latents/{PLANTED}.json"))
+    local = json.loads((pages / "latents" / f"{PLANTED}.json").read_text())
+    for key in ("density", "mean", "mean_sq", "max", "histogram", "top", "samples", "logits", "neighbours"):
+        assert remote[key] == local[key], key
+    assert fs.exists(f"{bucket}/pages/index.html") and fs.exists(f"{bucket}/pages/viewer.js")
+    assert sorted(json.loads(fs.cat(f"{bucket}/pages/index.json"))["chunk_of"]) == ["3", str(PLANTED)]
+
+
 def brute_force(sae: TopKSAE, cache: ActivationCache, shards: list[int], top: int, sample: int, seed: int) -> dict:
     """Everything the sketch keeps, from the dense [rows, n] activations of all rows at once."""
     tables = [cache.read_table(s) for s in shards]
