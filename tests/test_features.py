@@ -436,3 +436,38 @@ def test_live_mode_shows_the_planted_latent_firing_on_typed_text(planted, pages)
         server.shutdown()
         server.server_close()
     assert sorted(os.listdir(pages)) == before  # live mode writes nothing
+
+
+def test_decoder_neighbours_scanned_in_chunks_equal_the_dense_cosine_matrix():
+    from saescale.features.effects import decoder_neighbours
+
+    torch.manual_seed(2)
+    sae = TopKSAE(SAEConfig(d_in=12, n_latents=37, k=4))
+    w = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)
+    cos = w @ w.t()
+    cos.fill_diagonal_(-9)
+    got = decoder_neighbours(sae, [0, 5, 36], top=6, chunk=5)
+    for latent, row in zip([0, 5, 36], got):
+        want = cos[latent].topk(6)
+        assert [i for i, _ in row] == want.indices.tolist()
+        np.testing.assert_allclose([c for _, c in row], want.values.tolist(), rtol=1e-5)
+    # more neighbours asked for than there are other latents: all the others, never itself
+    small = TopKSAE(SAEConfig(d_in=12, n_latents=4, k=2))
+    assert [sorted(i for i, _ in row) for row in decoder_neighbours(small, [0, 3], top=8)] == [[1, 2, 3], [0, 1, 2]]
+
+
+def test_logit_effects_go_through_the_final_norm_gain_and_the_unembedding(tiny_model_dir):
+    from saescale.features.effects import logit_directions, logit_effects
+    from saescale.lm.models import load_causal_lm
+
+    lm = load_causal_lm(tiny_model_dir)
+    torch.manual_seed(3)
+    sae = TopKSAE(SAEConfig(d_in=48, n_latents=8, k=2))
+    gain = lm.model.model.norm.weight.detach()
+    unembed = lm.model.get_output_embeddings().weight.detach()
+    want = (sae.W_dec.detach() * gain) @ unembed.t()  # Llama's RMSNorm: a gain, no mean subtraction
+    torch.testing.assert_close(logit_directions(lm.model, sae.W_dec.detach()), want)
+    effects = logit_effects(lm.model, sae, [2, 6], top=5, chunk=1)
+    for latent, e in zip([2, 6], effects):
+        assert [t for t, _ in e["promoted"]] == want[latent].topk(5).indices.tolist()
+        assert [t for t, _ in e["suppressed"]] == (-want[latent]).topk(5).indices.tolist()

@@ -88,4 +88,8 @@ def decoder_neighbours(
         i = torch.cat([best_i, cols.expand(len(latents), -1)], dim=1)
         keep = v.topk(min(top, v.shape[1]), dim=1)
         best_v, best_i = keep.values, i.gather(1, keep.indices)
-    return [[(int(i), float(v)) for i, v in zip(ri, rv) if i >= 0] for ri, rv in zip(best_i.tolist(), best_v.tolist())]
+    # -2 marks "none" (itself, or fewer other latents than `top`)
+    return [
+        [(int(i), float(v)) for i, v in zip(ri, rv) if i >= 0 and v > -2]
+        for ri, rv in zip(best_i.tolist(), best_v.tolist())
+    ]
