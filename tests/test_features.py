@@ -265,6 +265,24 @@ def test_streamed_sketch_equals_brute_force_in_process_for_any_block_size(plante
         work = SketchWork(InMemorySAE(random_sae), latents, 6, 10, 3)
         sketch = merge_sketches(LocalRunner(cache, rows_per_block, progress=False).run(work, shards, "test"))
         assert_sketch_matches(sketch, expected)
+    # the context pass: the same activations whatever the blocks
+    from saescale.features.contexts import ContextWork, gather_contexts, pair_keys
+
+    wins = np.array([w for la in (3, 17) for w, _, _ in expected["latent"][la]["top"]])
+    lats = np.array([la for la in (3, 17) for _ in expected["latent"][la]["top"]])
+    pairs = np.unique(pair_keys(wins, lats, 64))
+    gathered = [
+        gather_contexts(
+            LocalRunner(cache, rows, progress=False).run(ContextWork(InMemorySAE(random_sae), pairs, 64), shards, "t"),
+            32,
+        )
+        for rows in (None, 150)
+    ]
+    assert gathered[0].row == gathered[1].row and len(gathered[0].row) == len(pairs)
+    np.testing.assert_allclose(gathered[0].dense, gathered[1].dense, rtol=1e-5)
+    for w, la in zip(wins.tolist(), lats.tolist()):  # each top window's activation shows at its position
+        top_pos, top_val = next((p, v) for ww, p, v in expected["latent"][la]["top"] if ww == w)
+        assert gathered[0].get(w, la)[top_pos] == pytest.approx(top_val, rel=1e-5)
     # a latent subset keeps exactly those latents' summaries
     subset = np.array([3, 17, 40])
     work = SketchWork(InMemorySAE(random_sae), subset, 6, 10, 3)
@@ -307,11 +325,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(planted, tmp_path):
         "no SAE": ([f"sae={tmp_path / 'missing'}"], "no cfg.json"),
         "other hook": ([f"sae={other}"], "trained on hook resid_post.1 but the cache"),
         "empty subset": ([f"sae={planted['sae']}", "features.latents=[]"], "features.latents is an empty list"),
+        # the pages replace output_dir whole: never a folder of something else (here the SAE itself)
+        "output is the SAE": ([f"sae={planted['sae']}", f"output_dir={planted['sae']}"], "other than feature pages"),
     }
     procs = {}
     for name, (args, _) in cases.items():  # in parallel: each is a fresh interpreter
         out = tmp_path / name.replace(" ", "-")
         cmd = [sys.executable, os.path.join(ROOT, "jobs", "features.py"), "run_name=x", f"output_dir={out}", *args]
+        # (a later output_dir= in args wins)
         procs[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
     for name, (proc, out) in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
@@ -319,6 +340,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(planted, tmp_path):
         assert proc.returncode == 2, (name, stderr[-2000:])
         assert lines[-1].startswith("error: ") and cases[name][1] in lines[-1], (name, lines[-3:])
         assert "Traceback" not in stderr and not out.exists(), name
+    assert sorted(os.listdir(planted["sae"])) == ["cfg.json", "sae.safetensors"]  # untouched
 
 
 # ----------------------------------------------------------------------------- the browser
@@ -409,6 +431,22 @@ def test_live_mode_shows_the_planted_latent_firing_on_typed_text(planted, pages)
     host, port = server.server_address[:2]
     before = sorted(os.listdir(pages))
     try:
+        import http.client
+
+        def post(body: bytes, headers: dict) -> tuple[int, dict]:
+            conn = http.client.HTTPConnection(host, port, timeout=30)
+            conn.request("POST", "/api/live", body=body, headers=headers)
+            answer = conn.getresponse()
+            return answer.status, json.loads(answer.read())
+
+        json_type = {"Content-Type": "application/json"}
+        assert post(b'{"text": "a"}', {"Content-Type": "text/plain"})[0] == 415
+        assert post(b"{not json", json_type)[0] == 400
+        assert post(b'{"text": ""}', json_type) == (400, {"error": "type some text first"})
+        assert post(b"{}", {**json_type, "Content-Length": "-1"})[0] == 400
+        status, body = post(json.dumps({"text": planted["text"]}).encode(), json_type)
+        assert status == 200 and body["tokens"][1:] == [planted["text"]]
+        assert PLANTED in [latent for latent, _ in body["latents"][1]] and body["latents"][0] == []  # BOS: none
         with sync_playwright() as p:
             browser = launch_chromium(p)
             page = browser.new_page()

@@ -243,14 +243,22 @@ def _view(args: argparse.Namespace) -> int:
 
     folder = features_folder(args.target)
     live = None
+    if args.live and args.max_tokens <= 0:
+        raise ValueError(f"--max-tokens must be > 0, got {args.max_tokens}")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --host {args.host} serves the pages (and --live's model) beyond this machine", flush=True)
     if args.live:
         from saescale import storage
         from saescale.features.live import LiveEncoder
         from saescale.formats.saved import load_sae
         from saescale.lm.models import load_causal_lm
 
-        with open(os.path.join(folder, "index.json")) as handle:
-            info = json.load(handle)
+        try:
+            with open(os.path.join(folder, "index.json")) as handle:
+                info = json.load(handle)
+            info["hook"], info["model"], info["sae"]  # noqa: B018 - the keys --live needs
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"{folder}/index.json is missing or not saescale feature pages ({exc})") from None
         site, _, layer = info["hook"].rpartition(".")
         sae, _ = load_sae(args.sae or info["sae"], storage_options=storage.endpoint_options(args.endpoint_url))
         lm = load_causal_lm(args.model or info["model"])

@@ -188,11 +188,14 @@ def local_copy(url: str, local_path: str, storage_options: dict[str, Any] | None
     return local_path
 
 
-def publish_folder(local_dir: str, url: str, storage_options: dict[str, Any] | None = None, last: str = "") -> None:
-    """Publish a finished local folder at `url`, replacing what was there. Locally the folder is
-    swapped in by renames (a crash leaves the old folder or the new one, never a mix); on object
-    storage each file is uploaded (with retries) and the file named `last` goes up last, so a
-    reader that finds it finds everything it lists."""
+def publish_folder(
+    local_dir: str, url: str, storage_options: dict[str, Any] | None = None, last: tuple[str, ...] = ()
+) -> None:
+    """Publish a finished local folder at `url`, replacing the folder there (the caller checks
+    that it may). Locally the folder is swapped in by renames, and a failed swap puts the old one
+    back: a crash leaves the old folder or the new one, never a mix. On object storage each file is
+    uploaded (with retries), the files named in `last` last (a reader that finds them finds what
+    they list), then the keys the new folder does not have are removed."""
     fs, path = url_to_fs(url, storage_options)
     try:
         if isinstance(fs, LocalFileSystem):
@@ -201,19 +204,31 @@ def publish_folder(local_dir: str, url: str, storage_options: dict[str, Any] | N
             old = os.path.join(parent, f".{os.path.basename(path)}.old-{uuid.uuid4().hex}")
             if os.path.exists(path):
                 os.replace(path, old)
-            if _same_device(local_dir, parent):
-                os.replace(local_dir, path)
-            else:
-                shutil.copytree(local_dir, path)
-            if os.path.exists(old):
-                shutil.rmtree(old, ignore_errors=True)
+            try:
+                if _same_device(local_dir, parent):
+                    os.replace(local_dir, path)
+                else:
+                    shutil.copytree(local_dir, path)
+            except BaseException:
+                shutil.rmtree(path, ignore_errors=True)
+                if os.path.exists(old):
+                    os.replace(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
             return
-        files = [os.path.relpath(os.path.join(d, f), local_dir) for d, _, fs_ in os.walk(local_dir) for f in fs_]
-        files.sort(key=lambda f: f == last)
+        files = sorted(
+            os.path.relpath(os.path.join(d, f), local_dir) for d, _, names in os.walk(local_dir) for f in names
+        )
+        files.sort(key=lambda f: last.index(f) if f in last else -1)
+        root = path.rstrip("/")
         for rel in files:
-            target = f"{path.rstrip('/')}/{rel.replace(os.sep, '/')}"
-            source = os.path.join(local_dir, rel)
+            source, target = os.path.join(local_dir, rel), f"{root}/{rel.replace(os.sep, '/')}"
             _retrying("write", join(url, rel), fs, lambda s=source, t=target: fs.put_file(s, t))
+        fresh = {f"{root}/{rel.replace(os.sep, '/')}" for rel in files}
+        existing = _retrying("list", url, fs, lambda: fs.find(root))
+        stale = [key for key in existing if key not in fresh]
+        if stale:
+            _retrying("remove", url, fs, lambda: fs.rm(stale))
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001 - every backend raises its own types

@@ -11,6 +11,7 @@ folder and published in one step: a failed run leaves the previous pages as they
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -52,6 +53,10 @@ def choose_latents(spec, n_latents: int, seed: int) -> np.ndarray:
     """features.latents: "all", a count (a seeded sample), or a list of ids -> sorted ids."""
     if isinstance(spec, str) and spec == "all":
         return np.arange(n_latents, dtype=np.int64)
+    if isinstance(spec, str) and spec.strip().lstrip("-").isdigit():  # features.latents='100'
+        spec = int(spec)
+    if isinstance(spec, str):
+        raise ConfigError(f"features.latents={spec!r}: expected all, a count, or a list of latent ids")
     if isinstance(spec, int) and not isinstance(spec, bool):
         if spec <= 0:
             raise ConfigError(f"features.latents={spec}: choose a count > 0, a list of latents, or all")
@@ -82,6 +87,58 @@ def check_cache_matches(meta: dict, manifest, d_in: int, cache_url: str) -> None
         raise ConfigError(f"the SAE was trained on hook {meta['hook_name']} but the cache {where} holds {hook}")
 
 
+def check_output_dir(url: str, options) -> None:
+    """The pages replace output_dir whole: refuse a folder that is not feature pages (a run
+    folder, say), so a wrong output_dir never deletes an SAE."""
+    from saescale.features.pages import INDEX_SCHEMA
+
+    fs, path = storage.url_to_fs(url, options)
+    try:
+        entries = fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not entries:
+        return
+    index = storage.join(url, "index.json")
+    if storage.exists(index, options):
+        try:
+            if storage.read_json(index, options).get("schema") == INDEX_SCHEMA:
+                return
+        except ValueError:
+            pass
+    raise ConfigError(
+        f"output_dir {storage.redact(url)} holds something other than feature pages, which would be "
+        "replaced: choose an empty or new folder (the default is <run>/features)"
+    )
+
+
+def check_model(lm, site: str, layer: int) -> None:
+    """What the later phases need of the model, checked before the passes: the hook site, an
+    unembedding for the logit effects."""
+    from saescale.lm.hooks import hook_module
+
+    hook_module(lm.model, site, layer)
+    if getattr(lm.model.get_output_embeddings(), "weight", None) is None:
+        raise ConfigError(f"{type(lm.model).__name__} has no output embedding to read logit effects from")
+
+
+def windows_of_length(table, length: int) -> list[int]:
+    """Ids of the windows with exactly `length` tokens (Arrow compute: no Python list per window)."""
+    import pyarrow.compute as pc
+
+    full = pc.equal(pc.list_value_length(table.column("token_ids")), length)
+    return table.column("window").filter(full).to_pylist()
+
+
+def window_tokens(table, wanted: set[int]) -> dict[int, list[int]]:
+    """window -> token ids, for the `wanted` windows only."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    chosen = table.filter(pc.is_in(table.column("window"), value_set=pa.array(sorted(wanted), pa.int32())))
+    return dict(zip(chosen.column("window").to_pylist(), chosen.column("token_ids").to_pylist()))
+
+
 def token_strings(tokenizer, ids) -> dict[int, str]:
     unique = sorted({int(i) for i in ids})
     return dict(zip(unique, tokenizer.batch_decode([[i] for i in unique])))
@@ -105,6 +162,7 @@ def make_runner(cfg: FeaturesJobConfig, cache: ActivationCache, cache_url: str, 
 
 
 def explain(cfg: FeaturesJobConfig, lm, sae, manifest, latents, top, window_ids, test_windows, contexts) -> dict:
+    same_model = cfg.model is None or cfg.model == manifest.model
     """N2G explanations (evaluation.explain, all latents batched through the model together) from
     each latent's top contexts, scored on test windows that are not among its examples."""
     from saescale.app.eval_job import padding_token
@@ -123,7 +181,8 @@ def explain(cfg: FeaturesJobConfig, lm, sae, manifest, latents, top, window_ids,
         {la: [window_ids[w][: p + 1] for w, p, _ in ex] for la, ex in examples.items()},
         pad,
         cfg.explain.max_context,
-        originals={la: [a for _, _, a in ex] for la, ex in examples.items()},  # the cache's, in full context
+        # the activations in full context are the cache's, when the model is the cache's own
+        originals={la: [a for _, _, a in ex] for la, ex in examples.items()} if same_model else None,
     )
     out = {}
     for latent in latents:
@@ -155,6 +214,8 @@ def run_features(raw: DictConfig) -> dict:
         check_job_paths(reads={"sae": cfg.sae}, writes={"output_dir": cfg.output_dir})
         sae, meta = load_sae(cfg.sae, storage_options=options)
         cache_url = cfg.data.cache or meta.get("cache") or DEFAULT_CACHE
+        check_job_paths(reads={"data.cache": cache_url}, writes={})
+        check_output_dir(cfg.output_dir, options)
         cache = ActivationCache(cache_url, options)
         manifest = cache.manifest
         check_cache_matches(meta, manifest, sae.cfg.d_in, cache_url)
@@ -167,6 +228,7 @@ def run_features(raw: DictConfig) -> dict:
         from saescale.lm.models import load_causal_lm
 
         lm = load_causal_lm(cfg.model or manifest.model)  # early: a bad model fails before the passes
+        check_model(lm, manifest.hook, manifest.layer)
     except USER_ERRORS as exc:
         fail(exc)
     phases.done("setup")
@@ -181,10 +243,11 @@ def run_features(raw: DictConfig) -> dict:
             runner.run(SketchWork(sae_source, latents, f.top, sample, f.seed), shards, "statistics")
         )
         table = cache.windows()
+        if sketch is None or sketch.tokens == 0:
+            raise ConfigError(f"the chosen shards {shards} of {storage.redact(cache_url)} hold no rows")
     except USER_ERRORS as exc:  # a damaged shard or unreachable storage
         fail(exc)
     phases.done("statistics")
-    window_ids = dict(zip(table.column("window").to_pylist(), table.column("token_ids").to_pylist()))
     stats = sketch.statistics()
     top = {int(la): sketch.top_of(int(la)) for la in latents}
     samples = {int(la): sketch.quantile_samples(int(la), f.quantile_bins, f.per_bin) for la in latents}
@@ -193,8 +256,10 @@ def run_features(raw: DictConfig) -> dict:
 
     rng = np.random.default_rng(f.seed)
     explained = sorted(rng.permutation(firing)[: cfg.explain.latents].tolist()) if cfg.explain.latents else []
-    full = [w for w, ids in window_ids.items() if len(ids) == manifest.context_length]
+    full = windows_of_length(table, manifest.context_length)
     test_windows = sorted(rng.permutation(full)[: cfg.explain.test_windows].tolist()) if explained else []
+    if explained and not test_windows:
+        print0(f"no window of the full {manifest.context_length} tokens to score explanations on: none scored")
     wins, lats = [], []
     for la in latents.tolist():
         for w, _, _ in top[la]:
@@ -203,9 +268,13 @@ def run_features(raw: DictConfig) -> dict:
             wins.append(s["window"]), lats.append(la)
     for la in explained:
         wins.extend(test_windows), lats.extend([la] * len(test_windows))
+    window_ids = window_tokens(table, set(wins))  # only the windows shown or scored: O(examples)
     pairs = np.unique(pair_keys(np.asarray(wins, np.int64), np.asarray(lats, np.int64), sae.cfg.n_latents))
     try:
-        parts = runner.run(ContextWork(sae_source, pairs, sae.cfg.n_latents), list(range(n_shards)), "contexts")
+        if len(pairs):
+            parts = runner.run(ContextWork(sae_source, pairs, sae.cfg.n_latents), list(range(n_shards)), "contexts")
+        else:  # no latent fired: nothing to look up
+            parts = iter(())
         contexts = gather_contexts(parts, manifest.context_length)
     except USER_ERRORS as exc:
         fail(exc)
@@ -213,10 +282,13 @@ def run_features(raw: DictConfig) -> dict:
 
     from saescale.features.effects import decoder_neighbours, logit_effects
 
-    effects = logit_effects(lm.model, sae, latents.tolist(), f.logits) if f.logits else [None] * len(latents)
-    neighbours = decoder_neighbours(sae, latents.tolist(), f.neighbours) if f.neighbours else [[]] * len(latents)
-    phases.done("effects")
-    explanations = explain(cfg, lm, sae, manifest, explained, top, window_ids, test_windows, contexts)
+    try:
+        effects = logit_effects(lm.model, sae, latents.tolist(), f.logits) if f.logits else [None] * len(latents)
+        neighbours = decoder_neighbours(sae, latents.tolist(), f.neighbours) if f.neighbours else [[]] * len(latents)
+        phases.done("effects")
+        explanations = explain(cfg, lm, sae, manifest, explained, top, window_ids, test_windows, contexts)
+    except USER_ERRORS as exc:
+        fail(exc)
     phases.done("explanations")
     result = write_features(
         cfg,
@@ -341,7 +413,9 @@ def write_features(
         folder = os.path.join(stage, "features")
         write_site(folder, info, records, windows, neuronpedia if cfg.features.neuronpedia else None)
         try:
-            storage.publish_folder(folder, out, options if remote else None, last="index.html")
+            storage.publish_folder(
+                folder, out, options if remote else None, last=("data/index.js", "index.json", "index.html")
+            )
         except USER_ERRORS as exc:
             fail(exc)
     if cfg.wandb.active and cfg.features.wandb_cards:
@@ -381,7 +455,7 @@ def log_cards(cfg: FeaturesJobConfig, raw: DictConfig, records: list[dict], wind
         f"features-{cfg.run_name}",
         cfg.wandb.group,
         ["features"],
-        OmegaConf.to_container(raw, resolve=True) | {"sae": storage.redact(cfg.sae)},
+        json.loads(storage.redact(json.dumps(OmegaConf.to_container(raw, resolve=True)))),  # no URL credentials
         cfg.wandb.mode,
         storage.local_path(os.path.dirname(cfg.output_dir.rstrip("/")))
         if not storage.is_remote(cfg.output_dir)

@@ -342,8 +342,8 @@ class FeaturesSection:
         if self.shards not in ("heldout", "all"):
             raise ConfigError(f"features.shards must be heldout or all, got {self.shards!r}")
         _positive("features", top=self.top, quantile_bins=self.quantile_bins, per_bin=self.per_bin)
-        if self.logits < 0 or self.neighbours < 0 or self.wandb_cards < 0:
-            raise ConfigError("features.logits, features.neighbours and features.wandb_cards must be >= 0")
+        if min(self.logits, self.neighbours, self.wandb_cards, self.seed) < 0:
+            raise ConfigError("features.logits, .neighbours, .wandb_cards and .seed must be >= 0")
 
 
 @dataclass
@@ -356,6 +356,11 @@ class FeatureExplainSection:
     max_context: int = 12
     test_windows: int = 64  # windows (not among a latent's examples) its precision and recall are scored on
     padding_text: str = " _"
+
+    def __post_init__(self) -> None:
+        _positive("explain", examples=self.examples, max_context=self.max_context, test_windows=self.test_windows)
+        if self.latents < 0:
+            raise ConfigError(f"explain.latents must be >= 0, got {self.latents}")
 
 
 @dataclass

@@ -6,8 +6,9 @@ Layout of `output_dir/features/`:
     index.json                          the run and one summary row per feature
     windows.json                        window id -> its tokens (the contexts refer to windows)
     latents/<id>.json                   one feature (schema FEATURE_SCHEMA, see README)
-    data/*.js                           the same data as scripts: a page opened from disk may
-                                        load scripts but not fetch JSON
+    data/*.js                           the same data as scripts (a page opened from disk may load
+                                        scripts but not fetch JSON): index.js, and per 64 features
+                                        one features-<n>.js with the windows they show
     neuronpedia/<model>/<source>/       features/ and activations/ as gzipped JSONL batches
 """
 
@@ -137,16 +138,17 @@ def write_site(
         handle.write(json.dumps(window_json, separators=(",", ":")))
     with open(os.path.join(folder, "index.json"), "w") as handle:
         handle.write(json.dumps(index, separators=(",", ":")))
-    for start in range(0, len(records), CHUNK):
-        body = ",".join(
-            f'"{r["latent"]}":{t}' for r, t in zip(records[start : start + CHUNK], texts[start : start + CHUNK])
-        )
+    for start in range(0, len(records), CHUNK):  # each chunk carries the windows its features show
+        part = records[start : start + CHUNK]
+        body = ",".join(f'"{r["latent"]}":{t}' for r, t in zip(part, texts[start : start + CHUNK]))
+        used = sorted({ex["window"] for r in part for ex in r["top"] + r["samples"]})
+        shown = json.dumps({str(w): windows[w] for w in used if w in windows}, separators=(",", ":"))
         with open(os.path.join(folder, "data", f"features-{start // CHUNK}.js"), "w") as handle:
-            handle.write(f'window.saescale.chunk({{"chunk":{start // CHUNK},"features":{{{body}}}}});\n')
+            handle.write(
+                f'window.saescale.chunk({{"chunk":{start // CHUNK},"windows":{shown},"features":{{{body}}}}});\n'
+            )
     with open(os.path.join(folder, "data", "index.js"), "w") as handle:
         handle.write(_js("index", index))
-    with open(os.path.join(folder, "data", "windows.js"), "w") as handle:
-        handle.write(_js("windows", window_json))
     for name in STATIC_FILES:
         shutil.copyfile(os.path.join(STATIC_DIR, name), os.path.join(folder, name))
     if neuronpedia is not None:

@@ -38,14 +38,23 @@ class ViewerHandler(SimpleHTTPRequestHandler):
             return self._json(404, {"error": f"no such endpoint {self.path}"})
         if self.live is None:
             return self._json(404, {"error": "live inspection is off: start with saescale view --live"})
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            return self._json(413, {"error": f"request of {length} bytes; the limit is {MAX_BODY}"})
+        # JSON only: a form on another site cannot post here without a CORS preflight this server refuses
+        if self.headers.get_content_type() != "application/json":
+            return self._json(415, {"error": 'send the text as JSON: {"text": ...}'})
         try:
-            text = json.loads(self.rfile.read(length) or b"{}").get("text", "")
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            return self._json(400 if length < 0 else 413, {"error": f"a body of 0..{MAX_BODY} bytes, please"})
+        try:
+            body = json.loads(self.rfile.read(length).decode("utf-8") or "{}")
+            text = body.get("text", "") if isinstance(body, dict) else None
             return self._json(200, self.live.run(text))
-        except (LiveInputError, json.JSONDecodeError, AttributeError) as exc:
+        except (LiveInputError, ValueError) as exc:  # bad JSON or UTF-8 included
             return self._json(400, {"error": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - a failed forward is an answer, not a dead server
+            return self._json(500, {"error": f"{type(exc).__name__}: {exc}"})
 
 
 def make_server(folder: str, host: str = "127.0.0.1", port: int = 8765, live: LiveEncoder | None = None):

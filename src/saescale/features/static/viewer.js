@@ -1,5 +1,5 @@
 // saescale feature viewer: plain JS, no build step, no network. The data arrives as scripts
-// (data/index.js, data/windows.js, data/features-<n>.js) that call window.saescale.*, so the page
+// (data/index.js, data/features-<n>.js) that call window.saescale.*, so the page
 // works opened straight from disk; `saescale view --live` adds the /api/live endpoint.
 "use strict";
 (function () {
@@ -8,8 +8,8 @@
     query: "", limit: 500, live: false };
 
   S.index = (data) => { state.index = data; };
-  S.windows = (data) => { state.windows = data; };
   S.chunk = (data) => {
+    Object.assign(state.windows, data.windows);
     state.chunks[data.chunk] = data.features;
     (state.waiting[data.chunk] || []).forEach((resolve) => resolve(data.features));
     delete state.waiting[data.chunk];
