@@ -162,9 +162,9 @@ def make_runner(cfg: FeaturesJobConfig, cache: ActivationCache, cache_url: str, 
 
 
 def explain(cfg: FeaturesJobConfig, lm, sae, manifest, latents, top, window_ids, test_windows, contexts) -> dict:
-    same_model = cfg.model is None or cfg.model == manifest.model
     """N2G explanations (evaluation.explain, all latents batched through the model together) from
     each latent's top contexts, scored on test windows that are not among its examples."""
+    same_model = cfg.model is None or cfg.model == manifest.model
     from saescale.app.eval_job import padding_token
     from saescale.evaluation.explain import build_explanations, codes_activation_fn, score_explanation
 
