@@ -7,8 +7,8 @@ Layout of `output_dir/features/`:
     windows.json                        window id -> its tokens (the contexts refer to windows)
     latents/<id>.json                   one feature (schema FEATURE_SCHEMA, see README)
     data/*.js                           the same data as scripts (a page opened from disk may load
-                                        scripts but not fetch JSON): index.js, and per 64 features
-                                        one features-<n>.js with the windows they show
+                                        scripts but not fetch JSON): index.js, features-<n>.js (64
+                                        features each), windows-<n>.js (256 window ids each)
     neuronpedia/<model>/<source>/       features/ and activations/ as gzipped JSONL batches
 """
 
@@ -27,6 +27,7 @@ import numpy as np
 INDEX_SCHEMA = "saescale.features.v1"
 FEATURE_SCHEMA = "saescale.feature.v1"
 CHUNK = 64  # features per data/features-<n>.js file
+WINDOW_SHARD = 256  # windows per data/windows-<n>.js file (window id // 256)
 NEURONPEDIA_BATCH = 1024
 GZIP_LEVEL = 1  # level 9 (gzip's default) took 28 s of a 90 s run for 4096 features; 1 is ~5x faster
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -128,7 +129,13 @@ def write_site(
     os.makedirs(os.path.join(folder, "data"), exist_ok=True)
     rows = [summary_row(r, windows) for r in records]
     chunks = {r["latent"]: i // CHUNK for i, r in enumerate(records)}
-    index = {"schema": INDEX_SCHEMA, **info, "chunk_of": {str(k): v for k, v in chunks.items()}, "features": rows}
+    index = {
+        "schema": INDEX_SCHEMA,
+        **info,
+        "chunk_of": {str(k): v for k, v in chunks.items()},
+        "window_shard": WINDOW_SHARD,
+        "features": rows,
+    }
     texts = [json.dumps(r, separators=(",", ":")) for r in records]  # each record serialised once
     for record, text in zip(records, texts):
         with open(os.path.join(folder, "latents", f"{record['latent']}.json"), "w") as handle:
@@ -138,15 +145,18 @@ def write_site(
         handle.write(json.dumps(window_json, separators=(",", ":")))
     with open(os.path.join(folder, "index.json"), "w") as handle:
         handle.write(json.dumps(index, separators=(",", ":")))
-    for start in range(0, len(records), CHUNK):  # each chunk carries the windows its features show
-        part = records[start : start + CHUNK]
-        body = ",".join(f'"{r["latent"]}":{t}' for r, t in zip(part, texts[start : start + CHUNK]))
-        used = sorted({ex["window"] for r in part for ex in r["top"] + r["samples"]})
-        shown = json.dumps({str(w): windows[w] for w in used if w in windows}, separators=(",", ":"))
+    for start in range(0, len(records), CHUNK):
+        body = ",".join(
+            f'"{r["latent"]}":{t}' for r, t in zip(records[start : start + CHUNK], texts[start : start + CHUNK])
+        )
         with open(os.path.join(folder, "data", f"features-{start // CHUNK}.js"), "w") as handle:
-            handle.write(
-                f'window.saescale.chunk({{"chunk":{start // CHUNK},"windows":{shown},"features":{{{body}}}}});\n'
-            )
+            handle.write(f'window.saescale.chunk({{"chunk":{start // CHUNK},"features":{{{body}}}}});\n')
+    shards: dict[int, dict[str, list[str]]] = {}
+    for w, tokens in window_json.items():  # the windows' tokens, once each, in shards by window id
+        shards.setdefault(int(w) // WINDOW_SHARD, {})[w] = tokens
+    for n, part in shards.items():
+        with open(os.path.join(folder, "data", f"windows-{n}.js"), "w") as handle:
+            handle.write(_js("windows", part))
     with open(os.path.join(folder, "data", "index.js"), "w") as handle:
         handle.write(_js("index", index))
     for name in STATIC_FILES:

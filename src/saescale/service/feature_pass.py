@@ -83,7 +83,7 @@ class RayDataRunner:
             fn_constructor_kwargs={"work": work, "dtype": self.manifest.dtype, "d_model": self.manifest.d_model},
             batch_size=self.rows_per_block,
             batch_format="pyarrow",
-            concurrency=self.actors,
+            compute=ray.data.ActorPoolStrategy(size=self.actors),
         )
         dataset.context.enable_progress_bars = False
         print(f"[saescale] {desc}: {len(shards)} shards on Ray Data ({self.actors} actor(s))", flush=True)

@@ -4,15 +4,19 @@
 "use strict";
 (function () {
   const S = (window.saescale = {});
-  const state = { index: null, windows: {}, chunks: {}, waiting: {}, order: [], sort: "density", asc: false,
+  const state = { index: null, windows: {}, chunks: {}, shards: {}, waiting: {}, order: [], sort: "density", asc: false,
     query: "", limit: 500, live: false };
 
   S.index = (data) => { state.index = data; };
-  S.chunk = (data) => {
-    Object.assign(state.windows, data.windows);
-    state.chunks[data.chunk] = data.features;
-    (state.waiting[data.chunk] || []).forEach((resolve) => resolve(data.features));
-    delete state.waiting[data.chunk];
+  const settle = (key, value) => {
+    (state.waiting[key] || []).forEach((resolve) => resolve(value));
+    delete state.waiting[key];
+  };
+  S.chunk = (data) => { state.chunks[data.chunk] = data.features; settle(`f${data.chunk}`, data.features); };
+  S.windows = (data) => {
+    Object.assign(state.windows, data);
+    const any = Object.keys(data)[0];
+    if (any !== undefined) { const n = Math.floor(+any / state.index.window_shard); state.shards[n] = true; settle(`w${n}`, true); }
   };
 
   const $ = (sel) => document.querySelector(sel);
@@ -21,23 +25,30 @@
     ? Number(x).toExponential(2) : Number(x).toPrecision(d));
   const tokText = (t) => String(t).replace(/\n/g, "\u21b5");
 
-  function loadChunk(n) {
-    if (state.chunks[n]) return Promise.resolve(state.chunks[n]);
+  function loadScript(key, src, done) {
+    if (done) return Promise.resolve(done);
     return new Promise((resolve, reject) => {
-      const first = !state.waiting[n];
-      (state.waiting[n] = state.waiting[n] || []).push(resolve);
+      const first = !state.waiting[key];
+      (state.waiting[key] = state.waiting[key] || []).push(resolve);
       if (!first) return;
       const script = document.createElement("script");
-      script.src = `data/features-${n}.js`;
-      script.onerror = () => reject(new Error(`cannot load data/features-${n}.js`));
+      script.src = src;
+      script.onerror = () => reject(new Error(`cannot load ${src}`));
       document.body.appendChild(script);
     });
+  }
+
+  const loadChunk = (n) => loadScript(`f${n}`, `data/features-${n}.js`, state.chunks[n]);
+
+  function loadWindows(f) {
+    const ids = [...f.top, ...f.samples].map((ex) => Math.floor(ex.window / state.index.window_shard));
+    return Promise.all([...new Set(ids)].map((n) => loadScript(`w${n}`, `data/windows-${n}.js`, state.shards[n])));
   }
 
   function feature(id) {
     const chunk = state.index.chunk_of[String(id)];
     if (chunk === undefined) return Promise.reject(new Error(`latent ${id} is not among the features written`));
-    return loadChunk(chunk).then((features) => features[String(id)]);
+    return loadChunk(chunk).then((features) => features[String(id)]).then((f) => loadWindows(f).then(() => f));
   }
 
   // ---------------------------------------------------------------------------- the list
