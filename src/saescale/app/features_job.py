@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,9 +28,16 @@ from saescale.app.schema import DEFAULT_CACHE, FeaturesJobConfig
 from saescale.console import print0
 from saescale.core.config import ConfigError
 from saescale.data.reader import ActivationCache
-from saescale.features.contexts import ContextWork, SketchWork, gather_contexts, merge_sketches, pair_keys
+from saescale.features.contexts import (
+    ContextWork,
+    SketchWork,
+    WindowActivations,
+    gather_contexts,
+    merge_sketches,
+    pair_keys,
+)
 from saescale.features.passes import InMemorySAE, LocalRunner
-from saescale.features.sketch import HIST_EDGES
+from saescale.features.sketch import HIST_EDGES, LatentSketch
 from saescale.formats.saved import load_sae
 
 
@@ -290,26 +298,8 @@ def run_features(raw: DictConfig) -> dict:
     except USER_ERRORS as exc:
         fail(exc)
     phases.done("explanations")
-    result = write_features(
-        cfg,
-        raw,
-        sae,
-        meta,
-        manifest,
-        cache_url,
-        latents,
-        sketch,
-        stats,
-        top,
-        samples,
-        contexts,
-        effects,
-        neighbours,
-        explanations,
-        window_ids,
-        lm,
-        options,
-    )
+    found = Found(latents, sketch, stats, top, samples, contexts, effects, neighbours, explanations, window_ids)
+    result = write_features(cfg, raw, sae, manifest, cache_url, found, lm, options)
     phases.done("write")
     result["wall_s"] = round(time.time() - started, 1)
     result["phase_s"] = phases.seconds
@@ -320,27 +310,28 @@ def run_features(raw: DictConfig) -> dict:
     return result
 
 
+@dataclass
+class Found:
+    """What the passes and the model found, per latent (what the pages are built from)."""
+
+    latents: np.ndarray
+    sketch: LatentSketch
+    stats: dict[str, np.ndarray]
+    top: dict[int, list[tuple[int, int, float]]]
+    samples: dict[int, list[dict]]
+    contexts: WindowActivations
+    effects: list[dict | None]
+    neighbours: list[list[tuple[int, float]]]
+    explanations: dict[int, dict]
+    window_ids: dict[int, list[int]]
+
+
 def write_features(
-    cfg,
-    raw,
-    sae,
-    meta,
-    manifest,
-    cache_url,
-    latents,
-    sketch,
-    stats,
-    top,
-    samples,
-    contexts,
-    effects,
-    neighbours,
-    explanations,
-    window_ids,
-    lm,
-    options,
+    cfg: FeaturesJobConfig, raw: DictConfig, sae, manifest, cache_url: str, found: Found, lm, options
 ) -> dict:
     """Build every feature's record, write the folder aside, publish it, log the wandb cards."""
+    latents, sketch, stats, top, samples = found.latents, found.sketch, found.stats, found.top, found.samples
+    effects, neighbours, window_ids = found.effects, found.neighbours, found.window_ids
     from saescale.features.pages import (
         context,
         decimals_for,
@@ -358,7 +349,7 @@ def write_features(
     text = token_strings(lm.tokenizer, [t for w in used for t in window_ids[w]] + logit_ids)
     windows = {w: [text[t] for t in window_ids[w]] for w in used}
     records = []
-    sparse = contexts.sparse()
+    sparse = found.contexts.sparse()
     edges = [json_number(e) for e in HIST_EDGES]
     for slot, la in enumerate(latents.tolist()):
         places = decimals_for(float(stats["max"][slot]))
@@ -380,7 +371,7 @@ def write_features(
                 ex_smp,
                 logits,
                 neighbours[slot],
-                explanations.get(la),
+                found.explanations.get(la),
             )
         )
     info = {
@@ -394,7 +385,7 @@ def write_features(
         "tokens": sketch.tokens,
         "shards": cfg.features.shards,
         "context_length": manifest.context_length,
-        "explained": len(explanations),
+        "explained": len(found.explanations),
     }
     model_id = manifest.model.split(":")[-1].split("/")[-1]
     source = f"{manifest.layer}-{manifest.hook}-saescale"
