@@ -283,6 +283,18 @@ def _view(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from saescale import storage
+    from saescale.formats.convert import convert_sae
+
+    done = convert_sae(args.src, args.dst, args.to, storage.endpoint_options(args.endpoint_url))
+    print(
+        f"{storage.redact(args.src)} -> {storage.redact(args.dst)} ({done['to']}: {done['n_latents']} latents, "
+        f"d_in={done['d_in']}, k={done['k']}, normalization={done['normalization']})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saescale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -455,6 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint of --sae")
     view.add_argument("--max-tokens", type=int, default=256, help="with --live: the longest text accepted")
     view.set_defaults(func=_view)
+    convert = sub.add_parser(
+        "convert", help="convert an SAE (saescale folder, OpenAI .pt, SAELens or sparsify folder) to another format"
+    )
+    convert.add_argument("src", help="the SAE: a folder or .pt file at any fsspec URL")
+    convert.add_argument("dst", help="the folder to write (any fsspec URL)")
+    convert.add_argument("--to", required=True, choices=("saescale", "saelens", "sparsify"))
+    convert.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint of SRC and DST")
+    convert.set_defaults(func=_convert)
     return parser
 
 

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Normalization = Literal["none", "dataset_scale", "token_unit_norm"]
+Normalization = Literal["none", "dataset_scale", "token_unit_norm", "layer_norm"]
 AuxPrecision = Literal["auto", "float32", "bfloat16"]
 
 
@@ -74,6 +74,7 @@ class SAEConfig(_DictConfig):
     # Input normalisation, stored with the weights and applied at inference.
     #   dataset_scale: one scalar so that E||x||^2 = d_in (computed once from a data sample)
     #   token_unit_norm: the paper's per-token (x - mean_d x) / ||x - mean_d x||
+    #   layer_norm: OpenAI's released SAEs' (x - mean_d x) / (std_d x + 1e-5), std unbiased
     normalization: Normalization = "dataset_scale"
     # Precision of the AuxK matmuls over the dense dead-latent block. "auto" follows
     # train.precision when that is bf16/fp16, else bfloat16 where the hardware multiplies it
@@ -103,9 +104,9 @@ class SAEConfig(_DictConfig):
             )
         if self.multi_topk_factor < 2:
             raise ConfigError(f"sae.multi_topk_factor must be >= 2, got {self.multi_topk_factor!r}")
-        if self.normalization not in ("none", "dataset_scale", "token_unit_norm"):
+        if self.normalization not in ("none", "dataset_scale", "token_unit_norm", "layer_norm"):
             raise ConfigError(
-                f"sae.normalization must be one of none, dataset_scale, token_unit_norm; got {self.normalization!r}"
+                f"sae.normalization must be one of none, dataset_scale, token_unit_norm, layer_norm; got {self.normalization!r}"
             )
         if self.aux_precision not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"sae.aux_precision must be auto, float32 or bfloat16; got {self.aux_precision!r}")

@@ -141,6 +141,9 @@ class TopKSAE(nn.Module):
             return x * self.input_scale, None
         mu = x.mean(dim=-1, keepdim=True)
         centred = x - mu
+        if mode == "layer_norm":  # OpenAI's released SAEs: LN without gain, unbiased std, eps 1e-5
+            std = centred.std(dim=-1, keepdim=True)
+            return centred / (std + 1e-5), (mu, std)
         norm = torch.linalg.vector_norm(centred, dim=-1, keepdim=True).clamp_min(1e-12)
         return centred / norm, (mu, norm)
 

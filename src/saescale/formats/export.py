@@ -118,12 +118,14 @@ def _numel(shape: list[int]) -> int:
     return out
 
 
-def _scale(cfg: SAEConfig, input_scale: float) -> float:
+def _scale(cfg: SAEConfig, input_scale: float, fmt: str) -> float:
     if cfg.normalization == "token_unit_norm":
         raise ExportError(
             "this SAE normalises each token to unit norm, which SAELens and sparsify cannot express "
             "as weights; train with sae.normalization=dataset_scale (or none) to export"
         )
+    if cfg.normalization == "layer_norm" and fmt != "saelens":  # SAELens has the same layer_norm mode
+        raise ExportError(f"this SAE layer-normalises its inputs (OpenAI's format), which {fmt} cannot express")
     return input_scale if cfg.normalization == "dataset_scale" else 1.0
 
 
@@ -191,7 +193,7 @@ def _saelens_cfg(cfg: SAEConfig, metadata: dict[str, Any] | None) -> dict[str, A
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
+        "normalize_activations": "layer_norm" if cfg.normalization == "layer_norm" else "none",
         "reshape_activations": "none",
         "rescale_acts_by_decoder_norm": False,
         "metadata": meta,
@@ -218,7 +220,7 @@ def _export(
     if isinstance(sae, TopKSAE):
         return _publish(_ModuleRows(sae), out_dir, fmt, metadata, storage_options)
     cfg, _ = read_saved_config(sae, storage_options)
-    _scale(cfg, 1.0)  # refuse before reading any weights
+    _scale(cfg, 1.0, fmt)  # refuse before reading any weights
     fs, path = storage.url_to_fs(storage.join(sae, WEIGHTS_FILE), storage_options)
     try:
         handle = fs.open(path, "rb")
@@ -237,7 +239,7 @@ def _publish(
 ) -> str:
     """Weights first, cfg.json last, each published atomically."""
     cfg = source.cfg
-    scale = _scale(cfg, source.input_scale)
+    scale = _scale(cfg, source.input_scale, fmt)
     if fmt == "saelens":
         layout, weights, body = (
             _saelens_layout(cfg.n_latents, cfg.d_in),

@@ -63,7 +63,13 @@ def read_saved_config(url: str, storage_options: dict[str, Any] | None = None) -
 def load_sae(
     url: str, device: torch.device | str = "cpu", storage_options: dict[str, Any] | None = None
 ) -> tuple[TopKSAE, dict[str, Any]]:
-    """Load a saved SAE; returns it with the metadata stored beside it."""
+    """Load a saved SAE; returns it with the metadata stored beside it. A released or peer SAE
+    (OpenAI's .pt, a SAELens or sparsify folder) is imported instead (`formats.imports`)."""
+    if not _is_saescale_folder(url, storage_options):
+        from saescale.formats.imports import import_sae
+
+        sae, metadata = import_sae(url, storage_options)
+        return sae.to(device), metadata
     cfg, metadata = read_saved_config(url, storage_options)
     with tempfile.TemporaryDirectory(prefix="saescale-load-") as tmp:
         local = storage.local_copy(storage.join(url, WEIGHTS_FILE), os.path.join(tmp, WEIGHTS_FILE), storage_options)
@@ -71,6 +77,15 @@ def load_sae(
     sae = TopKSAE(cfg, device=device)
     load_sae_tensors(sae, tensors)
     return sae, metadata
+
+
+def _is_saescale_folder(url: str, storage_options: dict[str, Any] | None) -> bool:
+    if url.endswith((".pt", ".pth")):
+        return False
+    cfg_url = storage.join(url, CONFIG_FILE)
+    if not storage.exists(cfg_url, storage_options):
+        return False
+    return str(storage.read_json(cfg_url, storage_options).get("format", "")).startswith("saescale.")
 
 
 @torch.no_grad()
