@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from saescale.core.model import TopKSAE
+from saescale.lm.hooks import first_module
 
 
 class EffectsError(ValueError):
@@ -22,15 +23,7 @@ class EffectsError(ValueError):
 
 def final_norm(model: nn.Module) -> nn.Module | None:
     """The norm before the unembedding of Llama/Mistral/Qwen, GPT-2 and GPT-NeoX-style models."""
-    for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm"):
-        obj: object = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.Module):
-            return obj
-    return None
+    return first_module(model, ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm"))
 
 
 def logit_directions(model: nn.Module, directions: Tensor) -> Tensor:

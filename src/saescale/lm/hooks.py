@@ -21,15 +21,24 @@ class HookError(ValueError):
     """Unknown hook site or a layer out of range."""
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers"):
-        obj = model
+def first_module(model: nn.Module, paths: tuple[str, ...], kind: type = nn.Module) -> nn.Module | None:
+    """The first of the dotted attribute `paths` that exists on `model` and is a `kind` (the same
+    part sits at different names in different model families)."""
+    for path in paths:
+        obj: object = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
             if obj is None:
                 break
-        if isinstance(obj, nn.ModuleList):
+        if isinstance(obj, kind):
             return obj
+    return None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = first_module(model, ("model.layers", "transformer.h", "gpt_neox.layers"), nn.ModuleList)
+    if layers is not None:
+        return layers  # type: ignore[return-value]
     raise HookError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
