@@ -203,6 +203,30 @@ def test_job_on_ray_data_reads_and_writes_object_storage(planted, pages, s3_buck
     assert sorted(json.loads(fs.cat(f"{bucket}/pages/index.json"))["chunk_of"]) == ["3", str(PLANTED)]
 
 
+def test_an_imported_sae_gets_the_same_pages(planted, pages, tmp_path):
+    """From any trained or imported SAE: the planted SAE as a sparsify folder (formats.imports)
+    gives the planted latent the same statistics and examples."""
+    from saescale.formats.convert import convert_sae
+
+    convert_sae(planted["sae"], str(tmp_path / "sparsify"), "sparsify")
+    out = tmp_path / "pages"
+    proc = run_job(
+        f"sae={tmp_path / 'sparsify'}",
+        f"data.cache={planted['cache']}",  # a peer folder does not name its cache
+        f"output_dir={out}",
+        "features.shards=all",
+        f"features.latents=[{PLANTED}]",
+        "explain.latents=0",
+        "wandb.mode=disabled",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = json.loads((out / "latents" / f"{PLANTED}.json").read_text())
+    ours = json.loads((pages / "latents" / f"{PLANTED}.json").read_text())
+    assert imported["density"] == ours["density"] and imported["histogram"] == ours["histogram"]
+    assert [(e["window"], e["pos"]) for e in imported["top"]] == [(e["window"], e["pos"]) for e in ours["top"]]
+    assert imported["logits"]["promoted"][0] == ours["logits"]["promoted"][0]
+
+
 def brute_force(sae: TopKSAE, cache: ActivationCache, shards: list[int], top: int, sample: int, seed: int) -> dict:
     """Everything the sketch keeps, from the dense [rows, n] activations of all rows at once."""
     tables = [cache.read_table(s) for s in shards]
