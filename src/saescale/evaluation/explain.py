@@ -71,11 +71,6 @@ class Explanation:
         return out
 
 
-def _left_pad(sequences: list[list[int]], pad: int) -> Tensor:
-    width = max(len(s) for s in sequences)
-    return torch.tensor([[pad] * (width - len(s)) + s for s in sequences], dtype=torch.long)
-
-
 # (token_ids [b, seq], the latent of each row [b]) -> each row's latent's activation [b, seq]
 RowActivationFn = Callable[[Tensor, Tensor], Tensor]
 

@@ -23,12 +23,11 @@ import tempfile
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from saescale import storage
 from saescale.core.config import SAEConfig
 from saescale.core.model import TopKSAE
-from saescale.formats.saved import SavedSAEError
+from saescale.formats.saved import SavedSAEError, read_safetensors
 
 FORMATS = ("saescale", "saelens", "sparsify", "openai")
 
@@ -41,27 +40,26 @@ def _fail(where: str, why: str) -> ForeignSAEError:
     return ForeignSAEError(f"{storage.redact(where)}: {why}")
 
 
-def detect_format(url: str, storage_options: dict[str, Any] | None = None) -> str:
-    """Which of FORMATS the file or folder at `url` holds (by its files and its cfg.json)."""
+def detect_format(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any] | None]:
+    """Which of FORMATS the file or folder at `url` holds (by its files and its cfg.json), and
+    that cfg.json's content (None for OpenAI's file), so that no reader fetches it again."""
     if url.endswith((".pt", ".pth")):
-        return "openai"
+        return "openai", None
     cfg_url = storage.join(url, "cfg.json")
     if not storage.exists(cfg_url, storage_options):
         raise _fail(url, "no cfg.json (a saescale, SAELens or sparsify folder) and not a .pt file (OpenAI's format)")
     cfg = storage.read_json(cfg_url, storage_options)
     if str(cfg.get("format", "")).startswith("saescale."):
-        return "saescale"
+        return "saescale", cfg
     if "architecture" in cfg and "d_sae" in cfg:
-        return "saelens"
+        return "saelens", cfg
     if "num_latents" in cfg or "expansion_factor" in cfg:
-        return "sparsify"
+        return "sparsify", cfg
     raise _fail(url, f"cfg.json is not saescale's, SAELens' or sparsify's (keys {sorted(cfg)[:8]})")
 
 
 def _tensors(url: str, name: str, storage_options: dict[str, Any] | None) -> dict[str, torch.Tensor]:
-    with tempfile.TemporaryDirectory(prefix="saescale-import-") as tmp:
-        local = storage.local_copy(storage.join(url, name), os.path.join(tmp, name), storage_options)
-        return {k: v.float() for k, v in load_file(local).items()}
+    return {k: v.float() for k, v in read_safetensors(storage.join(url, name), storage_options).items()}
 
 
 def _build(cfg: SAEConfig, w_enc, b_enc, w_dec, b_pre, where: str) -> TopKSAE:
@@ -78,7 +76,10 @@ def _build(cfg: SAEConfig, w_enc, b_enc, w_dec, b_pre, where: str) -> TopKSAE:
     return sae
 
 
-def read_openai(url: str, storage_options: dict[str, Any] | None = None) -> tuple[TopKSAE, dict[str, Any]]:
+def read_openai(
+    url: str, storage_options: dict[str, Any] | None = None, raw: dict[str, Any] | None = None
+) -> tuple[TopKSAE, dict[str, Any]]:
+    """`raw` is unused: OpenAI's file has no cfg.json (the readers share one signature)."""
     with tempfile.TemporaryDirectory(prefix="saescale-import-") as tmp:
         local = storage.local_copy(url, os.path.join(tmp, "ae.pt"), storage_options)
         try:
@@ -107,8 +108,11 @@ def read_openai(url: str, storage_options: dict[str, Any] | None = None) -> tupl
     return sae, {"source_format": "openai", "source": storage.redact(url)}
 
 
-def read_saelens(url: str, storage_options: dict[str, Any] | None = None) -> tuple[TopKSAE, dict[str, Any]]:
-    raw = storage.read_json(storage.join(url, "cfg.json"), storage_options)
+def read_saelens(
+    url: str, storage_options: dict[str, Any] | None = None, raw: dict[str, Any] | None = None
+) -> tuple[TopKSAE, dict[str, Any]]:
+    if raw is None:  # its cfg.json, unless detect_format read it already
+        raw = storage.read_json(storage.join(url, "cfg.json"), storage_options)
     arch = raw.get("architecture")
     if arch != "topk":
         raise _fail(url, f"a SAELens {arch!r} SAE: saescale imports TopK SAEs only ({arch} is not implemented yet)")
@@ -127,8 +131,11 @@ def read_saelens(url: str, storage_options: dict[str, Any] | None = None) -> tup
     }
 
 
-def read_sparsify(url: str, storage_options: dict[str, Any] | None = None) -> tuple[TopKSAE, dict[str, Any]]:
-    raw = storage.read_json(storage.join(url, "cfg.json"), storage_options)
+def read_sparsify(
+    url: str, storage_options: dict[str, Any] | None = None, raw: dict[str, Any] | None = None
+) -> tuple[TopKSAE, dict[str, Any]]:
+    if raw is None:  # its cfg.json, unless detect_format read it already
+        raw = storage.read_json(storage.join(url, "cfg.json"), storage_options)
     if raw.get("activation", "topk") != "topk" or raw.get("transcode") or raw.get("skip_connection"):
         raise _fail(url, "a sparsify transcoder, skip connection or non-TopK activation: not a plain TopK SAE")
     t = _tensors(url, "sae.safetensors", storage_options)
@@ -138,12 +145,5 @@ def read_sparsify(url: str, storage_options: dict[str, Any] | None = None) -> tu
     return sae, {"source_format": "sparsify", "source": storage.redact(url)}
 
 
+# format -> reader(url, storage_options, the cfg.json detect_format read); formats.saved.load_sae dispatches
 READERS = {"openai": read_openai, "saelens": read_saelens, "sparsify": read_sparsify}
-
-
-def import_sae(url: str, storage_options: dict[str, Any] | None = None) -> tuple[TopKSAE, dict[str, Any]]:
-    """A released or peer-library SAE at `url` as a TopKSAE, with what is known of its origin."""
-    fmt = detect_format(url, storage_options)
-    if fmt == "saescale":
-        raise _fail(url, "a saescale folder: load it with formats.saved.load_sae")
-    return READERS[fmt](url, storage_options)

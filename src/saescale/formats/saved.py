@@ -49,12 +49,16 @@ def save_sae(
     storage.write_json_atomic(storage.join(url, CONFIG_FILE), cfg, storage_options)
 
 
-def read_saved_config(url: str, storage_options: dict[str, Any] | None = None) -> tuple[SAEConfig, dict[str, Any]]:
-    """The config and metadata of the saved SAE folder at `url` (its cfg.json, written last)."""
+def read_saved_config(
+    url: str, storage_options: dict[str, Any] | None = None, raw: dict[str, Any] | None = None
+) -> tuple[SAEConfig, dict[str, Any]]:
+    """The config and metadata of the saved SAE folder at `url` (its cfg.json, written last;
+    `raw`: that file's content when the caller has read it already)."""
     cfg_url = storage.join(url, CONFIG_FILE)
-    if not storage.exists(cfg_url, storage_options):
-        raise SavedSAEError(f"no {CONFIG_FILE} in {storage.redact(url)}: not a saved saescale SAE")
-    raw = storage.read_json(cfg_url, storage_options)
+    if raw is None:
+        if not storage.exists(cfg_url, storage_options):
+            raise SavedSAEError(f"no {CONFIG_FILE} in {storage.redact(url)}: not a saved saescale SAE")
+        raw = storage.read_json(cfg_url, storage_options)
     if raw.get("format") != FORMAT:
         raise SavedSAEError(f"{storage.redact(cfg_url)} has format {raw.get('format')!r}, expected {FORMAT!r}")
     return SAEConfig.from_dict(raw["sae"]), raw.get("metadata", {})
@@ -65,27 +69,24 @@ def load_sae(
 ) -> tuple[TopKSAE, dict[str, Any]]:
     """Load a saved SAE; returns it with the metadata stored beside it. A released or peer SAE
     (OpenAI's .pt, a SAELens or sparsify folder) is imported instead (`formats.imports`)."""
-    if not _is_saescale_folder(url, storage_options):
-        from saescale.formats.imports import import_sae
+    from saescale.formats.imports import READERS, detect_format
 
-        sae, metadata = import_sae(url, storage_options)
+    fmt, raw = detect_format(url, storage_options)  # reads cfg.json once, for every format
+    if fmt != "saescale":
+        sae, metadata = READERS[fmt](url, storage_options, raw)
         return sae.to(device), metadata
-    cfg, metadata = read_saved_config(url, storage_options)
-    with tempfile.TemporaryDirectory(prefix="saescale-load-") as tmp:
-        local = storage.local_copy(storage.join(url, WEIGHTS_FILE), os.path.join(tmp, WEIGHTS_FILE), storage_options)
-        tensors = load_file(local)
+    cfg, metadata = read_saved_config(url, storage_options, raw)
+    tensors = read_safetensors(storage.join(url, WEIGHTS_FILE), storage_options)
     sae = TopKSAE(cfg, device=device)
     load_sae_tensors(sae, tensors)
     return sae, metadata
 
 
-def _is_saescale_folder(url: str, storage_options: dict[str, Any] | None) -> bool:
-    if url.endswith((".pt", ".pth")):
-        return False
-    cfg_url = storage.join(url, CONFIG_FILE)
-    if not storage.exists(cfg_url, storage_options):
-        return False
-    return str(storage.read_json(cfg_url, storage_options).get("format", "")).startswith("saescale.")
+def read_safetensors(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file at any fsspec URL (a remote one through a temp copy)."""
+    with tempfile.TemporaryDirectory(prefix="saescale-load-") as tmp:
+        local = storage.local_copy(url, os.path.join(tmp, os.path.basename(url) or "weights"), storage_options)
+        return load_file(local)
 
 
 @torch.no_grad()

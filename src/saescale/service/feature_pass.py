@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from saescale import storage
 from saescale.data.manifest import Manifest
 from saescale.features.passes import Block, BlockWork
 
@@ -66,17 +65,18 @@ class RayDataRunner:
                 f"one for the shard reads); it has {cpus:g}"
             )
 
-        from saescale.service.stream import ACT_COLUMN, ROW_ID_COLUMNS, ShardCheck, _datasource_class, arrow_filesystem
+        from saescale.service.stream import (
+            ACT_COLUMN,
+            ROW_ID_COLUMNS,
+            _datasource_class,
+            arrow_filesystem,
+            shard_checks,
+        )
 
         filesystem, root = arrow_filesystem(self.cache_url, self.options)
-        where = storage.redact(self.cache_url)
-        checks = {}
-        for s in shards:
-            info = self.manifest.shards[s]
-            path = posixpath.join(root, info.file)
-            checks[path] = ShardCheck(
-                info.sha256, info.bytes, f"{posixpath.basename(info.file)} in {where}", self.remedy
-            )
+        infos = [self.manifest.shards[s] for s in shards]
+        paths = [posixpath.join(root, info.file) for info in infos]
+        checks = shard_checks(paths, [i.sha256 for i in infos], [i.bytes for i in infos], self.cache_url, self.remedy)
         source = _datasource_class()(checks, [ACT_COLUMN, *ROW_ID_COLUMNS], filesystem)
         dataset = ray.data.read_datasource(source, override_num_blocks=len(shards)).map_batches(
             _RunWork,

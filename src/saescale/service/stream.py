@@ -249,18 +249,26 @@ def _datasource_class():
     return VerifiedShards
 
 
+def shard_checks(
+    paths: list[str], sha256: list[str], sizes: list[int], cache_url: str, remedy: str
+) -> dict[str, ShardCheck]:
+    """path -> what the file there must be, named "<shard file> in <cache url>" in its errors."""
+    from saescale import storage
+
+    where = storage.redact(cache_url)
+    return {
+        path: ShardCheck(digest, size, f"{posixpath.basename(path)} in {where}", remedy)
+        for path, digest, size in zip(paths, sha256, sizes)
+    }
+
+
 def make_datasets(plan: DataPlan, filesystem, with_ids: bool, cache_url: str, remedy: str) -> dict[str, Any]:
     """{"train": the verified stream of all epochs}; `cache_url` and `remedy` go into the error."""
     import ray.data
 
-    from saescale import storage
-
     if len(plan.sha256) != len(plan.files) or len(plan.sizes) != len(plan.files):
         raise ValueError("the data plan has no sha256/size for every shard: shards must be verified as read")
-    checks = {
-        path: ShardCheck(digest, size, f"{posixpath.basename(path)} in {storage.redact(cache_url)}", remedy)
-        for path, digest, size in zip(plan.files, plan.sha256, plan.sizes)
-    }
+    checks = shard_checks(plan.files, plan.sha256, plan.sizes, cache_url, remedy)
     columns = [ACT_COLUMN] + (ROW_ID_COLUMNS if with_ids else [])
     source = _datasource_class()
     # one read per epoch (its paths are distinct), concatenated; one read task per shard, so the
