@@ -25,10 +25,17 @@ from saescale.train.trainer import Trainer
 STEPS, BATCH = 12, 64
 
 
-def _cfgs() -> tuple[SAEConfig, TrainConfig]:
+def _cfgs(architecture: str = "topk") -> tuple[SAEConfig, TrainConfig]:
     # a low dead threshold so AuxK runs (and must agree) in the later steps
     sae = SAEConfig(
-        d_in=16, n_latents=128, k=4, k_aux=8, dead_tokens_threshold=3 * BATCH, aux_precision="float32", multi_topk=False
+        d_in=16,
+        n_latents=128,
+        k=4,
+        k_aux=8,
+        dead_tokens_threshold=3 * BATCH,
+        aux_precision="float32",
+        multi_topk=False,
+        architecture=architecture,
     )
     train = TrainConfig(
         lr=3e-3, log_every=1, histogram_every=1000, seed=7, clip_grad_norm=5.0, ema_decay=0.9, precision="fp32"
@@ -42,11 +49,11 @@ def _data() -> tuple[torch.Tensor, list[torch.Tensor]]:
     return truth.sample(512, g), [truth.sample(BATCH, g) for _ in range(STEPS)]
 
 
-def _worker(rank: int, dp: int, tp: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, dp: int, tp: int, port: int, out_dir: str, architecture: str = "topk") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=dp * tp)
     try:
-        sae_cfg, train_cfg = _cfgs()
+        sae_cfg, train_cfg = _cfgs(architecture)
         dims = ParallelDims(dp=dp, tp=tp)
         trainer = build_rank_trainer(sae_cfg, train_cfg, dims, rank)
         trainer.initialize(_data()[0])
@@ -61,6 +68,7 @@ def _worker(rank: int, dp: int, tp: int, port: int, out_dir: str) -> None:
         out["auxk"] = torch.tensor([h["auxk_loss"] for h in summary.history], dtype=torch.float64)
         out["dead"] = trainer.tracker.tokens_since_fired
         out["tokens"] = torch.tensor([trainer.tokens_seen])
+        out["threshold"] = trainer.sae.threshold.reshape(1)
         save_file(
             {k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"dp{dp_rank}tp{tp_rank}.safetensors")
         )
@@ -68,8 +76,8 @@ def _worker(rank: int, dp: int, tp: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _single_process() -> tuple[Trainer, list[dict]]:
-    sae_cfg, train_cfg = _cfgs()
+def _single_process(architecture: str = "topk") -> tuple[Trainer, list[dict]]:
+    sae_cfg, train_cfg = _cfgs(architecture)
     trainer = Trainer(TopKSAE(sae_cfg), train_cfg)
     sample, batches = _data()
     trainer.initialize(sample)
@@ -77,10 +85,12 @@ def _single_process() -> tuple[Trainer, list[dict]]:
     return trainer, history
 
 
-@pytest.mark.parametrize("dp,tp", [(1, 2), (2, 1), (2, 2)])
-def test_parallel_run_matches_single_process(tmp_path, dp, tp):
-    mp.spawn(_worker, args=(dp, tp, free_port(), str(tmp_path)), nprocs=dp * tp)
-    ref, history = _single_process()
+@pytest.mark.parametrize("dp,tp,architecture", [(1, 2, "topk"), (2, 1, "topk"), (2, 2, "topk"), (2, 2, "batchtopk")])
+def test_parallel_run_matches_single_process(tmp_path, dp, tp, architecture):
+    """BatchTopK too: its top k*batch spans the replicas' shares of the batch and the TP shards,
+    and its learned threshold is the single process's on every rank and in the gathered export."""
+    mp.spawn(_worker, args=(dp, tp, free_port(), str(tmp_path), architecture), nprocs=dp * tp)
+    ref, history = _single_process(architecture)
     ref_losses = torch.tensor([h["loss"] for h in history], dtype=torch.float64)
     assert max(h["auxk_loss"] for h in history) > 0, "AuxK never ran: the test would not cover it"
     for dp_rank in range(dp):
@@ -99,6 +109,10 @@ def test_parallel_run_matches_single_process(tmp_path, dp, tp):
             )
         torch.testing.assert_close(shards[0]["b_pre"], ref.sae.b_pre.detach(), rtol=1e-3, atol=2e-5)
         torch.testing.assert_close(torch.cat([s["dead"] for s in shards]), ref.tracker.tokens_since_fired)
+        for shard in shards:
+            torch.testing.assert_close(shard["threshold"][0], ref.sae.threshold, rtol=1e-5, atol=1e-7)
+    if architecture == "batchtopk":
+        assert float(ref.sae.threshold) > 0
 
     # the per-rank checkpoint, gathered shard by shard into one saved SAE, is the reference's
     # evaluation SAE (its bias-corrected EMA)
@@ -106,6 +120,7 @@ def test_parallel_run_matches_single_process(tmp_path, dp, tp):
     ema = ref.eval_weights()
     for name in ("W_enc", "b_enc", "W_dec", "b_pre"):
         torch.testing.assert_close(getattr(gathered, name), ema[name], rtol=1e-3, atol=2e-5)
+    torch.testing.assert_close(gathered.threshold, ref.sae.threshold, rtol=1e-5, atol=1e-7)
     assert not torch.allclose(ema["W_dec"], ref.sae.W_dec)  # the EMA is not the raw weights
 
 

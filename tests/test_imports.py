@@ -4,12 +4,14 @@ sparsify loaded by the real libraries, and refusals with the reason."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from saescale.core.config import SAEConfig, TrainConfig
 from saescale.core.model import TopKSAE
@@ -108,10 +110,61 @@ def test_sparsify_round_trip_through_the_real_library(tmp_path):
     assert meta["source_format"] == "sparsify"
 
 
+def test_openai_relu_import_matches_its_formula(tmp_path):
+    """OpenAI's ReLU files (v1/v4) take raw inputs: z = ReLU(W_enc (x - b_pre) + b_lat)."""
+    state = openai_state_dict("ReLU")
+    torch.save(state, tmp_path / "relu.pt")
+    sae, _ = load_sae(str(tmp_path / "relu.pt"))
+    assert (sae.cfg.architecture, sae.cfg.normalization) == ("relu", "none")
+    x = activations()
+    z = torch.relu((x - state["pre_bias"]) @ state["encoder.weight"].t() + state["latent_bias"])
+    with torch.no_grad():
+        torch.testing.assert_close(sae(x), z @ state["decoder.weight"].t() + state["pre_bias"], rtol=1e-5, atol=1e-5)
+        assert sae.encode(x).values.gt(0).sum(1).float().mean() == z.gt(0).sum(1).float().mean()
+
+
+def _trained(architecture: str, **extra) -> TopKSAE:
+    sae = TopKSAE(SAEConfig(d_in=D, n_latents=N, k=K, architecture=architecture, **extra))
+    g = torch.Generator().manual_seed(0)
+    Trainer(sae, TrainConfig(lr=1e-3)).fit([torch.randn(128, D, generator=g) * 5 + 2 for _ in range(4)])
+    return sae
+
+
+@pytest.mark.parametrize(
+    "architecture,extra,saelens_arch", [("relu", {"l1_coef": 0.01}, "standard"), ("batchtopk", {}, "jumprelu")]
+)
+def test_relu_and_batchtopk_round_trip_through_sae_lens(tmp_path, architecture, extra, saelens_arch):
+    """ReLU exports as SAELens' standard SAE, BatchTopK as a JumpReLU at its threshold (as SAELens
+    saves its own BatchTopK SAEs); sae_lens loads each with our reconstructions and codes, and the
+    folder imports back as the same architecture. sparsify has neither activation: refused."""
+    import sae_lens  # installed by the interop extra (make test)
+
+    sae = _trained(architecture, **extra)
+    if architecture == "batchtopk":
+        assert float(sae.threshold) > 0
+    save_sae(sae, str(tmp_path / "ours"))
+    convert_sae(str(tmp_path / "ours"), str(tmp_path / "saelens"), "saelens")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "saelens"), device="cpu")
+    assert theirs.cfg.architecture() == saelens_arch
+    back, _ = load_sae(str(tmp_path / "saelens"))
+    assert back.cfg.architecture == architecture
+    x = activations()
+    with torch.no_grad():
+        want = sae(x)
+        rel = ((theirs(x) - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
+        assert rel < 1e-5, rel
+        torch.testing.assert_close(back(x), want, rtol=1e-5, atol=1e-5)
+        active = sae.dense_latents(x) > 0  # the same latents fire (values differ by the folded scale)
+        assert active.sum() > 0 and torch.equal(theirs.encode(x) > 0, active)
+    with pytest.raises(ExportError, match=f"sparsify has no {architecture} activation"):
+        convert_sae(str(tmp_path / "ours"), str(tmp_path / "sp"), "sparsify")
+    assert not (tmp_path / "sp").exists()
+
+
 def test_what_cannot_be_imported_or_exported_is_refused_with_the_reason(tmp_path, openai_file):
-    relu = tmp_path / "relu.pt"
-    torch.save(openai_state_dict("ReLU"), relu)
-    with pytest.raises(SavedSAEError, match="a ReLU autoencoder: saescale imports TopK SAEs only"):
+    relu = tmp_path / "identity.pt"
+    torch.save(openai_state_dict("Identity"), relu)
+    with pytest.raises(SavedSAEError, match="a Identity autoencoder: saescale imports OpenAI's TopK and ReLU SAEs"):
         load_sae(str(relu))
     with pytest.raises(ExportError, match="layer-normalises its inputs"):  # sparsify has no such mode
         convert_sae(openai_file[0], str(tmp_path / "sp"), "sparsify")
@@ -124,8 +177,20 @@ def test_what_cannot_be_imported_or_exported_is_refused_with_the_reason(tmp_path
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "saescale.cli", "convert", str(relu), str(tmp_path / "out"), "--to", "saelens"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=root)
-    assert proc.returncode == 2 and "a ReLU autoencoder" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "a Identity autoencoder" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+    # a JumpReLU with per-latent thresholds is not BatchTopK's single threshold: refused
+    convert_sae(str(relu.parent / "8.pt"), str(tmp_path / "lens"), "saelens")
+    lens = tmp_path / "lens"
+    cfg = json.loads((lens / "cfg.json").read_text())
+    cfg.update(architecture="jumprelu")
+    del cfg["k"]
+    (lens / "cfg.json").write_text(json.dumps(cfg))
+    weights = load_file(lens / "sae_weights.safetensors")
+    weights["threshold"] = torch.linspace(0.1, 1.0, N)
+    save_file(weights, lens / "sae_weights.safetensors")
+    with pytest.raises(SavedSAEError, match="per-latent thresholds"):
+        load_sae(str(lens))
 
 
 def test_layer_norm_inputs_train_and_reconstruct_in_the_inputs_units():

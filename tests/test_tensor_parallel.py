@@ -67,6 +67,8 @@ def _worker(
             auxk=stats.auxk_loss.reshape(1),
             multi=stats.multi_topk_loss.reshape(1),
             l0=stats.l0.reshape(1),
+            penalty=(stats.penalty_loss if stats.penalty_loss is not None else torch.zeros(())).reshape(1),
+            cut=(stats.batch_threshold if stats.batch_threshold is not None else torch.zeros(())).reshape(1),
             n_dead=torch.tensor([stats.n_dead]),
             counters=tracker.tokens_since_fired,
         )
@@ -126,6 +128,58 @@ def test_tensor_parallel_step_matches_single_process(tmp_path, world, multi_topk
         _grads_close(r["grad.b_pre"], full.b_pre.grad, precision, "b_pre")
     if n_dead:
         assert ref.auxk_loss > 0
+    for name in ("W_enc", "b_enc", "W_dec"):
+        _grads_close(torch.cat([r[f"grad.{name}"] for r in ranks]), getattr(full, name).grad, precision, name)
+    torch.testing.assert_close(torch.cat([r["counters"] for r in ranks]), tracker.tokens_since_fired)
+
+
+@pytest.mark.parametrize(
+    "world,architecture,micro_batches,precision",
+    [
+        (2, "batchtopk", 1, "fp32"),
+        (4, "batchtopk", 2, "fp32"),
+        (2, "batchtopk", 2, "bf16"),
+        (2, "relu", 2, "fp32"),
+    ],
+)
+def test_batchtopk_and_relu_tensor_parallel_steps_match_single_process(
+    tmp_path, world, architecture, micro_batches, precision
+):
+    """BatchTopK's batch-global cut agreed by one all-gather of each rank's top k*batch, and
+    ReLU's per-rank positives, give the single process's step: losses, L0, the cut, every
+    gradient and the dead counters."""
+    extra = {"l1_coef": 0.05} if architecture == "relu" else {}
+    cfg = SAEConfig(
+        d_in=24,
+        n_latents=256,
+        k=8,
+        k_aux=16,
+        architecture=architecture,
+        normalization="none",
+        aux_precision="float32",
+        **extra,
+    )
+    n_dead = 40
+    mp.spawn(
+        _worker,
+        args=(world, free_port(), dataclasses.asdict(cfg), n_dead, str(tmp_path), micro_batches, precision),
+        nprocs=world,
+    )
+    ranks = [load_file(os.path.join(tmp_path, f"rank{r}.safetensors")) for r in range(world)]
+    full, x, counters = _setup(cfg, n_dead)
+    tracker = DeadLatentTracker(cfg.n_latents, THRESHOLD)
+    tracker.tokens_since_fired.copy_(counters)
+    ref = SparseTopKStep(full, 0.7, tracker, precision=Precision.make(precision, x.device))(x)
+    aux_rtol = 1e-5 if precision == "fp32" else 1e-3  # AuxK's dead block: see the test above
+    for r in ranks:
+        torch.testing.assert_close(r["loss"][0], ref.loss, rtol=aux_rtol, atol=1e-7)
+        torch.testing.assert_close(r["auxk"][0], ref.auxk_loss, rtol=aux_rtol, atol=1e-7)
+        torch.testing.assert_close(r["l0"][0], ref.l0)
+        if architecture == "relu":
+            torch.testing.assert_close(r["penalty"][0], ref.penalty_loss, rtol=1e-5, atol=1e-7)
+        else:
+            torch.testing.assert_close(r["cut"][0], ref.batch_threshold)
+        _grads_close(r["grad.b_pre"], full.b_pre.grad, precision, "b_pre")
     for name in ("W_enc", "b_enc", "W_dec"):
         _grads_close(torch.cat([r[f"grad.{name}"] for r in ranks]), getattr(full, name).grad, precision, name)
     torch.testing.assert_close(torch.cat([r["counters"] for r in ranks]), tracker.tokens_since_fired)

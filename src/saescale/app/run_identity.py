@@ -36,7 +36,7 @@ NOT_IDENTITY = {
 }
 # keys added after runs existed, left out of the hash at their default: a run started before
 # the key existed keeps its run_id (and resumes) when rerun with the same command
-OMITTED_AT_DEFAULT = {"train": {"precision": "auto"}}
+OMITTED_AT_DEFAULT = {"train": {"precision": "auto"}, "sae": {"architecture": "topk", "l1_coef": 0.0}}
 HASH_CHARS = 8
 
 

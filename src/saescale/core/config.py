@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Normalization = Literal["none", "dataset_scale", "token_unit_norm", "layer_norm"]
+Architecture = Literal["topk", "batchtopk", "relu"]
+ARCHITECTURES = ("topk", "batchtopk", "relu")  # one module each in saescale.core.arch
 AuxPrecision = Literal["auto", "float32", "bfloat16"]
 
 
@@ -54,9 +56,14 @@ class _DictConfig:
 
 @dataclass
 class SAEConfig(_DictConfig):
-    """Architecture of a TopK sparse autoencoder (Gao et al. 2024, section 2.3).
+    """Architecture of a sparse autoencoder; TopK (Gao et al. 2024, section 2.3) by default.
 
     encoder: z = ReLU(TopK_k(W_enc (x - b_pre) + b_enc)); decoder: x_hat = W_dec z + b_pre.
+    `architecture` swaps the activation (see `saescale.core.arch`):
+      batchtopk: the top k * batch pre-activations of the whole batch (Bussmann et al. 2024);
+                 at inference a JumpReLU at a threshold estimated during training
+      relu:      z = ReLU(pre) with an L1 penalty (the paper's baseline, section 2.2); `k` only
+                 sets the test-time TopK that `encode(x, k)` may ask for
     """
 
     _section = "sae"
@@ -64,6 +71,10 @@ class SAEConfig(_DictConfig):
     d_in: int
     n_latents: int
     k: int
+    architecture: Architecture = "topk"
+    # ReLU's sparsity penalty: l1_coef * mean over tokens of sum_i z_i ||W_dec,i|| (decoder rows
+    # are kept at unit norm, so this is the plain L1 of the code; see saescale.core.arch.relu)
+    l1_coef: float = 0.0
     # AuxK dead-latent loss (section A.2): top-k_aux dead latents model the detached residual.
     k_aux: int | None = None  # None -> power of two near d_in / 2
     auxk_coef: float = 1 / 32
@@ -102,6 +113,17 @@ class SAEConfig(_DictConfig):
                 f"sae.multi_topk needs multi_topk_factor*k={self.multi_topk_factor * self.k} <= "
                 f"n_latents={self.n_latents}; disable multi_topk or lower k"
             )
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"sae.architecture must be one of {', '.join(ARCHITECTURES)}; got {self.architecture!r}")
+        if self.multi_topk and self.architecture != "topk":
+            raise ConfigError(
+                f"sae.multi_topk is a TopK loss (L(k) + L(4k)/8); sae.architecture={self.architecture} has no "
+                "per-token k to widen: set sae.multi_topk=false"
+            )
+        if not math.isfinite(self.l1_coef) or self.l1_coef < 0:
+            raise ConfigError(f"sae.l1_coef must be a finite number >= 0, got {self.l1_coef!r}")
+        if self.architecture != "relu" and self.l1_coef != 0:
+            raise ConfigError(f"sae.l1_coef is ReLU's penalty; sae.architecture={self.architecture} sets L0 by k")
         if self.multi_topk_factor < 2:
             raise ConfigError(f"sae.multi_topk_factor must be >= 2, got {self.multi_topk_factor!r}")
         if self.normalization not in ("none", "dataset_scale", "token_unit_norm", "layer_norm"):

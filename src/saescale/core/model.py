@@ -1,4 +1,5 @@
-"""The TopK sparse autoencoder of Gao et al. (2024): parameters, normalisation, inference.
+"""The sparse autoencoder of Gao et al. (2024): parameters, normalisation, inference. TopK by
+default; `cfg.architecture` picks the activation (`saescale.core.arch`: TopK, BatchTopK, ReLU).
 
 Storage layout (chosen so that tensor parallelism slices contiguous rows of every
 latent-indexed tensor): W_enc [n, d], b_enc [n], W_dec [n, d] (row i = decoder direction of
@@ -11,13 +12,15 @@ The model knows nothing of language models, Ray or storage.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from saescale.core.arch import TopKCode, activation
 from saescale.core.config import SAEConfig
 from saescale.kernels.sparse import sparse_decode
+
+__all__ = ["InputShapeError", "NonFiniteInputError", "TopKCode", "TopKSAE", "check_activations"]
 
 
 class InputShapeError(ValueError):
@@ -26,13 +29,6 @@ class InputShapeError(ValueError):
 
 class NonFiniteInputError(ValueError):
     """Activations contain NaN or inf values."""
-
-
-class TopKCode(NamedTuple):
-    """A sparse code: for each token, K latent indices and their (non-negative) values."""
-
-    values: Tensor  # [batch, K]
-    indices: Tensor  # [batch, K] int64
 
 
 def check_activations(x: Tensor, d_in: int, name: str = "activations") -> None:
@@ -74,6 +70,10 @@ class TopKSAE(nn.Module):
         self.b_pre = nn.Parameter(torch.zeros(d, **factory))
         # dataset_scale normalisation factor (1.0 until fitted from data)
         self.register_buffer("input_scale", torch.ones((), **factory))
+        # BatchTopK's inference threshold (a JumpReLU at one value), estimated during training;
+        # saved only for that architecture
+        self.register_buffer("threshold", torch.zeros((), **factory))
+        self.activation = activation(cfg.architecture)
         self.reset_parameters()
 
     # ----------------------------------------------------------------- init
@@ -162,11 +162,11 @@ class TopKSAE(nn.Module):
         return torch.addmm(self.b_enc, x_normed - self.b_pre, self.W_enc.t())
 
     def encode_normed(self, x_normed: Tensor, k: int | None = None) -> TopKCode:
-        k = self.cfg.k if k is None else k
-        if not 0 < k <= self.cfg.n_latents:
+        """The code of normalised inputs; `k` asks for test-time TopK (any architecture), else
+        the architecture's own inference code (TopK at cfg.k, BatchTopK's JumpReLU, ReLU)."""
+        if k is not None and not 0 < k <= self.cfg.n_latents:
             raise ValueError(f"k must be in [1, n_latents={self.cfg.n_latents}], got {k}")
-        values, indices = self.pre_activations(x_normed).topk(k, dim=1, sorted=False)
-        return TopKCode(values.clamp_min(0), indices)
+        return self.activation.encode(self.pre_activations(x_normed), self.cfg, self.threshold, k)
 
     def decode_normed(self, code: TopKCode) -> Tensor:
         return sparse_decode(code.indices, code.values, self.W_dec) + self.b_pre

@@ -1,8 +1,9 @@
-"""A plain dense TopK autoencoder loss with autograd: the reference every fast path is tested
+"""A plain dense autoencoder loss with autograd: the reference every fast path is tested
 against, and the "naive" baseline of `saescale bench step`.
 
 It materialises the dense [batch, n] latents and decodes with a dense matmul, exactly as the
-peer libraries do by default. Same losses as `saescale.train.step` (see its docstring).
+peer libraries do by default. Same losses as `saescale.train.step` (see its docstring), for
+every architecture: the code is the activation's `reference_latents`, plus its penalty (ReLU's L1).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from saescale.core.arch import activation
 from saescale.core.config import SAEConfig
 
 
@@ -25,17 +27,16 @@ def dense_losses(
     batch, n = x.shape[0], cfg.n_latents
     pre = (x - b_pre) @ W_enc.t() + b_enc
 
-    def decode_topk(k: int) -> tuple[Tensor, Tensor]:
-        vals, idx = pre.topk(k, dim=1)
-        z = torch.zeros(batch, n, dtype=pre.dtype, device=pre.device).scatter(1, idx, vals.relu())
-        return z @ W_dec + b_pre, z
-
-    x_hat, z = decode_topk(cfg.k)
+    act = activation(cfg.architecture)
+    z = act.reference_latents(pre, cfg)
+    x_hat = z @ W_dec + b_pre
     main = mse_scale * (x_hat - x).pow(2).mean()
     out = {"mse_loss": main, "x_hat": x_hat, "latents": z}
     total = main
+    out["penalty_loss"] = act.reference_penalty(z, cfg)  # ReLU's L1; 0 for the others
+    total = total + out["penalty_loss"]
     if cfg.multi_topk:
-        x_hat_wide, _ = decode_topk(cfg.multi_k)
+        x_hat_wide = act.reference_latents(pre, cfg, k=cfg.multi_k) @ W_dec + b_pre
         multi = mse_scale * (x_hat_wide - x).pow(2).mean() / 8
         out["multi_topk_loss"] = multi
         total = total + multi

@@ -52,6 +52,17 @@ def _all_reduce(t: Tensor, size: int, group, stats: CommStats, op=dist.ReduceOp.
     return t
 
 
+def _all_gather(t: Tensor, size: int, group, stats: CommStats) -> list[Tensor]:
+    synchronize(t.device)
+    t0 = time.perf_counter()
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    synchronize(t.device)
+    stats.seconds += time.perf_counter() - t0
+    stats.bytes_sent += (size - 1) * t.numel() * t.element_size()
+    return parts
+
+
 @dataclass
 class TensorParallel:
     rank: int  # rank inside the TP group
@@ -86,14 +97,7 @@ class TensorParallel:
         return torch.cat(self._all_gather(t), dim=0)
 
     def _all_gather(self, t: Tensor) -> list[Tensor]:
-        synchronize(t.device)
-        t0 = time.perf_counter()
-        parts = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(parts, t.contiguous(), group=self.group)
-        synchronize(t.device)
-        self.stats.seconds += time.perf_counter() - t0
-        self.stats.bytes_sent += (self.size - 1) * t.numel() * t.element_size()
-        return parts
+        return _all_gather(t, self.size, self.group, self.stats)
 
     def all_reduce_(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
         return _all_reduce(t, self.size, self.group, self.stats, op)
@@ -124,6 +128,11 @@ class DataParallel:
 
     def all_reduce_(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
         return _all_reduce(t, self.size, self.group, self.stats, op)
+
+    def all_gather_cat(self, t: Tensor) -> Tensor:
+        """Concatenate every replica's [rows, w] tensor along dim 1 (rank order): BatchTopK's
+        candidates, whose batch-global cut spans the replicas' shares of the batch."""
+        return torch.cat(_all_gather(t, self.size, self.group, self.stats), dim=1)
 
     def average_grads_(self, params: list[Tensor]) -> None:
         """Average gradients over replicas, in place (no copy the size of a weight matrix)."""

@@ -1,11 +1,15 @@
 """Export to the folder formats of the peer libraries, so our SAEs drop into their tooling.
 
-* SAELens (v6):  cfg.json + sae_weights.safetensors, W_enc [d_in, d_sae], W_dec [d_sae, d_in]
-* EleutherAI sparsify: cfg.json + sae.safetensors, encoder.weight [M, d_in], W_dec [M, d_in]
+* SAELens (v6):  cfg.json + sae_weights.safetensors, W_enc [d_in, d_sae], W_dec [d_sae, d_in];
+  TopK as "topk", ReLU as "standard", BatchTopK as "jumprelu" with its threshold on every latent
+  (what SAELens itself saves a BatchTopK SAE as)
+* EleutherAI sparsify: cfg.json + sae.safetensors, encoder.weight [M, d_in], W_dec [M, d_in];
+  TopK only (sparsify has no ReLU/L1 or JumpReLU activation)
 
-Both compute topk(relu(W_enc (x - b_dec) + b_enc)) on raw activations, so our `dataset_scale`
-normalisation is folded into the weights: with x' = s x, the top-k indices are unchanged and
-  b_enc -> b_enc / s,  b_dec -> b_pre / s,  W_enc and W_dec unchanged (decoder stays unit norm),
+Each computes act(W_enc (x - b_dec) + b_enc) on raw activations, so our `dataset_scale`
+normalisation is folded into the weights: with x' = s x, the pre-activation is divided by s, the
+top-k indices and signs are unchanged, and
+  b_enc -> b_enc / s,  b_dec -> b_pre / s,  threshold -> threshold / s,  W_enc and W_dec unchanged,
 which reproduces our reconstruction exactly. Per-token unit-norm inputs cannot be folded and
 are refused with an explanation. SAELens metadata names the hook the TransformerLens way
 (`blocks.8.hook_resid_post`), not our cache's `resid_post.8`.
@@ -64,13 +68,20 @@ class _Tensor(NamedTuple):
     folded: bool = False  # divided by the dataset scale
 
 
-def _saelens_layout(n: int, d: int) -> list[_Tensor]:
-    return [
+def _saelens_layout(n: int, d: int, architecture: str = "topk") -> list[_Tensor]:
+    layout = [
         _Tensor("W_enc", [d, n], "W_enc", transposed=True),
         _Tensor("b_enc", [n], "b_enc", folded=True),
         _Tensor("W_dec", [n, d], "W_dec"),
         _Tensor("b_dec", [d], "b_pre", folded=True),
     ]
+    if architecture == "batchtopk":
+        layout.append(_Tensor("threshold", [n], "threshold", folded=True))
+    return layout
+
+
+# our architecture -> SAELens' (BatchTopK infers as a JumpReLU at its threshold, as in SAELens)
+_SAELENS_ARCHITECTURES = {"topk": "topk", "relu": "standard", "batchtopk": "jumprelu"}
 
 
 def _sparsify_layout(n: int, d: int) -> list[_Tensor]:
@@ -87,8 +98,11 @@ class _ModuleRows:
 
     def __init__(self, sae: TopKSAE) -> None:
         self.cfg, self.input_scale, self._sae = sae.cfg, float(sae.input_scale), sae
+        self.threshold = float(sae.threshold)
 
     def rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        if name == "threshold":  # one value, written on every latent (JumpReLU's layout)
+            return torch.full((hi - lo,), self.threshold)
         return getattr(self._sae, name).detach()[lo:hi].float().cpu()
 
 
@@ -100,9 +114,15 @@ class _SavedRows:
         (size,) = struct.unpack("<Q", handle.read(8))
         self._header, self._base, self._handle = json.loads(handle.read(size)), 8 + size, handle
         self.cfg = cfg
-        self.input_scale = float(self.rows("input_scale", 0, 1).reshape(-1)[0])
+        self.input_scale = float(self._read("input_scale", 0, 1).reshape(-1)[0])
+        self.threshold = float(self._read("threshold", 0, 1).reshape(-1)[0]) if "threshold" in self._header else 0.0
 
     def rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        if name == "threshold":  # one value, written on every latent (JumpReLU's layout)
+            return torch.full((hi - lo,), self.threshold)
+        return self._read(name, lo, hi)
+
+    def _read(self, name: str, lo: int, hi: int) -> torch.Tensor:
         entry = self._header[name]
         dtype, shape = _DTYPES[entry["dtype"]], entry["shape"]
         row_bytes = dtype.itemsize * _numel(shape[1:])
@@ -119,6 +139,8 @@ def _numel(shape: list[int]) -> int:
 
 
 def _scale(cfg: SAEConfig, input_scale: float, fmt: str) -> float:
+    if fmt == "sparsify" and cfg.architecture != "topk":
+        raise ExportError(f"sparsify has no {cfg.architecture} activation (TopK only); export it to SAELens instead")
     if cfg.normalization == "token_unit_norm":
         raise ExportError(
             "this SAE normalises each token to unit norm, which SAELens and sparsify cannot express "
@@ -185,8 +207,8 @@ def _saelens_cfg(cfg: SAEConfig, metadata: dict[str, Any] | None) -> dict[str, A
     }
     meta.update(metadata or {})
     meta["hook_name"] = transformer_lens_hook_name(str(meta["hook_name"]))
-    return {
-        "architecture": "topk",
+    body = {
+        "architecture": _SAELENS_ARCHITECTURES[cfg.architecture],
         "d_in": cfg.d_in,
         "d_sae": cfg.n_latents,
         "k": cfg.k,
@@ -198,6 +220,9 @@ def _saelens_cfg(cfg: SAEConfig, metadata: dict[str, Any] | None) -> dict[str, A
         "rescale_acts_by_decoder_norm": False,
         "metadata": meta,
     }
+    if cfg.architecture != "topk":
+        del body["k"]  # a TopK setting; SAELens' standard and jumprelu configs have none
+    return body
 
 
 def _sparsify_cfg(cfg: SAEConfig) -> dict[str, Any]:
@@ -242,7 +267,7 @@ def _publish(
     scale = _scale(cfg, source.input_scale, fmt)
     if fmt == "saelens":
         layout, weights, body = (
-            _saelens_layout(cfg.n_latents, cfg.d_in),
+            _saelens_layout(cfg.n_latents, cfg.d_in, cfg.architecture),
             "sae_weights.safetensors",
             _saelens_cfg(cfg, metadata),
         )

@@ -2,16 +2,20 @@
 
 Each becomes a `TopKSAE` (our layout: W_enc [n, d], b_enc [n], W_dec [n, d], b_pre [d]) that
 computes what the source library computes, so every saescale tool (eval, features, exports) works
-on it. What TopKSAE cannot express (a ReLU/L1, JumpReLU or BatchTopK SAE, a transcoder, a skip
+on it. What TopKSAE cannot express (a JumpReLU with per-latent thresholds, a transcoder, a skip
 connection) is refused with the reason, never approximated.
 
 - OpenAI (openai/sparse_autoencoder, a torch state dict `.pt`, read with `weights_only=True`):
   `pre_bias` [d], `encoder.weight` [n, d], `latent_bias` [n], `decoder.weight` [d, n],
   `activation` "TopK" | "ReLU", `activation_state_dict` {"k"}; TopK files expect layer-normed
   inputs, x' = (x - mean) / (std + 1e-5) per token (unbiased std), and de-normalise the output:
-  our `layer_norm` normalisation.
+  our `layer_norm` normalisation. ReLU files (the v1/v4 L1 SAEs) take raw inputs: `relu`, with
+  no normalisation.
 - SAELens v6 folder (cfg.json + sae_weights.safetensors; W_enc [d, n], W_dec [n, d], b_enc, b_dec):
-  architecture "topk" with normalize_activations none | layer_norm.
+  "topk", "standard" (ReLU) and "jumprelu" with one threshold on every latent (what SAELens saves
+  a BatchTopK SAE as: our `batchtopk`), normalize_activations none | layer_norm.
+- Imported ReLU SAEs carry no L1 coefficient (l1_coef 0): they evaluate, and a fine-tune must
+  set sae.l1_coef.
 - sparsify folder (cfg.json + sae.safetensors; encoder.weight [n, d], encoder.bias, W_dec [n, d],
   b_dec), e.g. one hookpoint's folder of a sparsify checkpoint.
 """
@@ -30,6 +34,8 @@ from saescale.core.model import TopKSAE
 from saescale.formats.saved import SavedSAEError, read_safetensors
 
 FORMATS = ("saescale", "saelens", "sparsify", "openai")
+# SAELens architecture -> ours (SAELens saves a BatchTopK SAE for inference as a JumpReLU)
+_SAELENS_ARCHITECTURES = {"topk": "topk", "standard": "relu", "jumprelu": "batchtopk"}
 
 
 class ForeignSAEError(SavedSAEError):
@@ -90,13 +96,16 @@ def read_openai(
     if missing:
         raise _fail(url, f"lacks {sorted(missing)}: not OpenAI's autoencoder state dict")
     activation = state.get("activation", "ReLU")
-    if activation != "TopK":
-        raise _fail(url, f"a {activation} autoencoder: saescale imports TopK SAEs only (ReLU is not implemented yet)")
-    k = int(state.get("activation_state_dict", {}).get("k", 0))
     n, d = state["encoder.weight"].shape
-    if not 0 < k <= n:
-        raise _fail(url, f"activation_state_dict has k={k}, expected 1..{n}")
-    cfg = SAEConfig(d_in=d, n_latents=n, k=k, normalization="layer_norm")
+    if activation == "ReLU":  # OpenAI normalises only TopK models' inputs ("hacky", says its code)
+        cfg = SAEConfig(d_in=d, n_latents=n, k=min(32, n), architecture="relu", normalization="none")
+    elif activation == "TopK":
+        k = int(state.get("activation_state_dict", {}).get("k", 0))
+        if not 0 < k <= n:
+            raise _fail(url, f"activation_state_dict has k={k}, expected 1..{n}")
+        cfg = SAEConfig(d_in=d, n_latents=n, k=k, normalization="layer_norm")
+    else:
+        raise _fail(url, f"a {activation} autoencoder: saescale imports OpenAI's TopK and ReLU SAEs")
     sae = _build(
         cfg,
         state["encoder.weight"].float(),
@@ -114,16 +123,29 @@ def read_saelens(
     if raw is None:  # its cfg.json, unless detect_format read it already
         raw = storage.read_json(storage.join(url, "cfg.json"), storage_options)
     arch = raw.get("architecture")
-    if arch != "topk":
-        raise _fail(url, f"a SAELens {arch!r} SAE: saescale imports TopK SAEs only ({arch} is not implemented yet)")
+    if arch not in _SAELENS_ARCHITECTURES:
+        raise _fail(url, f"a SAELens {arch!r} SAE: saescale imports topk, standard (ReLU) and jumprelu")
     norm = raw.get("normalize_activations", "none")
     if norm not in ("none", "layer_norm"):
         raise _fail(url, f"normalize_activations={norm!r}: saescale imports none and layer_norm")
     if raw.get("apply_b_dec_to_input", True) is False or raw.get("rescale_acts_by_decoder_norm"):
         raise _fail(url, "apply_b_dec_to_input=false or rescale_acts_by_decoder_norm: not a plain TopK SAE")
     t = _tensors(url, "sae_weights.safetensors", storage_options)
-    cfg = SAEConfig(d_in=int(raw["d_in"]), n_latents=int(raw["d_sae"]), k=int(raw["k"]), normalization=norm)
+    n = int(raw["d_sae"])
+    ours = _SAELENS_ARCHITECTURES[arch]
+    k = int(raw["k"]) if arch == "topk" else min(32, n)  # others: only a test-time TopK default
+    cfg = SAEConfig(d_in=int(raw["d_in"]), n_latents=n, k=k, architecture=ours, normalization=norm)
     sae = _build(cfg, t["W_enc"].t(), t["b_enc"], t["W_dec"], t["b_dec"], url)
+    if arch == "jumprelu":
+        threshold = t["threshold"].reshape(-1)
+        if threshold.numel() != n or not bool((threshold == threshold[0]).all()):
+            raise _fail(
+                url,
+                "a JumpReLU SAE with per-latent thresholds: saescale's JumpReLU inference is BatchTopK's, "
+                "one threshold for every latent (a SAELens BatchTopK SAE is saved that way)",
+            )
+        with torch.no_grad():
+            sae.threshold.fill_(float(threshold[0]))
     meta = dict(raw.get("metadata") or {})
     return sae, {k: meta[k] for k in ("model_name", "hook_name", "context_size") if k in meta} | {
         "source_format": "saelens",

@@ -351,6 +351,8 @@ def export_gathered(
         ("b_pre", "F32", [d]),
         ("input_scale", "F32", []),
     ]
+    if cfg.architecture == "batchtopk":  # its inference threshold, replicated on every rank
+        entries.append(("threshold", "F32", []))
     with tempfile.TemporaryDirectory(prefix="saescale-export-") as tmp:
         out_path = os.path.join(tmp, WEIGHTS_FILE)
         with open(out_path, "wb") as out:

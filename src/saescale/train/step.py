@@ -12,7 +12,15 @@ Losses (all means over batch and d_in):
   multi     = mse_scale * mean((x_hat_4k - x)^2) / 8          Multi-TopK, optional
   auxk      = coef * mean((e_hat - e)^2) / mean((e - mean_b e)^2),  e = x - x_hat detached,
               e_hat = W_dec z_aux (no bias) from the top-k_aux dead latents; NaN -> 0
+  penalty   = the activation's penalty on the code (ReLU's l1_coef * mean_b sum_i z_bi), else 0
 The dense reference in `saescale.core.reference` defines the same losses with autograd.
+
+Architectures (`saescale.core.arch`): TopK trains through the fixed-width [batch, k] path below
+(Multi-TopK, the exact global top-k under TP). BatchTopK and ReLU have no fixed per-token width:
+each chunk's pre-activation offers candidates (`Activation.candidates`), their float32 values are
+read (or, in low precision, recomputed from the float32 weights), the activation keeps a subset
+(`Activation.keep`: BatchTopK's batch-global cut is agreed by one all-gather over TP and DP ranks)
+and the kept entries form a ragged code that the same sparse kernels decode and back-propagate.
 
 Precision (`train.precision`, see `train.precision`): in bf16/fp16 the encoder GEMM runs on a
 low-precision copy of W_enc into a low-precision pre-activation, and the top-k over-selects
@@ -33,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saescale.core.arch import activation
 from saescale.core.model import TopKSAE
 from saescale.distributed.parallel import DataParallel, TensorParallel
 from saescale.kernels import (
@@ -84,6 +93,8 @@ class StepStats:
     n_dead: int
     fired: Tensor  # latent indices that fired in this batch (for density statistics)
     overflow: bool = False  # fp16: a low-precision product overflowed on this rank (skip the step)
+    penalty_loss: Tensor | None = None  # the activation's penalty (ReLU's L1), None for the others
+    batch_threshold: Tensor | None = None  # BatchTopK: the smallest kept value of this batch
 
 
 @dataclass
@@ -96,7 +107,8 @@ class _Main:
     grad_b_enc: Tensor  # AuxK adds to it
     grad_b_pre: Tensor  # the decoder's share
     fired: Tensor  # this rank's latents that fired
-    raw: Tensor  # the main code's raw values (for L0)
+    l0: Tensor  # active latents per token (over the whole TP group)
+    penalty: Tensor | None = None  # the activation's penalty (ReLU's L1)
 
 
 class SparseTopKStep:
@@ -118,6 +130,7 @@ class SparseTopKStep:
         computed over the whole batch, and the caller averages gradients over replicas."""
         self.sae = sae
         self.cfg = sae.cfg
+        self.activation = activation(sae.cfg.architecture)
         self.tp = tp
         self.dp = dp if dp is not None and dp.size > 1 else None
         if tp is not None and sae.cfg.n_latents != tp.n_local:
@@ -127,6 +140,8 @@ class SparseTopKStep:
         self.mse_scale = float(mse_scale)
         self.tracker = tracker
         self.precision = precision or Precision("fp32")
+        if self.precision.low and not self.activation.low_precision_selection:
+            self.precision = Precision("fp32")  # e.g. ReLU: its code is the sign of every entry
         self.micro_batches = micro_batches
         self._pre: Tensor | None = None
         # low precision: [W_enc | b_enc] as one [n, d + 1] matrix, and the chunk's [xc | 1], so the
@@ -228,32 +243,18 @@ class SparseTopKStep:
         W_enc, b_enc, b_pre = sae.W_enc, sae.b_enc, sae.b_pre
         self._overflow = False
 
-        # ---- encoder: the floor (one GEMM + top-k per micro-batch) ----------------------
+        # ---- encoder (the floor: one GEMM + selection per micro-batch), decoder, main loss ----
         xc = x - b_pre
-        width = cfg.multi_k if cfg.multi_topk else cfg.k
         self.refresh_low_precision_()
-        parts = []
-        for rows in self._chunks(x.shape[0]):
-            pre = self.encode_chunk(xc[rows])
-            parts.append(self.select(pre, xc[rows], width))
-        raw_vals, idx = parts[0] if len(parts) == 1 else (torch.cat([p[i] for p in parts]) for i in (0, 1))
-        # AuxK's top-k over the dead columns reads the whole-batch pre-activation; with
-        # micro-batches it recomputes those columns in the same dtype (the same selection)
-        whole_pre = pre if len(parts) == 1 else None
-        owned = None
-        if self.tp is not None:  # exact global top-k; entries of other ranks get value 0 here
-            raw_vals, idx, owned = self.tp.global_topk(raw_vals, idx, width)
-            vals = raw_vals.clamp_min(0) * owned
+        batch_threshold = None
+        if self.activation.fixed_width:
+            main, whole_pre = self._main_topk(x, xc)
         else:
-            vals = raw_vals.clamp_min(0)
-
-        # ---- decoder, main (and Multi-TopK) loss, their gradients -------------------------
-        if owned is not None and not cfg.multi_topk:
-            main = self._main_owned(x, xc, idx, vals, raw_vals, owned)
-        else:
-            main = self._main_fixed_width(x, xc, idx, vals, raw_vals)
+            code, whole_pre, batch_threshold = self._select_ragged(x, xc)
+            main = self._main_ragged(x, xc, code)
+        # AuxK's top-k over the dead columns reads the whole-batch pre-activation (whole_pre);
+        # with micro-batches it recomputes those columns in the same dtype (the same selection)
         self._update_tracker(main.fired, x.shape[0])
-        l0 = (main.raw > 0).sum(1).float().mean()
         fvu = (
             main.mse / self._batch_variance(x).clamp_min(1e-30)
             if compute_fvu
@@ -277,9 +278,81 @@ class SparseTopKStep:
 
         mse_loss = self.mse_scale * main.mse
         loss = mse_loss + main.multi_loss + auxk_loss
+        if main.penalty is not None:
+            loss = loss + main.penalty
         return StepStats(
-            loss, mse_loss, fvu, auxk_loss, main.multi_loss, l0, n_dead, main.fired, overflow=self._overflow
+            loss,
+            mse_loss,
+            fvu,
+            auxk_loss,
+            main.multi_loss,
+            main.l0,
+            n_dead,
+            main.fired,
+            overflow=self._overflow,
+            penalty_loss=main.penalty,
+            batch_threshold=batch_threshold,
         )
+
+    def _main_topk(self, x: Tensor, xc: Tensor) -> tuple[_Main, Tensor | None]:
+        """TopK (and Multi-TopK): each chunk's top-width entries, the exact global top-k under
+        TP, then the main loss; returns it with the whole batch's pre-activation (one chunk only)."""
+        cfg = self.cfg
+        width = cfg.multi_k if cfg.multi_topk else cfg.k
+        parts = []
+        for rows in self._chunks(x.shape[0]):
+            pre = self.encode_chunk(xc[rows])
+            parts.append(self.select(pre, xc[rows], width))
+        raw_vals, idx = parts[0] if len(parts) == 1 else (torch.cat([p[i] for p in parts]) for i in (0, 1))
+        whole_pre = pre if len(parts) == 1 else None
+        if self.tp is None:
+            return self._main_fixed_width(x, xc, idx, raw_vals.clamp_min(0), raw_vals), whole_pre
+        # exact global top-k; entries of other ranks get value 0 here
+        raw_vals, idx, owned = self.tp.global_topk(raw_vals, idx, width)
+        vals = raw_vals.clamp_min(0) * owned
+        if cfg.multi_topk:
+            return self._main_fixed_width(x, xc, idx, vals, raw_vals), whole_pre
+        rows, cols = owned.nonzero(as_tuple=True)  # row-major: entries grouped by token
+        code = RaggedCode(rows, idx[rows, cols], vals[rows, cols], x.shape[0])
+        return self._main_ragged(x, xc, code, l0=(raw_vals > 0).sum(1).float().mean()), whole_pre
+
+    def _select_ragged(self, x: Tensor, xc: Tensor) -> tuple[RaggedCode, Tensor | None, Tensor | None]:
+        """An activation without a fixed width (BatchTopK, ReLU): each chunk offers candidates,
+        their float32 values are read (recomputed from the float32 weights in low precision),
+        and the activation keeps a subset. Returns this rank's kept entries as a ragged code,
+        the whole batch's pre-activation (one chunk only) and the batch threshold, if any."""
+        act, W_enc, b_enc = self.activation, self.sae.W_enc, self.sae.b_enc
+        batch = x.shape[0]
+        budget = act.budget(self.cfg, batch * (self.dp.size if self.dp is not None else 1))
+        count = budget if budget is None or not self.precision.low else low_precision_candidates(budget)
+        row_parts, latent_parts, value_parts = [], [], []
+        chunks = self._chunks(batch)
+        for rows in chunks:
+            pre = self.encode_chunk(xc[rows])
+            cand = act.candidates(pre, count)
+            row_parts.append(cand.rows + rows.start)
+            latent_parts.append(cand.latents)
+            if self.precision.low:
+                self._note_overflow(pre[cand.rows, cand.latents])
+            else:
+                value_parts.append(pre[cand.rows, cand.latents])
+        rows_all, latents = torch.cat(row_parts), torch.cat(latent_parts)
+        if self.precision.low:  # which entries: low precision; how strongly: float32
+            probe = RaggedCode(rows_all, latents, torch.zeros_like(latents, dtype=torch.float32), batch)
+            values = probe.values_grad(W_enc, xc).add_(b_enc[latents])
+        else:
+            values = torch.cat(value_parts).float()
+        keep, cut = act.keep(values, budget, self._gather_batch)
+        code = RaggedCode(rows_all[keep], latents[keep], values[keep], batch)
+        return code, (pre if len(chunks) == 1 else None), cut
+
+    def _gather_batch(self, t: Tensor) -> Tensor:
+        """A 1-D tensor from every rank that shares this batch (the TP group, then the replicas)."""
+        if self.tp is not None:
+            t = self.tp.all_gather_cat(t[None])[0]
+        if self.dp is not None:
+            t = self.dp.all_gather_cat(t[None])[0]
+        return t
 
     def dead_topk(
         self, pre: Tensor | None, xc: Tensor, dead_idx: Tensor, k: int, encoder: tuple[Tensor, Tensor] | None = None
@@ -352,21 +425,30 @@ class SparseTopKStep:
 
         # encoder gradients from the active entries
         rows_by_latent_(W_enc.grad, enc_order, g_enc, xc, accumulate=False)
-        return _Main(err, mse, multi_loss, latent_sums(enc_idx, g_enc, n), grad_b_pre, fired, main_raw)
+        l0 = (main_raw > 0).sum(1).float().mean()
+        return _Main(err, mse, multi_loss, latent_sums(enc_idx, g_enc, n), grad_b_pre, fired, l0)
 
-    def _main_owned(self, x: Tensor, xc: Tensor, idx: Tensor, vals: Tensor, raw_vals: Tensor, owned: Tensor) -> _Main:
-        """Main loss on a TP rank from the entries it owns only (a ragged code, about k / tp per
-        token): the O(batch * k * d) work is split across the TP group instead of repeated on
-        every rank. Writes W_dec.grad and W_enc.grad."""
+    def _main_ragged(self, x: Tensor, xc: Tensor, code: RaggedCode, l0: Tensor | None = None) -> _Main:
+        """Main loss (and the activation's penalty) from a ragged code of this rank's entries: a
+        TopK rank's owned share under TP (about k / tp per token, so the O(batch * k * d) work is
+        split across the TP group), or BatchTopK's / ReLU's kept entries. Writes W_dec.grad and
+        W_enc.grad. `l0` when the caller knows it (TopK), else counted over the TP group."""
         W_enc, W_dec, b_pre, n = self.sae.W_enc, self.sae.W_dec, self.sae.b_pre, self.cfg.n_latents
-        rows, cols = owned.nonzero(as_tuple=True)  # row-major: entries grouped by token
-        code = RaggedCode(rows, idx[rows, cols], vals[rows, cols], x.shape[0])
+        rows = x.shape[0]
         err = self._reduce(code.decode(W_dec)).add_(b_pre).sub_(x)
         mse = _mean_sq(err)
         grad_x_hat = err * (2.0 * self.mse_scale / x.numel())
         active = code.values > 0
         fired = code.latents[active]
         g_enc = code.values_grad(W_dec, grad_x_hat) * active
+        penalty = None
+        penalty_grad = self.activation.penalty_grad(self.cfg, rows)
+        if penalty_grad or l0 is None:  # one all-reduce of the code's sum and its count
+            totals = self._reduce(torch.stack([code.values.sum(), active.sum().float()]))
+            l0 = totals[1] / rows if l0 is None else l0
+            if penalty_grad:
+                penalty = totals[0] * penalty_grad
+                g_enc += active * penalty_grad
         order = LatentOrder(code.latents, n, rows=code.rows)
         rows_by_latent_(W_dec.grad, order, code.values, grad_x_hat, accumulate=False)
         rows_by_latent_(W_enc.grad, order, g_enc, xc, accumulate=False)
@@ -377,7 +459,8 @@ class SparseTopKStep:
             latent_sums(code.latents, g_enc, n),
             grad_x_hat.sum(0),
             fired,
-            raw_vals,
+            l0,
+            penalty,
         )
 
     def _aux_loss(self, aux_err: Tensor, var_res: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from saescale.console import first_line, print0
+from saescale.core.arch.batchtopk import threshold_weight
 from saescale.core.config import SAEConfig, TrainConfig
 from saescale.core.model import TopKSAE, check_activations
 from saescale.distributed.parallel import DataParallel, TensorParallel, synchronize
@@ -112,6 +113,7 @@ class Trainer:
         whole SAE); with `dp`, each batch is this replica's part of the global batch (see
         `distributed.parallel`). `checkpoint_url` gives `fit` and `restore` a default
         `StorageCheckpointer` there."""
+        sae.activation.check(sae.cfg)  # e.g. a ReLU SAE needs an L1 penalty to be trained
         self.sae = sae
         self.tp = tp
         self.dp = dp if dp is not None and dp.size > 1 else None
@@ -247,6 +249,8 @@ class Trainer:
         self.sae.normalize_decoder_()
         if self.ema is not None:
             self.ema.update(self.params)
+        if stats.batch_threshold is not None:  # BatchTopK's inference threshold: a running mean
+            self.sae.threshold.lerp_(stats.batch_threshold, threshold_weight(self.step))
         batch_tokens = x.shape[0]
         self.step += 1
         self.tokens_seen += batch_tokens * (self.dp.size if self.dp is not None else 1)
@@ -254,12 +258,13 @@ class Trainer:
         self._window_tokens += batch_tokens
         if not logging_now:
             return None
+        penalty = stats.penalty_loss if stats.penalty_loss is not None else torch.zeros_like(stats.loss)
         replica = torch.stack(
-            [stats.loss, stats.mse_loss, stats.fvu, stats.auxk_loss, stats.l0, stats.multi_topk_loss]
+            [stats.loss, stats.mse_loss, stats.fvu, stats.auxk_loss, stats.l0, stats.multi_topk_loss, penalty]
         ).float()
         if self.dp is not None:  # means over the replicas' equal parts = means over the batch
             self.dp.all_reduce_(replica).div_(self.dp.size)
-        loss, mse_loss, fvu, auxk_loss, l0, multi_loss = replica.tolist()
+        loss, mse_loss, fvu, auxk_loss, l0, multi_loss, penalty_loss = replica.tolist()
         metrics = {
             "loss": loss,
             "mse_loss": mse_loss,
@@ -273,6 +278,10 @@ class Trainer:
         }
         if self.sae.cfg.multi_topk:
             metrics["multi_topk_loss"] = multi_loss
+        if stats.penalty_loss is not None:
+            metrics["penalty_loss"] = penalty_loss
+        if self.sae.cfg.architecture == "batchtopk":
+            metrics["threshold"] = float(self.sae.threshold)
         if self.precision.scaler is not None:
             metrics["loss_scale"] = self.precision.scale
             metrics["skipped_steps"] = float(self.precision.scaler.skipped_steps)

@@ -1,0 +1,179 @@
+"""BatchTopK and ReLU (the architecture registry, `saescale.core.arch`): the sparse step against
+the dense autograd reference on the same weights (outputs and gradients, with AuxK, micro-batches
+and bf16), their inference codes, their config refusals, and short trainings that show each
+does what it is for (BatchTopK: L0 = k on average with a learned threshold; ReLU: L0 set by the
+L1 coefficient), with the threshold surviving a checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import perturbed_sae
+from saescale.core.config import ConfigError, SAEConfig, TrainConfig
+from saescale.core.model import TopKSAE
+from saescale.core.reference import dense_losses
+from saescale.core.synthetic import SparseDictionary
+from saescale.formats.saved import load_sae, save_sae
+from saescale.train.dead_latents import DeadLatentTracker
+from saescale.train.precision import Precision
+from saescale.train.step import SparseTopKStep
+from saescale.train.trainer import Trainer
+
+D, N, K, BATCH = 24, 256, 8, 50
+ARCHS = {"batchtopk": {}, "relu": {"l1_coef": 0.05}}
+
+
+def _cfg(architecture: str, **over) -> SAEConfig:
+    base = dict(d_in=D, n_latents=N, k=K, k_aux=16, normalization="none", aux_precision="float32")
+    return SAEConfig(architecture=architecture, **ARCHS[architecture], **(base | over))
+
+
+def _step_and_reference(cfg: SAEConfig, micro_batches: int, precision: str):
+    g = torch.Generator().manual_seed(0)
+    sae = perturbed_sae(cfg, g)
+    dead = torch.randperm(N, generator=g)[:40]
+    with torch.no_grad():
+        # BatchTopK: out of the main code, with some positive pre-activations (AuxK runs);
+        # ReLU: never positive, or they would fire
+        sae.b_enc[dead] -= 1.0 if cfg.architecture == "batchtopk" else 10.0
+    x = torch.randn(BATCH, D, generator=g)
+    tracker = DeadLatentTracker(N, 1000)
+    tracker.tokens_since_fired[dead] = 1000
+    before = tracker.tokens_since_fired.clone()
+    stats = SparseTopKStep(
+        sae, 0.7, tracker, precision=Precision.make(precision, x.device), micro_batches=micro_batches
+    )(x)
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in sae.named_parameters()}
+    ref_tracker = DeadLatentTracker(N, 1000)
+    ref_tracker.tokens_since_fired.copy_(before)
+    with torch.no_grad():
+        z = sae.activation.reference_latents((x - params["b_pre"]) @ params["W_enc"].t() + params["b_enc"], cfg)
+        ref_tracker.update(z.nonzero()[:, 1].unique(), BATCH)
+    ref = dense_losses(params, x, cfg, 0.7, ref_tracker.dead_mask())
+    ref["loss"].backward()
+    return sae, stats, ref, params, tracker, ref_tracker
+
+
+@pytest.mark.parametrize(
+    "architecture,micro_batches,precision",
+    [
+        ("batchtopk", 1, "fp32"),
+        ("batchtopk", 3, "fp32"),  # uneven chunks: the batch's top k*batch span them
+        ("batchtopk", 3, "bf16"),  # bf16 picks candidates, float32 values decide
+        ("relu", 1, "fp32"),
+        ("relu", 3, "fp32"),
+        ("relu", 1, "bf16"),  # ReLU's GEMM stays float32 (signs near 0 decide its code)
+    ],
+)
+def test_step_matches_the_dense_reference(architecture, micro_batches, precision):
+    cfg = _cfg(architecture)
+    sae, stats, ref, params, tracker, ref_tracker = _step_and_reference(cfg, micro_batches, precision)
+    torch.testing.assert_close(stats.loss, ref["loss"].detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stats.mse_loss, ref["mse_loss"].detach(), rtol=1e-5, atol=1e-7)
+    # (under ReLU, AuxK's reconstruction is 0: a latent the counter calls dead has no positive
+    # pre-activation in the batch, or it would have fired; its loss is a constant)
+    assert stats.n_dead > 0 and stats.auxk_loss > 0
+    torch.testing.assert_close(stats.auxk_loss, ref["auxk_loss"].detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stats.l0, (ref["latents"] > 0).sum(1).float().mean())
+    torch.testing.assert_close(tracker.tokens_since_fired, ref_tracker.tokens_since_fired)
+    for name, p in sae.named_parameters():
+        want = params[name].grad
+        err = (p.grad - want).abs().max().item()
+        assert err <= 1e-6 + 1e-4 * want.abs().max().item(), f"{name}: {err:.2e}"
+    if architecture == "relu":
+        assert stats.penalty_loss is not None and stats.penalty_loss > 0
+        torch.testing.assert_close(stats.penalty_loss, ref["penalty_loss"].detach(), rtol=1e-5, atol=1e-7)
+        assert stats.batch_threshold is None
+    else:
+        assert stats.l0 == K  # k * batch entries, all positive here
+        kept = ref["latents"][ref["latents"] > 0]
+        torch.testing.assert_close(stats.batch_threshold, kept.min())
+        per_token = (ref["latents"] > 0).sum(1)
+        assert per_token.min() < K < per_token.max()  # L0 varies by token: not a per-token TopK
+
+
+def test_inference_codes():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, D, generator=g)
+    batch = perturbed_sae(_cfg("batchtopk"), g)
+    with torch.no_grad():
+        batch.threshold.fill_(0.3)
+        pre = batch.pre_activations(x)
+        want = pre * (pre > 0.3)  # a JumpReLU at the learned threshold
+        torch.testing.assert_close(batch.dense_latents(x), want)
+        torch.testing.assert_close(batch(x), want @ batch.W_dec + batch.b_pre)
+        # an explicit k is test-time TopK, for any architecture
+        top = pre.topk(3, dim=1)
+        torch.testing.assert_close(
+            batch.dense_latents(x, k=3), torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+        )
+    relu = perturbed_sae(_cfg("relu"), g)
+    with torch.no_grad():
+        pre = relu.pre_activations(x)
+        torch.testing.assert_close(relu.dense_latents(x), pre.relu())
+        code = relu.encode(x)
+        assert code.values.shape[1] == int((pre > 0).sum(1).max())  # padded to the busiest token
+
+
+def test_configs_that_cannot_train_are_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="sae.architecture must be one of topk, batchtopk, relu"):
+        SAEConfig(d_in=8, n_latents=32, k=4, architecture="gated")
+    with pytest.raises(ConfigError, match="multi_topk is a TopK loss"):
+        SAEConfig(d_in=8, n_latents=32, k=4, architecture="batchtopk", multi_topk=True)
+    with pytest.raises(ConfigError, match="l1_coef is ReLU's penalty"):
+        SAEConfig(d_in=8, n_latents=32, k=4, l1_coef=0.1)
+    relu = TopKSAE(SAEConfig(d_in=8, n_latents=32, k=4, architecture="relu"))  # e.g. imported: evaluates
+    with pytest.raises(ConfigError, match="needs sae.l1_coef > 0"):
+        Trainer(relu, TrainConfig())
+
+
+def _synthetic(steps: int, batch: int = 256):
+    truth = SparseDictionary.random(d=D, n_atoms=128, active=4, noise=0.01, seed=3)
+    g = torch.Generator().manual_seed(5)
+    return truth.sample(1024, g), [truth.sample(batch, g) for _ in range(steps)], truth.sample(2048, g)
+
+
+def _nmse(sae: TopKSAE, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(((sae(x) - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+
+def test_batchtopk_learns_a_threshold_that_keeps_l0_near_k_and_it_survives_a_checkpoint(tmp_path):
+    sample, batches, held = _synthetic(400)  # the running threshold lags the first ~300 steps
+    cfg = SAEConfig(d_in=D, n_latents=N, k=K, architecture="batchtopk")
+    trainer = Trainer(TopKSAE(cfg), TrainConfig(lr=3e-3, log_every=10), checkpoint_url=str(tmp_path / "ckpt"))
+    trainer.initialize(sample)
+    history = [m for b in batches if (m := trainer.train_step(b))]
+    assert all(h["l0"] == K for h in history)  # training L0 is exactly k on average
+    assert history[-1]["threshold"] > 0 and history[-1]["fvu"] < 0.5 * history[0]["fvu"]
+    sae = trainer.sae
+    with torch.no_grad():
+        l0 = (sae.encode(held).values > 0).sum(1).float().mean().item()
+    assert 0.6 * K <= l0 <= 1.6 * K, l0  # the JumpReLU at the learned threshold: L0 near k
+    assert _nmse(sae, held) < 0.5
+    # the threshold is saved with the weights, and restored with a checkpoint
+    save_sae(sae, str(tmp_path / "sae"))
+    loaded, _ = load_sae(str(tmp_path / "sae"))
+    assert float(loaded.threshold) == float(sae.threshold) > 0
+    trainer.save_checkpoint()
+    fresh = Trainer(TopKSAE(cfg), TrainConfig(lr=3e-3), checkpoint_url=str(tmp_path / "ckpt"))
+    fresh.initialize(sample)
+    fresh.restore()
+    assert float(fresh.sae.threshold) == float(sae.threshold)
+
+
+def test_relu_l0_is_set_by_the_l1_coefficient():
+    sample, batches, held = _synthetic(80)
+    l0s, nmses = [], []
+    for l1 in (0.02, 0.5):
+        sae = TopKSAE(SAEConfig(d_in=D, n_latents=N, k=K, architecture="relu", l1_coef=l1))
+        trainer = Trainer(sae, TrainConfig(lr=3e-3, log_every=1000))
+        trainer.initialize(sample)
+        for b in batches:
+            trainer.train_step(b)
+        with torch.no_grad():
+            l0s.append((sae.encode(held).values > 0).sum(1).float().mean().item())
+        nmses.append(_nmse(sae, held))
+    assert l0s[1] < 0.5 * l0s[0], l0s  # more penalty, sparser code
+    assert nmses[0] < nmses[1] < 1.0, nmses  # and the usual price in reconstruction
