@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser train test lint format bench bench-large demo-sweep clean
+.PHONY: install browser train test lint format bench bench-large demo-sweep paper clean
 
 install: $(STAMP)
 
@@ -69,6 +69,11 @@ demo-sweep: install  ## the README's CPU scaling sweep: 12 runs (2 at a time), f
 	-$(BIN)/python jobs/train.py -m +experiment=sweep_demo sae.n_latents=256,512,1024,2048 sae.k=8,16,32
 	$(BIN)/saescale scaling fit runs/sweeps/demo/results.parquet --out docs/scaling
 	cp runs/sweeps/demo/results.csv runs/sweeps/demo/timeline.png docs/scaling/
+
+paper: install  ## the paper's comparisons (docs/paper/README.md): hours on 2 cores; resumes if stopped
+	$(BIN)/python jobs/cache.py
+	$(BIN)/python jobs/cache.py max_tokens=1000000 output=runs/cache/smollm2-resid8-1m
+	$(BIN)/python jobs/paper.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

@@ -36,7 +36,7 @@ def compose_job(name: str, *overrides: str):
 def test_job_sections_take_every_engine_default(engine, section):
     ours = {f.name: f.default for f in dataclasses.fields(section)}
     for f in dataclasses.fields(engine):
-        if f.name in ("d_in", "total_steps"):  # from the cache and the run length
+        if f.name in ("d_in", "total_steps", "budget_tokens"):  # from the cache and the run length
             assert f.name not in ours
             continue
         assert ours[f.name] == JOB_DEFAULTS.get(f.name, f.default), f.name
@@ -114,3 +114,31 @@ def test_side_files_of_a_remote_run_stay_out_of_rays_working_dir_copy(tmp_path, 
     assert local_side_dir("run1") == str(tmp_path / "runs" / "run1")
     # a file:// output_dir is local: Hydra's files go beside it, never into a folder named "file:"
     assert local_run_dir(f"file://{tmp_path}/out", "run1") == f"{tmp_path}/out/hydra"
+
+
+def test_the_default_lr_follows_the_runs_token_budget():
+    """train.lr_rule=budget (the default): the paper's 2e-4/sqrt(N/2^14) times a multiple fitted
+    to docs/paper's lr sweep, larger for short runs and more latents, never below 1x (a run long
+    enough to converge keeps the paper's rule) nor above 16x; lr_rule=paper is that rule as is."""
+    from saescale.app.train_job import engine_configs
+    from saescale.core.config import budget_lr_multiplier
+
+    def paper(n: int) -> float:
+        return 2e-4 / (n / 2**14) ** 0.5
+
+    short = TrainConfig(budget_tokens=400_000)
+    assert short.resolved_lr(4096) == pytest.approx(paper(4096) * budget_lr_multiplier(400_000, 4096))
+    assert 4 < budget_lr_multiplier(400_000, 4096) < 8  # where the sweep found the best NMSE
+    assert budget_lr_multiplier(100_000, 4096) > budget_lr_multiplier(1_000_000, 4096)
+    assert budget_lr_multiplier(400_000, 8192) > budget_lr_multiplier(400_000, 1024)
+    assert TrainConfig(budget_tokens=10**10).resolved_lr(2**14) == pytest.approx(paper(2**14))  # converged: 1x
+    assert budget_lr_multiplier(10, 2**24) == 16.0
+    assert TrainConfig(budget_tokens=400_000, lr_rule="paper").resolved_lr(4096) == pytest.approx(paper(4096))
+    assert TrainConfig().resolved_lr(4096) == pytest.approx(paper(4096))  # no budget known: the paper's
+    assert TrainConfig(lr=1e-3, budget_tokens=400_000).resolved_lr(4096) == 1e-3
+    with pytest.raises(ConfigError, match="train.lr_rule must be budget or paper"):
+        TrainConfig(lr_rule="fast")
+    # the job gives the engine the run's budget: steps x global batch
+    job = OmegaConf.to_object(compose_job("train", "train.batch_size=512"))
+    _, train = engine_configs(job, d_in=64, total_steps=100)
+    assert (train.budget_tokens, train.lr_rule) == (51_200, "budget")

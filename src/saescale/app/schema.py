@@ -84,7 +84,7 @@ SAESection = _section_of(
 TrainSection = _section_of(
     TrainConfig,
     "TrainSection",
-    exclude=("total_steps",),  # from epochs, max_steps and the cache
+    exclude=("total_steps", "budget_tokens"),  # from epochs, max_steps and the cache
     defaults={"histogram_every": 100, "checkpoint_every": 100},
     extra=[
         ("batch_size", int, 1024),  # global batch (tokens per optimiser step), split over the workers

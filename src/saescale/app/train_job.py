@@ -38,11 +38,11 @@ from saescale.distributed.plan import check_fits, plan_memory
 from saescale.evaluation.reconstruction import nmse
 from saescale.service.ray_train import LaunchSpec
 from saescale.service.stream import plan_data, rebuild_hint
+from saescale.sweeps.scaling import FLOPS_PER_TOKEN_DN
 from saescale.train.precision import resolve_precision
 
 # dense-equivalent training FLOPs per token and latent-dimension product: the encoder GEMM's
 # forward and backward dominate (2 forward + 4 backward multiply-adds)
-FLOPS_PER_TOKEN_DN = 6.0
 
 
 @dataclass
@@ -94,7 +94,8 @@ def engine_configs(job: TrainJobConfig, d_in: int, total_steps: int) -> tuple[SA
     """The engine's SAE and train configs from the job's sections (validated on construction)."""
     sae = SAEConfig(d_in=d_in, **vars(job.sae))
     train_keys = {k: v for k, v in vars(job.train).items() if k not in ("batch_size", "epochs", "max_steps")}
-    return sae, TrainConfig(total_steps=total_steps, **train_keys)
+    budget = total_steps * job.train.batch_size  # the default lr follows the run's token budget
+    return sae, TrainConfig(total_steps=total_steps, budget_tokens=budget, **train_keys)
 
 
 def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
@@ -227,6 +228,8 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
         f"{manifest.hook}.{manifest.layer}; training on {len(train_shards)} shards ({rows} rows), "
         f"{total_steps} steps of {job.train.batch_size} over dp={dims.dp} x tp={dims.tp} workers"
     )
+    rule = "set" if train_cfg.lr is not None else f"the {train_cfg.lr_rule} rule for {train_cfg.budget_tokens} tokens"
+    print0(f"lr {train_cfg.resolved_lr(sae_cfg.n_latents):.3g} ({rule})")
     # output_dir shares storage.url's endpoint (the driver writes both)
     options = storage.endpoint_options(job.storage.endpoint_url) if storage.is_remote(out) else None
     return PreparedRun(spec, cache, manifest, sae_cfg, out, options)

@@ -138,13 +138,35 @@ class SAEConfig(_DictConfig):
         return self.multi_topk_factor * self.k
 
 
+# The budget lr rule (TrainConfig.lr_rule="budget"; the sweep behind it is docs/paper's lr section).
+# The paper's 2e-4 / sqrt(N / 2^14) is meant for runs trained to convergence; on short runs the best
+# lr measured here is a larger multiple of it, larger for more latents and fewer tokens:
+#   multiplier = (BUDGET_REF_TOKENS / T) ** BUDGET_TOKEN_EXPONENT * (N / 2^14) ** BUDGET_N_EXPONENT,
+# never below 1 (a long run keeps the paper's rule) nor above BUDGET_MAX_MULTIPLIER.
+BUDGET_REF_TOKENS = 8.6e7
+BUDGET_TOKEN_EXPONENT = 0.39
+BUDGET_N_EXPONENT = 0.25
+BUDGET_MAX_MULTIPLIER = 16.0
+
+
+def budget_lr_multiplier(tokens: int, n_latents: int) -> float:
+    """How many times the paper's lr a run of `tokens` training tokens and `n_latents` latents
+    takes by default."""
+    raw = (BUDGET_REF_TOKENS / tokens) ** BUDGET_TOKEN_EXPONENT * (n_latents / 2**14) ** BUDGET_N_EXPONENT
+    return min(BUDGET_MAX_MULTIPLIER, max(1.0, raw))
+
+
 @dataclass
 class TrainConfig(_DictConfig):
     """Optimisation settings (section A of the paper): Adam, constant lr by default."""
 
     _section = "train"
 
-    lr: float | None = None  # None -> 2e-4 / sqrt(n_latents / 2**14), the paper's 1/sqrt(n) law
+    lr: float | None = None  # None -> the rule below (`resolved_lr`)
+    # the default lr's rule: "budget" (the paper's 1/sqrt(n) law, raised for runs too short to
+    # converge, from the run's budget_tokens) or "paper" (2e-4 / sqrt(n_latents / 2**14) as is)
+    lr_rule: str = "budget"
+    budget_tokens: int | None = None  # tokens the run will train on (the train job sets it)
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 6.25e-10
@@ -173,6 +195,12 @@ class TrainConfig(_DictConfig):
             not isinstance(self.micro_batches, int) or isinstance(self.micro_batches, bool) or self.micro_batches < 1
         ):
             raise ConfigError(f"train.micro_batches must be an integer >= 1 or 'auto', got {self.micro_batches!r}")
+        if self.lr_rule not in ("budget", "paper"):
+            raise ConfigError(f"train.lr_rule must be budget or paper, got {self.lr_rule!r}")
+        if self.budget_tokens is not None and (
+            not isinstance(self.budget_tokens, int) or isinstance(self.budget_tokens, bool) or self.budget_tokens < 1
+        ):
+            raise ConfigError(f"train.budget_tokens must be a positive integer, got {self.budget_tokens!r}")
         if self.lr is not None and (not math.isfinite(self.lr) or self.lr <= 0):
             raise ConfigError(f"train.lr must be a positive number, got {self.lr!r}")
         for name in ("beta1", "beta2"):
@@ -199,6 +227,10 @@ class TrainConfig(_DictConfig):
             _check_interval("train.checkpoint_every", self.checkpoint_every)
 
     def resolved_lr(self, n_latents: int) -> float:
+        """`lr` when set; else the paper's rule, times `budget_lr_multiplier` under the budget rule."""
         if self.lr is not None:
             return self.lr
-        return 2e-4 / math.sqrt(n_latents / 2**14)
+        paper = 2e-4 / math.sqrt(n_latents / 2**14)
+        if self.lr_rule == "paper" or self.budget_tokens is None:
+            return paper
+        return paper * budget_lr_multiplier(self.budget_tokens, n_latents)

@@ -2,7 +2,9 @@
 parameters with their standard errors, write them as JSON and plot the data against the fits.
 
 The results table (Parquet or CSV) has one row per finished run with at least `n_latents`, `k`
-and the loss column (default `heldout_nmse`); `compute` (training FLOPs) enables L(C), and
+and the loss column (default `heldout_nmse`); where a sweep tried several runs per (n_latents, k)
+(an lr sweep, seeds), each size's lowest-loss run is the one fitted, and `fits.json` says which
+(with its `lr` when the table has that column); `compute` (training FLOPs) enables L(C), and
 `tokens_to_convergence` enables T(N). Rows whose `status` is not "finished" are ignored.
 """
 
@@ -37,13 +39,33 @@ def read_results(path: str) -> dict[str, np.ndarray]:
     return columns
 
 
+def best_per_size(results: dict[str, np.ndarray], loss: str = "heldout_nmse") -> dict[str, np.ndarray]:
+    """The lowest-loss row of each (n_latents, k): a sweep that tried several learning rates (or
+    seeds) per size is fitted on each size's best run, as the paper tunes lr per size."""
+    n, k, y = (results[c].astype(np.float64) for c in ("n_latents", "k", loss))
+    keep: dict[tuple[float, float], int] = {}
+    for i in range(len(y)):
+        if np.isfinite(y[i]) and ((n[i], k[i]) not in keep or y[i] < y[keep[(n[i], k[i])]]):
+            keep[(n[i], k[i])] = i
+    rows = np.asarray(sorted(keep.values()), dtype=np.int64)
+    return {name: column[rows] for name, column in results.items()}
+
+
 def fit_results(results: dict[str, np.ndarray], loss: str = "heldout_nmse") -> dict[str, Any]:
-    """Every law the columns allow; a law that cannot be fitted is reported with its reason."""
+    """Every law the columns allow, on each (n_latents, k)'s best run; a law that cannot be fitted
+    is reported with its reason."""
     for column in ("n_latents", "k", loss):
         if column not in results:
             raise FitError(f"the results table has no column {column!r}")
+    runs = len(results[loss])
+    results = best_per_size(results, loss)
     n, k, y = (results[c].astype(np.float64) for c in ("n_latents", "k", loss))
-    out: dict[str, Any] = {"loss": loss, "points": int(len(y)), "L(N)": {}, "errors": {}}
+    out: dict[str, Any] = {"loss": loss, "points": int(len(y)), "runs": runs, "L(N)": {}, "errors": {}}
+    if "lr" in results:  # which run each size kept
+        out["picked"] = [
+            {"n_latents": int(a), "k": int(b), "lr": float(c), loss: float(d)}
+            for a, b, c, d in zip(n, k, results["lr"].astype(np.float64), y)
+        ]
     for kv in sorted(set(k.tolist())):
         sel = k == kv
         try:
@@ -135,6 +157,7 @@ def plot_fits(results: dict[str, np.ndarray], fits: dict[str, Any], out_dir: str
 def run(path: str, loss: str, out_dir: str) -> dict[str, Any]:
     results = read_results(path)
     fits = fit_results(results, loss)
+    results = best_per_size(results, loss)  # the plots show the fitted points
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "fits.json"), "w") as handle:
         json.dump(fits, handle, indent=2)
@@ -144,6 +167,10 @@ def run(path: str, loss: str, out_dir: str) -> dict[str, Any]:
             print(Fit(**fits[key]).describe())
     for kv, fit in fits["L(N)"].items():
         print(f"k={kv}: " + Fit(**fit).describe())
+    if fits["runs"] > fits["points"]:
+        print(f"{fits['runs']} runs, fitted on the best of each (N, k): {fits['points']} points")
+        for pick in fits.get("picked", []):
+            print(f"  N={pick['n_latents']} k={pick['k']}: lr {pick['lr']:.3g}, {loss} {pick[loss]:.4f}")
     for key, why in fits["errors"].items():
         print(f"{key}: not fitted: {why}")
     return fits

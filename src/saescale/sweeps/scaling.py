@@ -22,6 +22,10 @@ from scipy.optimize import curve_fit
 
 from saescale.train.convergence import tokens_to_convergence  # noqa: F401 - part of this module's API
 
+# training FLOPs per token per (d_in x n_latents): the encoder GEMM forward and its two backward
+# GEMMs, 2 FLOPs a multiply-add each (the compute axis of L(C))
+FLOPS_PER_TOKEN_DN = 6.0
+
 
 class FitError(ValueError):
     """Too few points, or the fit did not converge; the message says which."""
