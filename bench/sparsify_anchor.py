@@ -8,7 +8,8 @@ rows. Both are scored on the same held-out rows (shard 0): NMSE = sum (x_hat - x
 sum (x - mean)^2, the fraction of latents that did not fire in the last `--dead-tokens` training
 tokens, and the fraction that never fire on the held-out rows.
 
-saescale runs its own `Trainer` with its defaults (Adam, lr 2e-4/sqrt(N/2^14), AuxK 1/32,
+saescale runs its own `Trainer` with its defaults (Adam, the default lr for the run's token budget
+(`train.lr_rule=budget`: a multiple of the paper's 2e-4/sqrt(N/2^14)), AuxK 1/32,
 geometric-median b_pre, dataset-scale input normalisation). sparsify's `Trainer` needs a Hugging
 Face model and dataset, so its training step is reproduced here on plain tensors with sparsify's
 own `SparseCoder` (its encoder/decoder kernels, its loss and AuxK), as `sparsify.trainer.Trainer`
@@ -48,7 +49,14 @@ def checksum(batch: Tensor) -> str:
 
 
 def train_saescale(
-    batches: Batches, heldout: Tensor, n_latents: int, k: int, dead_tokens: int, seed: int, lr: float | None = None
+    batches: Batches,
+    heldout: Tensor,
+    n_latents: int,
+    k: int,
+    dead_tokens: int,
+    seed: int,
+    lr: float | None = None,
+    budget_tokens: int | None = None,
 ) -> dict:
     from saescale.core.config import NEVER, SAEConfig, TrainConfig
     from saescale.core.model import TopKSAE
@@ -56,7 +64,8 @@ def train_saescale(
     from saescale.train.trainer import Trainer
 
     sae = TopKSAE(SAEConfig(d_in=heldout.shape[1], n_latents=n_latents, k=k, dead_tokens_threshold=dead_tokens))
-    trainer = Trainer(sae, TrainConfig(lr=lr, seed=seed, log_every=NEVER, histogram_every=NEVER))
+    train_cfg = TrainConfig(lr=lr, budget_tokens=budget_tokens, seed=seed, log_every=NEVER, histogram_every=NEVER)
+    trainer = Trainer(sae, train_cfg)
     seen: list[str] = []
 
     def recorded() -> Iterator[Tensor]:
@@ -165,7 +174,8 @@ def run_anchor(
     """Train saescale and each sparsify recipe on `batches()` (called once per trainer; it must
     yield the same batches each time) and score them on `heldout`."""
     total_steps = sum(1 for _ in batches())
-    results = {"saescale": train_saescale(batches, heldout, n_latents, k, dead_tokens, seed, lr)}
+    tokens = sum(b.shape[0] for b in batches())  # the default lr follows the run's budget
+    results = {"saescale": train_saescale(batches, heldout, n_latents, k, dead_tokens, seed, lr, tokens)}
     for recipe in recipes:
         results[recipe] = train_sparsify(
             batches, heldout, n_latents, k, dead_tokens, seed, recipe, total_steps, sparsify_lr_scale

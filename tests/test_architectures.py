@@ -41,9 +41,8 @@ def _step_and_reference(cfg: SAEConfig, micro_batches: int, precision: str):
     tracker = DeadLatentTracker(N, 1000)
     tracker.tokens_since_fired[dead] = 1000
     before = tracker.tokens_since_fired.clone()
-    stats = SparseTopKStep(
-        sae, 0.7, tracker, precision=Precision.make(precision, x.device), micro_batches=micro_batches
-    )(x)
+    step = SparseTopKStep(sae, 0.7, tracker, precision=Precision.make(precision, x.device), micro_batches=micro_batches)
+    stats = step(x)
     params = {n: p.detach().clone().requires_grad_(True) for n, p in sae.named_parameters()}
     ref_tracker = DeadLatentTracker(N, 1000)
     ref_tracker.tokens_since_fired.copy_(before)
@@ -52,9 +51,10 @@ def _step_and_reference(cfg: SAEConfig, micro_batches: int, precision: str):
         ref_tracker.update(z.nonzero()[:, 1].unique(), BATCH)
     ref = dense_losses(params, x, cfg, 0.7, ref_tracker.dead_mask())
     ref["loss"].backward()
-    return sae, stats, ref, params, tracker, ref_tracker
+    return sae, stats, ref, params, tracker, ref_tracker, step
 
 
+@pytest.mark.parametrize("path,fraction", [("ragged", 2.0), ("dense", 0.0)])
 @pytest.mark.parametrize(
     "architecture,micro_batches,precision",
     [
@@ -66,9 +66,15 @@ def _step_and_reference(cfg: SAEConfig, micro_batches: int, precision: str):
         ("relu", 1, "bf16"),  # ReLU's GEMM stays float32 (signs near 0 decide its code)
     ],
 )
-def test_step_matches_the_dense_reference(architecture, micro_batches, precision):
+def test_step_matches_the_dense_reference(architecture, micro_batches, precision, path, fraction, monkeypatch):
+    """Both ways the kept entries are decoded and back-propagated: the sparse kernels (ragged) and
+    dense GEMMs (for a dense-ish code, `step.DENSE_CODE_FRACTION`), each forced here."""
+    import saescale.train.step as step_module
+
+    monkeypatch.setattr(step_module, "DENSE_CODE_FRACTION", fraction)
     cfg = _cfg(architecture)
-    sae, stats, ref, params, tracker, ref_tracker = _step_and_reference(cfg, micro_batches, precision)
+    sae, stats, ref, params, tracker, ref_tracker, step = _step_and_reference(cfg, micro_batches, precision)
+    assert step.last_main_path == path
     torch.testing.assert_close(stats.loss, ref["loss"].detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(stats.mse_loss, ref["mse_loss"].detach(), rtol=1e-5, atol=1e-7)
     # (under ReLU, AuxK's reconstruction is 0: a latent the counter calls dead has no positive
@@ -177,3 +183,41 @@ def test_relu_l0_is_set_by_the_l1_coefficient():
         nmses.append(_nmse(sae, held))
     assert l0s[1] < 0.5 * l0s[0], l0s  # more penalty, sparser code
     assert nmses[0] < nmses[1] < 1.0, nmses  # and the usual price in reconstruction
+
+
+def test_a_dense_ragged_code_is_split_into_bounded_kernel_calls(monkeypatch):
+    """A ReLU code early in training holds about half of all entries; the sparse kernels split it
+    into calls of bounded entries x d (CUDA indexes them in 32 bits: an H200 faulted on 134M
+    entries x 576). Forced here to a few hundred elements a call: the same step as the reference."""
+    import saescale.kernels.sparse as sparse
+    import saescale.train.step as step_module
+
+    monkeypatch.setattr(sparse, "_MAX_BAG_ELEMENTS", 40 * D)
+    monkeypatch.setattr(step_module, "DENSE_CODE_FRACTION", 2.0)  # the sparse kernels, not GEMMs
+    cfg = _cfg("relu")
+    sae, stats, ref, params, _, _, step = _step_and_reference(cfg, 1, "fp32")
+    assert step.last_main_path == "ragged"
+    assert stats.l0 * BATCH > 40 * 10  # the code needed many calls
+    torch.testing.assert_close(stats.loss, ref["loss"].detach(), rtol=1e-5, atol=1e-7)
+    for name, p in sae.named_parameters():
+        want = params[name].grad
+        assert (p.grad - want).abs().max().item() <= 1e-6 + 1e-4 * want.abs().max().item(), name
+
+
+@pytest.mark.parametrize("rows", [64, 12])  # 12 rows x 4k candidates < the budget: the flat top-k
+def test_batchtopk_candidates_hold_the_batch_top_even_where_one_token_takes_many(rows):
+    """Each token offers its top 4k first; a token whose 4k-th value reaches the chunk's bound
+    (token 3 here, shifted up so it holds most of the batch's top entries) offers every entry
+    above it: the batch's top k x batch is always among the candidates, in row-major order."""
+    from saescale.core.arch import activation
+
+    cfg = SAEConfig(d_in=8, n_latents=512, k=4, architecture="batchtopk")
+    pre = torch.randn(rows, 512, generator=torch.Generator().manual_seed(0))
+    pre[3] += 10.0
+    budget = 4 * 64
+    cand = activation("batchtopk").candidates(pre, budget, cfg)
+    flat = cand.rows * 512 + cand.latents
+    assert torch.equal(flat, flat.sort().values) and flat.unique().numel() == flat.numel()
+    top = pre.reshape(-1).topk(min(budget, pre.numel())).indices
+    assert torch.isin(top, flat).all()
+    assert (cand.rows == 3).sum() > 4 * cfg.k  # token 3 offered more than its top 4k

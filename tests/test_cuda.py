@@ -19,8 +19,18 @@ pytestmark = [
 ]
 
 
-def _step_on(device: str, precision: str, micro_batches: int):
-    cfg = SAEConfig(d_in=64, n_latents=4096, k=32, k_aux=32, normalization="none", aux_precision="float32")
+def _step_on(device: str, precision: str, micro_batches: int, architecture: str = "topk"):
+    extra = {"l1_coef": 0.01} if architecture == "relu" else {}
+    cfg = SAEConfig(
+        d_in=64,
+        n_latents=4096,
+        k=32,
+        k_aux=32,
+        normalization="none",
+        aux_precision="float32",
+        architecture=architecture,
+        **extra,
+    )
     g = torch.Generator().manual_seed(0)
     sae = perturbed_sae(cfg, g).to(device)
     with torch.no_grad():
@@ -41,6 +51,18 @@ def test_cuda_step_matches_the_cpu_float32_step(precision, rtol):
     stats, grads = _step_on("cuda", precision, 2)
     assert stats.loss.device.type == "cuda"
     torch.testing.assert_close(stats.loss.cpu(), ref.loss, rtol=rtol, atol=0)
+    for name, g in grads.items():
+        diff = (g - ref_grads[name]).norm() / ref_grads[name].norm()
+        assert diff <= rtol, f"{name}: {diff:.2e}"
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "relu"])
+@pytest.mark.parametrize("precision,rtol", [("fp32", 1e-3), ("bf16", 3e-2)])
+def test_cuda_batchtopk_and_relu_steps_match_the_cpu_float32_step(architecture, precision, rtol):
+    ref, ref_grads = _step_on("cpu", "fp32", 1, architecture)
+    stats, grads = _step_on("cuda", precision, 2, architecture)
+    torch.testing.assert_close(stats.loss.cpu(), ref.loss, rtol=rtol, atol=0)
+    torch.testing.assert_close(stats.l0.cpu(), ref.l0, rtol=rtol, atol=0)
     for name, g in grads.items():
         diff = (g - ref_grads[name]).norm() / ref_grads[name].norm()
         assert diff <= rtol, f"{name}: {diff:.2e}"

@@ -30,6 +30,8 @@ def _bench_step(args: argparse.Namespace) -> int:
         precision=args.precision,
         micro_batches=args.micro_batches,
         device=args.device,
+        architecture=args.architecture,
+        l1_coef=args.l1_coef,
     )
     print(json.dumps(result))
     return 0
@@ -327,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="row chunks of the GEMM + top-k (train.micro_batches); default 1, the whole batch at once",
     )
     step.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every tensor lives")
+    step.add_argument(
+        "--architecture",
+        choices=["topk", "batchtopk", "relu"],
+        default="topk",
+        help="sae.architecture; the floor stays the GEMM + top-k, the same work for each",
+    )
+    step.add_argument("--l1-coef", type=float, default=0.01, help="ReLU's L1 coefficient (--architecture relu)")
     step.set_defaults(func=_bench_step)
     cache = bench_sub.add_parser("cache", help="activation cache writer tokens/s and reader rows/s (local, S3)")
     cache.add_argument("--d-model", type=int, default=576)

@@ -122,10 +122,15 @@ def bench_step(
     micro_batches: int = 1,
     device: str = "cpu",
     timeout: float = 1800,
+    architecture: str = "topk",
+    l1_coef: float = 0.01,
 ) -> dict[str, Any]:
     from saescale.core.config import SAEConfig
 
-    SAEConfig(d_in=d_in, n_latents=n_latents, k=k, multi_topk=multi_topk)  # fail fast on bad sizes
+    l1_coef = l1_coef if architecture == "relu" else 0.0
+    SAEConfig(  # fail fast on bad sizes
+        d_in=d_in, n_latents=n_latents, k=k, multi_topk=multi_topk, architecture=architecture, l1_coef=l1_coef
+    )
     _check(dead_fraction, precision, micro_batches, batch, device)
     spec = dict(
         d_in=d_in,
@@ -142,6 +147,8 @@ def bench_step(
         precision=precision,
         micro_batches=micro_batches,
         device=device,
+        architecture=architecture,
+        l1_coef=l1_coef,
     )
     step = run_worker({**spec, "kind": "step"}, timeout)
     floor_fp32_s = statistics.median(step["fp32_floor_times_s"])

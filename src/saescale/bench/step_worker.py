@@ -72,6 +72,8 @@ def build(spec: dict[str, Any], device: torch.device) -> tuple[TopKSAE, torch.Te
         auxk_coef=(1 / 32) if spec["auxk"] else 0.0,
         normalization="none",
         aux_precision=spec.get("aux_precision", "auto"),
+        architecture=spec.get("architecture", "topk"),
+        l1_coef=spec.get("l1_coef", 0.0),
     )
     sae = TopKSAE(cfg, device=device)
     sae.reset_parameters_seeded(0)

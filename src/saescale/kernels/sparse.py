@@ -22,6 +22,30 @@ from torch import Tensor
 
 # Rows per chunk of a [n, d] output are chosen so that one chunk is about this many bytes.
 _CHUNK_BYTES = 8 * 2**20  # ~4k rows at d=576: stays in cache, recycled by malloc
+# Entries x d of one embedding_bag call stay under this: CUDA's per-sample-weight kernels index
+# entries * d in 32 bits (measured: an illegal memory access at 134M entries x 576 on an H200, a
+# ReLU code at init). A dense-ish ragged code (ReLU early in training) is split into calls this big.
+_MAX_BAG_ELEMENTS = 2**30
+
+
+def _entry_spans(offsets: Tensor, total: int, d: int) -> list[tuple[int, int, int, int]]:
+    """(first group, end group, first entry, end entry) spans of a CSR layout (`offsets`: each
+    row's or latent's first entry, `total`: the end of the last group's entries) whose entries x d
+    stay under _MAX_BAG_ELEMENTS; one span when small."""
+    groups = offsets.numel()
+    limit = max(1, _MAX_BAG_ELEMENTS // max(1, d))
+    first_entry = int(offsets[0]) if groups else 0  # offsets may be a slice of a larger layout
+    if total - first_entry <= limit:
+        return [(0, groups, first_entry, total)]
+    starts = offsets.tolist() + [total]
+    spans, first = [], 0
+    while first < groups:
+        # the furthest group end whose entries since `first` fit (at least one group)
+        end = max(first + 1, int(torch.searchsorted(offsets, starts[first] + limit, right=True)))
+        end = min(end, groups)
+        spans.append((first, end, starts[first], starts[end]))
+        first = end
+    return spans
 
 
 class LatentOrder:
@@ -131,8 +155,9 @@ def rows_by_latent_(out: Tensor, order: LatentOrder, coeffs: Tensor, dense: Tens
         if hi == lo:
             out[start:stop].zero_()
             continue
-        rows, offsets, weights = order.rows[lo:hi], order.offsets[start:stop] - lo, weights_sorted[lo:hi]
-        _bag_into(out[start:stop], rows, dense, offsets, weights)
+        for first, end, e_lo, e_hi in _entry_spans(order.offsets[start:stop], hi, d):  # one span unless huge
+            rows, offsets = order.rows[e_lo:e_hi], order.offsets[start + first : start + end] - e_lo
+            _bag_into(out[start + first : start + end], rows, dense, offsets, weights_sorted[e_lo:e_hi])
     return out
 
 
@@ -167,17 +192,48 @@ class RaggedCode:
         self.offsets = torch.zeros(batch, dtype=torch.long, device=rows.device)
         torch.cumsum(counts[:-1], 0, out=self.offsets[1:])
 
+    def spans(self, d: int) -> list[tuple[int, int, int, int]]:
+        """Row spans small enough for one embedding_bag call each (see _MAX_BAG_ELEMENTS)."""
+        return _entry_spans(self.offsets, self.latents.numel(), d)
+
     def decode(self, weight: Tensor) -> Tensor:
-        out = torch.ops.aten._embedding_bag_forward_only(
-            weight, self.latents, self.offsets, False, 0, False, self.values.to(weight.dtype), False, -1
-        )
-        return out[0]
+        values = self.values.to(weight.dtype)
+        spans = self.spans(weight.shape[1])
+        if len(spans) == 1:
+            return torch.ops.aten._embedding_bag_forward_only(
+                weight, self.latents, self.offsets, False, 0, False, values, False, -1
+            )[0]
+        out = torch.empty(self.batch, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        for r_lo, r_hi, e_lo, e_hi in spans:
+            out[r_lo:r_hi] = torch.ops.aten._embedding_bag_forward_only(
+                weight,
+                self.latents[e_lo:e_hi],
+                self.offsets[r_lo:r_hi] - e_lo,
+                False,
+                0,
+                False,
+                values[e_lo:e_hi],
+                False,
+                -1,
+            )[0]
+        return out
 
     def values_grad(self, weight: Tensor, dense: Tensor) -> Tensor:
         """d(decode)/d(values) contracted with `dense` [batch, d]: dense[row] . weight[latent]."""
-        return torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            dense.contiguous(), weight, self.latents, self.offsets, self.rows, 0, -1
-        )
+        dense = dense.contiguous()
+        parts = [
+            torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                dense[r_lo:r_hi],
+                weight,
+                self.latents[e_lo:e_hi],
+                self.offsets[r_lo:r_hi] - e_lo,
+                self.rows[e_lo:e_hi] - r_lo,
+                0,
+                -1,
+            )
+            for r_lo, r_hi, e_lo, e_hi in self.spans(weight.shape[1])
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def latent_sums(indices: Tensor, coeffs: Tensor, n_latents: int) -> Tensor:

@@ -81,7 +81,7 @@ class Activation:
         """How many entries the whole batch keeps (None: no fixed number)."""
         return None
 
-    def candidates(self, pre: Tensor, count: int | None) -> Candidates:
+    def candidates(self, pre: Tensor, count: int | None, cfg: SAEConfig) -> Candidates:
         """Entries of one chunk's pre-activation that may be kept; `count` is how many the
         selection may need from it (the budget, padded for a low-precision pre-activation)."""
         raise NotImplementedError

@@ -19,6 +19,8 @@ from torch import Tensor
 from saescale.core.arch.base import Activation, Candidates, Gather, TopKCode, masked_code, topk_code
 from saescale.core.config import SAEConfig
 
+# each token offers its top PER_TOKEN_FACTOR * k entries first (see BatchTopK.candidates)
+PER_TOKEN_FACTOR = 4
 # the batch threshold is averaged over about this many recent batches (SAELens: an EMA at 0.01)
 THRESHOLD_WINDOW = 100
 
@@ -46,11 +48,28 @@ class BatchTopK(Activation):
     def budget(self, cfg: SAEConfig, global_rows: int) -> int:
         return cfg.k * global_rows
 
-    def candidates(self, pre: Tensor, count: int | None) -> Candidates:
+    def candidates(self, pre: Tensor, count: int | None, cfg: SAEConfig) -> Candidates:
+        """Every entry of the chunk that can be among the batch's top `count`, without a top-k
+        over the whole flattened chunk (3x slower than TopK's per-token top-k on CPU): each
+        token's top PER_TOKEN_FACTOR * k, plus, for a token whose last such entry is not below
+        the chunk's own count-th candidate value (a lower bound of the batch's cut), all of its
+        entries at or above that bound."""
         assert count is not None
-        n = pre.shape[1]
-        flat = pre.reshape(-1)
-        pos = flat.topk(min(count, flat.numel()), sorted=False).indices.sort().values  # row-major
+        rows, n = pre.shape
+        per_token = min(n, PER_TOKEN_FACTOR * cfg.k)
+        if rows * per_token <= count or per_token == n:  # too few per-token candidates to bound the cut
+            flat = pre.reshape(-1)
+            pos = flat.topk(min(count, flat.numel()), sorted=False).indices
+        else:
+            vals, idx = pre.topk(per_token, dim=1, sorted=False)
+            bound = vals.reshape(-1).topk(count, sorted=False).values.min()
+            full = vals.min(dim=1).values >= bound  # tokens that may hold more entries above it
+            keep = ~full[:, None].expand_as(idx)
+            pos = (torch.arange(rows, device=pre.device)[:, None] * n + idx)[keep]
+            if bool(full.any()):
+                r, c = (pre[full] >= bound).nonzero(as_tuple=True)
+                pos = torch.cat([pos, full.nonzero().flatten()[r] * n + c])
+        pos = pos.sort().values  # row-major
         return Candidates(torch.div(pos, n, rounding_mode="floor"), pos % n)
 
     def keep(self, values: Tensor, budget: int | None, gather: Gather) -> tuple[Tensor, Tensor | None]:

@@ -42,7 +42,7 @@ class ReLU(Activation):
     def reference_penalty(self, z: Tensor, cfg: SAEConfig) -> Tensor:
         return cfg.l1_coef * z.sum(1).mean()
 
-    def candidates(self, pre: Tensor, count: int | None) -> Candidates:
+    def candidates(self, pre: Tensor, count: int | None, cfg: SAEConfig) -> Candidates:
         rows, latents = (pre > 0).nonzero(as_tuple=True)
         return Candidates(rows, latents)
 
