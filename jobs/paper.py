@@ -313,7 +313,7 @@ def lr_runs(p: Preset) -> list[Run]:
     return [Run("lr", n, 32, lr_mult=m, epochs=e) for n in p.lr_ns for e in p.lr_epochs for m in p.lr_mults]
 
 
-def frontier_runs(p: Preset, ledger: Ledger) -> list[Run]:
+def frontier_runs(p: Preset, ledger: Ledger, work: str) -> list[Run]:
     """The lr sweep at the middle of each architecture's grid, then its whole grid at its best lr."""
     n, mid_k, mid_l1 = p.frontier_n, p.frontier_ks[len(p.frontier_ks) // 2], p.frontier_l1s[len(p.frontier_l1s) // 2]
     sweeps = {
@@ -328,7 +328,7 @@ def frontier_runs(p: Preset, ledger: Ledger) -> list[Run]:
     }
     runs = [r for sweep in sweeps.values() for r in sweep]
     for arch, sweep in sweeps.items():
-        rows = run_all(sweep, ledger, _WORK)
+        rows = run_all(sweep, ledger, work)
         mult = min(rows, key=lambda r: r["heldout_nmse"])["lr_mult"]
         print0(f"frontier: {arch} at its best lr, {mult:g} x the default")
         if arch == "relu":
@@ -375,11 +375,7 @@ def dead_runs(p: Preset) -> list[Run]:
     ]
 
 
-_WORK = "runs/paper"
-
-
 def main(argv: list[str] | None = None) -> int:
-    global _WORK
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--only", default=",".join(EXPERIMENTS), help="comma-separated: " + ",".join(EXPERIMENTS))
@@ -392,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}", file=sys.stderr)
         return 2
     p = PRESETS[args.preset]
-    _WORK = args.work or os.path.join(ROOT, "runs", "paper", args.preset)
-    os.makedirs(_WORK, exist_ok=True)
+    work = args.work or os.path.join(ROOT, "runs", "paper", args.preset)
+    os.makedirs(work, exist_ok=True)
     needs_large = "scaling" in only or "metrics" in only
     for cache in [SMALL_CACHE] + ([LARGE_CACHE] if needs_large else []):
         if not os.path.exists(os.path.join(ROOT, cache, "manifest.json")):
@@ -403,36 +399,36 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    ledger = Ledger(_WORK)
+    ledger = Ledger(work)
     torch.manual_seed(0)
     start = time.perf_counter()
     if "lr" in only:
-        run_all(lr_runs(p), ledger, _WORK)
+        run_all(lr_runs(p), ledger, work)
     if "frontier" in only:
-        rows = run_all(frontier_runs(p, ledger), ledger, _WORK)
+        rows = run_all(frontier_runs(p, ledger, work), ledger, work)
         for row in rows:
             if "kl" not in row:
-                row["kl"] = evaluate(row, _WORK, full=False, windows=p.eval_windows)["downstream"][
+                row["kl"] = evaluate(row, work, full=False, windows=p.eval_windows)["downstream"][
                     "kl_clean_to_spliced"
                 ]
                 ledger.add(row)
     if "progressive" in only:
-        run_all(progressive_runs(p), ledger, _WORK)
+        run_all(progressive_runs(p), ledger, work)
     if "scaling" in only:
-        run_all(scaling_runs(p), ledger, _WORK)
+        run_all(scaling_runs(p), ledger, work)
     if "dead" in only:
-        run_all(dead_runs(p), ledger, _WORK)
+        run_all(dead_runs(p), ledger, work)
     if "metrics" in only:
         rows = [ledger.get(r) for r in scaling_runs(p)]
         for row in best([r for r in rows if r], ("n", "k", "seed")).values():
             if "eval" not in row:
-                row["eval"] = _eval_summary(evaluate(row, _WORK, full=True, windows=p.eval_windows))
+                row["eval"] = _eval_summary(evaluate(row, work, full=True, windows=p.eval_windows))
                 ledger.add(row)
     if "report" in only:
         from saescale.sweeps.paper_report import write_report
 
         write_report(list(ledger.rows.values()), os.path.join(ROOT, args.out), args.preset)
-    print0(f"paper: done in {time.perf_counter() - start:.0f} s; results in {_WORK}/runs.jsonl")
+    print0(f"paper: done in {time.perf_counter() - start:.0f} s; results in {work}/runs.jsonl")
     return 0
 
 

@@ -113,3 +113,75 @@ def test_tokens_to_convergence_of_a_curve_is_where_it_flattens():
     assert tokens_to_convergence(tokens, spiky, tol=0.05, window=1) == 152000.0
     with pytest.raises(ValueError, match="matching"):
         tokens_to_convergence(tokens, loss[:-1])
+
+
+def test_scaling_fit_keeps_each_sizes_best_learning_rate(tmp_path):
+    """An lr sweep per size: the fit uses each (N, k)'s lowest loss and says which lr it kept;
+    the worse lrs (here 30% worse, and off the law) do not bend the fitted exponent."""
+    from saescale.sweeps.report import fit_results
+
+    n = np.repeat(2.0 ** np.arange(9, 15), 3)
+    lr = np.tile([1e-3, 2e-3, 4e-3], 6)
+    best = power_law(n, 0.05, 3.0, -0.3)
+    loss = np.where(lr == 2e-3, best, best * 1.3 * (1 + 0.1 * np.log2(n)))
+    results = {"n_latents": n, "k": np.full_like(n, 32), "lr": lr, "heldout_nmse": loss}
+    fits = fit_results(results)
+    assert (fits["runs"], fits["points"]) == (18, 6)
+    assert all(p["lr"] == 2e-3 for p in fits["picked"])
+    assert fits["L(N)"]["32"]["params"]["b"] == pytest.approx(-0.3, rel=0.05)
+
+
+def test_paper_report_tables_from_runs(tmp_path):
+    """docs/paper's report from runs.jsonl rows: the lr rule fitted back from best multiples
+    planted on a known law, the frontier compared at matched L0, every section and plot written."""
+    import json
+    import math
+
+    from saescale.sweeps.paper_report import write_report
+
+    rows = []
+    base = {"seconds": 1.0, "heldout_dead_fraction": 0.0, "train_dead_fraction": 0.0, "seed": 0, "epochs": 1}
+    for n in (512, 2048, 8192):
+        for tokens in (1e5, 1e6):
+            best = (3e7 / tokens) ** 0.4 * (n / 2**14) ** 0.25  # the law the fit must recover
+            for mult in (1, 2, 4, 8, 16, 32):
+                nmse = 0.1 + 0.02 * math.log(mult / best) ** 2
+                rows.append(
+                    base
+                    | {
+                        "experiment": "lr",
+                        "n": n,
+                        "k": 32,
+                        "tokens": int(tokens),
+                        "lr_mult": mult,
+                        "lr": mult,
+                        "heldout_nmse": nmse,
+                    }
+                )
+    for arch, l0s, scale in (("topk", (8, 16, 32, 64), 1.0), ("relu", (10, 40, 160), 1.5)):
+        for i, l0 in enumerate(l0s):
+            rows.append(
+                base
+                | {
+                    "experiment": "frontier",
+                    "architecture": arch,
+                    "n": 4096,
+                    "k": l0,
+                    "l1": 0.001 * (i + 1) if arch == "relu" else 0.0,
+                    "lr_mult": 1.0,
+                    "lr": 1e-3,
+                    "heldout_l0": float(l0),
+                    "heldout_nmse": scale * 0.5 / l0**0.5,
+                    "kl": scale * 0.1 / l0**0.5,
+                }
+            )
+    text = write_report(rows, str(tmp_path), "test")
+    fit_line = next(line for line in text.splitlines() if line.startswith("Least-squares fit"))
+    assert "^0.400" in fit_line and "^0.250" in fit_line
+    assert (tmp_path / "lr.png").exists() and (tmp_path / "frontier_nmse.png").exists()
+    matched = [line for line in text.splitlines() if line.startswith("| 16 |")][0].split("|")
+    assert float(matched[2]) == pytest.approx(0.125, rel=1e-3)  # TopK at L0 16
+    assert matched[3].strip() == "–"  # no BatchTopK runs
+    assert float(matched[4]) == pytest.approx(1.5 * 0.125, rel=1e-3)  # ReLU interpolated at L0 16
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == len(rows)
+    json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[0])
