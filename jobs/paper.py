@@ -408,9 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_all(frontier_runs(p, ledger, work), ledger, work)
         for row in rows:
             if "kl" not in row:
-                row["kl"] = evaluate(row, work, full=False, windows=p.eval_windows)["downstream"][
-                    "kl_clean_to_spliced"
-                ]
+                row["kl"] = evaluate(row, work, full=False, windows=p.eval_windows)["downstream"]["kl_clean_to_spliced"]
                 ledger.add(row)
     if "progressive" in only:
         run_all(progressive_runs(p), ledger, work)

@@ -66,6 +66,23 @@ def test_bad_values_fail_in_the_dataclasses(override, message):
         OmegaConf.to_object(compose_job("train", override))
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (("sae.architecture=relu",), "training sae.architecture=relu needs sae.l1_coef > 0"),
+        (("sae.architecture=batchtopk", "sae.multi_topk=true"), "multi_topk is a TopK loss"),
+        (("sae.l1_coef=0.01",), "l1_coef is ReLU's penalty"),
+        (("sae.architecture=gated",), "sae.architecture must be one of topk, batchtopk, relu"),
+    ],
+)
+def test_architecture_settings_that_cannot_train_fail_before_ray_starts(overrides, message):
+    from saescale.app.train_job import engine_configs
+
+    job = OmegaConf.to_object(compose_job("train", *overrides))
+    with pytest.raises(ConfigError, match=message):
+        engine_configs(job, d_in=64, total_steps=10)
+
+
 def test_a_wrong_type_is_refused_while_composing():
     from hydra.errors import ConfigCompositionException
 

@@ -29,6 +29,7 @@ from saescale.app.job_paths import check_job_paths, local_side_dir
 from saescale.app.run_identity import config_hash
 from saescale.app.schema import TrainJobConfig
 from saescale.console import first_line, print0
+from saescale.core.arch import activation
 from saescale.core.config import ConfigError, SAEConfig, TrainConfig
 from saescale.data.format import CorruptShardError
 from saescale.data.manifest import Manifest
@@ -93,6 +94,7 @@ def local_worker_memory_gib(workers: int) -> float:
 def engine_configs(job: TrainJobConfig, d_in: int, total_steps: int) -> tuple[SAEConfig, TrainConfig]:
     """The engine's SAE and train configs from the job's sections (validated on construction)."""
     sae = SAEConfig(d_in=d_in, **vars(job.sae))
+    activation(sae.architecture).check(sae)  # e.g. ReLU without an L1 penalty: before Ray starts
     train_keys = {k: v for k, v in vars(job.train).items() if k not in ("batch_size", "epochs", "max_steps")}
     budget = total_steps * job.train.batch_size  # the default lr follows the run's token budget
     return sae, TrainConfig(total_steps=total_steps, budget_tokens=budget, **train_keys)
