@@ -75,6 +75,7 @@ def test_step_matches_the_dense_reference(architecture, micro_batches, precision
     cfg = _cfg(architecture)
     sae, stats, ref, params, tracker, ref_tracker, step = _step_and_reference(cfg, micro_batches, precision)
     assert step.last_main_path == path
+    assert step.precision.name == ("fp32" if architecture == "relu" else precision)
     torch.testing.assert_close(stats.loss, ref["loss"].detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(stats.mse_loss, ref["mse_loss"].detach(), rtol=1e-5, atol=1e-7)
     # (under ReLU, AuxK's reconstruction is 0: a latent the counter calls dead has no positive
@@ -221,3 +222,29 @@ def test_batchtopk_candidates_hold_the_batch_top_even_where_one_token_takes_many
     top = pre.reshape(-1).topk(min(budget, pre.numel())).indices
     assert torch.isin(top, flat).all()
     assert (cand.rows == 3).sum() > 4 * cfg.k  # token 3 offered more than its top 4k
+
+
+def test_kernel_calls_stay_bounded_and_a_wide_inference_code_decodes_in_row_chunks(monkeypatch):
+    """The spans of a CSR layout never exceed the bound unless one group alone does (a group is
+    never split), and `sparse_decode` of a wide code (ReLU's inference code is as wide as its
+    busiest token) gives the same reconstruction in row chunks."""
+    import saescale.kernels.sparse as sparse
+
+    monkeypatch.setattr(sparse, "_MAX_BAG_ELEMENTS", 15)
+    for offsets, total in (([0, 10], 20), ([0, 4, 8, 12, 30], 40), ([5, 6, 7, 20], 22)):
+        spans = sparse._entry_spans(torch.tensor(offsets), total, 1)
+        assert spans[0][2] == offsets[0] and spans[-1][3] == total
+        assert all(a[1] == b[0] and a[3] == b[2] for a, b in zip(spans, spans[1:]))  # contiguous
+        for first, end, lo, hi in spans:
+            assert hi - lo <= 15 or end == first + 1
+    g = torch.Generator().manual_seed(0)
+    weight, idx = torch.randn(64, 3, generator=g), torch.randint(0, 64, (20, 7), generator=g)
+    values = torch.rand(20, 7, generator=g)
+    want = torch.zeros(20, 64).scatter_add_(1, idx, values) @ weight
+    torch.testing.assert_close(sparse.sparse_decode(idx, values, weight), want)  # 20 calls of 1 row
+
+
+def test_relu_trains_its_encoder_in_float32_and_the_trainer_records_it():
+    sae = TopKSAE(_cfg("relu"))
+    trainer = Trainer(sae, TrainConfig(precision="bf16"))
+    assert trainer.precision.name == "fp32"

@@ -10,6 +10,7 @@ blocked in a collective). Plain torch.distributed with gloo; the Ray Train worke
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
@@ -118,8 +119,18 @@ def test_resume_refuses_a_checkpoint_of_another_config(reference):
     ckpt, _ = reference
     sae_cfg, train_cfg = _cfgs(lr=1e-3)  # an lr sweep's other run must not continue this one
     trainer = build_rank_trainer(sae_cfg, train_cfg, ParallelDims(1, 1), 0)
-    with pytest.raises(CheckpointError, match="differs in train.lr"):
+    with pytest.raises(CheckpointError, match="trained at lr .* would continue at 0.001"):
         StorageCheckpointer(ckpt).restore(trainer, SAVED_AT)
+    # under the budget rule a longer run would change the default lr mid-run: refused, with the
+    # lr to pass; passing it (or the same budget) continues the run
+    sae_cfg, saved = _cfgs()  # the checkpoint's settings
+    for changed, ok in ((dict(lr=None, budget_tokens=10**6), False), (dict(budget_tokens=10**6), True)):
+        trainer = build_rank_trainer(sae_cfg, dataclasses.replace(saved, **changed), ParallelDims(1, 1), 0)
+        if ok:
+            assert StorageCheckpointer(ckpt).restore(trainer, SAVED_AT) == SAVED_AT
+        else:
+            with pytest.raises(CheckpointError, match=f"pass train.lr={saved.lr:.6g}"):
+                StorageCheckpointer(ckpt).restore(trainer, SAVED_AT)
 
 
 # ------------------------------------------------------------------------- agreement

@@ -87,8 +87,15 @@ def test_runs_started_before_the_precision_setting_keep_their_identity():
     cfg = compose_train()
     before = identity_config(cfg)
     assert "precision" not in before["train"] and "micro_batches" not in before["train"]
-    # the default run's id before train.precision existed (commit d351ec7); change deliberately
-    assert cfg.run_id == "resid8-n4096-k32-2294712c"
+    # the default run's id before train.precision existed (commit d351ec7) is found again with the
+    # lr rule of that time: the default (lr_rule=budget) trains with another lr, so another run id
+    assert compose_train("train.lr_rule=paper").run_id == "resid8-n4096-k32-2294712c"
+    assert cfg.run_id != "resid8-n4096-k32-2294712c"
+    # with train.lr set, the rule is moot and left out
+    assert "lr_rule" not in identity_config(compose_train("train.lr=0.001"))["train"]
+    assert config_hash(compose_train("train.lr=0.001")) == config_hash(
+        compose_train("train.lr=0.001", "train.lr_rule=paper")
+    )
 
 
 def test_credentials_in_the_cache_url_do_not_enter_the_identity():

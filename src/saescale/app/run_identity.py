@@ -34,9 +34,14 @@ NOT_IDENTITY = {
     "data": ("endpoint_url", "heldout_tokens", "prefetch_batches"),
     "parallel": ("cpus_per_worker", "memory_per_worker_gib"),
 }
-# keys added after runs existed, left out of the hash at their default: a run started before
-# the key existed keeps its run_id (and resumes) when rerun with the same command
-OMITTED_AT_DEFAULT = {"train": {"precision": "auto"}, "sae": {"architecture": "topk", "l1_coef": 0.0}}
+# keys added after runs existed, left out of the hash at the value that reproduces the runs from
+# before the key existed: such a run keeps its run_id (and resumes) when rerun with that value.
+# All are the defaults but train.lr_rule, whose default changed the default lr: a run from before
+# it is found again with train.lr_rule=paper
+OMITTED_AT_DEFAULT = {
+    "train": {"precision": "auto", "lr_rule": "paper"},
+    "sae": {"architecture": "topk", "l1_coef": 0.0},
+}
 HASH_CHARS = 8
 
 
@@ -53,6 +58,8 @@ def identity_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         for key, default in OMITTED_AT_DEFAULT.get(section, {}).items():
             if values.get(key) == default:
                 values.pop(key)
+        if section == "train" and values.get("lr") is not None:
+            values.pop("lr_rule", None)  # the rule picks the default lr only: a set lr makes it moot
         out[section] = values
     data = out.get("data", {})
     if isinstance(data.get("cache"), str):

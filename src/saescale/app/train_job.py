@@ -42,9 +42,6 @@ from saescale.service.stream import plan_data, rebuild_hint
 from saescale.sweeps.scaling import FLOPS_PER_TOKEN_DN
 from saescale.train.precision import resolve_precision
 
-# dense-equivalent training FLOPs per token and latent-dimension product: the encoder GEMM's
-# forward and backward dominate (2 forward + 4 backward multiply-adds)
-
 
 @dataclass
 class PreparedRun:

@@ -81,7 +81,7 @@ def _saelens_layout(n: int, d: int, architecture: str = "topk") -> list[_Tensor]
 
 
 # our architecture -> SAELens' (BatchTopK infers as a JumpReLU at its threshold, as in SAELens)
-_SAELENS_ARCHITECTURES = {"topk": "topk", "relu": "standard", "batchtopk": "jumprelu"}
+SAELENS_ARCHITECTURES = {"topk": "topk", "relu": "standard", "batchtopk": "jumprelu"}
 
 
 def _sparsify_layout(n: int, d: int) -> list[_Tensor]:
@@ -208,7 +208,7 @@ def _saelens_cfg(cfg: SAEConfig, metadata: dict[str, Any] | None) -> dict[str, A
     meta.update(metadata or {})
     meta["hook_name"] = transformer_lens_hook_name(str(meta["hook_name"]))
     body = {
-        "architecture": _SAELENS_ARCHITECTURES[cfg.architecture],
+        "architecture": SAELENS_ARCHITECTURES[cfg.architecture],
         "d_in": cfg.d_in,
         "d_sae": cfg.n_latents,
         "k": cfg.k,

@@ -31,11 +31,13 @@ import torch
 from saescale import storage
 from saescale.core.config import SAEConfig
 from saescale.core.model import TopKSAE
+from saescale.formats.export import SAELENS_ARCHITECTURES
 from saescale.formats.saved import SavedSAEError, read_safetensors
 
 FORMATS = ("saescale", "saelens", "sparsify", "openai")
 # SAELens architecture -> ours (SAELens saves a BatchTopK SAE for inference as a JumpReLU)
-_SAELENS_ARCHITECTURES = {"topk": "topk", "standard": "relu", "jumprelu": "batchtopk"}
+_SAELENS_ARCHITECTURES = {theirs: ours for ours, theirs in SAELENS_ARCHITECTURES.items()}
+TEST_TIME_K = 32  # an imported ReLU or JumpReLU SAE's sae.k: only the default of test-time TopK
 
 
 class ForeignSAEError(SavedSAEError):
@@ -98,7 +100,7 @@ def read_openai(
     activation = state.get("activation", "ReLU")
     n, d = state["encoder.weight"].shape
     if activation == "ReLU":  # OpenAI normalises only TopK models' inputs ("hacky", says its code)
-        cfg = SAEConfig(d_in=d, n_latents=n, k=min(32, n), architecture="relu", normalization="none")
+        cfg = SAEConfig(d_in=d, n_latents=n, k=min(TEST_TIME_K, n), architecture="relu", normalization="none")
     elif activation == "TopK":
         k = int(state.get("activation_state_dict", {}).get("k", 0))
         if not 0 < k <= n:
@@ -133,7 +135,7 @@ def read_saelens(
     t = _tensors(url, "sae_weights.safetensors", storage_options)
     n = int(raw["d_sae"])
     ours = _SAELENS_ARCHITECTURES[arch]
-    k = int(raw["k"]) if arch == "topk" else min(32, n)  # others: only a test-time TopK default
+    k = int(raw["k"]) if arch == "topk" else min(TEST_TIME_K, n)
     cfg = SAEConfig(d_in=int(raw["d_in"]), n_latents=n, k=k, architecture=ours, normalization=norm)
     sae = _build(cfg, t["W_enc"].t(), t["b_enc"], t["W_dec"], t["b_dec"], url)
     if arch == "jumprelu":

@@ -30,7 +30,7 @@ def sae_tensors(sae: TopKSAE, weights: dict[str, torch.Tensor] | None = None) ->
     params = weights if weights is not None else {n: p.detach() for n, p in sae.named_parameters()}
     out = {name: params[name].contiguous().cpu() for name in ("W_enc", "b_enc", "W_dec", "b_pre")}
     out["input_scale"] = sae.input_scale.detach().reshape(()).cpu()
-    if sae.cfg.architecture == "batchtopk":  # its inference threshold (a JumpReLU at one value)
+    if sae.activation.has_threshold:  # BatchTopK's inference threshold (a JumpReLU at one value)
         out["threshold"] = sae.threshold.detach().reshape(()).cpu()
     return out
 
@@ -95,7 +95,7 @@ def read_safetensors(url: str, storage_options: dict[str, Any] | None = None) ->
 def load_sae_tensors(sae: TopKSAE, tensors: dict[str, torch.Tensor]) -> None:
     expected = {name: tuple(p.shape) for name, p in sae.named_parameters()}
     expected["input_scale"] = ()
-    if sae.cfg.architecture == "batchtopk":
+    if sae.activation.has_threshold:
         expected["threshold"] = ()
     missing = set(expected) - set(tensors)
     if missing:

@@ -38,11 +38,12 @@ def _entry_spans(offsets: Tensor, total: int, d: int) -> list[tuple[int, int, in
     if total - first_entry <= limit:
         return [(0, groups, first_entry, total)]
     starts = offsets.tolist() + [total]
+    ends = torch.tensor(starts[1:], dtype=torch.long)  # each group's end entry
     spans, first = [], 0
     while first < groups:
-        # the furthest group end whose entries since `first` fit (at least one group)
-        end = max(first + 1, int(torch.searchsorted(offsets, starts[first] + limit, right=True)))
-        end = min(end, groups)
+        # the most groups from `first` whose entries fit (at least one: a group is never split)
+        fits = int(torch.searchsorted(ends, starts[first] + limit, right=True))
+        end = min(max(first + 1, fits), groups)
         spans.append((first, end, starts[first], starts[end]))
         first = end
     return spans
@@ -93,11 +94,17 @@ def sparse_decode(indices: Tensor, values: Tensor, weight: Tensor) -> Tensor:
     if _needs_autograd(values, weight):
         return F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum")
     batch, width = indices.shape
-    offsets = torch.arange(0, batch * width, width, device=indices.device)
-    out = torch.ops.aten._embedding_bag_forward_only(
-        weight, indices.reshape(-1), offsets, False, 0, False, values.reshape(-1), False, -1
-    )
-    return out[0]
+    step = max(1, _MAX_BAG_ELEMENTS // max(1, width * weight.shape[1]))  # rows per call (a wide ReLU code)
+    parts = []
+    for lo in range(0, batch, step):
+        idx, val = indices[lo : lo + step], values[lo : lo + step]
+        offsets = torch.arange(0, idx.shape[0] * width, width, device=indices.device)
+        parts.append(
+            torch.ops.aten._embedding_bag_forward_only(
+                weight, idx.reshape(-1), offsets, False, 0, False, val.reshape(-1), False, -1
+            )[0]
+        )
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _bag_into(out: Tensor, rows: Tensor, dense: Tensor, offsets: Tensor, weights: Tensor) -> None:

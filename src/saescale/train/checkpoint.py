@@ -23,6 +23,7 @@ slices: only those rows are read into memory). No pickle anywhere: safetensors a
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -37,7 +38,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from saescale import retry, storage
-from saescale.core.config import SAEConfig
+from saescale.core.arch import activation
+from saescale.core.config import SAEConfig, TrainConfig
 from saescale.core.model import TopKSAE
 from saescale.distributed.parallel import DataParallel, TensorParallel
 from saescale.formats.saved import CONFIG_FILE, FORMAT, WEIGHTS_FILE, load_sae_tensors, sae_tensors
@@ -50,6 +52,7 @@ KEEP_LAST = 2  # checkpoints kept by a StorageCheckpointer (the newest and the o
 # result: how often to log, draw histograms and checkpoint, and how long to train.
 RESUMABLE_TRAIN_KEYS = frozenset(
     {"log_every", "histogram_every", "checkpoint_every", "total_steps", "precision", "micro_batches"}
+    | {"lr", "lr_rule", "budget_tokens"}  # compared as the lr they resolve to (check_resumable)
 )
 
 Fetch = Callable[[str], str]  # file name in a checkpoint folder -> local path holding it
@@ -213,6 +216,16 @@ def check_resumable(meta: dict[str, Any], trainer: Trainer) -> None:
             f"the checkpoint was written under another config (differs in {', '.join(diff)}); "
             "resume with the same settings or start a new run (another run name / output dir)"
         )
+    # the lr: a checkpoint from before train.lr_rule took the paper's rule; under the budget rule
+    # the default lr follows the run's length, so a longer max_steps would change it mid-run
+    theirs_cfg = TrainConfig.from_dict({"lr_rule": "paper"} | saved_train)
+    theirs_lr, ours_lr = theirs_cfg.resolved_lr(trainer.n_global), trainer.cfg.resolved_lr(trainer.n_global)
+    if not math.isclose(theirs_lr, ours_lr, rel_tol=1e-9):
+        raise CheckpointError(
+            f"the checkpoint trained at lr {theirs_lr:.4g} and this run would continue at {ours_lr:.4g} "
+            f"(train.lr_rule={trainer.cfg.lr_rule} sets the default lr from the run's token budget, which changed); "
+            f"pass train.lr={theirs_lr:.6g} to continue it, or start a new run"
+        )
 
 
 def load_rank_shard(fetch: Fetch, trainer: Trainer) -> dict[str, Any]:
@@ -351,7 +364,7 @@ def export_gathered(
         ("b_pre", "F32", [d]),
         ("input_scale", "F32", []),
     ]
-    if cfg.architecture == "batchtopk":  # its inference threshold, replicated on every rank
+    if activation(cfg.architecture).has_threshold:  # BatchTopK's threshold, replicated on every rank
         entries.append(("threshold", "F32", []))
     with tempfile.TemporaryDirectory(prefix="saescale-export-") as tmp:
         out_path = os.path.join(tmp, WEIGHTS_FILE)

@@ -146,7 +146,7 @@ class SparseTopKStep:
         self.tracker = tracker
         self.precision = precision or Precision("fp32")
         if self.precision.low and not self.activation.low_precision_selection:
-            self.precision = Precision("fp32")  # e.g. ReLU: its code is the sign of every entry
+            self.precision = Precision("fp32")  # e.g. ReLU: its code is the sign of every entry (the trainer says so)
         self.micro_batches = micro_batches
         self._pre: Tensor | None = None
         # low precision: [W_enc | b_enc] as one [n, d + 1] matrix, and the chunk's [xc | 1], so the

@@ -129,6 +129,11 @@ class Trainer:
         self.tracker = DeadLatentTracker(sae.cfg.n_latents, sae.cfg.dead_tokens_threshold, self.device)
         self.ema = WeightEMA(self.params, cfg.ema_decay) if cfg.ema_decay else None
         self.precision = Precision.make(cfg.precision, self.device)
+        if self.precision.low and not sae.activation.low_precision_selection:
+            print0(
+                f"sae.architecture={sae.cfg.architecture} trains its encoder in fp32 (train.precision={cfg.precision} ignored)"
+            )
+            self.precision = Precision("fp32")
         self.micro_batches = cfg.micro_batches
         self.step = 0
         self.tokens_seen = 0
@@ -280,7 +285,7 @@ class Trainer:
             metrics["multi_topk_loss"] = multi_loss
         if stats.penalty_loss is not None:
             metrics["penalty_loss"] = penalty_loss
-        if self.sae.cfg.architecture == "batchtopk":
+        if self.sae.activation.has_threshold:
             metrics["threshold"] = float(self.sae.threshold)
         if self.precision.scaler is not None:
             metrics["loss_scale"] = self.precision.scale

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from saescale.core.arch import batchtopk, relu, topk
 from saescale.core.arch.base import Activation, TopKCode
+from saescale.core.config import ARCHITECTURES
 
 REGISTRY: dict[str, Activation] = {m.ACTIVATION.name: m.ACTIVATION for m in (topk, batchtopk, relu)}
+assert tuple(REGISTRY) == ARCHITECTURES, "saescale.core.config.ARCHITECTURES lists the registry's names"
 
 
 def activation(name: str) -> Activation:

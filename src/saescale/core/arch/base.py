@@ -60,13 +60,21 @@ class Activation:
     # whether a low-precision pre-activation may pick the candidates (their values are always
     # recomputed in float32); False where the choice hinges on signs near zero (ReLU)
     low_precision_selection = True
+    # whether the model's `threshold` buffer is learned state (saved, checkpointed, exported)
+    has_threshold = False
 
     def check(self, cfg: SAEConfig) -> None:
         """Raise ConfigError for a config this activation cannot train (beyond SAEConfig's checks)."""
 
     def encode(self, pre: Tensor, cfg: SAEConfig, threshold: Tensor, k: int | None) -> TopKCode:
         """The inference code; an explicit `k` asks for test-time TopK on any activation."""
-        return topk_code(pre, cfg.k if k is None else k)
+        if k is not None or self.fixed_width:
+            return topk_code(pre, cfg.k if k is None else k)
+        return self.inference_code(pre, cfg, threshold)
+
+    def inference_code(self, pre: Tensor, cfg: SAEConfig, threshold: Tensor) -> TopKCode:
+        """The activation's own code at inference (activations without a fixed width)."""
+        raise NotImplementedError
 
     def reference_latents(self, pre: Tensor, cfg: SAEConfig) -> Tensor:
         """The dense [batch, n] training code, differentiable through autograd (the reference)."""

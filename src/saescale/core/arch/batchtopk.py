@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saescale.core.arch.base import Activation, Candidates, Gather, TopKCode, masked_code, topk_code
+from saescale.core.arch.base import Activation, Candidates, Gather, TopKCode, masked_code
 from saescale.core.config import SAEConfig
 
 # each token offers its top PER_TOKEN_FACTOR * k entries first (see BatchTopK.candidates)
@@ -33,10 +33,9 @@ def threshold_weight(step: int) -> float:
 
 class BatchTopK(Activation):
     name = "batchtopk"
+    has_threshold = True
 
-    def encode(self, pre: Tensor, cfg: SAEConfig, threshold: Tensor, k: int | None) -> TopKCode:
-        if k is not None:  # test-time TopK
-            return topk_code(pre, k)
+    def inference_code(self, pre: Tensor, cfg: SAEConfig, threshold: Tensor) -> TopKCode:
         return masked_code(pre, pre > threshold.clamp_min(0))
 
     def reference_latents(self, pre: Tensor, cfg: SAEConfig) -> Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from saescale.core.arch.base import Activation, Candidates, Gather, TopKCode, masked_code, topk_code
+from saescale.core.arch.base import Activation, Candidates, Gather, TopKCode, masked_code
 from saescale.core.config import ConfigError, SAEConfig
 
 
@@ -27,9 +27,7 @@ class ReLU(Activation):
     # (measured: 1.7% error in W_enc's gradient at d=24); ReLU's encoder GEMM runs in float32
     low_precision_selection = False
 
-    def encode(self, pre: Tensor, cfg: SAEConfig, threshold: Tensor, k: int | None) -> TopKCode:
-        if k is not None:  # test-time TopK
-            return topk_code(pre, k)
+    def inference_code(self, pre: Tensor, cfg: SAEConfig, threshold: Tensor) -> TopKCode:
         return masked_code(pre, pre > 0)
 
     def check(self, cfg: SAEConfig) -> None:
