@@ -22,7 +22,7 @@ Experiments:
   scaling      N from 512 up with token budgets that grow with N, a small lr sweep per N; the
                best run per (N, k) is picked by `saescale scaling fit`, which refits L(N), L(N, k)
   dead         the fraction of dead latents against N, with and without AuxK and transpose init
-  metrics      `jobs/eval.py` on the scaling runs (the best lr per N): probe loss, N2G precision
+  metrics      `jobs/eval.py` on the k=32 scaling runs (the best lr per N): probe loss, N2G precision
                and recall, ablation sparsity, downstream KL, with their spread over latents/tasks
 """
 
@@ -99,6 +99,7 @@ class Preset:
     scaling_lr_mults: tuple[float, ...]
     dead_ns: tuple[int, ...]
     seeds: tuple[int, ...] = (0,)
+    metrics_k: int = 32  # the scaling runs `metrics` evaluates (each N's best lr at this k)
     eval_windows: int = 64
     extra: dict = field(default_factory=dict)
 
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     if "dead" in only:
         run_all(dead_runs(p), ledger, work)
     if "metrics" in only:
-        rows = [ledger.get(r) for r in scaling_runs(p)]
+        rows = [ledger.get(r) for r in scaling_runs(p) if r.k == p.metrics_k]
         for row in best([r for r in rows if r], ("n", "k", "seed")).values():
             if "eval" not in row:
                 row["eval"] = _eval_summary(evaluate(row, work, full=True, windows=p.eval_windows))
