@@ -77,6 +77,21 @@ def _worker(
         dist.destroy_process_group()
 
 
+def _tp_and_single(tmp_path, cfg: SAEConfig, world: int, n_dead: int, micro_batches: int, precision: str):
+    """The TP ranks' saved results, and the single process's step on the same weights and batch."""
+    mp.spawn(
+        _worker,
+        args=(world, free_port(), dataclasses.asdict(cfg), n_dead, str(tmp_path), micro_batches, precision),
+        nprocs=world,
+    )
+    ranks = [load_file(os.path.join(tmp_path, f"rank{r}.safetensors")) for r in range(world)]
+    full, x, counters = _setup(cfg, n_dead)
+    tracker = DeadLatentTracker(cfg.n_latents, THRESHOLD)
+    tracker.tokens_since_fired.copy_(counters)
+    ref = SparseTopKStep(full, 0.7, tracker, precision=Precision.make(precision, x.device))(x)
+    return ranks, full, tracker, ref
+
+
 @pytest.mark.parametrize(
     "world,multi_topk,n_dead,micro_batches,precision",
     [
@@ -104,17 +119,7 @@ def test_tensor_parallel_step_matches_single_process(tmp_path, world, multi_topk
         aux_precision="float32",
         auxk_coef=1 / 32,
     )
-    mp.spawn(
-        _worker,
-        args=(world, free_port(), dataclasses.asdict(cfg), n_dead, str(tmp_path), micro_batches, precision),
-        nprocs=world,
-    )
-    ranks = [load_file(os.path.join(tmp_path, f"rank{r}.safetensors")) for r in range(world)]
-
-    full, x, counters = _setup(cfg, n_dead)
-    tracker = DeadLatentTracker(cfg.n_latents, THRESHOLD)
-    tracker.tokens_since_fired.copy_(counters)
-    ref = SparseTopKStep(full, 0.7, tracker, precision=Precision.make(precision, x.device))(x)
+    ranks, full, tracker, ref = _tp_and_single(tmp_path, cfg, world, n_dead, micro_batches, precision)
 
     # in bf16 the single process's AuxK runs its dense dead block in float32 (sae.aux_precision)
     # while the TP ranks take AuxK's top-k from the bf16 pre-activation: AuxK agrees to bf16
@@ -159,17 +164,7 @@ def test_batchtopk_and_relu_tensor_parallel_steps_match_single_process(
         aux_precision="float32",
         **extra,
     )
-    n_dead = 40
-    mp.spawn(
-        _worker,
-        args=(world, free_port(), dataclasses.asdict(cfg), n_dead, str(tmp_path), micro_batches, precision),
-        nprocs=world,
-    )
-    ranks = [load_file(os.path.join(tmp_path, f"rank{r}.safetensors")) for r in range(world)]
-    full, x, counters = _setup(cfg, n_dead)
-    tracker = DeadLatentTracker(cfg.n_latents, THRESHOLD)
-    tracker.tokens_since_fired.copy_(counters)
-    ref = SparseTopKStep(full, 0.7, tracker, precision=Precision.make(precision, x.device))(x)
+    ranks, full, tracker, ref = _tp_and_single(tmp_path, cfg, world, 40, micro_batches, precision)
     aux_rtol = 1e-5 if precision == "fp32" else 1e-3  # AuxK's dead block: see the test above
     for r in ranks:
         torch.testing.assert_close(r["loss"][0], ref.loss, rtol=aux_rtol, atol=1e-7)
