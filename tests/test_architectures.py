@@ -248,3 +248,17 @@ def test_relu_trains_its_encoder_in_float32_and_the_trainer_records_it():
     sae = TopKSAE(_cfg("relu"))
     trainer = Trainer(sae, TrainConfig(precision="bf16"))
     assert trainer.precision.name == "fp32"
+
+
+def test_feature_passes_take_codes_whose_width_changes_from_block_to_block(monkeypatch):
+    """A ReLU or BatchTopK code is as wide as its busiest token, so blocks of rows give codes of
+    different widths; the feature pages' encoder joins them (padding with zero values)."""
+    import saescale.features.passes as passes
+
+    monkeypatch.setattr(passes, "ENCODE_ELEMENTS", 7 * N)  # 7 rows a block
+    sae = perturbed_sae(_cfg("relu"), torch.Generator().manual_seed(2))
+    x = torch.randn(30, D, generator=torch.Generator().manual_seed(3))
+    code = passes.encode_rows(sae, x)
+    dense = torch.zeros(30, N).scatter_add_(1, code.indices, code.values)
+    with torch.no_grad():
+        torch.testing.assert_close(dense, sae.dense_latents(x))

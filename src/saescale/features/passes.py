@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from saescale.core.arch.base import concat_codes
 from saescale.core.model import TopKCode, TopKSAE
 from saescale.data.format import activations_from_column
 
@@ -71,7 +72,7 @@ def encode_rows(sae: TopKSAE, acts: torch.Tensor) -> TopKCode:
     if not codes:
         empty = torch.zeros(0, sae.cfg.k)
         return TopKCode(empty, empty.long())
-    return TopKCode(torch.cat([c.values for c in codes]), torch.cat([c.indices for c in codes]))
+    return concat_codes(codes)  # BatchTopK's and ReLU's codes differ in width from block to block
 
 
 class LocalRunner:

@@ -43,6 +43,18 @@ def masked_code(pre: Tensor, active: Tensor) -> TopKCode:
     return TopKCode(torch.where(torch.isfinite(values), values, 0.0).clamp_min(0), indices)
 
 
+def concat_codes(codes: list[TopKCode]) -> TopKCode:
+    """Codes of consecutive row blocks as one; padded codes may differ in width, so each is padded
+    with zero values to the widest."""
+    width = max(c.values.shape[1] for c in codes)
+    values, indices = [], []
+    for c in codes:
+        pad = width - c.values.shape[1]
+        values.append(torch.nn.functional.pad(c.values, (0, pad)))
+        indices.append(torch.nn.functional.pad(c.indices, (0, pad)))
+    return TopKCode(torch.cat(values), torch.cat(indices))
+
+
 class Candidates(NamedTuple):
     """Entries a chunk of the training batch offers to the selection: its rows (within the chunk)
     and local latent indices, in row-major order."""
