@@ -34,9 +34,12 @@ BATCH = 256
 
 
 def job_args(cache: str, *overrides: str) -> list[str]:
-    # run_id=tiny pins the run's folder (no config hash), so a rerun with other max_steps resumes it
+    # run_id=tiny pins the run's folder (no config hash), so a rerun with other max_steps resumes it;
+    # the paper's lr rule keeps the lr fixed across those reruns (the budget rule would follow the
+    # run's length, and a resume at another lr is refused) and keeps these tiny runs' lr moderate
     defaults = [
         "run_id=tiny",
+        "train.lr_rule=paper",
         f"data.cache={cache}",
         "data.heldout_tokens=512",
         "sae.n_latents=1024",
