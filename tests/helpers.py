@@ -65,10 +65,11 @@ def ray_job_submit(cmd: list[str], tries: int = 4, **run_kwargs):
     return proc
 
 
-def start_ray_head(env: dict[str, str], num_cpus: int = 2, timeout_s: float = 180) -> tuple[str, str]:
+def start_ray_head(env: dict[str, str], num_cpus: int | None = 2, timeout_s: float = 180) -> tuple[str, str]:
     """`ray start --head` on loopback, every port free (the dashboard agent's too: another Ray on
     the machine holds the default 52365), in env's RAY_TMPDIR; returns (GCS address, job server
-    URL). Stop it with `stop_ray_started_in(env["RAY_TMPDIR"])`, never `ray stop`."""
+    URL). `num_cpus=None`: Ray's default, the machine's CPU count, as the README's command has it.
+    Stop it with `stop_ray_started_in(env["RAY_TMPDIR"])`, never `ray stop`."""
     import subprocess
     import sys
 
@@ -80,7 +81,7 @@ def start_ray_head(env: dict[str, str], num_cpus: int = 2, timeout_s: float = 18
             os.path.join(os.path.dirname(sys.executable), "ray"),
             "start",
             "--head",
-            f"--num-cpus={num_cpus}",
+            *([f"--num-cpus={num_cpus}"] if num_cpus is not None else []),
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
             f"--port={gcs}",

@@ -97,7 +97,7 @@ FIRST_LAUNCH = ("train.max_steps=4", "train.log_every=1", "debug.record_rows=tru
 
 @pytest.fixture(scope="module")
 def ray_head_env(tmp_path_factory):
-    """One `ray start --head` (4 CPUs, its own temp dir) for the module: the S3 test submits its
+    """One `ray start --head` (the machine's CPU count, its own temp dir) for the module: the S3 test submits its
     job to it, and the resumed run starts its embedded Ray beside it. Yields (env with the head's
     RAY_TMPDIR, the job server's address, $SAESCALE_RUNS of the jobs submitted to it, the GCS
     address)."""
@@ -238,8 +238,10 @@ def load_sae_shard(checkpoint: str, tp_rank: int) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def ray_head(env: dict[str, str], num_cpus: int = 4):
-    """`ray start --head` on loopback with its own temp dir; yields (GCS address, dashboard address)."""
+def ray_head(env: dict[str, str], num_cpus: int | None = None):
+    """`ray start --head` on loopback with its own temp dir; yields (GCS address, dashboard address).
+    With the machine's own CPU count by default, as the README starts it: on a 2-core machine
+    that leaves no CPU beside 2 training workers, and the job must fit its reads in anyway."""
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
     env.update(
         RAY_TMPDIR=ray_tmp,
@@ -293,6 +295,8 @@ def test_ray_job_submit_reads_cache_from_s3_and_checkpoints_there(small_cache, s
         cwd=ROOT,
     )
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    if (os.cpu_count() or 1) < 3:  # the head has no CPU beside the 2 workers: they made room for the reads
+        assert "each worker reserves 0.5 CPU" in job.stdout, job.stdout[-4000:]
     fs.invalidate_cache()
     result = json.loads(fs.cat_file(f"{bucket}/out/result.json"))
     assert result["steps"] == 6 and result["tokens"] == 6 * BATCH
@@ -353,6 +357,27 @@ def test_train_job_rejects_bad_config(tmp_path, small_cache):
         _, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 2, (override, stderr[-2000:])
         assert cases[override] in stderr, (override, stderr[-2000:])
+
+
+def test_workers_fit_beside_the_reads_or_the_job_refuses():
+    """A joined cluster too small for the workers plus one read task: the workers' CPU requests
+    shrink to leave the reads one (else Ray Data waits forever); one with no room for a read
+    task is refused with the CPUs needed and found; a big enough one, or one with no CPUs yet
+    (an autoscaler's head), is left alone."""
+    from saescale.service.ray_train import ClusterTooSmall, LaunchSpec, fit_to_cluster
+
+    spec = LaunchSpec(
+        "r", "/tmp/x", None, workers=2, tp=2, cpus_per_worker=1, use_gpu=False, max_failures=0, worker_config={}
+    )
+    assert fit_to_cluster(spec, 3) is spec and fit_to_cluster(spec, 64) is spec and fit_to_cluster(spec, 0) is spec
+    assert fit_to_cluster(spec, 2).cpus_per_worker == 0.5
+    assert fit_to_cluster(spec, 2.5).cpus_per_worker == 0.75
+    odd = fit_to_cluster(LaunchSpec(**{**vars(spec), "workers": 3}), 2)
+    assert odd.cpus_per_worker * 3 + 1 <= 2
+    with pytest.raises(
+        ClusterTooSmall, match=r"needs 3 CPUs .*2 workers x parallel.cpus_per_worker=1.* the cluster has 1:"
+    ):
+        fit_to_cluster(spec, 1)
 
 
 def test_cache_job_rejects_unknown_model(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from saescale.formats.export import export_saelens, export_sparsify
 from saescale.formats.saved import load_sae, save_sae
 
 TARGETS = ("saescale", "saelens", "sparsify")
@@ -12,8 +13,6 @@ TARGETS = ("saescale", "saelens", "sparsify")
 
 def convert_sae(src: str, dst: str, to: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read `src`, write `dst` as `to`; returns what was converted (for the command's one line)."""
-    from saescale.formats.export import export_saelens, export_sparsify
-
     if to not in TARGETS:
         raise ValueError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
     sae, metadata = load_sae(src, storage_options=storage_options)

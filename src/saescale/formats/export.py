@@ -34,6 +34,7 @@ import torch
 from saescale import storage
 from saescale.core.config import SAEConfig
 from saescale.core.model import TopKSAE
+from saescale.formats.common import SAELENS_ARCHITECTURES  # also importable from here, as before
 from saescale.formats.saved import WEIGHTS_FILE, read_saved_config
 
 CHUNK_BYTES = 256 * 2**20  # rows read, folded and written at a time (memory stays a few times this)
@@ -78,10 +79,6 @@ def _saelens_layout(n: int, d: int, architecture: str = "topk") -> list[_Tensor]
     if architecture == "batchtopk":
         layout.append(_Tensor("threshold", [n], "threshold", folded=True))
     return layout
-
-
-# our architecture -> SAELens' (BatchTopK infers as a JumpReLU at its threshold, as in SAELens)
-SAELENS_ARCHITECTURES = {"topk": "topk", "relu": "standard", "batchtopk": "jumprelu"}
 
 
 def _sparsify_layout(n: int, d: int) -> list[_Tensor]:

@@ -31,8 +31,7 @@ import torch
 from saescale import storage
 from saescale.core.config import SAEConfig
 from saescale.core.model import TopKSAE
-from saescale.formats.export import SAELENS_ARCHITECTURES
-from saescale.formats.saved import SavedSAEError, read_safetensors
+from saescale.formats.common import SAELENS_ARCHITECTURES, SavedSAEError, read_safetensors
 
 FORMATS = ("saescale", "saelens", "sparsify", "openai")
 # SAELens architecture -> ours (SAELens saves a BatchTopK SAE for inference as a JumpReLU)

@@ -1,29 +1,26 @@
 """The saved SAE: `sae.safetensors` + `cfg.json` in one folder at any fsspec URL.
 
 Weights are safetensors only (no pickle anywhere); the folder is self-describing, so
-`load_sae(url)` needs nothing but the URL.
+`load_sae(url)` needs nothing but the URL. `load_sae` also imports a released or peer SAE, through
+the readers of `formats.imports` (below this module: they never import it back).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from saescale import storage
 from saescale.core.config import SAEConfig
 from saescale.core.model import TopKSAE
+from saescale.formats.common import SavedSAEError, read_safetensors  # also importable from here, as before
+from saescale.formats.imports import READERS, detect_format
 
 FORMAT = "saescale.topk.v1"
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
-
-
-class SavedSAEError(ValueError):
-    """A saved SAE folder is missing files or holds tensors that disagree with its config."""
 
 
 def sae_tensors(sae: TopKSAE, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -71,8 +68,6 @@ def load_sae(
 ) -> tuple[TopKSAE, dict[str, Any]]:
     """Load a saved SAE; returns it with the metadata stored beside it. A released or peer SAE
     (OpenAI's .pt, a SAELens or sparsify folder) is imported instead (`formats.imports`)."""
-    from saescale.formats.imports import READERS, detect_format
-
     fmt, raw = detect_format(url, storage_options)  # reads cfg.json once, for every format
     if fmt != "saescale":
         sae, metadata = READERS[fmt](url, storage_options, raw)
@@ -82,13 +77,6 @@ def load_sae(
     sae = TopKSAE(cfg, device=device)
     load_sae_tensors(sae, tensors)
     return sae, metadata
-
-
-def read_safetensors(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file at any fsspec URL (a remote one through a temp copy)."""
-    with tempfile.TemporaryDirectory(prefix="saescale-load-") as tmp:
-        local = storage.local_copy(url, os.path.join(tmp, os.path.basename(url) or "weights"), storage_options)
-        return load_file(local)
 
 
 @torch.no_grad()

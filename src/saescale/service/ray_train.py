@@ -25,7 +25,7 @@ import resource
 import shutil
 import signal
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -274,6 +274,45 @@ class LaunchSpec:
     worker_config: dict[str, Any]  # train_loop_per_worker's config
     cache_remedy: str = ""  # how to rebuild the cache, in a corrupt shard's error (`stream.rebuild_hint`)
     planned_bytes: int = 0  # the memory planner's per-worker total, for the report
+
+
+# what Ray Data's read tasks request (Ray's default: one CPU per task). Ray Train's workers hold
+# their CPUs for the whole run, so a cluster with no CPU left beside them never runs a read task:
+# the job would wait forever ("Cluster resources are not enough to run any task ...")
+DATA_CPUS = 1.0
+
+
+class ClusterTooSmall(ValueError):
+    """The cluster cannot hold the workers and one read task at once."""
+
+
+def fit_to_cluster(spec: LaunchSpec, cluster_cpus: float) -> LaunchSpec:
+    """The spec with its workers' CPU requests fitted beside the data pipeline's reads.
+
+    Enough CPUs (workers x cpus_per_worker + DATA_CPUS): unchanged. Fewer, but more than the reads
+    need (the README's `ray start --head` on a 2-core machine, 2 workers of 1 CPU): each worker
+    asks for an equal share of what the reads leave, a logical request only (its torch threads
+    stay `parallel.cpus_per_worker`, as the embedded Ray oversubscribes on purpose), and says so.
+    No more than the reads need: `ClusterTooSmall`, naming the CPUs needed and found, before
+    anything starts. A cluster with no CPU yet (an autoscaler's head started with --num-cpus=0)
+    is left to its autoscaler."""
+    need = spec.workers * spec.cpus_per_worker + DATA_CPUS
+    if cluster_cpus <= 0 or cluster_cpus >= need:
+        return spec
+    if cluster_cpus <= DATA_CPUS:
+        raise ClusterTooSmall(
+            f"the run needs {need:g} CPUs in the Ray cluster ({spec.workers} workers x "
+            f"parallel.cpus_per_worker={spec.cpus_per_worker:g}, plus {DATA_CPUS:g} for the data pipeline's "
+            f"reads; at the least more than {DATA_CPUS:g}, the workers sharing the rest) and the cluster has "
+            f"{cluster_cpus:g}: add a node with CPUs, or run without ray.address (an embedded local Ray)"
+        )
+    share = int((cluster_cpus - DATA_CPUS) / spec.workers * 100) / 100  # floor: the sum must fit
+    print0(
+        f"[saescale] the cluster has {cluster_cpus:g} CPUs, not the {need:g} that {spec.workers} workers x "
+        f"parallel.cpus_per_worker={spec.cpus_per_worker:g} + {DATA_CPUS:g} for the data reads ask for: each "
+        f"worker reserves {share:g} CPU (its threads are unchanged), leaving {DATA_CPUS:g} to the reads"
+    )
+    return replace(spec, cpus_per_worker=share)
 
 
 class RunFailed(RuntimeError):
