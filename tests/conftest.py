@@ -1,13 +1,66 @@
-"""Shared test settings: two threads like the target machine, wandb offline and local."""
+"""Shared test settings: two threads like the target machine, wandb offline and local.
+
+`make test` runs the files in parallel (pytest-xdist, `--dist loadfile`: a file's module
+fixtures, such as a shared Ray run, are built once, on one worker). Most of the suite waits on
+Ray's start-up and on storage outages rather than computing, so 3 workers on 2 cores finish in
+about half the time. The files that take longest start first (`SLOWEST_FIRST`), and the
+session's built inputs (the small cache, the tiny model) are built once for all workers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
 from saescale import storage
+
+# the test files that take longest (`--durations`), started first so that none of them is the
+# last to begin while the other workers sit idle; the rest keep their order
+SLOWEST_FIRST = (
+    "test_storage_outage_job.py",
+    "test_train_job.py",
+    "test_cache.py",
+    "test_sweep.py",
+    "test_features.py",
+    "test_shard_integrity.py",
+    "test_storage_faults.py",
+    "test_dist_equivalence.py",
+    "test_tensor_parallel.py",
+    "test_reshard_and_agreement.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """`build(folder)` once for the whole run: under pytest-xdist the first worker to get here
+    builds into the run's shared temp folder while the others wait on a file lock, then all of
+    them read it (a folder that is only read, never changed, by the tests)."""
+    from filelock import FileLock
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # one per run, shared by its workers
+    folder, done = root / name, root / f"{name}.built"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(folder)  # a half-built one from a worker that died
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -63,21 +116,22 @@ def tiny_model_dir(tmp_path_factory):
     from saescale.lm.embedded import EMBEDDED_MODEL
     from saescale.lm.models import resolve_model_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(EMBEDDED_MODEL))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    def build(path: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(EMBEDDED_MODEL))
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+        LlamaForCausalLM(cfg).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+
+    return str(built_once(tmp_path_factory, "tiny-llama", build))
 
 
 @pytest.fixture(scope="session")
@@ -88,16 +142,18 @@ def small_cache(tmp_path_factory):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path_factory.mktemp("cache") / "smol"
-    cmd = [
-        sys.executable,
-        os.path.join(root, "jobs", "cache.py"),
-        f"output={out}",
-        "use_ray=false",
-        "max_tokens=4096",
-        "rows_per_shard=1024",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "cache ready: 4" in proc.stdout
-    return str(out)
+
+    def build(folder: Path) -> None:
+        cmd = [
+            sys.executable,
+            os.path.join(root, "jobs", "cache.py"),
+            f"output={folder / 'smol'}",
+            "use_ray=false",
+            "max_tokens=4096",
+            "rows_per_shard=1024",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "cache ready: 4" in proc.stdout
+
+    return str(built_once(tmp_path_factory, "cache", build) / "smol")

@@ -330,28 +330,37 @@ def test_job_server_errors_are_told_apart_on_the_real_client(tmp_path):
     assert isinstance(closed.value.__cause__, requests.exceptions.ConnectionError)
 
 
-def test_a_sweep_beside_another_ray_says_how_to_use_it_instead_of_hanging(monkeypatch):
-    """A second Ray on the machine (the README's `ray start --head`) holds the port of Ray's job
-    agent, which ray.init() cannot move: the sweep's own Ray would answer every submit with "No
-    available agent". The sweep says so before starting anything, and how to use the running one."""
+def test_a_sweep_beside_another_ray_runs_its_jobs(monkeypatch):
+    """A second Ray on the machine (the README's `ray start --head`, another job's embedded Ray, a
+    parallel test) holds Ray's fixed job-agent port 52365: the sweep's own Ray puts its agent on a
+    free port, so its job server still runs jobs (with the fixed port it answered every submit
+    with "No available agent")."""
     import socket
+    import time
 
-    from saescale.sweeps.ray_jobs import JOB_AGENT_PORT, RayJobsBackend
-    from saescale.sweeps.scheduler import SweepError
+    from saescale.sweeps.ray_jobs import RayJobsBackend
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     holder = socket.socket()
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as that other Ray's agent does
+    backend = None
     try:
         try:
-            holder.bind(("", JOB_AGENT_PORT))
+            holder.bind(("", 52365))
             holder.listen()
         except OSError:
             pass  # another Ray on this machine listens there already
-        with pytest.raises(SweepError, match=f"port {JOB_AGENT_PORT}.* is taken .* hydra.launcher.address=auto"):
-            RayJobsBackend(os.path.join(ROOT, "jobs", "train.py"))
+        backend = RayJobsBackend(os.path.join(ROOT, "jobs", "train.py"))
+        job = backend.client.submit_job(entrypoint=f"{sys.executable} -c 'print(6 * 7)'")
+        deadline = time.monotonic() + 120
+        while not backend.client.get_job_status(job).is_terminal() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert backend.status(job) == "SUCCEEDED", backend.logs(job)
+        assert "42" in backend.logs(job)
     finally:
         holder.close()
+        if backend is not None:
+            backend.close()
     import ray
 
     assert not ray.is_initialized()

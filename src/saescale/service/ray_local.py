@@ -13,6 +13,7 @@ repeat a harmless warning every second (see `setup_worker_process`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -72,6 +73,31 @@ def setup_worker_process() -> None:
 _HOOK = f"{__name__}.setup_worker_process"
 
 
+@contextlib.contextmanager
+def _agent_on_a_free_port():
+    """Inside: a Ray that `ray.init()` starts puts its dashboard agent (the job agent behind the
+    job server) on a free port, not Ray's fixed 52365. `ray.init()` has no parameter for it (only
+    `ray start --dashboard-agent-listen-port` has), and with the fixed port a second Ray on the
+    machine (the README's `ray start --head`, another job's embedded Ray, a parallel test) finds
+    it taken: that Ray's job server then answers every submit with "No available agent". Ray 2.60
+    builds its `RayParams` in `ray.init()` (the version is pinned in constraints.txt)."""
+    from ray._private import parameter
+
+    from saescale.net import free_port
+
+    original = parameter.RayParams.__init__
+
+    def init(self, *args, **kwargs) -> None:
+        kwargs.setdefault("dashboard_agent_listen_port", free_port())
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = init
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original
+
+
 @dataclass
 class RayStarted:
     """Which Ray this process uses: its own embedded one, or a cluster it joined."""
@@ -123,13 +149,14 @@ def ensure_ray(
     cpus = num_cpus or os.cpu_count() or 1
     # address="local": a new Ray of our own, even when a `ray start` cluster is running or a dead
     # one left its address in $RAY_TMPDIR/ray/ray_current_cluster
-    ctx = ray.init(
-        address="local",
-        num_cpus=cpus,
-        log_to_driver=log_to_driver,
-        **dashboard,
-        runtime_env={"env_vars": {k: os.environ[k] for k in _DEFAULTS}, "worker_process_setup_hook": _HOOK},
-    )
+    with _agent_on_a_free_port():
+        ctx = ray.init(
+            address="local",
+            num_cpus=cpus,
+            log_to_driver=log_to_driver,
+            **dashboard,
+            runtime_env={"env_vars": {k: os.environ[k] for k in _DEFAULTS}, "worker_process_setup_hook": _HOOK},
+        )
     session = ctx.address_info.get("session_dir")
     print(
         f"[saescale] Ray: started an embedded local Ray ({cpus} CPUs"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -48,24 +47,6 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and re.search(r"status code (5\d\d|429)\b", str(exc)) is not None
 
 
-# Ray's job agent listens on this port (ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT), and
-# ray.init() offers no way to move it: a second Ray on the machine finds it taken, and its job
-# server then answers every submit with "No available agent to submit job" until it is stopped.
-JOB_AGENT_PORT = 52365
-
-
-def _port_taken(port: int) -> bool:
-    """Whether a process listens on `port` (SO_REUSEADDR, as the agent's server sets it: closed
-    connections of an earlier Ray waiting out TIME_WAIT do not count)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("", port))
-        except OSError:
-            return True
-    return False
-
-
 class RayJobsBackend:
     """Submits, polls and stops Ray Jobs; knows the cluster's size when it can see it."""
 
@@ -85,13 +66,6 @@ class RayJobsBackend:
         if address and address.startswith(("http://", "https://")):
             dashboard = address  # a remote job server: its size is not visible from here
         else:
-            if not address and _port_taken(JOB_AGENT_PORT):
-                raise SweepError(
-                    f"port {JOB_AGENT_PORT}, where the job agent of the sweep's own Ray would listen, "
-                    "is taken by another Ray on this machine (such as a `ray start --head`), so that "
-                    "Ray could run no jobs: run the sweep on the running cluster with "
-                    "hydra.launcher.address=auto (or its job server, e.g. http://127.0.0.1:8265), or stop it"
-                )
             # logical CPUs beyond the cores leave Ray Data room beside the training workers
             started = ensure_ray(
                 address, num_cpus or 2 * (os.cpu_count() or 1), dashboard_port=free_port(), log_to_driver=False
