@@ -98,6 +98,14 @@ def _agent_on_a_free_port():
         parameter.RayParams.__init__ = original
 
 
+def _own_temp_dir() -> str:
+    """A fresh temp dir for one embedded Ray, beside Ray's own (under $RAY_TMPDIR, else the
+    system's temp dir), with a short name: Ray's socket paths inside it must stay short."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="ray-", dir=os.environ.get("RAY_TMPDIR") or tempfile.gettempdir())
+
+
 @dataclass
 class RayStarted:
     """Which Ray this process uses: its own embedded one, or a cluster it joined."""
@@ -147,6 +155,10 @@ def ensure_ray(
         else {"include_dashboard": False}
     )
     cpus = num_cpus or os.cpu_count() or 1
+    # a Ray with a job server runs in a temp dir of its own that names it as the current cluster:
+    # Ray's job supervisor hands each job the cluster it finds for address "auto" in the node's
+    # temp dir, else any Ray it sees running on the machine (another test's, a `ray start --head`)
+    own_temp = _own_temp_dir() if dashboard_port is not None else None
     # address="local": a new Ray of our own, even when a `ray start` cluster is running or a dead
     # one left its address in $RAY_TMPDIR/ray/ray_current_cluster
     with _agent_on_a_free_port():
@@ -155,8 +167,12 @@ def ensure_ray(
             num_cpus=cpus,
             log_to_driver=log_to_driver,
             **dashboard,
+            **({"_temp_dir": own_temp} if own_temp else {}),
             runtime_env={"env_vars": {k: os.environ[k] for k in _DEFAULTS}, "worker_process_setup_hook": _HOOK},
         )
+    if own_temp:
+        with open(os.path.join(own_temp, "ray_current_cluster"), "w") as current:
+            current.write(ctx.address_info["gcs_address"])
     session = ctx.address_info.get("session_dir")
     print(
         f"[saescale] Ray: started an embedded local Ray ({cpus} CPUs"
