@@ -22,13 +22,15 @@ from saescale import storage
 # the test files that take longest (`--durations`), started first so that none of them is the
 # last to begin while the other workers sit idle; the rest keep their order
 SLOWEST_FIRST = (
-    "test_storage_outage_job.py",
     "test_train_job.py",
-    "test_cache.py",
     "test_sweep.py",
-    "test_features.py",
+    "test_storage_outage_job.py",
+    "test_cache.py",
+    "test_train_job_submit.py",
     "test_shard_integrity.py",
+    "test_features.py",
     "test_storage_faults.py",
+    "test_training.py",
     "test_dist_equivalence.py",
     "test_tensor_parallel.py",
     "test_reshard_and_agreement.py",

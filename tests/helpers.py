@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import tempfile
 
 import torch
 
@@ -95,3 +97,25 @@ def start_ray_head(env: dict[str, str], num_cpus: int | None = 2, timeout_s: flo
     )
     assert start.returncode == 0, start.stderr[-2000:]
     return f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
+
+
+@contextlib.contextmanager
+def ray_head(env: dict[str, str], num_cpus: int | None = None):
+    """`ray start --head` on loopback with its own temp dir; yields (GCS address, dashboard address).
+    With the machine's own CPU count by default, as the README starts it: on a 2-core machine
+    that leaves no CPU beside 2 training workers, and the job must fit its reads in anyway."""
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
+    env.update(
+        RAY_TMPDIR=ray_tmp,
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_DATA_USE_DATASOURCE_V2="0",
+        PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+    )
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = start_ray_head(env, num_cpus)
+    try:
+        yield gcs, dashboard
+    finally:
+        stop_ray_started_in(ray_tmp)  # not `ray stop`: it would stop every Ray on the machine
