@@ -43,3 +43,20 @@ def test_user_task_file(tmp_path):
     )
     labels = load_task_file(str(tmp_path / "tasks.parquet"), [(3, 1), (3, 5), (4, 0), (9, 0)])
     assert labels["rhyme"].tolist() == [1, 0, 0, 1]
+
+
+def test_fitting_latents_in_chunks_equals_fitting_them_all_at_once(monkeypatch):
+    """The chunked fit (the eval job's memory-friendly path) against the whole [tokens, latents]
+    matrix in one Newton solve: the same best latent and loss per task, on a latent count that
+    is not a multiple of the chunk."""
+    from saescale.evaluation import probes
+
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(1500, 700, generator=g) * torch.rand(700, generator=g) * 3
+    tasks = {f"t{i}": (features[:, 97 * i] + torch.randn(1500, generator=g) > 0.8).float() for i in range(4)}
+    chunked = probes.probe_losses(features, tasks)
+    monkeypatch.setattr(probes, "LATENT_CHUNK", 10**6)
+    whole = probes.probe_losses(features, tasks)
+    assert [r.best_latent for r in chunked] == [r.best_latent for r in whole] == [0, 97, 194, 291]
+    for a, b in zip(chunked, whole):
+        assert abs(a.probe_loss - b.probe_loss) <= 1e-12 * max(1.0, abs(b.probe_loss)), (a, b)
