@@ -308,7 +308,7 @@ def fit_to_cluster(spec: LaunchSpec, cluster_cpus: float) -> LaunchSpec:
         )
     share = int((cluster_cpus - DATA_CPUS) / spec.workers * 100) / 100  # floor: the sum must fit
     print0(
-        f"[saescale] the cluster has {cluster_cpus:g} CPUs, not the {need:g} that {spec.workers} workers x "
+        f"the cluster has {cluster_cpus:g} CPUs, not the {need:g} that {spec.workers} workers x "
         f"parallel.cpus_per_worker={spec.cpus_per_worker:g} + {DATA_CPUS:g} for the data reads ask for: each "
         f"worker reserves {share:g} CPU (its threads are unchanged), leaving {DATA_CPUS:g} to the reads"
     )
