@@ -269,17 +269,15 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
     from saescale.service.failures import StorageUnavailable
     from saescale.service.ray_local import ensure_ray
-    from saescale.service.ray_train import RunFailed, checkpoint_url, fit_to_cluster, launch
+    from saescale.service.ray_train import RunFailed, checkpoint_url, fit_to_running_cluster, launch
     from saescale.service.stream import corrupt_shard_line
     from saescale.train.checkpoint import export_gathered
 
     spec, manifest = run.spec, run.manifest
     started = time.time()
     ensure_ray(job.ray.address, num_cpus=int(spec.workers * spec.cpus_per_worker) + 2)
-    import ray  # after ensure_ray: it sets Ray's environment defaults first
-
     try:  # a joined cluster may be too small for the workers and the reads: fit or refuse, never hang
-        spec = fit_to_cluster(spec, ray.cluster_resources().get("CPU", 0))
+        spec = fit_to_running_cluster(spec)
     except USER_ERRORS as exc:
         fail(exc)
     try:

@@ -315,6 +315,13 @@ def fit_to_cluster(spec: LaunchSpec, cluster_cpus: float) -> LaunchSpec:
     return replace(spec, cpus_per_worker=share)
 
 
+def fit_to_running_cluster(spec: LaunchSpec) -> LaunchSpec:
+    """`fit_to_cluster` on the CPUs of the Ray this process is connected to."""
+    import ray
+
+    return fit_to_cluster(spec, ray.cluster_resources().get("CPU", 0))
+
+
 class RunFailed(RuntimeError):
     """The Ray Train run failed after its restarts. `cause` is the error behind it when it is
     the user's to fix (a corrupt shard, a refused resume, a bad batch or non-finite loss) or
