@@ -41,11 +41,13 @@ train: install
 	echo "feature pages: open runs/$$run/features/index.html, or serve them: $(BIN)/saescale view $$run"
 
 # the test files on TEST_WORKERS parallel workers, each file whole on one (its module fixtures
-# are built once); most of the suite waits on Ray and on storage, so 3 workers suit 2 cores.
+# are built once), in the order tests/conftest.py gives them (the longest first: xdist would
+# otherwise hand out the files with the most tests first); most of the suite waits on Ray and on
+# storage, so 3 workers suit 2 cores.
 # TEST_WORKERS=0 runs them in this one process.
 TEST_WORKERS ?= 3
 test: install browser
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 lint: install  ## ruff: lint and format check (configured in pyproject.toml); `make format` fixes
 	$(BIN)/ruff check .

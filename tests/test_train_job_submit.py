@@ -147,6 +147,9 @@ def test_workers_fit_beside_the_reads_or_the_job_refuses():
     assert fit_to_cluster(spec, 2.5).cpus_per_worker == 0.75
     odd = fit_to_cluster(LaunchSpec(**{**vars(spec), "workers": 3}), 2)
     assert odd.cpus_per_worker * 3 + 1 <= 2
+    many = LaunchSpec(**{**vars(spec), "workers": 256})  # a share under 0.01 CPU each: refused, not 0-CPU workers
+    with pytest.raises(ClusterTooSmall, match=r"needs 257 CPUs .* at the least 3.56"):
+        fit_to_cluster(many, 3)
     with pytest.raises(
         ClusterTooSmall, match=r"needs 3 CPUs .*2 workers x parallel.cpus_per_worker=1.* the cluster has 1:"
     ):

@@ -101,9 +101,11 @@ def _agent_on_a_free_port():
 def _own_temp_dir() -> str:
     """A fresh temp dir for one embedded Ray, beside Ray's own (under $RAY_TMPDIR, else the
     system's temp dir), with a short name: Ray's socket paths inside it must stay short."""
+    import sys
     import tempfile
 
-    return tempfile.mkdtemp(prefix="ray-", dir=os.environ.get("RAY_TMPDIR") or tempfile.gettempdir())
+    base = os.environ.get("RAY_TMPDIR") or ("/tmp" if sys.platform == "darwin" else tempfile.gettempdir())  # as Ray
+    return tempfile.mkdtemp(prefix="ray-", dir=base)
 
 
 @dataclass

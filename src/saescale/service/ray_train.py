@@ -280,6 +280,7 @@ class LaunchSpec:
 # their CPUs for the whole run, so a cluster with no CPU left beside them never runs a read task:
 # the job would wait forever ("Cluster resources are not enough to run any task ...")
 DATA_CPUS = 1.0
+MIN_WORKER_CPUS = 0.01  # the smallest share a worker may reserve when the cluster is short
 
 
 class ClusterTooSmall(ValueError):
@@ -293,20 +294,20 @@ def fit_to_cluster(spec: LaunchSpec, cluster_cpus: float) -> LaunchSpec:
     need (the README's `ray start --head` on a 2-core machine, 2 workers of 1 CPU): each worker
     asks for an equal share of what the reads leave, a logical request only (its torch threads
     stay `parallel.cpus_per_worker`, as the embedded Ray oversubscribes on purpose), and says so.
-    No more than the reads need: `ClusterTooSmall`, naming the CPUs needed and found, before
+    Too few for a share of `MIN_WORKER_CPUS` each: `ClusterTooSmall`, naming the CPUs needed and found, before
     anything starts. A cluster with no CPU yet (an autoscaler's head started with --num-cpus=0)
     is left to its autoscaler."""
     need = spec.workers * spec.cpus_per_worker + DATA_CPUS
     if cluster_cpus <= 0 or cluster_cpus >= need:
         return spec
-    if cluster_cpus <= DATA_CPUS:
+    share = int((cluster_cpus - DATA_CPUS) / spec.workers * 100) / 100  # floor: the sum must fit
+    if share < MIN_WORKER_CPUS:
         raise ClusterTooSmall(
             f"the run needs {need:g} CPUs in the Ray cluster ({spec.workers} workers x "
             f"parallel.cpus_per_worker={spec.cpus_per_worker:g}, plus {DATA_CPUS:g} for the data pipeline's "
-            f"reads; at the least more than {DATA_CPUS:g}, the workers sharing the rest) and the cluster has "
+            f"reads; at the least {DATA_CPUS + MIN_WORKER_CPUS * spec.workers:g}, the workers sharing the rest) and the cluster has "
             f"{cluster_cpus:g}: add a node with CPUs, or run without ray.address (an embedded local Ray)"
         )
-    share = int((cluster_cpus - DATA_CPUS) / spec.workers * 100) / 100  # floor: the sum must fit
     print0(
         f"the cluster has {cluster_cpus:g} CPUs, not the {need:g} that {spec.workers} workers x "
         f"parallel.cpus_per_worker={spec.cpus_per_worker:g} + {DATA_CPUS:g} for the data reads ask for: each "
