@@ -34,6 +34,16 @@ if os.path.exists(RAY_DATA_LOGGING_YAML):  # read by every process that imports 
 # embedded Ray, which ends with this process, placement groups included) it logs this each time
 _PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 _PG_CLEANER_NOISE = "State API may be temporarily unavailable"
+# Ray Train's controller asks an autoscaling coordinator for its workers' resources with a 5 s
+# timeout; on a loaded machine the answer is late and it logs a warning that says it is "safe to
+# ignore" with a whole traceback, which reads like a crash in the job's console
+_AUTOSCALING_CLIENT_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """Keep the record (its one line), drop the traceback attached to it."""
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 def apply_env_defaults() -> None:
@@ -63,11 +73,13 @@ def setup_worker_process() -> None:
     which does not know the controller it watches: it would take the run for dead and remove its
     placement group.
     Pointing RAY_ADDRESS at the worker's own cluster keeps those queries at home. The cleaner's
-    "State API may be temporarily unavailable" loop (see above) is dropped; its other records stay."""
+    "State API may be temporarily unavailable" loop (see above) is dropped; its other records stay.
+    The autoscaling client's late-answer warning keeps its line and loses its traceback."""
     import ray
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger(_PG_CLEANER_LOGGER).addFilter(lambda record: _PG_CLEANER_NOISE not in record.getMessage())
+    logging.getLogger(_AUTOSCALING_CLIENT_LOGGER).addFilter(_without_traceback)
 
 
 _HOOK = f"{__name__}.setup_worker_process"
