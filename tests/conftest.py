@@ -3,7 +3,7 @@
 `make test` runs the files in parallel (pytest-xdist, `--dist loadfile`: a file's module
 fixtures, such as a shared Ray run, are built once, on one worker). Most of the suite waits on
 Ray's start-up and on storage outages rather than computing, so 3 workers on 2 cores finish in
-about half the time. The files that take longest start first (`SLOWEST_FIRST`), and the
+about 60% of one process's time (9.3 against 15.3 min, measured). The files that take longest start first (`SLOWEST_FIRST`), and the
 session's built inputs (the small cache, the tiny model) are built once for all workers."""
 
 from __future__ import annotations

@@ -234,26 +234,15 @@ def test_cache_job_through_ray_job_submit(tmp_path):
     and the job fails; the README's form, an absolute output, lands the cache where asked."""
     import subprocess
     import sys
-    import tempfile
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from helpers import ray_job_submit, start_ray_head, stop_ray_started_in
+    from helpers import ray_head, ray_job_submit
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bin_dir = os.path.dirname(sys.executable)
-    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    env = dict(
-        os.environ,
-        PATH=f"{bin_dir}:{os.environ['PATH']}",
-        RAY_TMPDIR=ray_tmp,
-        RAY_AUTH_MODE="disabled",
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-    )
-    for name in ("RAY_ADDRESS", "SAESCALE_RUNS"):  # the jobs' defaults stay relative, as for a new user
-        env.pop(name, None)
-    _, address = start_ray_head(env, num_cpus=2)
+    env = dict(os.environ)
+    env.pop("SAESCALE_RUNS", None)  # the jobs' defaults stay relative, as for a new user
 
     def submit(job_id: str, *entrypoint: str) -> subprocess.CompletedProcess:
         return ray_job_submit(
@@ -276,7 +265,7 @@ def test_cache_job_through_ray_job_submit(tmp_path):
             cwd=root,
         )
 
-    try:
+    with ray_head(env, num_cpus=2) as (_, address):  # `submit` reads `address` when called
         client = JobSubmissionClient(address)
         refused = {
             "relative-cache": (
@@ -302,8 +291,6 @@ def test_cache_job_through_ray_job_submit(tmp_path):
         assert "cache ready" in job.stdout
         manifest = load_manifest(str(out))
         assert manifest.n_rows >= 2000 and manifest.d_model == 576
-    finally:
-        stop_ray_started_in(ray_tmp)  # not `ray stop`: it would stop every Ray on the machine
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
