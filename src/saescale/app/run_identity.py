@@ -39,7 +39,7 @@ NOT_IDENTITY = {
 # All are the defaults but train.lr_rule, whose default changed the default lr: a run from before
 # it is found again with train.lr_rule=paper
 OMITTED_AT_DEFAULT = {
-    "train": {"precision": "auto", "lr_rule": "paper"},
+    "train": {"precision": "auto", "lr_rule": "paper", "lr_scale": 1.0},
     "sae": {"architecture": "topk", "l1_coef": 0.0},
 }
 HASH_CHARS = 8
@@ -60,6 +60,7 @@ def identity_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 values.pop(key)
         if section == "train" and values.get("lr") is not None:
             values.pop("lr_rule", None)  # the rule picks the default lr only: a set lr makes it moot
+            values.pop("lr_scale", None)
         out[section] = values
     data = out.get("data", {})
     if isinstance(data.get("cache"), str):

@@ -178,7 +178,10 @@ class WandbSection:
 class ExportSection:
     """What the driver writes after training; exports do not depend on `evaluate`."""
 
-    evaluate: bool = True  # held-out NMSE in the driver (loads the whole SAE into memory)
+    # held-out NMSE, L0 and dead fraction in the driver (loads the whole SAE into memory)
+    evaluate: bool = True
+    # with evaluate, also the held-out NMSE at each of these test-time k (progressive recovery)
+    test_time_k: list[int] = field(default_factory=list)
     saelens: bool = True  # output_dir/export/saelens, streamed from output_dir/sae
     sparsify: bool = True  # output_dir/export/sparsify, likewise
 

@@ -36,7 +36,6 @@ from saescale.data.manifest import Manifest
 from saescale.data.reader import ActivationCache
 from saescale.distributed.mesh import ParallelDims
 from saescale.distributed.plan import check_fits, plan_memory
-from saescale.evaluation.reconstruction import nmse
 from saescale.service.ray_train import LaunchSpec
 from saescale.service.stream import plan_data, rebuild_hint
 from saescale.sweeps.scaling import FLOPS_PER_TOKEN_DN
@@ -51,6 +50,7 @@ class PreparedRun:
     cache: ActivationCache
     manifest: Manifest
     sae_cfg: SAEConfig
+    train_cfg: TrainConfig
     output_dir: str  # absolute path or URL
     output_options: dict[str, Any] | None
 
@@ -228,17 +228,18 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
         f"{total_steps} steps of {job.train.batch_size} over dp={dims.dp} x tp={dims.tp} workers"
     )
     rule = "set" if train_cfg.lr is not None else f"the {train_cfg.lr_rule} rule for {train_cfg.budget_tokens} tokens"
+    if train_cfg.lr is None and train_cfg.lr_scale != 1.0:
+        rule += f" x {train_cfg.lr_scale:g}"
     print0(f"lr {train_cfg.resolved_lr(sae_cfg.n_latents):.3g} ({rule})")
     # output_dir shares storage.url's endpoint (the driver writes both)
     options = storage.endpoint_options(job.storage.endpoint_url) if storage.is_remote(out) else None
-    return PreparedRun(spec, cache, manifest, sae_cfg, out, options)
+    return PreparedRun(spec, cache, manifest, sae_cfg, train_cfg, out, options)
 
 
 def export_and_evaluate(job: TrainJobConfig, run: PreparedRun, meta: dict[str, Any], sae_url: str) -> dict[str, Any]:
     """The exports asked for (streamed from the gathered SAE, whatever its size), then, with
-    export.evaluate, the held-out NMSE (which loads the whole SAE into the driver's memory)."""
-    import torch
-
+    export.evaluate, the held-out metrics (which load the whole SAE into the driver's memory)."""
+    from saescale.evaluation.reconstruction import nmse_at_k, reconstruction_metrics
     from saescale.formats.export import export_saelens, export_sparsify
     from saescale.formats.saved import load_sae
 
@@ -253,7 +254,18 @@ def export_and_evaluate(job: TrainJobConfig, run: PreparedRun, meta: dict[str, A
     sae, _ = load_sae(sae_url, storage_options=options)
     heldout = torch.cat([run.cache.read_shard(s) for s in range(job.data.holdout_shards)])[: job.data.heldout_tokens]
     with torch.no_grad():
-        return {"heldout_nmse": nmse(sae(heldout), heldout)}
+        metrics = reconstruction_metrics(sae, heldout)
+        out = {
+            "heldout_nmse": metrics.nmse,
+            "heldout_l0": metrics.l0,
+            "heldout_dead_fraction": metrics.dead_fraction,  # never fired on the held-out rows
+            "heldout_tokens": metrics.tokens,
+        }
+        if sae.activation.has_threshold:  # BatchTopK's inference threshold, as exported
+            out["threshold"] = float(sae.threshold)
+        if job.export.test_time_k:
+            out["nmse_at_k"] = {str(k): nmse_at_k(sae, heldout, k) for k in job.export.test_time_k}
+    return out
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
@@ -334,7 +346,13 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         "peak_rss_mb_rank0": final.get("peak_rss_mb_rank0"),
         "planned_mb_per_rank": round(spec.planned_bytes / 2**20, 1),
         "checkpoint": storage.redact(ckpt),
+        # what a report needs to tell runs apart without the Hydra config (e.g. jobs/paper.py)
+        "cache": storage.redact(job.data.cache),
+        "lr": run.train_cfg.resolved_lr(sae_cfg.n_latents),
+        "sae": sae_cfg.to_dict(),
+        "train": {**run.train_cfg.to_dict(), "epochs": job.train.epochs, "batch_size": job.train.batch_size},
     }
+
     try:
         summary.update(export_and_evaluate(job, run, meta, sae_url))
     except USER_ERRORS as exc:

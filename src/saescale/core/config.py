@@ -166,6 +166,9 @@ class TrainConfig(_DictConfig):
     # the default lr's rule: "budget" (the paper's 1/sqrt(n) law, raised for runs too short to
     # converge, from the run's budget_tokens) or "paper" (2e-4 / sqrt(n_latents / 2**14) as is)
     lr_rule: str = "budget"
+    # multiplies the rule's lr (an lr sweep in multiples of the rule, as the paper's experiments
+    # run it); an explicit lr is taken as it is
+    lr_scale: float = 1.0
     budget_tokens: int | None = None  # tokens the run will train on (the train job sets it)
     beta1: float = 0.9
     beta2: float = 0.999
@@ -203,6 +206,10 @@ class TrainConfig(_DictConfig):
             raise ConfigError(f"train.budget_tokens must be a positive integer, got {self.budget_tokens!r}")
         if self.lr is not None and (not math.isfinite(self.lr) or self.lr <= 0):
             raise ConfigError(f"train.lr must be a positive number, got {self.lr!r}")
+        if not isinstance(self.lr_scale, (int, float)) or not math.isfinite(self.lr_scale) or self.lr_scale <= 0:
+            raise ConfigError(f"train.lr_scale must be a positive number, got {self.lr_scale!r}")
+        if self.lr is not None and self.lr_scale != 1.0:
+            raise ConfigError("train.lr_scale multiplies the lr rule's value; with train.lr set, leave it at 1")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -227,10 +234,11 @@ class TrainConfig(_DictConfig):
             _check_interval("train.checkpoint_every", self.checkpoint_every)
 
     def resolved_lr(self, n_latents: int) -> float:
-        """`lr` when set; else the paper's rule, times `budget_lr_multiplier` under the budget rule."""
+        """`lr` when set; else the paper's rule, times `budget_lr_multiplier` under the budget rule,
+        times `lr_scale`."""
         if self.lr is not None:
             return self.lr
         paper = 2e-4 / math.sqrt(n_latents / 2**14)
         if self.lr_rule == "paper" or self.budget_tokens is None:
-            return paper
-        return paper * budget_lr_multiplier(self.budget_tokens, n_latents)
+            return self.lr_scale * paper
+        return self.lr_scale * paper * budget_lr_multiplier(self.budget_tokens, n_latents)
