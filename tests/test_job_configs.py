@@ -155,6 +155,14 @@ def test_the_default_lr_follows_the_runs_token_budget():
     assert TrainConfig(lr=1e-3, budget_tokens=400_000).resolved_lr(4096) == 1e-3
     with pytest.raises(ConfigError, match="train.lr_rule must be budget or paper"):
         TrainConfig(lr_rule="fast")
+    # lr_scale multiplies either rule (the paper's lr sweeps run in multiples of it), not a set lr
+    assert TrainConfig(budget_tokens=400_000, lr_scale=2).resolved_lr(4096) == pytest.approx(2 * short.resolved_lr(4096))
+    assert TrainConfig(lr_rule="paper", lr_scale=0.5).resolved_lr(4096) == pytest.approx(paper(4096) / 2)
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="train.lr_scale must be a positive number"):
+            TrainConfig(lr_scale=bad)
+    with pytest.raises(ConfigError, match="with train.lr set, leave it at 1"):
+        TrainConfig(lr=1e-3, lr_scale=2.0)
     # the job gives the engine the run's budget: steps x global batch
     job = OmegaConf.to_object(compose_job("train", "train.batch_size=512"))
     _, train = engine_configs(job, d_in=64, total_steps=100)

@@ -90,6 +90,9 @@ def test_runs_started_before_the_precision_setting_keep_their_identity():
     # the default run's id before train.precision existed (commit d351ec7) is found again with the
     # lr rule of that time: the default (lr_rule=budget) trains with another lr, so another run id
     assert compose_train("train.lr_rule=paper").run_id == "resid8-n4096-k32-2294712c"
+    # train.lr_scale at 1 is left out likewise; any other scale is another run
+    assert compose_train("train.lr_rule=paper", "train.lr_scale=1").run_id == "resid8-n4096-k32-2294712c"
+    assert config_hash(compose_train("train.lr_scale=2")) != config_hash(cfg)
     assert cfg.run_id != "resid8-n4096-k32-2294712c"
     # with train.lr set, the rule is moot and left out
     assert "lr_rule" not in identity_config(compose_train("train.lr=0.001"))["train"]

@@ -165,6 +165,11 @@ def test_the_gathered_sae_and_its_exports_match_the_last_checkpoint(resumed_run)
     halves = [load_sae_shard(result["checkpoint"], r) for r in range(2)]
     torch.testing.assert_close(sae.W_dec.detach(), torch.cat([h["W_dec"] for h in halves]))
     assert 0 < result["heldout_nmse"] < 1.0 and result["dead_fraction"] is not None
+    # what a report needs without the Hydra config: held-out L0 and dead fraction, the settings
+    assert result["heldout_l0"] == pytest.approx(16) and 0 <= result["heldout_dead_fraction"] <= 1
+    assert result["heldout_tokens"] == 512 and "nmse_at_k" not in result  # export.test_time_k: none asked
+    assert result["sae"]["n_latents"] == 1024 and result["train"]["batch_size"] == BATCH
+    assert result["lr"] == pytest.approx(2e-4 / (1024 / 2**14) ** 0.5)  # lr_rule=paper, lr_scale 1
     for rel in ("export/saelens/sae_weights.safetensors", "export/sparsify/sae.safetensors"):
         assert (out / rel).exists(), rel
 

@@ -84,7 +84,7 @@ SAESection = _section_of(
 TrainSection = _section_of(
     TrainConfig,
     "TrainSection",
-    exclude=("total_steps", "budget_tokens"),  # from epochs, max_steps and the cache
+    exclude=("total_steps", "budget_tokens", "checkpoint_mtbf_s"),  # from epochs, max_steps, the cache, ray.mtbf_s
     defaults={"histogram_every": 100, "checkpoint_every": 100},
     extra=[
         ("batch_size", int, 1024),  # global batch (tokens per optimiser step), split over the workers
@@ -103,6 +103,9 @@ class StorageSection:
     # how long one storage call (manifest, checksums, checkpoints, exports, result.json) waits out
     # transient faults (refused/reset connections, timeouts, 5xx, SlowDown) before the run fails
     retry_s: float = 300.0
+    # a checkpoint is copied into host memory at its step and uploaded while training goes on
+    # (at most one in flight; the final one is synchronous); false: training waits for the upload
+    checkpoint_in_background: bool = True
 
     def __post_init__(self) -> None:
         if self.retry_s < 0:
@@ -151,10 +154,14 @@ class ParallelSection:
 class RaySection:
     address: Optional[str] = None  # null: RAY_ADDRESS if set (ray job submit sets it), else an embedded local Ray
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    # expected seconds between failures of the run's workers (nodes lost, processes killed): with
+    # train.checkpoint_every=auto the interval is sqrt(2 x checkpoint stall x mtbf_s)
+    mtbf_s: float = 86_400.0
 
     def __post_init__(self) -> None:
         if self.max_failures < 0:
             raise ConfigError(f"ray.max_failures must be >= 0, got {self.max_failures}")
+        _positive("ray", mtbf_s=self.mtbf_s)
 
 
 @dataclass

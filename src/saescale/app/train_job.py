@@ -94,7 +94,9 @@ def engine_configs(job: TrainJobConfig, d_in: int, total_steps: int) -> tuple[SA
     activation(sae.architecture).check(sae)  # e.g. ReLU without an L1 penalty: before Ray starts
     train_keys = {k: v for k, v in vars(job.train).items() if k not in ("batch_size", "epochs", "max_steps")}
     budget = total_steps * job.train.batch_size  # the default lr follows the run's token budget
-    return sae, TrainConfig(total_steps=total_steps, budget_tokens=budget, **train_keys)
+    return sae, TrainConfig(
+        total_steps=total_steps, budget_tokens=budget, checkpoint_mtbf_s=job.ray.mtbf_s, **train_keys
+    )
 
 
 def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
@@ -194,6 +196,7 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
         "threads_per_worker": max(1, int(job.parallel.cpus_per_worker)),
         "use_gpu": job.parallel.use_gpu,
         "storage_retry_s": job.storage.retry_s,
+        "checkpoint_in_background": job.storage.checkpoint_in_background,
         "cache": {
             "url": cache_url,
             "options": cache.storage_options,
@@ -343,6 +346,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         "comm_bytes_per_step": final.get("comm_bytes_per_step"),
         "time_split_s": {k: final.get(f"total_{k}_s") for k in ("data_wait", "compute", "comm")},
         "startup_wait_s": final.get("startup_wait_s"),
+        "checkpoint_stall_s": final.get("checkpoint_stall_s"),  # this attempt's periodic checkpoints
+        "checkpoint_every": final.get("checkpoint_every") or job.train.checkpoint_every,
         "peak_rss_mb_rank0": final.get("peak_rss_mb_rank0"),
         "planned_mb_per_rank": round(spec.planned_bytes / 2**20, 1),
         "checkpoint": storage.redact(ckpt),

@@ -183,7 +183,10 @@ class TrainConfig(_DictConfig):
     init_transpose: bool = True  # W_enc = W_dec^T at init (then untied)
     log_every: int = 10
     histogram_every: int = 200
-    checkpoint_every: int | None = None
+    # steps between checkpoints; "auto": the Young/Daly interval from each checkpoint's measured
+    # stall and checkpoint_mtbf_s (`train.cadence`); None: no periodic checkpoints
+    checkpoint_every: int | str | None = None
+    checkpoint_mtbf_s: float = 86_400.0  # expected seconds between failures, for checkpoint_every=auto
     # Compute dtype of the encoder GEMM and top-k (weights, grads and Adam stay float32):
     # fp32 | bf16 | fp16 | auto (bf16 where the hardware multiplies it natively, else fp32).
     precision: str = "auto"
@@ -230,8 +233,12 @@ class TrainConfig(_DictConfig):
         # the trainer takes `step % every`: 0 would divide by zero, a negative value is meaningless
         for name in ("log_every", "histogram_every"):
             _check_interval(f"train.{name}", getattr(self, name))
-        if self.checkpoint_every is not None:  # None: no periodic checkpoints
+        if self.checkpoint_every is not None and self.checkpoint_every != "auto":  # None: no periodic checkpoints
+            if isinstance(self.checkpoint_every, str):
+                raise ConfigError(f"train.checkpoint_every must be an integer >= 1 or 'auto', got {self.checkpoint_every!r}")
             _check_interval("train.checkpoint_every", self.checkpoint_every)
+        if not isinstance(self.checkpoint_mtbf_s, (int, float)) or not self.checkpoint_mtbf_s > 0:
+            raise ConfigError(f"ray.mtbf_s (train.checkpoint_mtbf_s) must be > 0 seconds, got {self.checkpoint_mtbf_s!r}")
 
     def resolved_lr(self, n_latents: int) -> float:
         """`lr` when set; else the paper's rule, times `budget_lr_multiplier` under the budget rule,

@@ -10,9 +10,10 @@ Execution keeps order (`preserve_order`), so the stream of every rank is a pure 
 seed: a restarted run skips exactly the batches it already trained, the data position being the
 step.
 
-Checkpoints: every `checkpoint_every` steps each rank writes its shard to a local folder and
-calls `ray.train.report`; Ray uploads the folders to `RunConfig.storage_path/<run name>` and
-registers the checkpoint only once every rank reported. A restarted worker group (after a
+Checkpoints: every `checkpoint_every` steps (or at the Young/Daly interval: `train.cadence`)
+each rank copies its shard aside and calls `ray.train.report`; Ray uploads the files to
+`RunConfig.storage_path/<run name>` (in the background unless storage.checkpoint_in_background
+is off) and registers the checkpoint only once every rank's upload finished. A restarted worker group (after a
 failure, `FailureConfig(max_failures)`) or a relaunched driver with the same run name resumes
 from the latest registered checkpoint.
 """
@@ -25,6 +26,7 @@ import resource
 import shutil
 import signal
 import tempfile
+import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,7 +39,7 @@ from saescale.data.reader import ActivationCache
 from saescale.distributed.mesh import ParallelDims
 from saescale.service.failures import REPORTED, failure_policy, first_cause, stopped_by_storage, storage_fault
 from saescale.service.stream import DataPlan, arrow_filesystem, make_collate, make_datasets, set_retry_budget
-from saescale.train.checkpoint import META, Fetch, load_rank_shard, write_meta, write_rank_files
+from saescale.train.checkpoint import META, Fetch, RankFiles, copy_aside, load_rank_shard
 from saescale.train.convergence import tokens_to_convergence
 from saescale.train.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
 from saescale.train.rank_setup import build_rank_trainer
@@ -93,13 +95,20 @@ def _put_file(fs, source: str, target: str) -> None:
 
 
 class RayReportCheckpointer:
-    """Checkpoints through `ray.train.report`: each rank writes its files into a local temp
-    folder that Ray uploads to the run's storage and registers once every rank reported, so a
-    crash mid-save leaves the previous checkpoint as the latest. The report carries the run's
-    metrics (the final one, its time split and tokens to convergence)."""
+    """Checkpoints through `ray.train.report`: Ray uploads each rank's files to the run's storage
+    and registers the checkpoint once every rank's upload finished, so a crash mid-save (or
+    mid-upload) leaves the previous checkpoint as the latest. The report carries the run's
+    metrics (the final one, its time split and tokens to convergence).
 
-    def __init__(self, config: dict[str, Any], rank: int, data: DataPlan, world: int) -> None:
-        self.config, self.rank, self.data, self.world = config, rank, data, world
+    In the background (`background=True`, `storage.checkpoint_in_background`): the state is copied
+    into host memory at the step boundary, and Ray's upload thread writes it to storage while
+    training goes on (`CheckpointUploadMode.ASYNC`); at most one checkpoint is in flight (the
+    next save first waits for the previous upload). The final save is synchronous: the run ends
+    with its last checkpoint registered."""
+
+    def __init__(self, config: dict[str, Any], rank: int, data: DataPlan, world: int, background: bool = True) -> None:
+        self.config, self.rank, self.data, self.world, self.background = config, rank, data, world, background
+        self._in_flight: threading.Event | None = None
 
     def metrics(self, trainer: Trainer, final: bool) -> dict[str, Any]:
         summary, step = trainer.summary, trainer.step
@@ -122,6 +131,9 @@ class RayReportCheckpointer:
                 "data_wait_frac": t.data_wait / max(wall, EPS),
                 "comm_bytes_per_step": t.comm_bytes / max(t.steps, 1),
                 "steps_this_attempt": t.steps,
+                "checkpoints_this_attempt": summary.checkpoints,  # the final one not yet counted
+                "checkpoint_stall_s": summary.checkpoint_stall_s,
+                "checkpoint_every": summary.checkpoint_every,
             }
         )
         curve = [(h["step"], h["fvu"]) for h in summary.history if "fvu" in h]
@@ -134,41 +146,68 @@ class RayReportCheckpointer:
 
     def save(self, trainer: Trainer, final: bool = False) -> None:
         import ray.train
+        from ray.train import CheckpointUploadMode
 
+        if self._in_flight is not None:
+            self._in_flight.wait()  # at most one checkpoint in flight
         position = {
             "batches_consumed_per_rank": trainer.step,
             "per_rank_batch": self.data.per_rank_batch,
             "seed": self.config["seed"],
             "world": self.world,
         }
-        with tempfile.TemporaryDirectory(prefix="saescale-ckpt-") as directory:
-            write_rank_files(directory, trainer)
-            write_meta(directory, trainer, extra={"data": position})
-            _maybe_fail(self.config, self.rank, trainer.step, during_save=True)
-            has_files = bool(os.listdir(directory))
-            ray.train.report(
-                self.metrics(trainer, final),
-                checkpoint=ray.train.Checkpoint.from_directory(directory) if has_files else None,
-                checkpoint_upload_fn=upload_checkpoint,
-            )
+        background = self.background and not final
+        copied = copy_aside(trainer, extra={"data": position}, copy=background)
+        done = self._in_flight = threading.Event()
+        if not copied.files:
+            done.set()  # a DP replica other than 0: nothing to write, its report still counts
+        storage_context = ray.train.get_context().get_storage()
+        directory = tempfile.mkdtemp(prefix="saescale-ckpt-")  # Ray's handle on the upload; stays empty
+        step = trainer.step  # the trainer moves on while a background upload runs
+
+        def upload(_checkpoint, checkpoint_dir_name: str):
+            try:
+                _maybe_fail(self.config, self.rank, step, during_save=True)
+                return upload_rank_files(copied, storage_context, checkpoint_dir_name)
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
+                done.set()
+
+        ray.train.report(
+            self.metrics(trainer, final),
+            checkpoint=ray.train.Checkpoint.from_directory(directory) if copied.files else None,
+            checkpoint_upload_mode=CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC,
+            delete_local_checkpoint_after_upload=False,  # `upload` removes its folder itself
+            checkpoint_upload_fn=upload,
+        )
+        if not copied.files:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
-def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
-    """Ray Train's checkpoint upload, replaced: this rank's files go to the same place in the
-    run's storage (Ray's storage context gives the path and filesystem), meta.json last, and a
-    file that cannot be written raises. The storage filesystem (`stream.arrow_filesystem`)
-    already retries through storage faults: creating the folder, and each file's upload when its
-    stream closes. Ray's
-    default (pyarrow's `copy_files`) returns without error when writing a file to an fsspec
-    filesystem fails (measured through the fault proxy), which would register a checkpoint with
-    files missing."""
+def upload_rank_files(copied: RankFiles, storage_context, checkpoint_dir_name: str):
+    """Ray Train's checkpoint upload, replaced: this rank's files (copied aside at the step) go to
+    the checkpoint's place in the run's storage (Ray's storage context gives the path and
+    filesystem), meta.json last, and a file that cannot be written raises. The storage
+    filesystem (`stream.arrow_filesystem`) already retries through storage faults: creating the
+    folder, and each file's upload when its stream closes. Ray's default (pyarrow's
+    `copy_files`) returns without error when writing a file to an fsspec filesystem fails
+    (measured through the fault proxy), which would register a checkpoint with files missing."""
     import ray.train
+    from safetensors.torch import save_file
 
-    context = ray.train.get_context().get_storage()
-    fs, destination = context.storage_filesystem, context.build_checkpoint_path_from_name(checkpoint_dir_name)
+    fs = storage_context.storage_filesystem
+    destination = storage_context.build_checkpoint_path_from_name(checkpoint_dir_name)
     fs.create_dir(destination)
-    for name in sorted(os.listdir(checkpoint.path), key=lambda name: (name == META, name)):
-        _put_file(fs, os.path.join(checkpoint.path, name), f"{destination}/{name}")
+    with tempfile.TemporaryDirectory(prefix="saescale-upload-") as tmp:
+        local = os.path.join(tmp, "file")
+        for name, tensors in copied.files.items():
+            save_file(tensors, local)
+            _put_file(fs, local, f"{destination}/{name}")
+            os.remove(local)
+        if copied.meta is not None:
+            with open(local, "w") as handle:
+                json.dump(copied.meta, handle)
+            _put_file(fs, local, f"{destination}/{META}")
     return ray.train.Checkpoint(path=destination, filesystem=fs)
 
 
@@ -252,7 +291,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainer.fit(
         local_batches(),
         train_cfg.total_steps or data.total_steps,
-        checkpointer=RayReportCheckpointer(config, rank, data, world),
+        checkpointer=RayReportCheckpointer(config, rank, data, world, config.get("checkpoint_in_background", True)),
         on_step=lambda s: _maybe_fail(config, rank, s, during_save=False),
     )
     trainer.logger.close()

@@ -51,7 +51,8 @@ KEEP_LAST = 2  # checkpoints kept by a StorageCheckpointer (the newest and the o
 # Train-config keys that may change between a checkpoint and its resume without changing the
 # result: how often to log, draw histograms and checkpoint, and how long to train.
 RESUMABLE_TRAIN_KEYS = frozenset(
-    {"log_every", "histogram_every", "checkpoint_every", "total_steps", "precision", "micro_batches"}
+    {"log_every", "histogram_every", "checkpoint_every", "checkpoint_mtbf_s", "total_steps", "precision"}
+    | {"micro_batches"}
     | {"lr", "lr_rule", "budget_tokens"}  # compared as the lr they resolve to (check_resumable)
 )
 
@@ -127,32 +128,42 @@ def _is_rank0(trainer: Trainer) -> bool:
 
 
 # ------------------------------------------------------------------------------------ write
-def write_rank_files(folder: str, trainer: Trainer, storage_options: dict[str, Any] | None = None) -> None:
-    """Write this rank's shard files into the checkpoint folder at `folder` (any URL or local
-    path). Only DP replica 0 writes: the other replicas hold the same weights."""
+@dataclass
+class RankFiles:
+    """This rank's checkpoint files as host-memory copies (file name -> tensors), plus meta.json's
+    content on global rank 0: taken at a step boundary, so the files can be written while
+    training goes on (the trainer updates its tensors in place)."""
+
+    files: dict[str, dict[str, torch.Tensor]]
+    meta: dict[str, Any] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for tensors in self.files.values() for t in tensors.values())
+
+
+def copy_aside(trainer: Trainer, extra: dict[str, Any] | None = None, copy: bool = True) -> RankFiles:
+    """This rank's files (none on DP replicas other than 0: they hold the same weights) and, on
+    global rank 0, the meta, copied into host memory (`copy=False`: views where the tensors
+    already are on the host, for a write that finishes before training goes on)."""
+
+    def host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=copy).contiguous() for k, v in tensors.items()}
+
     dp_rank, _, tp_rank, tp = _coords(trainer)
-    if dp_rank != 0:
-        return
-    base = storage.join(folder, shard_name(tp_rank, tp))
-    snap = trainer.snapshot()
-    files = {
-        ".sae.safetensors": sae_tensors(trainer.sae),
-        ".state.safetensors": {k: v.detach().contiguous().cpu() for k, v in snap.tensors.items()},
-    }
-    if trainer.ema is not None:  # the weights to export: bias-corrected EMA (all per-row ops)
-        files[".eval.safetensors"] = sae_tensors(trainer.sae, trainer.eval_weights())
-    for suffix, tensors in files.items():
-        storage.write_file_atomic(base + suffix, lambda p, t=tensors: save_file(t, p), storage_options)
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    if dp_rank == 0:
+        base = shard_name(tp_rank, tp)
+        files[base + ".sae.safetensors"] = host(sae_tensors(trainer.sae))
+        files[base + ".state.safetensors"] = host(trainer.snapshot().tensors)
+        if trainer.ema is not None:  # the weights to export: bias-corrected EMA (all per-row ops)
+            files[base + ".eval.safetensors"] = host(sae_tensors(trainer.sae, trainer.eval_weights()))
+    return RankFiles(files, meta_of(trainer, extra) if _is_rank0(trainer) else None)
 
 
-def write_meta(
-    folder: str, trainer: Trainer, extra: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None
-) -> None:
-    """Write meta.json (global rank 0 only), after every rank's files: it completes the folder."""
-    if not _is_rank0(trainer):
-        return
+def meta_of(trainer: Trainer, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     _, dp, _, tp = _coords(trainer)
-    meta = {
+    return {
         "format": CHECKPOINT_FORMAT,
         "dp": dp,
         "tp": tp,
@@ -160,7 +171,26 @@ def write_meta(
         "trainer": trainer.snapshot_info(),
         **(extra or {}),
     }
-    storage.write_json_atomic(storage.join(folder, META), meta, storage_options)
+
+
+def write_files(folder: str, files: dict[str, dict[str, torch.Tensor]], storage_options: dict[str, Any] | None = None) -> None:
+    """Each file of a `RankFiles` into the checkpoint folder at `folder` (any URL or local path)."""
+    for name, tensors in files.items():
+        storage.write_file_atomic(storage.join(folder, name), lambda p, t=tensors: save_file(t, p), storage_options)
+
+
+def write_rank_files(folder: str, trainer: Trainer, storage_options: dict[str, Any] | None = None) -> None:
+    """Write this rank's shard files into the checkpoint folder at `folder` (any URL or local
+    path). Only DP replica 0 writes: the other replicas hold the same weights."""
+    write_files(folder, copy_aside(trainer, copy=False).files, storage_options)
+
+
+def write_meta(
+    folder: str, trainer: Trainer, extra: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None
+) -> None:
+    """Write meta.json (global rank 0 only), after every rank's files: it completes the folder."""
+    if _is_rank0(trainer):
+        storage.write_json_atomic(storage.join(folder, META), meta_of(trainer, extra), storage_options)
 
 
 # ------------------------------------------------------------------------------------- read

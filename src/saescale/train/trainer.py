@@ -38,6 +38,7 @@ from saescale.core.config import SAEConfig, TrainConfig
 from saescale.core.model import TopKSAE, check_activations
 from saescale.distributed.parallel import DataParallel, TensorParallel, synchronize
 from saescale.distributed.plan import auto_micro_batches
+from saescale.train.cadence import CheckpointCadence
 from saescale.train.checkpoint import StorageCheckpointer, TrainerSnapshot
 from saescale.train.dead_latents import DeadLatentTracker
 from saescale.train.loggers import MetricsLogger, NullLogger
@@ -95,6 +96,9 @@ class TrainSummary:
     final: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     totals: StepTimes = field(default_factory=StepTimes)  # this attempt's whole time split
+    checkpoints: int = 0  # saved in this attempt (the final one included)
+    checkpoint_stall_s: float = 0.0  # seconds training waited on them
+    checkpoint_every: int | None = None  # checkpoint_every=auto: the last interval chosen (steps)
 
 
 class Trainer:
@@ -370,7 +374,8 @@ class Trainer:
         """Train on this rank's batches until they end (on any rank) or `max_steps` (total,
         counting restored steps). Logs every `log_every` steps (with the data-wait / compute /
         communication split), draws the latent-density histogram every `histogram_every`,
-        checkpoints every `checkpoint_every`. A `checkpointer` passed here also gets a final save
+        checkpoints every `checkpoint_every` steps (or, with "auto", at the Young/Daly interval:
+        `train.cadence`). A `checkpointer` passed here also gets a final save
         (`final=True`, which the Ray service uses for its last report); the trainer's own
         (`checkpoint_url`) saves at the end only when `checkpoint_every` is set.
         `on_step(step)` runs after each step (the service's fault-injection hook)."""
@@ -380,6 +385,8 @@ class Trainer:
         iterator = iter(batches)
         window, window_start = StepTimes(), time.perf_counter()
         last_saved = None
+        cadence = CheckpointCadence.of(self.cfg.checkpoint_every, self.cfg.checkpoint_mtbf_s, self.step)
+        since_save = StepTimes()  # the steps since the last checkpoint: auto's step time
         try:
             while max_steps is None or self.step < max_steps:
                 t0 = time.perf_counter()
@@ -411,6 +418,7 @@ class Trainer:
                 )
                 window.add(one)
                 summary.totals.add(one)
+                since_save.add(one)
                 if metrics is not None:
                     metrics.update(window.as_metrics(time.perf_counter() - window_start))
                     self.logger.log(metrics, self.step)
@@ -421,19 +429,41 @@ class Trainer:
                     self._log_density_histogram()
                 if on_step is not None:
                     on_step(self.step)
-                if (
-                    checkpointer is not None
-                    and self.cfg.checkpoint_every
-                    and self.step % self.cfg.checkpoint_every == 0
-                    and (max_steps is None or self.step < max_steps)
-                ):
-                    checkpointer.save(self)
+                if checkpointer is not None and cadence.due(self.step) and (max_steps is None or self.step < max_steps):
+                    stall = self._timed_save(checkpointer)
                     last_saved = self.step
+                    step_s = (since_save.data_wait + since_save.compute + since_save.comm) / max(since_save.steps, 1)
+                    since_save = StepTimes()
+                    before = cadence.interval_steps
+                    interval = cadence.saved(self.step, stall, step_s, self._max_over_ranks)
+                    if interval is not None and (before is None or abs(interval - before) > 0.25 * before):
+                        print0(
+                            f"checkpoint_every=auto: every {interval} steps from step {self.step} (a checkpoint "
+                            f"stalls {stall:.2f} s, a step takes {step_s:.3g} s, MTBF {self.cfg.checkpoint_mtbf_s:g} s)"
+                        )
+                    summary.checkpoint_every = interval
         finally:
             summary.steps, summary.tokens = self.step, self.tokens_seen
         if checkpointer is not None and (explicit or (self.cfg.checkpoint_every and last_saved != self.step)):
-            checkpointer.save(self, final=True)
+            self._timed_save(checkpointer, final=True)
         return summary
+
+    def _timed_save(self, checkpointer: Checkpointer, final: bool = False) -> float:
+        """One checkpoint; returns how long it held training up (counted in the summary)."""
+        start = time.perf_counter()
+        checkpointer.save(self, final=final)
+        stall = time.perf_counter() - start
+        self.summary.checkpoint_stall_s += stall
+        self.summary.checkpoints += 1
+        return stall
+
+    def _max_over_ranks(self, values: list[float]) -> list[float]:
+        """Each value's maximum over the ranks (a decision every rank must share)."""
+        if not self._distributed():
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.tolist()
 
     def _log_density_histogram(self) -> None:
         if self._window_tokens == 0:
