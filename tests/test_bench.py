@@ -65,3 +65,13 @@ def test_bench_dist_peak_memory_plans_the_precision_and_micro_batches_it_runs():
     bad = _cli("dist", "--peak-memory", *tiny, "--micro-batches", "3")
     assert bad.returncode == 2
     assert bad.stderr.strip() == "saescale: error: batch=64 must divide into dp=1 groups x micro_batches=3"
+
+
+def test_bench_checkpoint_times_both_ways_of_writing_the_same_files():
+    from saescale.bench.checkpoint import bench_checkpoint
+
+    r = bench_checkpoint(d_in=32, n_latents=512, k=8, batch=64, steps=2)
+    # W_enc, W_dec and their two Adam moments dominate; both ways wrote the same files
+    assert r["checkpoint_bytes"] > 3 * (2 * 512 * 32 * 4)
+    assert r["sync_stall_s"] > 0 and r["background_stall_s"] > 0 and r["background_write_s"] > 0
+    assert r["ratio"] == pytest.approx(r["background_cost_s"] / r["sync_cost_s"])

@@ -12,7 +12,8 @@ import torch
 
 from saescale.core.config import ConfigError, SAEConfig, TrainConfig
 from saescale.core.model import TopKSAE
-from saescale.train.cadence import FIRST_STEP, CheckpointCadence, young_daly_interval_s
+from saescale.distributed.plan import young_daly_interval_s
+from saescale.train.cadence import FIRST_STEP, CheckpointCadence
 from saescale.train.checkpoint import copy_aside, latest_step
 from saescale.train.trainer import Trainer
 

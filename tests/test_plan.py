@@ -76,6 +76,11 @@ def test_plan_cli_json_and_exit_codes():
     assert ok.returncode == 0, ok.stderr
     plan = json.loads(ok.stdout)
     assert plan["fits"] and plan["n_local"] == 262144
+    # what checkpoint_every=auto will about choose: weights + Adam per rank, copied aside at 5 GB/s
+    ckpt = plan["checkpoint"]
+    assert ckpt["bytes_per_rank"] == plan["weights"] + plan["adam"] + plan["ema"]
+    assert ckpt["stall_s"] == pytest.approx(ckpt["bytes_per_rank"] / 5e9)
+    assert ckpt["interval_s"] == pytest.approx(max((2 * ckpt["stall_s"] * 86400) ** 0.5, ckpt["upload_s"]))
     bad = subprocess.run(
         [
             sys.executable,
@@ -191,3 +196,15 @@ def test_plan_cli_auto_micro_batches_and_fewest_workers():
     ]:
         result = _cli(*gpt4, *bad)
         assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_checkpoint_interval_grows_with_the_state_and_the_mtbf():
+    from saescale.distributed.plan import plan_checkpoints, plan_memory, young_daly_interval_s
+
+    small, large = (plan_memory(n, 576, 32, 2, 2, 4096) for n in (2**16, 2**20))
+    assert plan_checkpoints(large, 3600).interval_s > plan_checkpoints(small, 3600).interval_s
+    assert plan_checkpoints(small, 86400).interval_s > plan_checkpoints(small, 60).interval_s
+    # a slow store: the interval is at least one upload (one checkpoint in flight)
+    slow = plan_checkpoints(large, 60, upload_gb_s=0.001)
+    assert slow.interval_s == slow.upload_s > young_daly_interval_s(slow.stall_s, 60)
+    assert "checkpoint_every=auto" in slow.line()

@@ -300,3 +300,29 @@ def test_embedded_ray_beside_a_running_head_with_a_quiet_console(resumed_run, ra
     assert "Execution plan of Dataset" in data_log and "execution finished in" in data_log
     assert any(name.startswith("worker-") and name.endswith(".err") for name in os.listdir(logs))
     assert os.path.exists(os.path.join(logs, "raylet.out"))
+
+
+@pytest.mark.slow
+def test_auto_checkpoints_agree_across_ranks_and_upload_in_the_background(tmp_path, small_cache):
+    """train.checkpoint_every=auto through the real job at dp=2: the first checkpoint at step 20,
+    then the Young/Daly interval, which both ranks compute from the same (maximum) times, or the
+    save (a collective) would hang; every checkpoint is uploaded in the background and the run
+    ends with its final one registered and exported."""
+    log = run_job(
+        tmp_path,
+        small_cache,
+        "run_id=auto",
+        "parallel.tp=1",
+        "train.epochs=3",
+        "train.checkpoint_every=auto",
+        "ray.mtbf_s=1",
+        "export.saelens=false",
+        "export.sparsify=false",
+    )
+    result = json.loads((tmp_path / "auto" / "result.json").read_text())
+    assert result["steps"] == 36 and result["dp"] == 2  # 3 epochs of 12 steps
+    assert "checkpoint_every=auto: every" in log and "from step 20" in log, log[-3000:]
+    assert isinstance(result["checkpoint_every"], int) and result["checkpoint_every"] >= 1
+    assert result["checkpoint_stall_s"] > 0
+    assert os.path.exists(os.path.join(result["checkpoint"], "meta.json"))
+    assert result["train"]["checkpoint_mtbf_s"] == 1.0 and result["train"]["checkpoint_every"] == "auto"

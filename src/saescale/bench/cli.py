@@ -1,4 +1,4 @@
-"""`saescale bench step|cache|dist|precision|recovery|soak`: the benchmarks' parsers and bodies.
+"""`saescale bench step|cache|dist|precision|recovery|soak|checkpoint`: the benchmarks' parsers and bodies.
 
 Each body imports its benchmark (torch, the trainer, Ray's job code) only when it runs, so that
 `saescale --help` stays fast.
@@ -145,11 +145,19 @@ def _soak(args: argparse.Namespace) -> int:
     return 0 if result.get("identical") and result.get("long_enough", True) else 1
 
 
+def _checkpoint(args: argparse.Namespace) -> int:
+    from saescale.bench.checkpoint import bench_checkpoint
+
+    result = bench_checkpoint(args.d_in, args.n_latents, args.k, args.batch, args.steps, args.threads, args.folder)
+    print(json.dumps(result))
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     """Register `bench` and its subcommands (in the order `saescale bench --help` lists them)."""
     bench = sub.add_parser("bench", help="benchmarks that print JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    for add in (_add_step, _add_cache, _add_dist, _add_precision, _add_recovery, _add_soak):
+    for add in (_add_step, _add_cache, _add_dist, _add_precision, _add_recovery, _add_soak, _add_checkpoint):
         add(bench_sub)
 
 
@@ -292,3 +300,18 @@ def _add_soak(bench_sub: argparse._SubParsersAction[Any]) -> None:
     soak.add_argument("--out", default=None, help="folder for both runs and their logs (default: a temp dir)")
     soak.add_argument("overrides", nargs="*", help="job overrides (key=value), after --")
     soak.set_defaults(func=_soak)
+
+
+def _add_checkpoint(bench_sub: argparse._SubParsersAction[Any]) -> None:
+    ckpt = bench_sub.add_parser(
+        "checkpoint", help="a checkpoint's cost to the steps: written in the training thread vs in the background"
+    )
+    ckpt.add_argument("--d-in", type=int, default=576)
+    ckpt.add_argument("--n-latents", type=positive_int, default=2**18)
+    ckpt.add_argument("--k", type=positive_int, default=32)
+    ckpt.add_argument("--batch", type=positive_int, default=1024)
+    ckpt.add_argument("--steps", type=positive_int, default=4, help="steps timed after each checkpoint")
+    ckpt.add_argument("--threads", type=positive_int, default=None)
+    ckpt.add_argument("--folder", default=None, help="where the checkpoints are written (default: the temp dir)")
+    ckpt.set_defaults(func=_checkpoint)
+

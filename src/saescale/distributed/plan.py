@@ -25,6 +25,8 @@ picks the smallest (tp, dp) layout that fits.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 
 from saescale.core.config import default_k_aux
@@ -297,3 +299,38 @@ def _refusal(plan: MemoryPlan, auto: bool) -> str:
         f"per-rank memory {plan.total / GiB:.1f} GiB exceeds the device's "
         f"{plan.device_bytes / GiB:.1f} GiB by {over / GiB:.1f} GiB; {hint}"
     )
+
+
+# ------------------------------------------------------------------------ checkpoint cadence
+def young_daly_interval_s(checkpoint_s: float, mtbf_s: float) -> float:
+    """Seconds of training between checkpoints that minimise the expected time lost to them and
+    to recomputation after a failure: sqrt(2 C M) for a checkpoint stalling C seconds and a
+    failure every M seconds on average (Young 1974; Daly 2006)."""
+    return math.sqrt(2.0 * max(checkpoint_s, 0.0) * mtbf_s)
+
+
+@dataclass
+class CheckpointPlan:
+    """What `train.checkpoint_every=auto` will about choose for a layout, before measuring."""
+
+    bytes_per_rank: int  # weights, Adam, EMA: what each rank of DP replica 0 writes
+    stall_s: float  # copying them aside (host memory) at the step
+    upload_s: float  # writing them to storage in the background
+    interval_s: float  # Young/Daly, at least one upload (one checkpoint in flight)
+    mtbf_s: float
+
+    def line(self) -> str:
+        return (
+            f"checkpoint_every=auto: {self.bytes_per_rank / GiB:.2f} GiB per rank; copied aside in ~{self.stall_s:.2g} s "
+            f"(the stall), uploaded in ~{self.upload_s:.2g} s; with a failure every {self.mtbf_s:g} s, a checkpoint "
+            f"about every {self.interval_s:.0f} s (sqrt(2 x stall x MTBF), at least one upload); the run measures its own"
+        )
+
+
+def plan_checkpoints(plan: MemoryPlan, mtbf_s: float, copy_gb_s: float = 5.0, upload_gb_s: float = 0.5) -> CheckpointPlan:
+    """The checkpoint interval of a layout from assumed rates: copying to host memory at
+    `copy_gb_s` (PCIe or memcpy), writing to storage at `upload_gb_s` per rank."""
+    nbytes = plan.weights + plan.adam + plan.ema
+    stall, upload = nbytes / (copy_gb_s * 1e9), nbytes / (upload_gb_s * 1e9)
+    return CheckpointPlan(nbytes, stall, upload, max(young_daly_interval_s(stall, mtbf_s), upload), mtbf_s)
+

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ def micro_batches_arg(value: str) -> int | str:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from saescale.distributed.plan import DoesNotFit, PlanError, check_fits
+    from saescale.distributed.plan import DoesNotFit, PlanError, check_fits, plan_checkpoints
 
     try:
         plan = _choose_plan(args)
@@ -39,7 +40,12 @@ def _plan(args: argparse.Namespace) -> int:
     except PlanError as exc:
         print(f"saescale plan: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(plan.to_dict()) if args.json else plan.table())
+    checkpoints = plan_checkpoints(plan, args.mtbf_s, args.copy_gb_s, args.upload_gb_s)
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "checkpoint": asdict(checkpoints)}))
+    else:
+        print(plan.table())
+        print(checkpoints.line())
     try:
         check_fits(plan)
     except PlanError as exc:
@@ -112,5 +118,8 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     )
     plan.add_argument("--ema", action="store_true")
     plan.add_argument("--device-gib", type=float, default=80.0)
+    plan.add_argument("--mtbf-s", type=float, default=86_400.0, help="expected seconds between failures (ray.mtbf_s)")
+    plan.add_argument("--copy-gb-s", type=float, default=5.0, help="assumed rate of a checkpoint's copy to host memory")
+    plan.add_argument("--upload-gb-s", type=float, default=0.5, help="assumed storage write rate per rank")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=_plan)

@@ -11,22 +11,19 @@ The cost is measured, not assumed: the first checkpoint comes early (`FIRST_STEP
 each one the interval in steps is set again from that checkpoint's stall and the mean step time
 since the one before. Under a (dp x tp) group every rank must checkpoint at the same step (the
 save is a collective), so both times are first reduced to their maximum over the ranks (`reduce`)
-and every rank computes the same interval.
+and every rank computes the same interval. `saescale plan` prints the interval a layout will
+about get (`distributed.plan.plan_checkpoints`) before anything is measured.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from saescale.distributed.plan import young_daly_interval_s
+
 FIRST_STEP = 20  # the first auto checkpoint: early enough to measure its cost before it matters
 MAX_INTERVAL_STEPS = 100_000
-
-
-def young_daly_interval_s(checkpoint_s: float, mtbf_s: float) -> float:
-    """Seconds of training between checkpoints that minimise the expected lost time."""
-    return math.sqrt(2.0 * max(checkpoint_s, 0.0) * mtbf_s)
 
 
 @dataclass
