@@ -36,7 +36,7 @@ def compose_job(name: str, *overrides: str):
 def test_job_sections_take_every_engine_default(engine, section):
     ours = {f.name: f.default for f in dataclasses.fields(section)}
     for f in dataclasses.fields(engine):
-        if f.name in ("d_in", "total_steps", "budget_tokens"):  # from the cache and the run length
+        if f.name in ("d_in", "total_steps", "budget_tokens", "checkpoint_mtbf_s"):  # the cache, the run, ray.mtbf_s
             assert f.name not in ours
             continue
         assert ours[f.name] == JOB_DEFAULTS.get(f.name, f.default), f.name
@@ -59,6 +59,8 @@ def test_a_mistyped_key_is_refused_while_composing(job):
         ("train.batch_size=0", "train.batch_size must be > 0"),
         ("data.shuffle_buffer_rows=-1", "data.shuffle_buffer_rows"),
         ("ray.max_failures=-1", "ray.max_failures must be >= 0"),
+        ("ray.mtbf_s=0", "ray.mtbf_s must be > 0"),
+        ("fault.signal=hup", "fault.signal must be kill or term"),
     ],
 )
 def test_bad_values_fail_in_the_dataclasses(override, message):
@@ -156,7 +158,9 @@ def test_the_default_lr_follows_the_runs_token_budget():
     with pytest.raises(ConfigError, match="train.lr_rule must be budget or paper"):
         TrainConfig(lr_rule="fast")
     # lr_scale multiplies either rule (the paper's lr sweeps run in multiples of it), not a set lr
-    assert TrainConfig(budget_tokens=400_000, lr_scale=2).resolved_lr(4096) == pytest.approx(2 * short.resolved_lr(4096))
+    assert TrainConfig(budget_tokens=400_000, lr_scale=2).resolved_lr(4096) == pytest.approx(
+        2 * short.resolved_lr(4096)
+    )
     assert TrainConfig(lr_rule="paper", lr_scale=0.5).resolved_lr(4096) == pytest.approx(paper(4096) / 2)
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ConfigError, match="train.lr_scale must be a positive number"):

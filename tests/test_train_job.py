@@ -326,3 +326,36 @@ def test_auto_checkpoints_agree_across_ranks_and_upload_in_the_background(tmp_pa
     assert result["checkpoint_stall_s"] > 0
     assert os.path.exists(os.path.join(result["checkpoint"], "meta.json"))
     assert result["train"]["checkpoint_mtbf_s"] == 1.0 and result["train"]["checkpoint_every"] == "auto"
+
+
+@pytest.mark.slow
+def test_a_preempted_rank_checkpoints_and_the_run_resumes_without_spending_a_restart(
+    tmp_path, small_cache, resumed_run
+):
+    """SIGTERM (a spot reclaim's or Kubernetes' notice) to rank 1 after step 5: every rank stops
+    at the next step boundary, checkpoints there and leaves; the new worker group resumes from
+    that step (nothing lost) although ray.max_failures=0, since a preemption is not a failure;
+    the final SAE is bit-identical to the resumed run's (itself equal to an uninterrupted one)."""
+    log = run_job(
+        tmp_path,
+        small_cache,
+        "run_id=preempt",
+        "fault.rank=1",
+        "fault.step=5",
+        "fault.signal=term",
+        "ray.max_failures=0",
+        "export.saelens=false",
+        "export.sparsify=false",
+    )
+    assert log.count("SIGTERM: a preemption notice") in (1, 2), log[-4000:]  # rank 1's (Ray may echo it)
+    # the signal lands while step 6 may already run: the next step boundary is 5 or 6
+    stop = re.search(r"preemption notice: every rank stops at step (\d+) and checkpoints there", log)
+    assert stop and stop.group(1) in ("5", "6"), log[-4000:]
+    assert f"resumed from the step-{stop.group(1)} checkpoint" in log, log[-4000:]  # nothing lost
+    assert "not counted against ray.max_failures" in log, log[-4000:]
+    _, tiny, _, _ = resumed_run
+    result = json.loads((tmp_path / "preempt" / "result.json").read_text())
+    assert result["steps"] == json.loads((tiny / "result.json").read_text())["steps"]
+    preempted, reference = load_sae(str(tmp_path / "preempt" / "sae"))[0], load_sae(str(tiny / "sae"))[0]
+    for name in ("W_enc", "b_enc", "W_dec", "b_pre"):
+        assert torch.equal(getattr(preempted, name), getattr(reference, name)), name

@@ -195,11 +195,17 @@ class ExportSection:
 
 @dataclass
 class FaultSection:
-    """Testing: SIGKILL worker `rank` once at `step` (inside a checkpoint save if during_save)."""
+    """Testing: SIGKILL worker `rank` once at `step` (inside a checkpoint save if during_save);
+    signal=term sends SIGTERM instead (a preemption notice)."""
 
     rank: Optional[int] = None
     step: Optional[int] = None
     during_save: bool = False
+    signal: str = "kill"  # kill | term
+
+    def __post_init__(self) -> None:
+        if self.signal not in ("kill", "term"):
+            raise ConfigError(f"fault.signal must be kill or term, got {self.signal!r}")
 
 
 @dataclass

@@ -282,7 +282,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         fail(exc)
     print0(f"run {job.run_id} -> {storage.redact(run.output_dir)}")
 
-    from saescale.service.failures import StorageUnavailable
+    from saescale.service.failures import RestartsExhausted, StorageUnavailable
     from saescale.service.ray_local import ensure_ray
     from saescale.service.ray_train import RunFailed, checkpoint_url, fit_to_running_cluster, launch
     from saescale.service.stream import corrupt_shard_line
@@ -304,6 +304,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             fail(corrupt_shard_line(cause, cache_url, spec.cache_remedy))
         if isinstance(cause, StorageUnavailable):  # not the user's input: exit 1, the checkpoint kept
             fail(first_line(cause), EXIT_FAILED)
+        if isinstance(cause, RestartsExhausted):  # crashes past ray.max_failures
+            fail(crash_line(str(cause), job.ray.max_failures, spec.planned_bytes), EXIT_FAILED)
         if cause is not None:  # a refused resume, a bad batch or loss: the user's to fix
             fail(first_line(cause))
         fail(crash_line(str(failed), job.ray.max_failures, spec.planned_bytes), EXIT_FAILED)

@@ -314,4 +314,3 @@ def _add_checkpoint(bench_sub: argparse._SubParsersAction[Any]) -> None:
     ckpt.add_argument("--threads", type=positive_int, default=None)
     ckpt.add_argument("--folder", default=None, help="where the checkpoints are written (default: the temp dir)")
     ckpt.set_defaults(func=_checkpoint)
-

@@ -235,10 +235,14 @@ class TrainConfig(_DictConfig):
             _check_interval(f"train.{name}", getattr(self, name))
         if self.checkpoint_every is not None and self.checkpoint_every != "auto":  # None: no periodic checkpoints
             if isinstance(self.checkpoint_every, str):
-                raise ConfigError(f"train.checkpoint_every must be an integer >= 1 or 'auto', got {self.checkpoint_every!r}")
+                raise ConfigError(
+                    f"train.checkpoint_every must be an integer >= 1 or 'auto', got {self.checkpoint_every!r}"
+                )
             _check_interval("train.checkpoint_every", self.checkpoint_every)
         if not isinstance(self.checkpoint_mtbf_s, (int, float)) or not self.checkpoint_mtbf_s > 0:
-            raise ConfigError(f"ray.mtbf_s (train.checkpoint_mtbf_s) must be > 0 seconds, got {self.checkpoint_mtbf_s!r}")
+            raise ConfigError(
+                f"ray.mtbf_s (train.checkpoint_mtbf_s) must be > 0 seconds, got {self.checkpoint_mtbf_s!r}"
+            )
 
     def resolved_lr(self, n_latents: int) -> float:
         """`lr` when set; else the paper's rule, times `budget_lr_multiplier` under the budget rule,

@@ -26,7 +26,6 @@ picks the smallest (tp, dp) layout that fits.
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass
 
 from saescale.core.config import default_k_aux
@@ -327,10 +326,11 @@ class CheckpointPlan:
         )
 
 
-def plan_checkpoints(plan: MemoryPlan, mtbf_s: float, copy_gb_s: float = 5.0, upload_gb_s: float = 0.5) -> CheckpointPlan:
+def plan_checkpoints(
+    plan: MemoryPlan, mtbf_s: float, copy_gb_s: float = 5.0, upload_gb_s: float = 0.5
+) -> CheckpointPlan:
     """The checkpoint interval of a layout from assumed rates: copying to host memory at
     `copy_gb_s` (PCIe or memcpy), writing to storage at `upload_gb_s` per rank."""
     nbytes = plan.weights + plan.adam + plan.ema
     stall, upload = nbytes / (copy_gb_s * 1e9), nbytes / (upload_gb_s * 1e9)
     return CheckpointPlan(nbytes, stall, upload, max(young_daly_interval_s(stall, mtbf_s), upload), mtbf_s)
-

@@ -11,7 +11,11 @@ one line.
   last registered checkpoint. If storage stays silent the run ends with `StorageUnavailable`: one
   line naming the URL and what was tried, the last registered checkpoint intact for a rerun of
   the same command to resume from.
-- Anything else (a killed worker, a node lost): Ray restarts the group.
+- A preemption notice (`service.preemption`: every rank checkpointed at a step boundary and
+  raised `Preempted`): Ray restarts the group from that checkpoint, not counted as a failure.
+- Anything else (a killed worker, a node lost): Ray restarts the group, at most
+  `ray.max_failures` times in the run; then the run ends (`RestartsExhausted`). The policy
+  counts these itself (Ray's own `max_failures` is unlimited) so that preemptions stay outside.
 """
 
 from __future__ import annotations
@@ -25,12 +29,17 @@ from typing import Any
 from saescale import retry
 from saescale.console import first_line
 from saescale.data.format import CorruptShardError
+from saescale.service.preemption import Preempted
 from saescale.train.checkpoint import CheckpointError
 from saescale.train.trainer import RankError
 
 # errors that a worker-group restart cannot fix: it would read the same bytes or the same
 # checkpoint again, or meet the same bad batch or non-finite loss
 NOT_RETRIED: tuple[type[BaseException], ...] = (CorruptShardError, CheckpointError, RankError)
+
+
+class RestartsExhausted(RuntimeError):
+    """The worker group failed more than `ray.max_failures` times (preemptions not counted)."""
 
 
 class StorageUnavailable(RuntimeError):
@@ -41,7 +50,12 @@ class StorageUnavailable(RuntimeError):
 # what the driver reports as the run's cause, in this order: a corrupt shard first (every rank
 # reading the stream may fail on it, its peers only echo it as a RankError, and its message
 # carries the remedy), then storage that stayed silent, then the rest
-REPORTED: tuple[tuple[type[BaseException], ...], ...] = ((CorruptShardError,), (StorageUnavailable,), NOT_RETRIED)
+REPORTED: tuple[tuple[type[BaseException], ...], ...] = (
+    (CorruptShardError,),
+    (StorageUnavailable,),
+    NOT_RETRIED,
+    (RestartsExhausted,),
+)
 
 
 def _behind(error: BaseException | None) -> Iterator[BaseException]:
@@ -164,30 +178,49 @@ def _policy_class():
     class FailurePolicy(UserCallback):
         """Runs in the Ray Train controller after a worker group failed (see the module)."""
 
-        def __init__(self, probes: list[Probe], wait_s: float) -> None:
-            self.probes, self.wait_s = probes, wait_s
+        def __init__(self, probes: list[Probe], wait_s: float, max_failures: int) -> None:
+            self.probes, self.wait_s, self.max_failures = probes, wait_s, max_failures
+            self.failures = 0
 
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
             errors = list(worker_exceptions.values())
+            if errors and all(find_cause(e, (Preempted,)) is not None for e in errors):
+                notice = first_line(find_cause(errors[0], (Preempted,)))
+                say(f"[saescale] {notice}: restarting the workers from it (not counted against ray.max_failures)")
+                return
             # a corrupt shard first; then a storage fault, whose peers' RankErrors only echo it
             cause = first_cause(errors, ((CorruptShardError,),))
             fault = None if cause is not None else storage_fault(errors)
+            if fault is None:
+                cause = cause or first_cause(errors)
+                if cause is not None:
+                    raise ControllerError(type(cause)(first_line(cause)))
+            self.failures += 1  # a crash or a storage fault: a restart spent
+            if self.failures > self.max_failures:
+                if fault is not None:  # storage again: name it, as a wait that timed out would
+                    raise ControllerError(stopped_by_storage(self.probes[0][2], fault))
+                raise ControllerError(
+                    RestartsExhausted(
+                        f"{self.failures} worker-group failures (ray.max_failures={self.max_failures}); the last: "
+                        f"{first_line(errors[0]) if errors else 'no error reported'}"
+                    )
+                )
             if fault is not None:
                 try:
                     wait_for_storage(self.probes, fault, self.wait_s)
                 except StorageUnavailable as stop:
                     raise ControllerError(stop) from None
-                return  # storage answers: Ray restarts the group
-            cause = cause or first_cause(errors)
-            if cause is not None:
-                raise ControllerError(type(cause)(first_line(cause)))
-            # else a crash: Ray restarts the group
+            # storage answers, or a crash: Ray restarts the group
 
     return FailurePolicy
 
 
-def failure_policy(probes: list[Probe], wait_s: float):
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def failure_policy(probes: list[Probe], wait_s: float, max_failures: int):
     """The Ray Train `UserCallback` (for `RunConfig(callbacks=...)`) of the module's rules;
     `probes` are what a restart after a storage fault waits for (the run's storage, the cache),
-    `wait_s` (`storage.retry_s`) for how long."""
-    return _policy_class()(probes, wait_s)
+    `wait_s` (`storage.retry_s`) for how long; `max_failures` restarts after crashes at most."""
+    return _policy_class()(probes, wait_s, max_failures)

@@ -74,8 +74,13 @@ def setup_worker_process() -> None:
     placement group.
     Pointing RAY_ADDRESS at the worker's own cluster keeps those queries at home. The cleaner's
     "State API may be temporarily unavailable" loop (see above) is dropped; its other records stay.
-    The autoscaling client's late-answer warning keeps its line and loses its traceback."""
+    The autoscaling client's late-answer warning keeps its line and loses its traceback.
+    A SIGTERM to a training worker is a preemption notice (`service.preemption`)."""
     import ray
+
+    from saescale.service.preemption import watch_sigterm
+
+    watch_sigterm()
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger(_PG_CLEANER_LOGGER).addFilter(lambda record: _PG_CLEANER_NOISE not in record.getMessage())

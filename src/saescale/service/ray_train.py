@@ -37,7 +37,9 @@ from saescale.console import print0
 from saescale.core.config import SAEConfig, TrainConfig
 from saescale.data.reader import ActivationCache
 from saescale.distributed.mesh import ParallelDims
+from saescale.service import preemption
 from saescale.service.failures import REPORTED, failure_policy, first_cause, stopped_by_storage, storage_fault
+from saescale.service.preemption import Preempted
 from saescale.service.stream import DataPlan, arrow_filesystem, make_collate, make_datasets, set_retry_budget
 from saescale.train.checkpoint import META, Fetch, RankFiles, copy_aside, load_rank_shard
 from saescale.train.convergence import tokens_to_convergence
@@ -222,7 +224,8 @@ def _rank0_logger(config: dict[str, Any], start_step: int) -> MultiLogger:
 
 
 def _maybe_fail(config: dict[str, Any], rank: int, step: int, during_save: bool) -> None:
-    """Test hook (`fault.*`): SIGKILL this worker once, at a step, optionally inside a save."""
+    """Test hook (`fault.*`): SIGKILL this worker once, at a step, optionally inside a save
+    (`fault.signal=term`: a SIGTERM, i.e. a preemption notice)."""
     fault = config.get("fault") or {}
     if fault.get("rank") != rank or fault.get("step") != step or bool(fault.get("during_save")) != during_save:
         return
@@ -231,7 +234,7 @@ def _maybe_fail(config: dict[str, Any], rank: int, step: int, during_save: bool)
         return  # already failed once: the restarted run goes through
     with open(marker, "w") as handle:
         handle.write(str(step))
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGTERM if fault.get("signal") == "term" else signal.SIGKILL)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -288,13 +291,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     handle.write(json.dumps({"step": step, "ids": ids.tolist()}) + "\n")
             yield batch
 
-    trainer.fit(
-        local_batches(),
-        train_cfg.total_steps or data.total_steps,
-        checkpointer=RayReportCheckpointer(config, rank, data, world, config.get("checkpoint_in_background", True)),
-        on_step=lambda s: _maybe_fail(config, rank, s, during_save=False),
-    )
+    preemption.start_training()
+    try:
+        summary = trainer.fit(
+            local_batches(),
+            train_cfg.total_steps or data.total_steps,
+            checkpointer=RayReportCheckpointer(config, rank, data, world, config.get("checkpoint_in_background", True)),
+            on_step=lambda s: _maybe_fail(config, rank, s, during_save=False),
+            stop_requested=preemption.noticed,
+        )
+    finally:
+        preemption.stop_training()
     trainer.logger.close()
+    if summary.preempted:  # the checkpoint of this step is registered: restart from it
+        raise Preempted(f"preempted at step {trainer.step}; its checkpoint is registered")
 
 
 # ------------------------------------------------------------------------------- the driver
@@ -414,10 +424,12 @@ def launch(spec: LaunchSpec):
             name=spec.run_name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+            # unlimited for Ray: the policy counts crashes against spec.max_failures itself, so that a
+            # preemption (every rank checkpointed and left) restarts without spending one
+            failure_config=ray.train.FailureConfig(max_failures=-1),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # a corrupt shard ends the run (no restarts); a storage fault waits for storage first
-            callbacks=[failure_policy(probes, retry_s)],
+            callbacks=[failure_policy(probes, retry_s, spec.max_failures)],
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(

@@ -87,7 +87,9 @@ PRESETS["quick"] = dataclasses.replace(
 
 def _values(values: tuple[Any, ...] | list[Any]) -> str:
     """A Hydra sweep list: 1,2,4 (floats as %g, booleans in lower case)."""
-    return ",".join(str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+    return ",".join(
+        str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v) for v in values
+    )
 
 
 @dataclass(frozen=True)
@@ -270,7 +272,9 @@ def frontier_lr_sweeps(p: Preset) -> list[Sweep]:
     mults = f"train.lr_scale={_values(p.frontier_lr_mults)}"
     return [
         Sweep("frontier", "frontier-lr", ("sae.architecture=topk,batchtopk", f"sae.k={mid_k}", mults)),
-        Sweep("frontier", "frontier-lr-relu", ("sae.architecture=relu", f"sae.k={mid_k}", f"sae.l1_coef={mid_l1}", mults)),
+        Sweep(
+            "frontier", "frontier-lr-relu", ("sae.architecture=relu", f"sae.k={mid_k}", f"sae.l1_coef={mid_l1}", mults)
+        ),
     ]
 
 
@@ -284,7 +288,9 @@ def frontier_grid_sweeps(p: Preset, best_mult: dict[str, float]) -> list[Sweep]:
             if arch == "relu"
             else (f"sae.k={_values(p.frontier_ks)}",)
         )
-        sweeps.append(Sweep("frontier", f"frontier-{arch}", (f"sae.architecture={arch}", *grid, f"train.lr_scale={mult:g}")))
+        sweeps.append(
+            Sweep("frontier", f"frontier-{arch}", (f"sae.architecture={arch}", *grid, f"train.lr_scale={mult:g}"))
+        )
     return sweeps
 
 
@@ -318,7 +324,11 @@ def dead_sweeps(p: Preset) -> list[Sweep]:
         Sweep(
             "dead",
             "dead",
-            (f"sae.n_latents={_values(p.dead_ns)}", f"sae.auxk_coef={AUXK_COEF:g},0", "train.init_transpose=true,false"),
+            (
+                f"sae.n_latents={_values(p.dead_ns)}",
+                f"sae.auxk_coef={AUXK_COEF:g},0",
+                "train.init_transpose=true,false",
+            ),
         )
     ]
 
@@ -340,7 +350,9 @@ def run_experiments(p: Preset, only: list[str], sweeper: Sweeper) -> list[Row]:
         print0("paper: frontier at the best lr: " + ", ".join(f"{a} {m:g} x the default" for a, m in best_mult.items()))
         for row in run(frontier_grid_sweeps(p, best_mult)) + first:
             if "kl" not in row:
-                row["kl"] = sweeper.evaluate(row, full=False, windows=p.eval_windows)["downstream"]["kl_clean_to_spliced"]
+                row["kl"] = sweeper.evaluate(row, full=False, windows=p.eval_windows)["downstream"][
+                    "kl_clean_to_spliced"
+                ]
     if "progressive" in only:
         run(progressive_sweeps(p))
     if "scaling" in only or "metrics" in only:
@@ -358,7 +370,9 @@ def run_experiments(p: Preset, only: list[str], sweeper: Sweeper) -> list[Row]:
 def report_rows(p: Preset, sweeper: Sweeper) -> list[Row]:
     """Every finished run of the preset's stages, read back from their sweep folders (the
     frontier's grid stages by name: they exist only once the lr stage picked the best lr)."""
-    stages = [s for s in lr_sweeps(p) + frontier_lr_sweeps(p) + progressive_sweeps(p) + scaling_sweeps(p) + dead_sweeps(p)]
+    stages = [
+        s for s in lr_sweeps(p) + frontier_lr_sweeps(p) + progressive_sweeps(p) + scaling_sweeps(p) + dead_sweeps(p)
+    ]
     stages += [Sweep("frontier", f"frontier-{arch}", ()) for arch in ("batchtopk", "relu", "topk")]
     found: dict[str, Row] = {}
     for stage in stages:

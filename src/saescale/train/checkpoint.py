@@ -173,7 +173,9 @@ def meta_of(trainer: Trainer, extra: dict[str, Any] | None = None) -> dict[str, 
     }
 
 
-def write_files(folder: str, files: dict[str, dict[str, torch.Tensor]], storage_options: dict[str, Any] | None = None) -> None:
+def write_files(
+    folder: str, files: dict[str, dict[str, torch.Tensor]], storage_options: dict[str, Any] | None = None
+) -> None:
     """Each file of a `RankFiles` into the checkpoint folder at `folder` (any URL or local path)."""
     for name, tensors in files.items():
         storage.write_file_atomic(storage.join(folder, name), lambda p, t=tensors: save_file(t, p), storage_options)

@@ -99,6 +99,7 @@ class TrainSummary:
     checkpoints: int = 0  # saved in this attempt (the final one included)
     checkpoint_stall_s: float = 0.0  # seconds training waited on them
     checkpoint_every: int | None = None  # checkpoint_every=auto: the last interval chosen (steps)
+    preempted: bool = False  # stopped early on a preemption notice (after the final checkpoint)
 
 
 class Trainer:
@@ -181,27 +182,34 @@ class Trainer:
 
     def agree(self, has_batch: bool, error: Exception | None) -> bool:
         """Whether every rank has a batch. When any rank reports an error, every rank raises:
-        that rank its own error, the others `RankError` with its message (one all-reduce of two
-        ints per call; the message is broadcast only then). In a single process the error itself
-        is raised."""
+        that rank its own error, the others `RankError` with its message (one all-reduce of
+        three ints per call; the message is broadcast only then). In a single process the error
+        itself is raised."""
+        return self.agree_step(has_batch, error)[0]
+
+    def agree_step(self, has_batch: bool, error: Exception | None, stop: bool = False) -> tuple[bool, bool]:
+        """`agree`, and whether any rank was asked to stop (a preemption notice): every rank
+        learns both at the same step."""
         if not self._distributed():
             if error is not None:
                 raise error
-            return has_batch
+            return has_batch, stop
         rank = dist.get_rank()
         # on the trainer's device: under NCCL (GPUs) the default group rejects CPU tensors
         flags = torch.tensor(
-            [0 if has_batch else 1, rank + 1 if error is not None else 0], dtype=torch.int64, device=self.device
+            [0 if has_batch else 1, rank + 1 if error is not None else 0, int(stop)],
+            dtype=torch.int64,
+            device=self.device,
         )
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        missing, bad = (int(v) for v in flags.tolist())
+        missing, bad, stopping = (int(v) for v in flags.tolist())
         if bad:
             message = [first_line(error)]
             dist.broadcast_object_list(message, src=bad - 1, device=self.device)
             if error is not None and bad - 1 == rank:
                 raise error
             raise RankError(f"rank {bad - 1}: {message[0]}")
-        return missing == 0
+        return missing == 0, bool(stopping)
 
     def _batch_error(self, batch: Tensor | None) -> Exception | None:
         if batch is None:
@@ -370,6 +378,7 @@ class Trainer:
         max_steps: int | None = None,
         checkpointer: Checkpointer | None = None,
         on_step: Callable[[int], None] | None = None,
+        stop_requested: Callable[[], bool] | None = None,
     ) -> TrainSummary:
         """Train on this rank's batches until they end (on any rank) or `max_steps` (total,
         counting restored steps). Logs every `log_every` steps (with the data-wait / compute /
@@ -378,7 +387,10 @@ class Trainer:
         `train.cadence`). A `checkpointer` passed here also gets a final save
         (`final=True`, which the Ray service uses for its last report); the trainer's own
         (`checkpoint_url`) saves at the end only when `checkpoint_every` is set.
-        `on_step(step)` runs after each step (the service's fault-injection hook)."""
+        `on_step(step)` runs after each step (the service's fault-injection hook).
+        `stop_requested()` is asked before each step (a preemption notice): when it is true on
+        any rank, every rank stops at that step boundary and takes the final checkpoint there
+        (`summary.preempted`)."""
         explicit = checkpointer is not None
         checkpointer = checkpointer or self.checkpointer
         summary = self.summary = TrainSummary(steps=self.step, tokens=self.tokens_seen)
@@ -395,9 +407,15 @@ class Trainer:
                 except Exception as exc:  # noqa: BLE001 - a failed read must stop every rank, not hang them
                     batch, error = None, exc
                 t1 = time.perf_counter()
-                if not self.agree(batch is not None, error or self._batch_error(batch)):
+                stop = stop_requested is not None and stop_requested()
+                has_all, stopping = self.agree_step(batch is not None, error or self._batch_error(batch), stop)
+                if not has_all:
                     if self._distributed():
                         print0(f"data ended at step {self.step}; stopping every rank there")
+                    break
+                if stopping:
+                    print0(f"preemption notice: every rank stops at step {self.step} and checkpoints there")
+                    summary.preempted = True
                     break
                 comm0, bytes0 = self._comm()
                 batch = batch.to(self.device, non_blocking=True)  # NCCL gathers device tensors only
