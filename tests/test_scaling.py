@@ -132,7 +132,7 @@ def test_scaling_fit_keeps_each_sizes_best_learning_rate(tmp_path):
 
 
 def test_paper_report_tables_from_runs(tmp_path):
-    """docs/paper's report from runs.jsonl rows: the lr rule fitted back from best multiples
+    """docs/paper's report from run rows: the lr rule fitted back from best multiples
     planted on a known law, the frontier compared at matched L0, every section and plot written."""
     import json
     import math
