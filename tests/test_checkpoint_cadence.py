@@ -82,3 +82,27 @@ def test_a_copy_aside_is_not_changed_by_the_steps_that_follow():
     assert torch.equal(copied.files[name]["W_dec"], w_dec)  # the copy did not
     assert copied.meta["trainer"]["step"] == 3 and copied.meta["data"] == {"step": 3}
     assert copied.nbytes > 2 * 64 * 16 * 4
+
+
+def test_a_preemption_is_told_from_a_crash():
+    """What the controller's policy restarts without spending a restart: every rank's error is a
+    notice that was acted on (`Preempted`, also behind a worker-group error) or Ray's own record
+    of a node reclaim (`RayActorError.preempted` behind a failed health check)."""
+    from saescale.service.failures import is_preemption
+    from saescale.service.preemption import Preempted
+
+    class ActorDied(Exception):  # stands in for ray.exceptions.RayActorError (built by Ray only)
+        preempted = True
+
+    class HealthCheckFailed(Exception):
+        def __init__(self, failure: BaseException) -> None:
+            super().__init__("health check failed")
+            self.health_check_failure = failure
+
+    try:
+        raise RuntimeError("worker group failed") from Preempted("preempted at step 6")
+    except RuntimeError as wrapped:
+        assert is_preemption(wrapped)
+    assert is_preemption(HealthCheckFailed(ActorDied()))
+    assert not is_preemption(HealthCheckFailed(RuntimeError("SIGKILL")))
+    assert not is_preemption(RuntimeError("loss became nan"))

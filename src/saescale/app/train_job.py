@@ -153,6 +153,14 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     )
     print0("memory plan per worker:\n" + plan.table())
     check_fits(plan)
+    background = job.storage.checkpoint_in_background
+    copy_bytes = plan.weights + plan.adam + plan.ema  # a background checkpoint's host copy
+    if background and not job.parallel.use_gpu and plan.total + copy_bytes > plan.device_bytes:
+        background = False  # the copy lives in the same memory as the training state on a CPU worker
+        print0(
+            f"checkpoints are written in the training thread: a background checkpoint's copy "
+            f"({copy_bytes / 2**30:.2f} GiB per worker) does not fit beside the plan"
+        )
     train_cfg = dataclasses.replace(train_cfg, micro_batches=plan.micro_batches)  # "auto" -> the plan's
 
     # files only the driver and rank 0 write (metrics, wandb, debug rows): local even for a remote
@@ -196,7 +204,7 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
         "threads_per_worker": max(1, int(job.parallel.cpus_per_worker)),
         "use_gpu": job.parallel.use_gpu,
         "storage_retry_s": job.storage.retry_s,
-        "checkpoint_in_background": job.storage.checkpoint_in_background,
+        "checkpoint_in_background": background,
         "cache": {
             "url": cache_url,
             "options": cache.storage_options,

@@ -134,6 +134,7 @@ def _soak(args: argparse.Namespace) -> int:
         fault_every_s=args.fault_every_s,
         max_outage_s=args.max_outage_s,
         kill_every_s=args.kill_every_s,
+        preempt_every_s=args.preempt_every_s,
         outage_s=args.outage_s,
         retry_s=args.retry_s,
         max_failures=args.max_failures,
@@ -293,6 +294,9 @@ def _add_soak(bench_sub: argparse._SubParsersAction[Any]) -> None:
     soak.add_argument("--fault-every-s", type=float, default=60.0, help="(random) mean seconds between storage faults")
     soak.add_argument("--max-outage-s", type=float, default=30.0, help="(random) longest storage fault")
     soak.add_argument("--kill-every-s", type=float, default=240.0, help="(random) mean seconds between worker kills")
+    soak.add_argument(
+        "--preempt-every-s", type=float, default=0.0, help="(random) mean seconds between SIGTERMs (preemption notices)"
+    )
     soak.add_argument("--outage-s", type=float, default=30.0, help="(single) the outage's length")
     soak.add_argument("--retry-s", type=float, default=120.0, help="storage.retry_s of both runs")
     soak.add_argument("--max-failures", type=int, default=20, help="ray.max_failures of both runs")

@@ -4,8 +4,9 @@ behind the fault proxy, run once uninterrupted and once under faults; the two re
 Schedules of the faulted run:
   random   until the run ends: a storage fault every `fault_every_s` on average (refused
            connections, resets, 503 SlowDown or 5 s delays on every request, each for 2 to
-           `max_outage_s` seconds), and a Ray Train worker SIGKILLed every `kill_every_s` on
-           average (0: none)
+           `max_outage_s` seconds), a Ray Train worker SIGKILLed every `kill_every_s` on
+           average (0: none) and one sent SIGTERM (a preemption notice: every rank checkpoints
+           and the group restarts from there) every `preempt_every_s` on average (0: none)
   single   one outage of `outage_s` seconds of refused connections, starting halfway through the
            uninterrupted run's requests: the wall-time cost of one outage
 
@@ -164,21 +165,45 @@ class RandomFaults(threading.Thread):
 
     STORAGE = ("down", "reset", "503", "delay")
 
-    def __init__(self, stage: Stage, fault_every_s: float, max_outage_s: float, kill_every_s: float, seed: int):
+    def __init__(
+        self,
+        stage: Stage,
+        fault_every_s: float,
+        max_outage_s: float,
+        kill_every_s: float,
+        seed: int,
+        preempt_every_s: float = 0.0,
+    ):
         super().__init__(daemon=True)
         self.stage, self.rng = stage, random.Random(seed)
         self.fault_every_s, self.max_outage_s, self.kill_every_s = fault_every_s, max_outage_s, kill_every_s
+        self.preempt_every_s = preempt_every_s
         self.stop = threading.Event()
         self.injected: Counter[str] = Counter()
         self.events: list[dict[str, Any]] = []
 
-    def _next_kill(self, now: float) -> float:
-        return now + self.rng.expovariate(1 / self.kill_every_s) if self.kill_every_s > 0 else float("inf")
+    def _next_kill(self, now: float, every_s: float | None = None) -> float:
+        every_s = self.kill_every_s if every_s is None else every_s
+        return now + self.rng.expovariate(1 / every_s) if every_s > 0 else float("inf")
+
+    def _signal_a_worker(self, sig: signal.Signals, fault: str, elapsed: float) -> None:
+        pids = self.stage.worker_pids()
+        if not pids:
+            return
+        pid = self.rng.choice(pids)
+        say(f"t={elapsed:.0f} s: {sig.name} Ray Train worker {pid}")
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        self.injected[fault] += 1
+        self.events.append({"t_s": round(elapsed, 1), "fault": fault})
 
     def run(self) -> None:
         start = time.monotonic()
         next_fault = start + self.rng.expovariate(1 / self.fault_every_s)
         next_kill = self._next_kill(start)
+        next_preempt = self._next_kill(start, self.preempt_every_s)
         while not self.stop.wait(0.5):
             now = time.monotonic()
             if now >= next_fault:
@@ -195,17 +220,11 @@ class RandomFaults(threading.Thread):
                 self.events.append({"t_s": round(now - start, 1), "fault": kind, "seconds": seconds})
                 next_fault = time.monotonic() + self.rng.expovariate(1 / self.fault_every_s)
             if now >= next_kill:
-                pids = self.stage.worker_pids()
-                if pids:
-                    pid = self.rng.choice(pids)
-                    say(f"t={now - start:.0f} s: SIGKILL Ray Train worker {pid}")
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        self.injected["worker_kill"] += 1
-                        self.events.append({"t_s": round(now - start, 1), "fault": "worker_kill"})
-                    except ProcessLookupError:
-                        pass
+                self._signal_a_worker(signal.SIGKILL, "worker_kill", now - start)
                 next_kill = self._next_kill(time.monotonic())
+            if now >= next_preempt:
+                self._signal_a_worker(signal.SIGTERM, "preemption", now - start)
+                next_preempt = self._next_kill(time.monotonic(), self.preempt_every_s)
 
 
 def bench_soak(
@@ -217,6 +236,7 @@ def bench_soak(
     fault_every_s: float = 60.0,
     max_outage_s: float = 30.0,
     kill_every_s: float = 240.0,
+    preempt_every_s: float = 0.0,
     outage_s: float = 30.0,
     retry_s: float = 120.0,
     max_failures: int = 20,
@@ -260,7 +280,7 @@ def bench_soak(
         if schedule == "single":
             stage.proxy.outage_after(requests // 2, outage_s, "down")
         else:
-            faults = RandomFaults(stage, fault_every_s, max_outage_s, kill_every_s, seed)
+            faults = RandomFaults(stage, fault_every_s, max_outage_s, kill_every_s, seed, preempt_every_s)
         start = time.monotonic()
         proc = stage.start("faulted", common, log=runs / "faulted.log")
         if faults is not None:
@@ -283,6 +303,8 @@ def bench_soak(
             "proxy_counts": dict(stage.proxy.counts),
             "retries_logged": (runs / "faulted.log").read_text().count("retrying in"),
             "restarts": (runs / "faulted.log").read_text().count("[FailurePolicy] RETRY"),
+            # restarts after a preemption notice: every rank checkpointed first, no failure counted
+            "preemption_restarts": (runs / "faulted.log").read_text().count("not counted against ray.max_failures"),
         }
         if faults is not None:
             report.update(

@@ -75,6 +75,7 @@ def _behind(error: BaseException | None) -> Iterator[BaseException]:
             *(getattr(exc, "worker_failures", None) or {}).values(),
             getattr(exc, "controller_failure", None),
             getattr(exc, "cause", None),
+            getattr(exc, "health_check_failure", None),
         ]
 
 
@@ -95,6 +96,12 @@ def first_cause(
             if cause is not None:
                 return cause
     return None
+
+
+def is_preemption(error: BaseException) -> bool:
+    """A rank that left on a preemption notice (`Preempted`), or that Ray saw die with its node
+    reclaimed (`RayActorError.preempted`, after a drain)."""
+    return any(isinstance(exc, Preempted) or getattr(exc, "preempted", False) is True for exc in _behind(error))
 
 
 def storage_fault(errors: list[BaseException]) -> BaseException | None:
@@ -184,8 +191,9 @@ def _policy_class():
 
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
             errors = list(worker_exceptions.values())
-            if errors and all(find_cause(e, (Preempted,)) is not None for e in errors):
-                notice = first_line(find_cause(errors[0], (Preempted,)))
+            if errors and all(is_preemption(e) for e in errors):
+                notice = find_cause(errors[0], (Preempted,))
+                notice = first_line(notice) if notice is not None else "a node was preempted"
                 say(f"[saescale] {notice}: restarting the workers from it (not counted against ray.max_failures)")
                 return
             # a corrupt shard first; then a storage fault, whose peers' RankErrors only echo it
