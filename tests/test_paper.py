@@ -89,7 +89,7 @@ def test_a_stage_runs_as_ray_jobs_and_its_result_files_become_report_rows(tmp_pa
     assert sorted(r["multi_topk"] for r in rows) == [False, True]
     for row in rows:
         assert row["experiment"] == "progressive" and row["n"] == 256 and row["k"] == 32
-        assert row["heldout_l0"] == pytest.approx(32) and 0 < row["heldout_nmse"] < 1
+        assert 0 < row["heldout_l0"] <= 32 and 0 < row["heldout_nmse"] < 1  # top-k, then ReLU
         assert row["nmse_at_k32"] == pytest.approx(row["heldout_nmse"], rel=1e-6)
         assert row["nmse_at_k8"] > row["nmse_at_k32"]  # fewer latents reconstruct worse
         assert row["lr_rule"] == "budget" and row["lr_mult"] == 1.0 and row["auxk"] and row["transpose_init"]
