@@ -27,6 +27,7 @@ SLOWEST_FIRST = (
     "test_storage_outage_job.py",
     "test_cache.py",
     "test_train_job_submit.py",
+    "test_paper.py",
     "test_shard_integrity.py",
     "test_features.py",
     "test_storage_faults.py",
