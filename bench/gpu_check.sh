@@ -2,7 +2,7 @@
 # A prepared check for a machine with one NVIDIA GPU; not part of the test suite.
 #
 #   make install TORCH=torch            # a CUDA build of torch (see the Makefile's TORCH)
-#   bash bench/gpu_check.sh [all|env|tests|step|precision|train]    # from the repo root; default all
+#   bash bench/gpu_check.sh [all|env|tests|step|peers|precision|train]    # from the repo root; default all
 #
 # Prints one JSON object per line:
 #   {"check": "env", ...}        nvidia-smi's GPU, torch and CUDA versions
@@ -11,6 +11,9 @@
 #                                8192, n = 2^19, 2^20, 2^22 latents, fp32 and bf16; micro-batches chosen
 #                                by `saescale plan --micro-batches auto` for this GPU's memory, and a
 #                                size the planner rejects is reported as skipped, not run
+#   {"check": "peers", ...}      saescale bench step --device cuda --peers sparsify: sparsify's own
+#                                step beside ours (peer_over_step), n=65536, d=576, k=32, batch 4096,
+#                                fp32 and bf16 (sparsify runs its own bf16 autocast on CUDA either way)
 #   {"check": "precision", ...}  saescale bench precision --device cuda (fp32 vs bf16 NMSE drift)
 #   {"check": "cache"|"train"}   jobs/cache.py, then a 20-step Ray Train job on the GPU
 # Every command runs under a timeout; a failure or timeout is reported in its line (ok=false, rc,
@@ -28,9 +31,9 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/saescale-gpu-check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
 case "$SECTION" in
-    all | env | tests | step | precision | train) ;;
+    all | env | tests | step | peers | precision | train) ;;
     *)
-        echo "gpu_check.sh: unknown section '$SECTION'; use one of all, env, tests, step, precision, train" >&2
+        echo "gpu_check.sh: unknown section '$SECTION'; use one of all, env, tests, step, peers, precision, train" >&2
         exit 2
         ;;
 esac
@@ -118,6 +121,15 @@ EOF
     done
 }
 
+peer_checks() {
+    local p
+    for p in fp32 bf16; do
+        check peers "$STEP_TIMEOUT" "{\"n_latents\": 65536, \"precision\": \"$p\"}" \
+            "$PY" -m saescale.cli bench step --device cuda --no-naive --d-in 576 --n-latents 65536 --k 32 \
+            --batch 4096 --precision "$p" --peers sparsify --repeats 7 --warmup 2 --threads "$(nproc)"
+    done
+}
+
 gpu_tests() {
     check tests "$JOB_TIMEOUT" '{}' "$PY" -m pytest -q -m gpu tests/test_cuda.py
 }
@@ -141,12 +153,14 @@ case "$SECTION" in
     env) env_check ;;
     tests) gpu_tests ;;
     step) step_checks ;;
+    peers) peer_checks ;;
     precision) precision_check ;;
     train) train_checks ;;
     all)
         env_check
         gpu_tests
         step_checks
+        peer_checks
         precision_check
         train_checks
         ;;

@@ -43,6 +43,7 @@ def _step(args: argparse.Namespace) -> int:
         device=args.device,
         architecture=args.architecture,
         l1_coef=args.l1_coef,
+        peers=tuple(p for p in (args.peers or "").split(",") if p),
     )
     print(json.dumps(result))
     return 0
@@ -197,6 +198,9 @@ def _add_step(bench_sub: argparse._SubParsersAction[Any]) -> None:
         help="sae.architecture; the floor stays the GEMM + top-k, the same work for each",
     )
     step.add_argument("--l1-coef", type=float, default=0.01, help="ReLU's L1 coefficient (--architecture relu)")
+    step.add_argument(
+        "--peers", default=None, help="comma-separated peers whose own step is timed beside ours: sparsify"
+    )
     step.set_defaults(func=_step)
 
 

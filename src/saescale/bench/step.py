@@ -11,7 +11,9 @@ AuxK, as in a real run. Prints one JSON object.
 compute dtype and `--micro-batches` its row chunks; the floor follows both (`floor_s`), and
 `floor_fp32_s` is the float32 floor with the same chunks (timed after the peak memory is
 taken, see `step_worker`). `--device cuda` runs the same code on the GPU and reports
-`torch.cuda.max_memory_allocated` as the peak.
+`torch.cuda.max_memory_allocated` as the peak. `--peers sparsify` also times the peer's own
+training step (`bench.peer_steps` says what it includes) in a child of its own, on the same
+batch, and reports `peer_over_step` (its median step over saescale's).
 """
 
 from __future__ import annotations
@@ -124,8 +126,16 @@ def bench_step(
     timeout: float = 1800,
     architecture: str = "topk",
     l1_coef: float = 0.01,
+    peers: tuple[str, ...] = (),
 ) -> dict[str, Any]:
+    from saescale.bench.peer_steps import PEERS
     from saescale.core.config import SAEConfig
+
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise ValueError(f"--peers: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+    if peers and architecture != "topk":
+        raise ValueError("--peers times TopK steps: leave --architecture at topk")
 
     l1_coef = l1_coef if architecture == "relu" else 0.0
     SAEConfig(  # fail fast on bad sizes
@@ -171,6 +181,15 @@ def bench_step(
     if step["precision"] != "fp32":
         result["fp32_floor_times_s"] = [round(t, 4) for t in step["fp32_floor_times_s"]]
         result["fp32_step_times_s"] = [round(t, 4) for t in step["fp32_step_times_s"]]
+    for peer in peers:  # each peer's own step, in a child of its own, on the same batch
+        theirs = run_worker({**spec, "kind": "peer", "peer": peer}, timeout)
+        result.setdefault("peers", {})[peer] = {
+            "step_s": round(theirs["median_s"], 4),
+            "tokens_per_s": round(batch / theirs["median_s"], 1),
+            "peer_over_step": round(theirs["median_s"] / step["median_s"], 3),
+            "peak_rss_mb": round(theirs["peak_rss_bytes"] / MB, 1),
+            "times_s": [round(t, 4) for t in theirs["times_s"]],
+        }
     if naive:
         dense = run_worker({**spec, "kind": "naive", "repeats": max(2, repeats // 2)}, timeout)
         result["naive_s"] = round(dense["median_s"], 4)

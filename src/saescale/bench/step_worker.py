@@ -227,6 +227,26 @@ def run_naive(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
+def run_peer(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A peer's own training step (`bench.peer_steps`) on the same batch and planted dead set."""
+    from saescale.bench.peer_steps import peer_step
+
+    sae, x, dead = build(spec, device)
+    step = peer_step(spec["peer"], sae, x, dead, spec)
+    sync = synchronizer(device)
+    for _ in range(spec["warmup"]):
+        step()
+    times = [timed(step, sync) for _ in range(spec["repeats"])]
+    return {
+        "kind": "peer",
+        "peer": spec["peer"],
+        "median_s": statistics.median(times),
+        "times_s": times,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_device_bytes": peak_device_bytes(device),
+    }
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     device = device_of(spec)
@@ -236,6 +256,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         return run_step(spec, device)
     if spec["kind"] == "naive":
         return run_naive(spec, device)
+    if spec["kind"] == "peer":
+        return run_peer(spec, device)
     raise ValueError(f"unknown kind {spec['kind']!r}")
 
 
