@@ -253,7 +253,7 @@ def test_a_worker_group_failed_on_storage_restarts_once_storage_answers(faulty_s
     exhausted = retry.RetriesExhausted(f"write {url}/runs/x: storage did not answer for 3 s")
     errors = {0: RankError(f"rank 1: RetriesExhausted: {exhausted}"), 1: RuntimeError("upload failed")}
     errors[1].__cause__ = exhausted
-    policy = failure_policy([(filesystem, path, f"{url}/runs")], wait_s=2.0)
+    policy = failure_policy([(filesystem, path, f"{url}/runs")], wait_s=2.0, max_failures=5)
 
     policy.after_exception(None, errors)  # storage answers: Ray may restart the group
     assert "answers again" in capsys.readouterr().err
@@ -268,6 +268,29 @@ def test_a_worker_group_failed_on_storage_restarts_once_storage_answers(faulty_s
     assert type(cause) is StorageUnavailable and "\n" not in str(cause), repr(cause)
     assert str(cause).startswith(f"storage {url}/runs is unreachable: write {url}/runs/x: storage did not")
     assert "no answer in 2 s more before a restart" in str(cause) and "rerun the same command" in str(cause)
+
+
+def test_crashes_spend_ray_max_failures_and_preemptions_do_not(capsys):
+    """The policy counts a run's crashes itself (Ray's own limit is unlimited): past
+    `ray.max_failures` the run ends with one line naming the last error, while a preemption
+    (every rank checkpointed and raised `Preempted`) restarts for free, however many come."""
+    from ray.train import ControllerError
+
+    from saescale.service.failures import RestartsExhausted, failure_policy
+    from saescale.service.preemption import Preempted
+
+    policy = failure_policy([], wait_s=1.0, max_failures=1)
+    for _ in range(3):
+        policy.after_exception(
+            None, {0: Preempted("preempted at step 6; its checkpoint is registered"), 1: Preempted("x")}
+        )
+    assert capsys.readouterr().err.count("not counted against ray.max_failures") == 3
+    policy.after_exception(None, {0: RuntimeError("worker 0 died")})  # the one restart allowed
+    with pytest.raises(ControllerError) as stopped:
+        policy.after_exception(None, {1: RuntimeError("worker 1 died\nits traceback")})
+    cause = stopped.value.controller_failure
+    assert type(cause) is RestartsExhausted
+    assert str(cause) == "2 worker-group failures (ray.max_failures=1); the last: worker 1 died"
 
 
 def test_an_outage_past_the_budget_exits_1_not_2(tmp_path):
