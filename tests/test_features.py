@@ -428,8 +428,6 @@ def test_viewer_in_a_real_browser_from_disk(planted, pages):
         page.keyboard.press("j")
         page.wait_for_function("location.hash !== '#/feature/0'")
         after_j = page.evaluate("location.hash")
-        # k walks back from the page j opened: wait until it is drawn (a loaded machine is slow)
-        page.wait_for_selector(f".feature[data-latent='{after_j.rsplit('/', 1)[-1]}']")
         page.keyboard.press("k")
         page.wait_for_function("location.hash === '#/feature/0'")
         page.keyboard.press("/")
