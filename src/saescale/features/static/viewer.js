@@ -204,7 +204,7 @@
 
   function step(delta) {
     const m = location.hash.match(/^#\/feature\/(\d+)/);
-    if (!state.order.length) computeOrder();
+    computeOrder();  // the list's order under the current search and sort, which may have changed since it was drawn
     if (!state.order.length) return;
     const at = m ? state.order.indexOf(+m[1]) : -1;
     const next = state.order[Math.max(0, Math.min(state.order.length - 1, at + delta))];
