@@ -60,7 +60,6 @@ def identity_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 values.pop(key)
         if section == "train" and values.get("lr") is not None:
             values.pop("lr_rule", None)  # the rule picks the default lr only: a set lr makes it moot
-            values.pop("lr_scale", None)
         out[section] = values
     data = out.get("data", {})
     if isinstance(data.get("cache"), str):

@@ -250,7 +250,7 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
 def export_and_evaluate(job: TrainJobConfig, run: PreparedRun, meta: dict[str, Any], sae_url: str) -> dict[str, Any]:
     """The exports asked for (streamed from the gathered SAE, whatever its size), then, with
     export.evaluate, the held-out metrics (which load the whole SAE into the driver's memory)."""
-    from saescale.evaluation.reconstruction import nmse_at_k, reconstruction_metrics
+    from saescale.evaluation.reconstruction import reconstruction_metrics
     from saescale.formats.export import export_saelens, export_sparsify
     from saescale.formats.saved import load_sae
 
@@ -275,7 +275,7 @@ def export_and_evaluate(job: TrainJobConfig, run: PreparedRun, meta: dict[str, A
         if sae.activation.has_threshold:  # BatchTopK's inference threshold, as exported
             out["threshold"] = float(sae.threshold)
         if job.export.test_time_k:
-            out["nmse_at_k"] = {str(k): nmse_at_k(sae, heldout, k) for k in job.export.test_time_k}
+            out["nmse_at_k"] = {str(k): reconstruction_metrics(sae, heldout, k=k).nmse for k in job.export.test_time_k}
     return out
 
 

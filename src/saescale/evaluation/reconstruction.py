@@ -37,31 +37,19 @@ def nmse(x_hat: Tensor, x: Tensor) -> float:
 
 
 @torch.no_grad()
-def nmse_at_k(sae: TopKSAE, acts: Tensor, k: int, batch_size: int = 4096) -> float:
-    """Held-out NMSE with the top-k taken at test-time `k` instead of the trained one: the paper's
-    progressive recovery (a Multi-TopK SAE degrades gracefully above its k, plain TopK does not)."""
-    acts = acts.float()
-    mean = acts.mean(0)
-    sq_err = total_var = 0.0
-    for start in range(0, acts.shape[0], batch_size):
-        x = acts[start : start + batch_size]
-        normed, info = sae.normalize(x)
-        x_hat = sae.denormalize(sae.decode_normed(sae.encode_normed(normed, k)), info)
-        sq_err += (x_hat - x).pow(2).sum().item()
-        total_var += (x - mean).pow(2).sum().item()
-    return sq_err / max(total_var, 1e-30)
-
-
-@torch.no_grad()
-def reconstruction_metrics(sae: TopKSAE, acts: Tensor, batch_size: int = 4096) -> ReconstructionMetrics:
-    """Streams `acts` [tokens, d] through the SAE in batches (no [tokens, n_latents] tensor)."""
+def reconstruction_metrics(
+    sae: TopKSAE, acts: Tensor, batch_size: int = 4096, k: int | None = None
+) -> ReconstructionMetrics:
+    """Streams `acts` [tokens, d] through the SAE in batches (no [tokens, n_latents] tensor).
+    `k`: the top-k at this test-time k instead of the trained one (the paper's progressive
+    recovery: a Multi-TopK SAE degrades gracefully above its k, plain TopK does not)."""
     acts = acts.float()
     mean = acts.mean(0)
     sq_err = total_var = nnz_sum = act_sum = 0.0
     fires = torch.zeros(sae.cfg.n_latents, dtype=torch.long)
     for start in range(0, acts.shape[0], batch_size):
         x = acts[start : start + batch_size]
-        code = sae.encode(x)
+        code = sae.encode(x, k)
         x_hat = sae.denormalize(sae.decode_normed(code), sae.normalize(x)[1])
         sq_err += (x_hat - x).pow(2).sum().item()
         total_var += (x - mean).pow(2).sum().item()

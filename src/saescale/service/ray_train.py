@@ -133,7 +133,6 @@ class RayReportCheckpointer:
                 "data_wait_frac": t.data_wait / max(wall, EPS),
                 "comm_bytes_per_step": t.comm_bytes / max(t.steps, 1),
                 "steps_this_attempt": t.steps,
-                "checkpoints_this_attempt": summary.checkpoints,  # the final one not yet counted
                 "checkpoint_stall_s": summary.checkpoint_stall_s,
                 "checkpoint_every": summary.checkpoint_every,
             }
@@ -161,29 +160,29 @@ class RayReportCheckpointer:
         background = self.background and not final
         copied = copy_aside(trainer, extra={"data": position}, copy=background)
         done = self._in_flight = threading.Event()
-        if not copied.files:
+        checkpoint = None
+        if copied.files:  # Ray's handle on the upload: an empty folder (`upload` writes the copies)
+            checkpoint = ray.train.Checkpoint.from_directory(tempfile.mkdtemp(prefix="saescale-ckpt-"))
+        else:
             done.set()  # a DP replica other than 0: nothing to write, its report still counts
         storage_context = ray.train.get_context().get_storage()
-        directory = tempfile.mkdtemp(prefix="saescale-ckpt-")  # Ray's handle on the upload; stays empty
         step = trainer.step  # the trainer moves on while a background upload runs
 
-        def upload(_checkpoint, checkpoint_dir_name: str):
+        def upload(handle, checkpoint_dir_name: str):
             try:
                 _maybe_fail(self.config, self.rank, step, during_save=True)
                 return upload_rank_files(copied, storage_context, checkpoint_dir_name)
             finally:
-                shutil.rmtree(directory, ignore_errors=True)
+                shutil.rmtree(handle.path, ignore_errors=True)
                 done.set()
 
         ray.train.report(
             self.metrics(trainer, final),
-            checkpoint=ray.train.Checkpoint.from_directory(directory) if copied.files else None,
+            checkpoint=checkpoint,
             checkpoint_upload_mode=CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC,
             delete_local_checkpoint_after_upload=False,  # `upload` removes its folder itself
             checkpoint_upload_fn=upload,
         )
-        if not copied.files:
-            shutil.rmtree(directory, ignore_errors=True)
 
 
 def upload_rank_files(copied: RankFiles, storage_context, checkpoint_dir_name: str):

@@ -370,9 +370,7 @@ def run_experiments(p: Preset, only: list[str], sweeper: Sweeper) -> list[Row]:
 def report_rows(p: Preset, sweeper: Sweeper) -> list[Row]:
     """Every finished run of the preset's stages, read back from their sweep folders (the
     frontier's grid stages by name: they exist only once the lr stage picked the best lr)."""
-    stages = [
-        s for s in lr_sweeps(p) + frontier_lr_sweeps(p) + progressive_sweeps(p) + scaling_sweeps(p) + dead_sweeps(p)
-    ]
+    stages = lr_sweeps(p) + frontier_lr_sweeps(p) + progressive_sweeps(p) + scaling_sweeps(p) + dead_sweeps(p)
     stages += [Sweep("frontier", f"frontier-{arch}", ()) for arch in ("batchtopk", "relu", "topk")]
     found: dict[str, Row] = {}
     for stage in stages:
