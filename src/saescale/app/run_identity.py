@@ -23,16 +23,18 @@ from omegaconf import DictConfig, OmegaConf
 from saescale import storage
 
 # the config sections whose values define the trained SAE (the model is named by data.cache).
-# `parallel` too: the worker count decides how the rows are split over the ranks, and the device
+# Not the worker layout: a step reads the same rows on any layout (`data.streams`, resolved here:
+# null means parallel.workers), so a run keeps its id when it moves to another layout (an elastic
+# run, or one resumed on fewer workers after a node was lost). `parallel.use_gpu` is: the device
 # decides AuxK's precision; `train.precision` too, so a precision sweep keeps its runs apart.
-# Moving a run to another layout or precision is deliberate: pass its run_id (the checkpoint
-# reshards, and records the precision it was written in).
+# Moving a run to another precision is deliberate: pass its run_id (the checkpoint records the
+# precision it was written in).
 IDENTITY_SECTIONS = ("sae", "train", "data", "parallel")
 # keys of those sections that do not change the trained SAE
 NOT_IDENTITY = {
     "train": ("log_every", "histogram_every", "checkpoint_every", "micro_batches"),
     "data": ("endpoint_url", "heldout_tokens", "prefetch_batches"),
-    "parallel": ("cpus_per_worker", "memory_per_worker_gib"),
+    "parallel": ("workers", "tp", "elastic", "min_workers", "cpus_per_worker", "memory_per_worker_gib"),
 }
 # keys added after runs existed, left out of the hash at the value that reproduces the runs from
 # before the key existed: such a run keeps its run_id (and resumes) when rerun with that value.
@@ -62,6 +64,8 @@ def identity_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             values.pop("lr_rule", None)  # the rule picks the default lr only: a set lr makes it moot
         out[section] = values
     data = out.get("data", {})
+    if "data" in out and data.get("streams") is None:  # the default: one stream per worker
+        data["streams"] = (cfg.get("parallel") or {}).get("workers")
     if isinstance(data.get("cache"), str):
         data["cache"] = _without_credentials(data["cache"]).rstrip("/")
     return out

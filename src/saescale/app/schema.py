@@ -120,11 +120,15 @@ class DataSection:
     endpoint_url: Optional[str] = None  # S3-compatible endpoint for the cache
     holdout_shards: int = 1  # the first shard(s) are held out for evaluation, never trained on
     heldout_tokens: int = 4096  # held-out rows for the driver's NMSE
-    shuffle_buffer_rows: int = 4096  # per-worker local shuffle buffer (rows); 0 disables it
+    shuffle_buffer_rows: int = 4096  # local shuffle buffer of each stream (rows); 0 disables it
     prefetch_batches: int = 2
+    # the canonical streams the training shards are dealt into; a step takes train.batch_size /
+    # streams rows from each, on any layout, so a run may change its worker count mid-run (any
+    # count that divides it). null: parallel.workers
+    streams: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _positive("data", holdout_shards=self.holdout_shards, heldout_tokens=self.heldout_tokens)
+        _positive("data", holdout_shards=self.holdout_shards, heldout_tokens=self.heldout_tokens, streams=self.streams)
         if self.shuffle_buffer_rows < 0 or self.prefetch_batches < 0:
             raise ConfigError("data.shuffle_buffer_rows and data.prefetch_batches must be >= 0")
 
@@ -139,10 +143,18 @@ class ParallelSection:
     use_gpu: bool = False
     # for the pre-launch check; null: (95% of RAM - 5 GiB for Ray and the driver) / workers
     memory_per_worker_gib: Optional[float] = None
+    # elastic: after a node is lost the run goes on with the largest layout that the cluster holds
+    # (down to min_workers; a worker count that divides data.streams, tp = gcd(workers, tp)) and
+    # grows back to `workers` when resources return; every layout reads the same rows per step
+    elastic: bool = False
+    min_workers: int = 1
 
     def __post_init__(self) -> None:
+        if self.min_workers > self.workers:
+            raise ConfigError(f"parallel.min_workers={self.min_workers} is above parallel.workers={self.workers}")
         _positive(
             "parallel",
+            min_workers=self.min_workers,
             workers=self.workers,
             tp=self.tp,
             cpus_per_worker=self.cpus_per_worker,
@@ -157,11 +169,19 @@ class RaySection:
     # expected seconds between failures of the run's workers (nodes lost, processes killed): with
     # train.checkpoint_every=auto the interval is sqrt(2 x checkpoint stall x mtbf_s)
     mtbf_s: float = 86_400.0
+    # a restart that finds the cluster too small for the run's layout (a node lost) waits this
+    # long for resources to return; then, unless parallel.elastic, the run ends with one line
+    # naming what is missing and the command that resumes it on the layout that fits
+    node_wait_s: float = 300.0
+    # an elastic run below its configured size asks this often whether a larger layout fits again
+    elastic_check_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_failures < 0:
             raise ConfigError(f"ray.max_failures must be >= 0, got {self.max_failures}")
         _positive("ray", mtbf_s=self.mtbf_s)
+        if self.node_wait_s < 0:
+            raise ConfigError(f"ray.node_wait_s must be >= 0, got {self.node_wait_s}")
 
 
 @dataclass
@@ -196,12 +216,15 @@ class ExportSection:
 @dataclass
 class FaultSection:
     """Testing: SIGKILL worker `rank` once at `step` (inside a checkpoint save if during_save);
-    signal=term sends SIGTERM instead (a preemption notice)."""
+    signal=term sends SIGTERM instead (a preemption notice). hold_steps: rank 0 pauses once after
+    each of these steps, writing `held-<step>` in the run's local folder and waiting for
+    `release-<step>` there (a test acts on the cluster meanwhile: kills or adds a node)."""
 
     rank: Optional[int] = None
     step: Optional[int] = None
     during_save: bool = False
     signal: str = "kill"  # kill | term
+    hold_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.signal not in ("kill", "term"):

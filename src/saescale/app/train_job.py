@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,8 +35,9 @@ from saescale.core.config import ConfigError, SAEConfig, TrainConfig
 from saescale.data.format import CorruptShardError
 from saescale.data.manifest import Manifest
 from saescale.data.reader import ActivationCache
+from saescale.distributed.layouts import Layout, candidate_layouts
 from saescale.distributed.mesh import ParallelDims
-from saescale.distributed.plan import check_fits, plan_memory
+from saescale.distributed.plan import PlanError, check_fits, plan_memory
 from saescale.service.ray_train import LaunchSpec
 from saescale.service.stream import plan_data, rebuild_hint
 from saescale.sweeps.scaling import FLOPS_PER_TOKEN_DN
@@ -119,12 +121,17 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
 
     _, cache_root = storage.url_to_fs(cache_url, cache.storage_options)
     files = [f"{cache_root.rstrip('/')}/{manifest.shards[s].file}" for s in train_shards]
-    rows = sum(manifest.shards[s].rows for s in train_shards)
+    streams = job.data.streams or dims.world_size
+    if streams % dims.world_size:
+        raise ConfigError(
+            f"parallel.workers={dims.world_size} must divide data.streams={streams}: each worker reads a whole "
+            "number of the run's streams"
+        )
     data = plan_data(
-        rows,
         files,
+        [manifest.shards[s].rows for s in train_shards],
         job.train.batch_size,
-        dims.world_size,
+        streams,
         job.train.epochs,
         job.train.seed,
         sha256=[manifest.shards[s].sha256 for s in train_shards],
@@ -133,24 +140,27 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     total_steps = min(data.total_steps, job.train.max_steps or data.total_steps)
     sae_cfg, train_cfg = engine_configs(job, manifest.d_model, total_steps)
 
-    memory = job.parallel.memory_per_worker_gib or local_worker_memory_gib(dims.world_size)
     # the workers resolve precision "auto" on their own devices; the driver plans for the same kind
     precision = train_cfg.precision
     if precision == "auto":
         precision = "bf16" if job.parallel.use_gpu else resolve_precision("auto", torch.device("cpu"))
-    plan = plan_memory(
-        sae_cfg.n_latents,
-        sae_cfg.d_in,
-        sae_cfg.k,
-        dims.world_size,
-        dims.tp,
-        job.train.batch_size,
-        micro_batches=train_cfg.micro_batches,
-        ema=bool(train_cfg.ema_decay),
-        device_gib=memory,
-        precision=precision,
-        k_aux=sae_cfg.k_aux,
-    )
+
+    def plan_for(layout: Layout):
+        return plan_memory(
+            sae_cfg.n_latents,
+            sae_cfg.d_in,
+            sae_cfg.k,
+            layout.workers,
+            layout.tp,
+            job.train.batch_size,
+            micro_batches=train_cfg.micro_batches,
+            ema=bool(train_cfg.ema_decay),
+            device_gib=job.parallel.memory_per_worker_gib or local_worker_memory_gib(layout.workers),
+            precision=precision,
+            k_aux=sae_cfg.k_aux,
+        )
+
+    plan = plan_for(Layout(dims.world_size, dims.tp))
     print0("memory plan per worker:\n" + plan.table())
     check_fits(plan)
     background = job.storage.checkpoint_in_background
@@ -161,6 +171,9 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
             f"checkpoints are written in the training thread: a background checkpoint's copy "
             f"({copy_bytes / 2**30:.2f} GiB per worker) does not fit beside the plan"
         )
+    layouts = [Layout(dims.world_size, dims.tp, plan.micro_batches)] + smaller_layouts(job, streams, plan_for)
+    if job.parallel.elastic:
+        print0("elastic: the run may take " + ", ".join(map(str, layouts)))
     train_cfg = dataclasses.replace(train_cfg, micro_batches=plan.micro_batches)  # "auto" -> the plan's
 
     # files only the driver and rank 0 write (metrics, wandb, debug rows): local even for a remote
@@ -195,12 +208,16 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     if record:
         os.makedirs(record, exist_ok=True)
     fault = None
-    if job.fault.step is not None:
-        fault = {**vars(job.fault), "marker": os.path.join(local_out, ".fault-injected")}
+    if job.fault.step is not None or job.fault.hold_steps:
+        fault = {
+            **vars(job.fault),
+            "hold_steps": list(job.fault.hold_steps),
+            "hold_dir": local_out,
+            "marker": os.path.join(local_out, ".fault-injected"),
+        }
     worker_config = {
         "sae": sae_cfg.to_dict(),
         "train": train_cfg.to_dict(),
-        "tp": dims.tp,
         "threads_per_worker": max(1, int(job.parallel.cpus_per_worker)),
         "use_gpu": job.parallel.use_gpu,
         "storage_retry_s": job.storage.retry_s,
@@ -217,6 +234,7 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
         "prefetch_batches": job.data.prefetch_batches,
         "logging": {"jsonl": os.path.join(local_out, "metrics.jsonl"), "wandb": wandb},
         "fault": fault,
+        "elastic_check_s": job.ray.elastic_check_s,
         "record_rows_dir": record,
     }
     # the Ray Train run name keys the checkpoints: another config never resumes this run's
@@ -232,10 +250,13 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
         use_gpu=job.parallel.use_gpu,
         max_failures=job.ray.max_failures,
         worker_config=worker_config,
+        layouts=layouts,
+        elastic=job.parallel.elastic,
+        node_wait_s=job.ray.node_wait_s,
     )
     print0(
         f"cache {storage.redact(job.data.cache)}: {manifest.n_rows} rows of {manifest.model} "
-        f"{manifest.hook}.{manifest.layer}; training on {len(train_shards)} shards ({rows} rows), "
+        f"{manifest.hook}.{manifest.layer}; training on {len(train_shards)} shards ({data.rows} rows) in {data.streams} streams, "
         f"{total_steps} steps of {job.train.batch_size} over dp={dims.dp} x tp={dims.tp} workers"
     )
     rule = "set" if train_cfg.lr is not None else f"the {train_cfg.lr_rule} rule for {train_cfg.budget_tokens} tokens"
@@ -245,6 +266,44 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     # output_dir shares storage.url's endpoint (the driver writes both)
     options = storage.endpoint_options(job.storage.endpoint_url) if storage.is_remote(out) else None
     return PreparedRun(spec, cache, manifest, sae_cfg, train_cfg, out, options)
+
+
+def node_lost_line(lost, job: TrainJobConfig, spec: LaunchSpec) -> str:
+    """The run's one line when nodes stayed gone: what is missing, and the command that resumes
+    the run (the same run_id: the layout is not part of it) on the layout that fits."""
+    line = f"{first_line(lost)}. The last registered checkpoint is intact"
+    fitting = lost.fitting
+    if fitting is None:
+        return line + ": rerun the same command once the cluster has the nodes back"
+    streams = spec.worker_config["data"]["streams"]
+    keep = [a for a in job_overrides() if not a.startswith(("parallel.workers=", "parallel.tp=", "data.streams="))]
+    args = [*keep, f"parallel.workers={fitting.workers}", f"parallel.tp={fitting.tp}", f"data.streams={streams}"]
+    return line + f"; resume it on {fitting} with: python jobs/train.py {' '.join(shlex.quote(a) for a in args)}"
+
+
+def job_overrides() -> list[str]:
+    """The command line's Hydra overrides (empty outside a Hydra job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not run through Hydra
+        return []
+
+
+def smaller_layouts(job: TrainJobConfig, streams: int, plan_for) -> list[Layout]:
+    """The layouts below the configured one that share the streams and that the memory planner
+    accepts, largest first (elastic: down to parallel.min_workers), each with its micro-batches."""
+    low = job.parallel.min_workers if job.parallel.elastic else 1
+    out = []
+    for layout in candidate_layouts(streams, job.parallel.workers, job.parallel.tp, low)[1:]:
+        try:
+            plan = plan_for(layout)
+        except PlanError:
+            continue
+        if plan.fits:
+            out.append(dataclasses.replace(layout, micro_batches=plan.micro_batches))
+    return out
 
 
 def export_and_evaluate(job: TrainJobConfig, run: PreparedRun, meta: dict[str, Any], sae_url: str) -> dict[str, Any]:
@@ -290,6 +349,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         fail(exc)
     print0(f"run {job.run_id} -> {storage.redact(run.output_dir)}")
 
+    from saescale.service.capacity import NodeLost
     from saescale.service.failures import RestartsExhausted, StorageUnavailable
     from saescale.service.ray_local import ensure_ray
     from saescale.service.ray_train import RunFailed, checkpoint_url, fit_to_running_cluster, launch
@@ -312,6 +372,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             fail(corrupt_shard_line(cause, cache_url, spec.cache_remedy))
         if isinstance(cause, StorageUnavailable):  # not the user's input: exit 1, the checkpoint kept
             fail(first_line(cause), EXIT_FAILED)
+        if isinstance(cause, NodeLost):  # nodes gone for ray.node_wait_s: the way on, on what is left
+            fail(node_lost_line(cause, job, run.spec), EXIT_FAILED)
         if isinstance(cause, RestartsExhausted):  # crashes past ray.max_failures
             fail(crash_line(str(cause), job.ray.max_failures, spec.planned_bytes), EXIT_FAILED)
         if cause is not None:  # a refused resume, a bad batch or loss: the user's to fix
@@ -342,8 +404,9 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         "tokens": final.get("tokens"),
         "n_latents": sae_cfg.n_latents,
         "k": sae_cfg.k,
-        "dp": spec.workers // spec.tp,
+        "dp": spec.workers // spec.tp,  # as configured; `layouts`: the ones it ran on, from which step
         "tp": spec.tp,
+        "layouts": final.get("layouts"),
         "model": manifest.model,
         "hook": f"{manifest.hook}.{manifest.layer}",
         "d_in": sae_cfg.d_in,

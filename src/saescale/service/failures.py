@@ -29,6 +29,7 @@ from typing import Any
 from saescale import retry
 from saescale.console import first_line
 from saescale.data.format import CorruptShardError
+from saescale.service.capacity import NodeLost
 from saescale.service.preemption import Preempted
 from saescale.train.checkpoint import CheckpointError
 from saescale.train.trainer import RankError
@@ -53,6 +54,7 @@ class StorageUnavailable(RuntimeError):
 REPORTED: tuple[tuple[type[BaseException], ...], ...] = (
     (CorruptShardError,),
     (StorageUnavailable,),
+    (NodeLost,),
     NOT_RETRIED,
     (RestartsExhausted,),
 )

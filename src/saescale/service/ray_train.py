@@ -1,14 +1,12 @@
 """The training service on Ray: cached activation shards streamed by Ray Data into a Ray Train
 `TorchTrainer` whose workers run the (dp x tp) one training loop (`saescale.train.trainer.Trainer.fit`).
 
-Data: one Ray Dataset (`saescale.service.stream`: every shard checksummed as it is read) over
-the cache's training shards listed once per epoch, each epoch in its own seeded shuffled order
-(one continuous stream: no pipeline restart and start-up wait at epoch boundaries), split by
-Ray Train with `streaming_split(world, equal=True)` (every rank gets the same number of rows),
-batched per rank with a seeded local shuffle buffer.
-Execution keeps order (`preserve_order`), so the stream of every rank is a pure function of the
-seed: a restarted run skips exactly the batches it already trained, the data position being the
-step.
+Data: `data.streams` Ray Datasets (`saescale.service.stream`: every shard checksummed as it is
+read), the canonical streams of the run; each rank reads the streams it owns unsplit (a
+contiguous run of them), batched per stream with the stream's seeded local shuffle buffer, and
+concatenates one batch of each into its share of the step. Execution keeps order
+(`preserve_order`), so every stream is a pure function of the seed: a restarted run skips exactly
+the batches it already trained, the data position being the step, on any worker layout.
 
 Checkpoints: every `checkpoint_every` steps (or at the Young/Daly interval: `train.cadence`)
 each rank copies its shard aside and calls `ray.train.report`; Ray uploads the files to
@@ -27,7 +25,8 @@ import shutil
 import signal
 import tempfile
 import threading
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -36,16 +35,28 @@ from saescale import retry, storage
 from saescale.console import print0
 from saescale.core.config import SAEConfig, TrainConfig
 from saescale.data.reader import ActivationCache
-from saescale.distributed.mesh import ParallelDims
+from saescale.distributed.layouts import Layout
 from saescale.service import preemption
+from saescale.service.capacity import CapacityCheck, GrowWatch, capacity_gate
 from saescale.service.failures import REPORTED, failure_policy, first_cause, stopped_by_storage, storage_fault
 from saescale.service.preemption import Preempted
-from saescale.service.stream import DataPlan, arrow_filesystem, make_collate, make_datasets, set_retry_budget
+from saescale.service.stream import (
+    DataPlan,
+    arrow_filesystem,
+    make_collate,
+    make_datasets,
+    owned_streams,
+    set_retry_budget,
+    stream_name,
+    stream_seed,
+)
 from saescale.train.checkpoint import META, Fetch, RankFiles, copy_aside, load_rank_shard
 from saescale.train.convergence import tokens_to_convergence
 from saescale.train.loggers import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
 from saescale.train.rank_setup import build_rank_trainer
 from saescale.train.trainer import EPS, Trainer
+
+GROW_CHECK_S = 10.0  # how often rank 0 of a shrunken elastic run asks whether a larger layout fits
 
 
 # ------------------------------------------------------------------ inside each Ray Train worker
@@ -69,24 +80,19 @@ def checkpoint_fetcher(checkpoint, directory: str) -> Fetch:
     return fetch
 
 
-def check_data_position(saved: dict[str, Any], data: DataPlan, world: int, seed: int) -> None:
-    """The data position is the step: resuming needs the same global batch and seed. The TP
-    degree may change freely (each rank's stream depends only on the worker count); another
-    worker count continues with the same tokens per step, but a different split of the
-    remaining rows than the original cluster size would have read."""
+def check_data_position(saved: dict[str, Any], data: DataPlan, seed: int) -> None:
+    """The data position is the step: resuming needs the same streams, global batch and seed. The
+    layout may change freely (every layout reads the same rows per step: `stream.DataPlan`)."""
     if not saved:
         return
-    batch, saved_batch = data.per_rank_batch * world, saved["per_rank_batch"] * saved["world"]
-    if batch != saved_batch or saved["seed"] != seed:
+    # a checkpoint from before streams existed: its world size was its stream count
+    streams = saved.get("streams", saved.get("world"))
+    batch = saved.get("stream_batch", saved.get("per_rank_batch", 0)) * streams
+    if (streams, batch, saved["seed"]) != (data.streams, data.global_batch, seed):
         raise ValueError(
-            f"the checkpoint's data stream had global batch {saved_batch} and seed {saved['seed']}, "
-            f"this run's has {batch} and {seed}: resuming would retrain or skip rows; resume with "
-            "the same train.batch_size and train.seed"
-        )
-    if saved["world"] != world:
-        print0(
-            f"resuming a {saved['world']}-worker checkpoint on {world} workers: same tokens per step, but the "
-            "rest of the epoch is split across workers differently from the original run"
+            f"the checkpoint's data stream had data.streams={streams}, global batch {batch} and seed "
+            f"{saved['seed']}; this run's has {data.streams}, {data.global_batch} and {seed}: resuming would "
+            "retrain or skip rows; resume with the same data.streams, train.batch_size and train.seed"
         )
 
 
@@ -111,6 +117,7 @@ class RayReportCheckpointer:
     def __init__(self, config: dict[str, Any], rank: int, data: DataPlan, world: int, background: bool = True) -> None:
         self.config, self.rank, self.data, self.world, self.background = config, rank, data, world, background
         self._in_flight: threading.Event | None = None
+        self.layouts: list[dict[str, Any]] = []  # the run's layouts so far (`record_layout`)
 
     def metrics(self, trainer: Trainer, final: bool) -> dict[str, Any]:
         summary, step = trainer.summary, trainer.step
@@ -121,6 +128,7 @@ class RayReportCheckpointer:
             )
         if not final:
             return metrics
+        metrics["layouts"] = self.layouts
         t = summary.totals
         wall = t.data_wait + t.compute + t.comm
         metrics.update(
@@ -152,13 +160,14 @@ class RayReportCheckpointer:
         if self._in_flight is not None:
             self._in_flight.wait()  # at most one checkpoint in flight
         position = {
-            "batches_consumed_per_rank": trainer.step,
-            "per_rank_batch": self.data.per_rank_batch,
+            "batches_consumed_per_stream": trainer.step,
+            "streams": self.data.streams,
+            "stream_batch": self.data.stream_batch,
             "seed": self.config["seed"],
             "world": self.world,
         }
         background = self.background and not final
-        copied = copy_aside(trainer, extra={"data": position}, copy=background)
+        copied = copy_aside(trainer, extra={"data": position, "layouts": self.layouts}, copy=background)
         done = self._in_flight = threading.Event()
         checkpoint = None
         if copied.files:  # Ray's handle on the upload: an empty folder (`upload` writes the copies)
@@ -226,6 +235,8 @@ def _maybe_fail(config: dict[str, Any], rank: int, step: int, during_save: bool)
     """Test hook (`fault.*`): SIGKILL this worker once, at a step, optionally inside a save
     (`fault.signal=term`: a SIGTERM, i.e. a preemption notice)."""
     fault = config.get("fault") or {}
+    if rank == 0 and not during_save and step in fault.get("hold_steps", ()):
+        _hold(fault["hold_dir"], step)
     if fault.get("rank") != rank or fault.get("step") != step or bool(fault.get("during_save")) != during_save:
         return
     marker = fault["marker"]
@@ -234,6 +245,18 @@ def _maybe_fail(config: dict[str, Any], rank: int, step: int, during_save: bool)
     with open(marker, "w") as handle:
         handle.write(str(step))
     os.kill(os.getpid(), signal.SIGTERM if fault.get("signal") == "term" else signal.SIGKILL)
+
+
+def _hold(directory: str, step: int, timeout_s: float = 600.0) -> None:
+    """Test hook (`fault.hold_steps`): pause once after `step` until the test writes release-<step>."""
+    held, release = os.path.join(directory, f"held-{step}"), os.path.join(directory, f"release-{step}")
+    if os.path.exists(held):
+        return  # held once already (an earlier attempt)
+    with open(held, "w") as handle:
+        handle.write(str(os.getpid()))
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -246,17 +269,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["threads_per_worker"])
     retry.set_budget(config.get("storage_retry_s"))
     set_retry_budget(ctx.get_storage().storage_filesystem, retry.budget_s())  # see `launch`
-    dims = ParallelDims.from_world(world, config["tp"])
+    layouts = [Layout(**layout) for layout in config["layouts"]]
+    layout = next((lay for lay in layouts if lay.workers == world), None)
+    if layout is None:
+        raise RuntimeError(f"internal: Ray started {world} workers, not one of the run's layouts {layouts}")
+    dims = layout.dims()
     sae_cfg, train_cfg = SAEConfig.from_dict(config["sae"]), TrainConfig.from_dict(config["train"])
+    train_cfg = replace(train_cfg, micro_batches=layout.micro_batches)
     device = "cuda" if config.get("use_gpu") else "cpu"
     trainer = build_rank_trainer(sae_cfg, train_cfg, dims, rank, None, device)
     data = DataPlan(**config["data"])
     checkpoint = ray.train.get_checkpoint()
+    history: list[dict[str, Any]] = []
     if checkpoint is not None:
         set_retry_budget(checkpoint.filesystem, retry.budget_s())  # the controller's copy had 2x
         with tempfile.TemporaryDirectory(prefix="saescale-resume-") as directory:
             meta = load_rank_shard(checkpoint_fetcher(checkpoint, directory), trainer)
-        check_data_position(meta.get("data", {}), data, world, config["seed"])
+        check_data_position(meta.get("data", {}), data, config["seed"])
+        history = list(meta.get("layouts", []))
         print0(
             f"resumed from the step-{trainer.step} checkpoint ({trainer.tokens_seen} tokens; written at "
             f"dp={meta['dp']} x tp={meta['tp']}, resuming at dp={dims.dp} x tp={dims.tp})"
@@ -265,45 +295,87 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         cache = ActivationCache(config["cache"]["url"], config["cache"]["options"])
         sample = cache.read_shard(config["cache"]["init_shard"])[: train_cfg.geometric_median_samples]
         trainer.initialize(sample)
+    history = record_layout(history, layout, trainer.step, layouts[0])
     if rank == 0:
         trainer.logger = _rank0_logger(config, trainer.step)
+        if len(history) > 1 and history[-1]["step"] == trainer.step:
+            trainer.logger.log({"layout": str(layout), "why": history[-1]["why"]}, trainer.step)
     record = config.get("record_rows_dir")
 
     def local_batches():
+        """This rank's share of each global batch: the next batch of every stream it owns,
+        concatenated in stream order."""
         collate = make_collate(config["cache"]["dtype"], sae_cfg.d_in, with_ids=bool(record))
         skip, step = trainer.step, trainer.step
-        batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=data.per_rank_batch,
-            collate_fn=collate,
-            drop_last=True,
-            local_shuffle_buffer_size=config["shuffle_buffer_rows"] or None,
-            local_shuffle_seed=config["seed"],
-            prefetch_batches=config["prefetch_batches"],
-        )
-        for i, batch in enumerate(batches):
+        streams = [
+            ray.train.get_dataset_shard(stream_name(c)).iter_torch_batches(
+                batch_size=data.stream_batch,
+                collate_fn=collate,
+                drop_last=True,
+                local_shuffle_buffer_size=config["shuffle_buffer_rows"] or None,
+                local_shuffle_seed=stream_seed(config["seed"], c),
+                prefetch_batches=config["prefetch_batches"],
+            )
+            for c in owned_streams(data.streams, world, rank)
+        ]
+        for i, parts in enumerate(zip(*streams)):
             if i < skip:
                 continue  # trained before the checkpoint we resumed from
             step += 1
             if record:
-                batch, ids = batch
+                ids = torch.cat([part[1] for part in parts])
+                parts = [part[0] for part in parts]
                 with open(os.path.join(record, f"rows_rank{rank}.jsonl"), "a") as handle:
                     handle.write(json.dumps({"step": step, "ids": ids.tolist()}) + "\n")
-            yield batch
+            yield parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    grow = None
+    if rank == 0 and config.get("elastic") and world < layouts[0].workers:
+        check = CapacityCheck(**config["capacity"])
+        grow = GrowWatch(layouts, world, check, config.get("elastic_check_s", GROW_CHECK_S))
+
+    def stop_requested() -> bool:
+        return preemption.noticed() or (grow is not None and grow())
+
+    checkpointer = RayReportCheckpointer(config, rank, data, world, config.get("checkpoint_in_background", True))
+    checkpointer.layouts = history
     preemption.start_training()
     try:
         summary = trainer.fit(
             local_batches(),
             train_cfg.total_steps or data.total_steps,
-            checkpointer=RayReportCheckpointer(config, rank, data, world, config.get("checkpoint_in_background", True)),
+            checkpointer=checkpointer,
             on_step=lambda s: _maybe_fail(config, rank, s, during_save=False),
-            stop_requested=preemption.noticed,
+            stop_requested=stop_requested,
         )
     finally:
         preemption.stop_training()
     trainer.logger.close()
     if summary.preempted:  # the checkpoint of this step is registered: restart from it
-        raise Preempted(f"preempted at step {trainer.step}; its checkpoint is registered")
+        if preemption.noticed():
+            raise Preempted(f"preempted at step {trainer.step}; its checkpoint is registered")
+        raise Preempted(f"left at step {trainer.step} to grow back to a larger layout; its checkpoint is registered")
+
+
+def record_layout(history: list[dict[str, Any]], layout: Layout, step: int, configured: Layout) -> list[dict[str, Any]]:
+    """The run's layouts so far (kept in the checkpoint meta), with this start's appended when it
+    differs from the last: from which step, and why."""
+    last = history[-1] if history else None
+    if last is not None and (last["workers"], last["tp"]) == (layout.workers, layout.tp):
+        return history
+    if last is None:
+        why = (
+            "start"
+            if layout == configured
+            else f"start: the cluster holds {layout.workers} of {configured.workers} workers"
+        )
+    elif layout.workers < last["workers"]:
+        why = f"the cluster lost workers: it holds {layout.workers} of the {last['workers']}"
+    else:
+        why = f"resources returned: the cluster holds {layout.workers} workers again"
+    entry = {"step": step, "workers": layout.workers, "dp": layout.dp, "tp": layout.tp, "why": why}
+    print0(f"layout from step {step}: {layout} ({why})")
+    return [*history, entry]
 
 
 # ------------------------------------------------------------------------------- the driver
@@ -322,6 +394,14 @@ class LaunchSpec:
     worker_config: dict[str, Any]  # train_loop_per_worker's config
     cache_remedy: str = ""  # how to rebuild the cache, in a corrupt shard's error (`stream.rebuild_hint`)
     planned_bytes: int = 0  # the memory planner's per-worker total, for the report
+    # the layouts the run may take, largest (the configured one) first; one unless elastic
+    layouts: list[Layout] = field(default_factory=list)
+    elastic: bool = False
+    node_wait_s: float = 300.0  # how long a start waits for the cluster to hold a layout (`capacity`)
+
+    def __post_init__(self) -> None:
+        if not self.layouts:
+            self.layouts = [Layout(self.workers, self.tp, self.worker_config.get("train", {}).get("micro_batches", 1))]
 
 
 # what Ray Data's read tasks request (Ray's default: one CPU per task). Ray Train's workers hold
@@ -413,9 +493,16 @@ def launch(spec: LaunchSpec):
         (storage_fs, storage_path, storage.redact(spec.storage_url)),
         (filesystem, f"{cache_path}/manifest.json", storage.redact(cache["url"])),  # no listing right needed
     ]
+    check = CapacityCheck(spec.cpus_per_worker, spec.use_gpu, DATA_CPUS)
+    worker_config = {
+        **spec.worker_config,
+        "layouts": [vars(layout) for layout in spec.layouts],
+        "elastic": spec.elastic,
+        "capacity": vars(check),
+    }
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=spec.worker_config,
+        train_loop_config=worker_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker={"CPU": spec.cpus_per_worker}
         ),
@@ -428,11 +515,15 @@ def launch(spec: LaunchSpec):
             failure_config=ray.train.FailureConfig(max_failures=-1),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # a corrupt shard ends the run (no restarts); a storage fault waits for storage first
-            callbacks=[failure_policy(probes, retry_s, spec.max_failures)],
+            # and a restart that the cluster cannot hold waits for nodes, shrinks (elastic) or ends
+            callbacks=[
+                failure_policy(probes, retry_s, spec.max_failures),
+                capacity_gate(spec.layouts, spec.elastic, check, spec.node_wait_s),
+            ],
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(
-            execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False
+        dataset_config=ray.train.DataConfig(  # unsplit: each stream is read by the rank that owns it
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False
         ),
     )
     try:

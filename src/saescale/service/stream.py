@@ -1,9 +1,11 @@
 """The Ray Data stream of cached shards that feeds the Ray Train workers.
 
-One Ray Dataset: the cache's training shards listed once per epoch, each epoch in its own seeded
-shuffled order (one continuous stream: no pipeline restart and start-up wait at epoch
-boundaries), one read task per shard, executed in order (`preserve_order`), so the stream of
-every rank is a pure function of the seed.
+`data.streams` Ray Datasets (canonical streams): the run's rows (every epoch's seeded shuffled
+shard order in turn) cut into that many contiguous parts, each stream one continuous read of its
+part (no pipeline restart and start-up wait at epoch boundaries), one read task per shard, executed in order
+(`preserve_order`), so every stream is a pure function of the seed. A step takes the same rows
+from every stream on any worker layout (`DataPlan`): what a run trains on does not depend on how
+many workers it has, so it can lose or regain workers mid-run.
 
 Every shard is verified as it is read: its bytes are read once, into one buffer, hashed chunk by
 chunk as they arrive, and compared with the manifest's sha256 before Parquet parses that buffer.
@@ -39,38 +41,103 @@ ROW_ID_COLUMNS = ["window", "pos"]
 READ_CHUNK = 8 << 20  # bytes hashed per step while a shard streams in
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of one shard file."""
+
+    path: str
+    start: int
+    stop: int
+
+
 @dataclass
 class DataPlan:
-    """What every rank reads: the files of all epochs in order, and how many batches of what size."""
+    """What the run reads: `streams` canonical streams and how many rows each gives a step.
+
+    The run's rows, every epoch's shuffled shard order one after the other, are cut into
+    `streams` contiguous equal parts (a shard at a cut is read by both neighbours, each taking its
+    rows). A step's global batch is the next `stream_batch` rows of every stream, whatever the
+    layout: a rank of a W-worker layout reads streams/W of them (`owned_streams`), so the rows a
+    step sees do not depend on (dp, tp), and a run can shrink or grow between checkpoints without
+    changing its optimisation. At most streams - 1 rows of the run are left out."""
 
     files: list[str]  # training shard paths inside the filesystem, one epoch's worth
-    rows: int  # rows of one epoch
-    per_rank_batch: int
+    file_rows: list[int]
+    streams: int
+    stream_batch: int  # rows each stream gives one step: global batch / streams
     total_steps: int
     epochs: int
     seed: int
     sha256: list[str] = field(default_factory=list)  # the manifest's digest of each file
     sizes: list[int] = field(default_factory=list)  # the manifest's byte count of each file
 
+    @property
+    def rows(self) -> int:
+        """Rows of one epoch."""
+        return sum(self.file_rows)
+
+    @property
+    def global_batch(self) -> int:
+        return self.stream_batch * self.streams
+
+    def stream_reads(self, stream: int) -> list[list[Piece]]:
+        """The pieces one stream reads, in order, grouped into reads whose files are distinct (a
+        shard appears once per epoch, so a stream spanning epochs reads it in several reads)."""
+        rows_of = dict(zip(self.files, self.file_rows))
+        length = self.rows * self.epochs // self.streams
+        lo, hi = stream * length, (stream + 1) * length
+        reads: list[list[Piece]] = [[]]
+        offset = 0
+        for epoch in range(self.epochs):
+            for path in epoch_files(self.files, self.seed, epoch):
+                rows = rows_of[path]
+                start, stop = max(lo - offset, 0), min(hi - offset, rows)
+                offset += rows
+                if start >= stop:
+                    continue
+                if any(piece.path == path for piece in reads[-1]):
+                    reads.append([])
+                reads[-1].append(Piece(path, start, stop))
+        return [read for read in reads if read]
+
 
 def plan_data(
-    rows: int,
     files: list[str],
+    file_rows: list[int],
     batch_size: int,
-    world: int,
+    streams: int,
     epochs: int,
     seed: int,
     *,
     sha256: list[str],
     sizes: list[int],
 ) -> DataPlan:
-    if not len(files) == len(sha256) == len(sizes):
-        raise ValueError(f"{len(files)} shard files but {len(sha256)} digests and {len(sizes)} sizes")
-    per_rank = batch_size // world
-    steps = (rows * epochs // world) // per_rank  # equal=True gives each rank floor(rows / world) rows
+    if not len(files) == len(file_rows) == len(sha256) == len(sizes):
+        raise ValueError(
+            f"{len(files)} shard files but {len(file_rows)} row counts, {len(sha256)} digests, {len(sizes)} sizes"
+        )
+    if batch_size % streams:
+        raise ValueError(f"train.batch_size={batch_size} must be divisible by data.streams={streams}")
+    stream_batch = batch_size // streams
+    steps = (sum(file_rows) * epochs // streams) // stream_batch
     if steps == 0:
-        raise ValueError(f"train.batch_size={batch_size} is larger than the {rows * epochs} training rows")
-    return DataPlan(files, rows, per_rank, steps, epochs, seed, list(sha256), list(sizes))
+        raise ValueError(f"train.batch_size={batch_size} is larger than the {sum(file_rows) * epochs} training rows")
+    return DataPlan(files, list(file_rows), streams, stream_batch, steps, epochs, seed, list(sha256), list(sizes))
+
+
+def owned_streams(streams: int, world: int, rank: int) -> range:
+    """The streams rank `rank` of `world` reads: a contiguous run, so the ranks' shares, gathered in
+    rank order, put the streams in order (the same global batch, in the same order, on any layout)."""
+    if world <= 0 or streams % world:
+        raise ValueError(f"{world} workers cannot share data.streams={streams} evenly: the worker count must divide it")
+    share = streams // world
+    return range(rank * share, (rank + 1) * share)
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """The local shuffle seed of a stream (stream 0 keeps the run's seed: a one-stream run reads
+    what the one-worker run read before streams existed)."""
+    return seed + 1_000_003 * stream
 
 
 def epoch_files(files: list[str], seed: int, epoch: int) -> list[str]:
@@ -208,7 +275,9 @@ def _datasource_class():
     class VerifiedShards(FileBasedDatasource):
         """Cache shards read as checksummed byte streams (see `read_verified`)."""
 
-        def __init__(self, checks: dict[str, ShardCheck], columns: list[str] | None, filesystem) -> None:
+        def __init__(
+            self, checks: dict[str, ShardCheck], columns: list[str] | None, filesystem, pieces: list[Piece]
+        ) -> None:
             import ray
 
             paths = list(checks)
@@ -223,6 +292,7 @@ def _datasource_class():
                 raise ValueError(f"internal: Ray Data resolved shard paths to {sorted(missing)[:3]}")
             self._checks_ref = ray.put(checks)  # one copy in the object store, not one per read task
             self._columns = columns
+            self._rows = {piece.path: (piece.start, piece.stop) for piece in pieces}
 
         def _open_input_source(self, filesystem, path: str, **open_args):
             self._filesystem_for_retries = filesystem
@@ -244,7 +314,9 @@ def _datasource_class():
             def reopen():
                 return filesystem.open_input_stream(path, compression=None, buffer_size=0)
 
-            yield read_shard(reopen, check, self._columns, first_stream=f, budget=retry_budget(filesystem))
+            table = read_shard(reopen, check, self._columns, first_stream=f, budget=retry_budget(filesystem))
+            start, stop = self._rows[path]
+            yield table if (start, stop) == (0, table.num_rows) else table.slice(start, stop - start)
 
     return VerifiedShards
 
@@ -262,8 +334,14 @@ def shard_checks(
     }
 
 
+def stream_name(stream: int) -> str:
+    return f"train{stream}"
+
+
 def make_datasets(plan: DataPlan, filesystem, with_ids: bool, cache_url: str, remedy: str) -> dict[str, Any]:
-    """{"train": the verified stream of all epochs}; `cache_url` and `remedy` go into the error."""
+    """{"train<c>": the verified stream c} for every canonical stream (`DataPlan`); `cache_url` and
+    `remedy` go into a damaged shard's error. The workers read them unsplit (each stream is read by
+    the one rank that owns it)."""
     import ray.data
 
     if len(plan.sha256) != len(plan.files) or len(plan.sizes) != len(plan.files):
@@ -271,16 +349,19 @@ def make_datasets(plan: DataPlan, filesystem, with_ids: bool, cache_url: str, re
     checks = shard_checks(plan.files, plan.sha256, plan.sizes, cache_url, remedy)
     columns = [ACT_COLUMN] + (ROW_ID_COLUMNS if with_ids else [])
     source = _datasource_class()
-    # one read per epoch (its paths are distinct), concatenated; one read task per shard, so the
-    # first batch waits for one shard
-    epochs = [
-        ray.data.read_datasource(
-            source({p: checks[p] for p in epoch_files(plan.files, plan.seed, e)}, columns, filesystem),
-            override_num_blocks=len(plan.files),
-        )
-        for e in range(plan.epochs)
-    ]
-    return {"train": epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]}
+    datasets = {}
+    for stream in range(plan.streams):
+        # one read per run of distinct files, concatenated; one read task per shard, so the first
+        # batch waits for one shard
+        reads = [
+            ray.data.read_datasource(
+                source({p.path: checks[p.path] for p in pieces}, columns, filesystem, pieces),
+                override_num_blocks=len(pieces),
+            )
+            for pieces in plan.stream_reads(stream)
+        ]
+        datasets[stream_name(stream)] = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
+    return datasets
 
 
 def corrupt_shard_line(error: CorruptShardError, cache_url: str, remedy: str) -> str:

@@ -414,7 +414,9 @@ class Trainer:
                         print0(f"data ended at step {self.step}; stopping every rank there")
                     break
                 if stopping:
-                    print0(f"preemption notice: every rank stops at step {self.step} and checkpoints there")
+                    print0(
+                        f"stop requested (a preemption notice, or an elastic run growing back): every rank stops at step {self.step} and checkpoints there"
+                    )
                     summary.preempted = True
                     break
                 comm0, bytes0 = self._comm()
