@@ -150,16 +150,16 @@ class ParallelSection:
     min_workers: int = 1
 
     def __post_init__(self) -> None:
-        if self.min_workers > self.workers:
-            raise ConfigError(f"parallel.min_workers={self.min_workers} is above parallel.workers={self.workers}")
         _positive(
             "parallel",
-            min_workers=self.min_workers,
             workers=self.workers,
             tp=self.tp,
             cpus_per_worker=self.cpus_per_worker,
             memory_per_worker_gib=self.memory_per_worker_gib,
+            min_workers=self.min_workers,
         )
+        if self.min_workers > self.workers:
+            raise ConfigError(f"parallel.min_workers={self.min_workers} is above parallel.workers={self.workers}")
 
 
 @dataclass

@@ -6,12 +6,17 @@ Schedules of the faulted run:
            connections, resets, 503 SlowDown or 5 s delays on every request, each for 2 to
            `max_outage_s` seconds), a Ray Train worker SIGKILLed every `kill_every_s` on
            average (0: none) and one sent SIGTERM (a preemption notice: every rank checkpoints
-           and the group restarts from there) every `preempt_every_s` on average (0: none)
+           and the group restarts from there) every `preempt_every_s` on average (0: none);
+           with `node_kill_every_s`, both runs are elastic (`parallel.elastic=true`) on a
+           multi-node cluster on this machine (`service.local_cluster`) and the node running a
+           worker is killed whole every `node_kill_every_s` on average, a new node joining
+           `node_down_s` later
   single   one outage of `outage_s` seconds of refused connections, starting halfway through the
            uninterrupted run's requests: the wall-time cost of one outage
 
 The faulted run must end as the uninterrupted one did: the same steps and tokens and, since a run
-is deterministic from its checkpoints, bit-identical weights.
+is deterministic from its checkpoints, bit-identical weights; a run that changed layout (a node
+lost) sums in another order, so its held-out NMSE must be within 1e-4 (relative) instead.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class Stage:
     proxy: FaultProxy
     env: dict[str, str]
     ray_tmp: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="soak", dir="/tmp"))
+    cluster: Any = None  # a `LocalCluster` both runs join, for node kills
 
     @classmethod
     def create(cls, endpoint: str, cache: str, runs: Path, project: Path, seed: int = 0) -> Stage:
@@ -124,8 +130,13 @@ class Stage:
         return json.loads((self.runs / run_id / "result.json").read_text())
 
     def worker_pids(self) -> list[int]:
-        """The Ray Train workers of the jobs this stage started."""
+        """The Ray Train workers of the jobs this stage started (on its cluster's nodes, if any)."""
         import psutil
+
+        if self.cluster is not None:
+            from saescale.service.local_cluster import train_worker_pids
+
+            return [pid for pid in train_worker_pids() if self.cluster.node_running(pid) is not None]
 
         pids = []
         for proc in psutil.process_iter(["cmdline", "environ"]):
@@ -142,8 +153,12 @@ class Stage:
         self.proxy.stop()
 
 
+NMSE_RTOL = 1e-4  # a resized run's held-out NMSE against the uninterrupted one's
+
+
 def compare(stage: Stage, reference: str, faulted: str) -> dict[str, Any]:
-    """Steps, tokens and the largest weight difference of two runs' final SAEs."""
+    """Steps, tokens, the largest weight difference of two runs' final SAEs, the layouts the faulted
+    run took and, when it changed layout, whether its held-out NMSE is the reference's."""
     from saescale.formats.saved import load_sae
 
     a, b = stage.result(reference), stage.result(faulted)
@@ -152,12 +167,24 @@ def compare(stage: Stage, reference: str, faulted: str) -> dict[str, Any]:
         float((getattr(sae_a, n) - getattr(sae_b, n)).detach().abs().max())
         for n in ("W_enc", "b_enc", "W_dec", "b_pre")
     )
-    return {
+    same = a["steps"] == b["steps"] and a["tokens"] == b["tokens"]
+    layouts = b.get("layouts") or []
+    report = {
         "same_steps": a["steps"] == b["steps"],
         "same_tokens": a["tokens"] == b["tokens"],
         "max_abs_weight_diff": diff,
-        "identical": a["steps"] == b["steps"] and a["tokens"] == b["tokens"] and diff == 0.0,
+        "identical": same and diff == 0.0,
+        "layouts": layouts,
+        "resized": len(layouts) > 1,
     }
+    nmse_a, nmse_b = a.get("heldout_nmse"), b.get("heldout_nmse")
+    if nmse_a is not None and nmse_b is not None:
+        report.update(heldout_nmse_reference=nmse_a, heldout_nmse_faulted=nmse_b)
+        report["nmse_rel_diff"] = abs(nmse_b - nmse_a) / nmse_a
+    report["matches"] = report["identical"] or (
+        report["resized"] and same and report.get("nmse_rel_diff", 1.0) <= NMSE_RTOL
+    )
+    return report
 
 
 class RandomFaults(threading.Thread):
@@ -173,8 +200,11 @@ class RandomFaults(threading.Thread):
         kill_every_s: float,
         seed: int,
         preempt_every_s: float = 0.0,
+        node_kill_every_s: float = 0.0,
+        node_down_s: float = 60.0,
     ):
         super().__init__(daemon=True)
+        self.node_kill_every_s, self.node_down_s = node_kill_every_s, node_down_s
         self.stage, self.rng = stage, random.Random(seed)
         self.fault_every_s, self.max_outage_s, self.kill_every_s = fault_every_s, max_outage_s, kill_every_s
         self.preempt_every_s = preempt_every_s
@@ -199,13 +229,41 @@ class RandomFaults(threading.Thread):
         self.injected[fault] += 1
         self.events.append({"t_s": round(elapsed, 1), "fault": fault})
 
+    def _kill_a_node(self, elapsed: float) -> bool:
+        """Kill the node running a Ray Train worker (its raylet and everything on it)."""
+        cluster = self.stage.cluster
+        nodes = [cluster.node_running(pid) for pid in self.stage.worker_pids()]
+        nodes = [node for node in nodes if node is not None]
+        if not nodes:
+            return False
+        node = self.rng.choice(nodes)
+        say(
+            f"t={elapsed:.0f} s: node lost (raylet {cluster.raylet_pid(node)}); a new node joins in {self.node_down_s:g} s"
+        )
+        cluster.kill_node(node)
+        self.injected["node_loss"] += 1
+        self.events.append({"t_s": round(elapsed, 1), "fault": "node_loss"})
+        return True
+
     def run(self) -> None:
         start = time.monotonic()
         next_fault = start + self.rng.expovariate(1 / self.fault_every_s)
         next_kill = self._next_kill(start)
         next_preempt = self._next_kill(start, self.preempt_every_s)
+        next_node_kill = self._next_kill(start, self.node_kill_every_s)
+        returns: list[float] = []  # when lost nodes are replaced
         while not self.stop.wait(0.5):
             now = time.monotonic()
+            if now >= next_node_kill:
+                if self._kill_a_node(now - start):
+                    returns.append(now + self.node_down_s)
+                next_node_kill = self._next_kill(time.monotonic(), self.node_kill_every_s)
+            for due in [t for t in returns if now >= t]:
+                returns.remove(due)
+                say(f"t={now - start:.0f} s: a node joins")
+                self.stage.cluster.add_node()
+                self.injected["node_return"] += 1
+                self.events.append({"t_s": round(now - start, 1), "fault": "node_return"})
             if now >= next_fault:
                 kind, seconds = self.rng.choice(self.STORAGE), round(self.rng.uniform(2, self.max_outage_s), 1)
                 say(f"t={now - start:.0f} s: storage {kind} for {seconds} s")
@@ -237,6 +295,9 @@ def bench_soak(
     max_outage_s: float = 30.0,
     kill_every_s: float = 240.0,
     preempt_every_s: float = 0.0,
+    node_kill_every_s: float = 0.0,
+    node_down_s: float = 60.0,
+    nodes: int = 2,
     outage_s: float = 30.0,
     retry_s: float = 120.0,
     max_failures: int = 20,
@@ -267,6 +328,12 @@ def bench_soak(
     server.start()
     stage = Stage.create(f"http://127.0.0.1:{port}", cache, runs, root, seed)
     common = [f"storage.retry_s={retry_s:g}", f"ray.max_failures={max_failures}", *overrides]
+    if node_kill_every_s > 0:
+        from saescale.service.local_cluster import LocalCluster
+
+        stage.cluster = LocalCluster(nodes=nodes, cpus_per_node=2)
+        say(f"a {nodes}-node cluster on this machine at {stage.cluster.address}; both runs elastic")
+        common += [f"ray.address={stage.cluster.address}", "parallel.elastic=true"]
     try:
         say(f"uninterrupted run -> {runs / 'reference'}")
         before = stage.proxy.counts["forwarded"]
@@ -280,7 +347,9 @@ def bench_soak(
         if schedule == "single":
             stage.proxy.outage_after(requests // 2, outage_s, "down")
         else:
-            faults = RandomFaults(stage, fault_every_s, max_outage_s, kill_every_s, seed, preempt_every_s)
+            faults = RandomFaults(
+                stage, fault_every_s, max_outage_s, kill_every_s, seed, preempt_every_s, node_kill_every_s, node_down_s
+            )
         start = time.monotonic()
         proc = stage.start("faulted", common, log=runs / "faulted.log")
         if faults is not None:
@@ -297,6 +366,7 @@ def bench_soak(
             "runs": str(runs),
             "reference_wall_s": round(reference_s, 1),
             "faulted_wall_s": round(faulted_s, 1),
+            "wall_ratio": round(faulted_s / max(reference_s, 1e-9), 2),
             "faulted_exit_code": code,
             "survived": code == 0,
             "storage_requests_reference": requests,
@@ -321,3 +391,5 @@ def bench_soak(
     finally:
         stage.close()
         server.stop()
+        if stage.cluster is not None:
+            stage.cluster.shutdown()

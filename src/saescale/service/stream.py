@@ -276,8 +276,13 @@ def _datasource_class():
         """Cache shards read as checksummed byte streams (see `read_verified`)."""
 
         def __init__(
-            self, checks: dict[str, ShardCheck], columns: list[str] | None, filesystem, pieces: list[Piece]
+            self,
+            checks: dict[str, ShardCheck],
+            columns: list[str] | None,
+            filesystem,
+            pieces: list[Piece] | None = None,
         ) -> None:
+            """`pieces`: the rows to keep of each file (default: all of them)."""
             import ray
 
             paths = list(checks)
@@ -292,7 +297,7 @@ def _datasource_class():
                 raise ValueError(f"internal: Ray Data resolved shard paths to {sorted(missing)[:3]}")
             self._checks_ref = ray.put(checks)  # one copy in the object store, not one per read task
             self._columns = columns
-            self._rows = {piece.path: (piece.start, piece.stop) for piece in pieces}
+            self._rows = {piece.path: (piece.start, piece.stop) for piece in pieces or ()}
 
         def _open_input_source(self, filesystem, path: str, **open_args):
             self._filesystem_for_retries = filesystem
@@ -315,7 +320,7 @@ def _datasource_class():
                 return filesystem.open_input_stream(path, compression=None, buffer_size=0)
 
             table = read_shard(reopen, check, self._columns, first_stream=f, budget=retry_budget(filesystem))
-            start, stop = self._rows[path]
+            start, stop = self._rows.get(path, (0, table.num_rows))
             yield table if (start, stop) == (0, table.num_rows) else table.slice(start, stop - start)
 
     return VerifiedShards

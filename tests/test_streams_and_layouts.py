@@ -1,0 +1,99 @@
+"""The pieces of layout-independent data and elastic layouts, without Ray: the canonical streams
+cover every row of the run once, a step's rows are the same on every layout, and the layouts a
+run may take (and the one a cluster's nodes hold) follow the rules the README gives. The whole
+path on a real multi-node Ray: tests/test_node_loss.py."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from saescale.distributed.layouts import Layout, best_fitting, candidate_layouts
+from saescale.service.capacity import NodeLost, choose_layout, worker_slots
+from saescale.service.stream import owned_streams, plan_data
+
+
+def plan(rows: list[int], streams: int, batch: int = 64, epochs: int = 3):
+    files = [f"shard{i}" for i in range(len(rows))]
+    return plan_data(files, rows, batch, streams, epochs, seed=7, sha256=["x"] * len(rows), sizes=[1] * len(rows))
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3, 4, 8])
+def test_the_streams_cover_every_row_of_the_run_once(streams):
+    rows = [1000, 1000, 1000, 537, 1000]
+    data = plan(rows, streams, batch=48 * streams)
+    seen: Counter[tuple[str, int]] = Counter()
+    lengths = []
+    for stream in range(streams):
+        reads = data.stream_reads(stream)
+        for read in reads:
+            assert len({p.path for p in read}) == len(read)  # one read never names a file twice
+        pieces = [p for read in reads for p in read]
+        lengths.append(sum(p.stop - p.start for p in pieces))
+        for p in pieces:
+            assert 0 <= p.start < p.stop <= rows[int(p.path.removeprefix("shard"))]
+            seen.update((p.path, r) for r in range(p.start, p.stop))
+    total = sum(rows) * 3
+    assert len(set(lengths)) == 1  # equal streams
+    assert sum(seen.values()) == total - total % streams  # at most streams - 1 rows left out
+    assert max(seen.values()) <= 3  # once per epoch
+    assert data.total_steps == lengths[0] // data.stream_batch
+
+
+def test_every_layout_reads_the_same_streams_in_the_same_order_each_step():
+    streams = 4
+    for world in (1, 2, 4):
+        owned = [list(owned_streams(streams, world, rank)) for rank in range(world)]
+        assert [s for share in owned for s in share] == list(range(streams))  # gathered in rank order
+    with pytest.raises(ValueError, match="must divide"):
+        owned_streams(4, 3, 0)
+
+
+def test_a_stream_count_that_the_batch_does_not_divide_is_refused():
+    with pytest.raises(ValueError, match="divisible by data.streams=3"):
+        plan([1000, 1000], streams=3, batch=64)
+
+
+def test_candidate_layouts_divide_the_streams_and_keep_tp_a_divisor():
+    assert candidate_layouts(streams=4, max_workers=4, tp=2) == [Layout(4, 2), Layout(2, 2), Layout(1, 1)]
+    assert candidate_layouts(streams=6, max_workers=6, tp=2, min_workers=2) == [
+        Layout(6, 2),
+        Layout(3, 1),
+        Layout(2, 2),
+    ]
+    assert best_fitting(candidate_layouts(4, 4, 2), slots=3) == Layout(2, 2)
+    assert best_fitting(candidate_layouts(4, 4, 2, min_workers=2), slots=1) is None
+
+
+def test_worker_slots_leave_a_cpu_for_the_reads_and_count_whole_workers_per_node():
+    assert worker_slots([{"CPU": 2.0}, {"CPU": 2.0}], 1.0, False, 1.0) == 3
+    assert worker_slots([{"CPU": 0.0}, {"CPU": 2.0}], 1.0, False, 1.0) == 1  # a head without CPUs
+    assert worker_slots([{"CPU": 3.0}, {"CPU": 3.0}], 2.0, False, 1.0) == 2  # 1.5 per node rounds down
+    assert worker_slots([{"CPU": 16.0, "GPU": 2.0}, {"CPU": 16.0}], 4.0, True, 1.0) == 2  # GPUs bound it
+
+
+class Slots:
+    """A stand-in for `capacity.CapacityCheck`: a fixed count of worker places (the real count
+    comes from Ray's nodes, exercised in tests/test_node_loss.py)."""
+
+    def __init__(self, slots: int) -> None:
+        self.count = slots
+
+    def slots(self, probe: bool = False) -> int:
+        return self.count
+
+    def describe(self, workers: int) -> str:
+        return f"{workers} workers of 1 CPU"
+
+
+def test_choose_layout_shrinks_only_when_elastic_and_names_the_layout_that_fits():
+    layouts = [Layout(4, 2), Layout(2, 2), Layout(1, 1)]
+    assert choose_layout(layouts, elastic=True, check=Slots(3), wait_s=0, first_start=False) == Layout(2, 2)
+    assert choose_layout(layouts, elastic=False, check=Slots(4), wait_s=0, first_start=False) == Layout(4, 2)
+    with pytest.raises(NodeLost) as lost:
+        choose_layout(layouts, elastic=False, check=Slots(3), wait_s=0, first_start=False)
+    assert lost.value.fitting == Layout(2, 2) and "hold 3 such worker(s)" in str(lost.value)
+    with pytest.raises(NodeLost) as lost:
+        choose_layout(layouts[:2], elastic=True, check=Slots(1), wait_s=0, first_start=False)
+    assert lost.value.fitting is None
