@@ -352,7 +352,13 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     from saescale.service.capacity import NodeLost
     from saescale.service.failures import RestartsExhausted, StorageUnavailable
     from saescale.service.ray_local import ensure_ray
-    from saescale.service.ray_train import RunFailed, checkpoint_url, fit_to_running_cluster, launch
+    from saescale.service.ray_train import (
+        ControllerStartFailed,
+        RunFailed,
+        checkpoint_url,
+        fit_to_running_cluster,
+        launch,
+    )
     from saescale.service.stream import corrupt_shard_line
     from saescale.train.checkpoint import export_gathered
 
@@ -371,6 +377,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             cache_url = spec.worker_config["cache"]["url"]
             fail(corrupt_shard_line(cause, cache_url, spec.cache_remedy))
         if isinstance(cause, StorageUnavailable):  # not the user's input: exit 1, the checkpoint kept
+            fail(first_line(cause), EXIT_FAILED)
+        if isinstance(cause, ControllerStartFailed):  # e.g. no storage credentials on the nodes
             fail(first_line(cause), EXIT_FAILED)
         if isinstance(cause, NodeLost):  # nodes gone for ray.node_wait_s: the way on, on what is left
             fail(node_lost_line(cause, job, run.spec), EXIT_FAILED)

@@ -331,6 +331,7 @@ def bench_soak(
     if node_kill_every_s > 0:
         from saescale.service.local_cluster import LocalCluster
 
+        os.environ.update(CREDENTIALS)  # the cluster's nodes hold them, as an instance role would
         stage.cluster = LocalCluster(nodes=nodes, cpus_per_node=2)
         say(f"a {nodes}-node cluster on this machine at {stage.cluster.address}; both runs elastic")
         common += [f"ray.address={stage.cluster.address}", "parallel.elastic=true"]

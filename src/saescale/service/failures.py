@@ -81,6 +81,15 @@ def _behind(error: BaseException | None) -> Iterator[BaseException]:
         ]
 
 
+def innermost(error: BaseException) -> BaseException:
+    """The last error of the walk behind `error` that is not one of Ray's wrappers."""
+    found = error
+    for exc in _behind(error):
+        if "ray." not in type(exc).__module__ and "RayTaskError" not in type(exc).__name__:
+            found = exc
+    return found
+
+
 def find_cause(
     error: BaseException | None, kinds: tuple[type[BaseException], ...] = NOT_RETRIED
 ) -> BaseException | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -537,6 +538,36 @@ def launch(spec: LaunchSpec):
         if fault is not None:
             cause = stopped_by_storage(storage.redact(spec.storage_url), fault)
         raise RunFailed(str(exc), cause or first_cause([exc])) from exc
+    except ray.exceptions.RayActorError as exc:  # Ray Train's controller could not even start
+        raise RunFailed(str(exc), ControllerStartFailed(controller_start_line(exc, spec.storage_url))) from exc
+
+
+class ControllerStartFailed(RuntimeError):
+    """Ray Train's controller died in its creation (it checks the run's storage there)."""
+
+
+def controller_start_line(error: BaseException, storage_url: str) -> str:
+    """One line for a controller that could not start: the innermost error behind Ray's wrappers,
+    and what to check when it is a storage credential missing on the cluster's nodes."""
+    from saescale.console import first_line
+    from saescale.service.failures import innermost
+
+    cause = innermost(error)
+    what = f"{type(cause).__name__}: {first_line(cause)}"
+    if cause is error:  # Ray passes the creation task's error as text: its last "XError: ..." line
+        raised = re.findall(
+            r"^\s*(?:\x1b\[[\d;]*m)?(?:\(.*?\)\s*)?(?:\x1b\[[\d;]*m)?\s*([\w.]+(?:Error|Exception): .+)$",
+            str(error),
+            re.M,
+        )
+        what = raised[-1].strip() if raised else what
+    line = f"Ray Train's controller could not start: {what}"
+    if "Credentials" in what:
+        line += (
+            f" (storage.url={storage.redact(storage_url)}: the cluster's nodes need the storage credentials "
+            "in their environment, e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an instance role)"
+        )
+    return line
 
 
 def checkpoint_url(result, storage_url: str) -> str:
