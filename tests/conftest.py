@@ -114,25 +114,10 @@ def s3_bucket(s3_endpoint, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny randomly initialised Llama with SmolLM2's real tokenizer, saved as a local model dir."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from saescale.lm.embedded import EMBEDDED_MODEL
-    from saescale.lm.models import resolve_model_dir
+    from saescale.lm.tiny import save_tiny_llama
 
     def build(path: Path) -> None:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(EMBEDDED_MODEL))
-        torch.manual_seed(0)
-        cfg = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-        )
-        LlamaForCausalLM(cfg).save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        save_tiny_llama(str(path), hidden_size=48, layers=3)
 
     return str(built_once(tmp_path_factory, "tiny-llama", build))
 

@@ -13,7 +13,6 @@ rank 0 (its raylet and every process on it) while rank 0 is held after a step
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -77,16 +76,13 @@ def wait_for(path, proc: subprocess.Popen, timeout_s: float = 300.0) -> str:
 
 
 def wait_registered(run_dir, step: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    """Until Ray Train registered the step's checkpoint (its controller collects the workers'
-    reports when it polls them, every couple of seconds: a checkpoint reported by workers that die
-    before that poll is never registered, as on a real cluster)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    """Until Ray Train registered the step's checkpoint (`ray_train.registered_steps`: a checkpoint
+    reported by workers that die before the controller's next poll is never registered, as on a
+    real cluster)."""
+    from saescale.service.ray_train import registered_steps
+
     deadline = time.monotonic() + timeout_s
-    while True:
-        with contextlib.suppress(OSError, ValueError):
-            results = json.loads(snapshot.read_text())["checkpoint_results"]
-            if any(r["metrics"].get("step") == step for r in results):
-                return
+    while step not in registered_steps(str(run_dir)):
         assert proc.poll() is None, f"the job ended (exit {proc.returncode}) before checkpoint {step} registered"
         assert time.monotonic() < deadline, f"checkpoint {step} not registered after {timeout_s} s"
         time.sleep(0.1)

@@ -428,6 +428,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         "time_split_s": {k: final.get(f"total_{k}_s") for k in ("data_wait", "compute", "comm")},
         "startup_wait_s": final.get("startup_wait_s"),
         "checkpoint_stall_s": final.get("checkpoint_stall_s"),  # this attempt's periodic checkpoints
+        "steps_this_attempt": final.get("steps_this_attempt"),  # the steps time_split_s covers
         "checkpoint_every": final.get("checkpoint_every") or job.train.checkpoint_every,
         "peak_rss_mb_rank0": final.get("peak_rss_mb_rank0"),
         "planned_mb_per_rank": round(spec.planned_bytes / 2**20, 1),

@@ -1,4 +1,4 @@
-"""`saescale bench step|cache|dist|precision|recovery|soak|checkpoint`: the benchmarks' parsers and bodies.
+"""`saescale bench step|cache|dist|precision|recovery|soak|checkpoint|latents`: the benchmarks' parsers and bodies.
 
 Each body imports its benchmark (torch, the trainer, Ray's job code) only when it runs, so that
 `saescale --help` stays fast.
@@ -158,11 +158,43 @@ def _checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latents(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from saescale.bench.latents import bench_latents
+
+    result = bench_latents(
+        args.project,
+        args.out or tempfile.mkdtemp(prefix="saescale-latents-"),
+        log2_latents=args.log2_latents,
+        d_model=args.d_model,
+        k=args.k,
+        workers=args.workers,
+        tp=args.tp,
+        batch=args.batch,
+        steps=args.steps,
+        checkpoint_every=args.checkpoint_every,
+        max_tokens=args.max_tokens,
+        memory_per_worker_gib=args.memory_per_worker_gib,
+    )
+    print(json.dumps(result))
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     """Register `bench` and its subcommands (in the order `saescale bench --help` lists them)."""
     bench = sub.add_parser("bench", help="benchmarks that print JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    for add in (_add_step, _add_cache, _add_dist, _add_precision, _add_recovery, _add_soak, _add_checkpoint):
+    for add in (
+        _add_step,
+        _add_cache,
+        _add_dist,
+        _add_precision,
+        _add_recovery,
+        _add_soak,
+        _add_checkpoint,
+        _add_latents,
+    ):
         add(bench_sub)
 
 
@@ -334,3 +366,28 @@ def _add_checkpoint(bench_sub: argparse._SubParsersAction[Any]) -> None:
     ckpt.add_argument("--threads", type=positive_int, default=None)
     ckpt.add_argument("--folder", default=None, help="where the checkpoints are written (default: the temp dir)")
     ckpt.set_defaults(func=_checkpoint)
+
+
+def _add_latents(bench_sub: argparse._SubParsersAction[Any]) -> None:
+    latents = bench_sub.add_parser(
+        "latents",
+        help="2^24 latents at a small width through the real cache and train jobs (checkpoint, resume, export)",
+    )
+    latents.add_argument("--project", default=".", help="the project root (where jobs/ is)")
+    latents.add_argument("--out", default=None, help="folder for the model, cache, run and logs (default: temp)")
+    latents.add_argument("--log2-latents", type=positive_int, default=24)
+    latents.add_argument("--d-model", type=positive_int, default=16, help="width of the tiny transformer")
+    latents.add_argument("--k", type=positive_int, default=4, help="k (small: d_model is 16)")
+    latents.add_argument("--workers", type=positive_int, default=4)
+    latents.add_argument("--tp", type=positive_int, default=4)
+    latents.add_argument("--batch", type=positive_int, default=256)
+    latents.add_argument("--steps", type=positive_int, default=12)
+    latents.add_argument("--checkpoint-every", type=positive_int, default=4)
+    latents.add_argument("--max-tokens", type=positive_int, default=16384, help="tokens the cache job caches")
+    latents.add_argument(
+        "--memory-per-worker-gib",
+        type=float,
+        default=3.5,
+        help="the planner's budget per worker (micro-batches follow)",
+    )
+    latents.set_defaults(func=_latents)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
 import signal
 import subprocess
@@ -205,6 +206,7 @@ class RandomFaults(threading.Thread):
     ):
         super().__init__(daemon=True)
         self.node_kill_every_s, self.node_down_s = node_kill_every_s, node_down_s
+        self.joins: queue.Queue[float] = queue.Queue()  # nodes to add, by the main thread
         self.stage, self.rng = stage, random.Random(seed)
         self.fault_every_s, self.max_outage_s, self.kill_every_s = fault_every_s, max_outage_s, kill_every_s
         self.preempt_every_s = preempt_every_s
@@ -261,7 +263,7 @@ class RandomFaults(threading.Thread):
             for due in [t for t in returns if now >= t]:
                 returns.remove(due)
                 say(f"t={now - start:.0f} s: a node joins")
-                self.stage.cluster.add_node()
+                self.joins.put(now - start)  # Ray starts a node from the main thread only: `serve_joins`
                 self.injected["node_return"] += 1
                 self.events.append({"t_s": round(now - start, 1), "fault": "node_return"})
             if now >= next_fault:
@@ -283,6 +285,19 @@ class RandomFaults(threading.Thread):
             if now >= next_preempt:
                 self._signal_a_worker(signal.SIGTERM, "preemption", now - start)
                 next_preempt = self._next_kill(time.monotonic(), self.preempt_every_s)
+
+
+def serve_joins(proc: subprocess.Popen, faults: RandomFaults | None) -> int:
+    """Wait for the job, adding the nodes the fault thread asks for meanwhile (Ray starts a node
+    only from the main thread: it installs a signal handler); returns the job's exit code."""
+    while True:
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        while faults is not None and not faults.joins.empty():
+            faults.joins.get()
+            faults.stage.cluster.add_node()
 
 
 def bench_soak(
@@ -355,7 +370,7 @@ def bench_soak(
         proc = stage.start("faulted", common, log=runs / "faulted.log")
         if faults is not None:
             faults.start()
-        code = proc.wait()
+        code = serve_joins(proc, faults)
         faulted_s = time.monotonic() - start
         if faults is not None:
             faults.stop.set()

@@ -570,6 +570,19 @@ def controller_start_line(error: BaseException, storage_url: str) -> str:
     return line
 
 
+def registered_steps(run_folder: str) -> list[int]:
+    """The steps of the checkpoints Ray Train has registered for a run, from its controller's
+    snapshot in the run's storage folder (local). Ray registers a reported checkpoint when its
+    controller next polls the workers (about every 2 s): a checkpoint whose workers die before
+    that is lost, and a restart resumes from the one before."""
+    try:
+        with open(os.path.join(run_folder, "checkpoint_manager_snapshot.json")) as handle:
+            results = json.load(handle)["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [int(r["metrics"]["step"]) for r in results if "step" in r.get("metrics", {})]
+
+
 def checkpoint_url(result, storage_url: str) -> str:
     """An fsspec URL for the Result's checkpoint folder (Ray gives a path inside its filesystem)."""
     path = result.checkpoint.path
