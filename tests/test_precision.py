@@ -266,3 +266,22 @@ def test_bf16_training_reaches_the_float32_nmse(tmp_path):
     print("nmse and dead fraction by precision:", result)
     assert abs(bf16_nmse - fp32_nmse) / fp32_nmse <= 0.01, result
     assert bf16_dead == fp32_dead, result
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_cpu_low_precision_gemm_runs_in_blocks_with_the_same_bits(precision):
+    """On CPU a bf16/fp16 GEMM makes a float32 temporary as large as its output (2 GiB at 128
+    rows x 2^22 latents, measured); above CPU_LOWP_GEMM_ELEMS outputs the encoder GEMM runs in
+    blocks of latents. Here 256 rows x 2^17 latents (2 blocks): the same bits as one GEMM."""
+    from saescale.distributed.plan import CPU_LOWP_GEMM_ELEMS
+
+    cfg = SAEConfig(d_in=8, n_latents=2**17, k=4)
+    sae = perturbed_sae(cfg, torch.Generator().manual_seed(0))
+    step = SparseTopKStep(sae, 1.0, DeadLatentTracker(cfg.n_latents, 10**9), precision=Precision.make(precision, "cpu"))
+    xc = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
+    assert 256 * cfg.n_latents > CPU_LOWP_GEMM_ELEMS  # blocks
+    with torch.no_grad():  # as in the step
+        step.refresh_low_precision_()
+        blocked = step.encode_chunk(xc).clone()
+        x_low = torch.cat([xc, torch.ones(256, 1)], dim=1).to(Precision.make(precision, "cpu").dtype)
+        assert torch.equal(blocked, torch.mm(x_low, step._w_enc_low.t()))

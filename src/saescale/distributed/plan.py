@@ -31,6 +31,9 @@ from dataclasses import asdict, dataclass
 from saescale.core.config import default_k_aux
 
 RUNTIME_SLACK_BYTES = 64 * 2**20  # allocator and runtime overhead beside the planned tensors
+# CPU low-precision encoder GEMMs run in blocks of latents of at most this many outputs each
+# (`train.step`): a CPU bf16/fp16 GEMM accumulates its output in a float32 temporary, bounded so
+CPU_LOWP_GEMM_ELEMS = 2**24
 MAX_MICRO_BATCHES = 64  # more micro-batches than this: the GEMMs get too thin to keep a GPU busy
 
 GiB = 2**30
@@ -144,6 +147,7 @@ def plan_memory(
         buffers += 2 * rows * tp * k * 12  # the global top-k's gathered candidates, parts and concatenation
     if e < 4:
         buffers += micro * (k + max(8, k // 4)) * (e + 8)  # low-precision candidates, re-scored in float32
+        buffers += min(micro * n_local, CPU_LOWP_GEMM_ELEMS) * 4  # a CPU GEMM's float32 temporary, one block
     auxk = _auxk_bytes(rows, micro, tp, n_local, min(k_aux or default_k_aux(d_model), n_latents), e)
     ema_bytes = weights if ema else 0
     total = 4 * weights + ema_bytes + lowp + preact + buffers + auxk

@@ -44,6 +44,7 @@ from torch import Tensor
 from saescale.core.arch import activation
 from saescale.core.model import TopKSAE
 from saescale.distributed.parallel import DataParallel, TensorParallel
+from saescale.distributed.plan import CPU_LOWP_GEMM_ELEMS
 from saescale.kernels import (
     DeadBlock,
     LatentOrder,
@@ -204,7 +205,16 @@ class SparseTopKStep:
                 self._x_low = torch.ones(rows, d + 1, dtype=self.compute_dtype, device=xc.device)
             x_low = self._x_low[:rows]
             x_low[:, :d].copy_(xc)
-            return torch.mm(x_low, self._w_enc_low.t(), out=out)
+            n = out.shape[1]
+            block = n if xc.device.type != "cpu" else max(1, CPU_LOWP_GEMM_ELEMS // max(rows, 1))
+            if block >= n:
+                return torch.mm(x_low, self._w_enc_low.t(), out=out)
+            # CPU: a bf16/fp16 GEMM accumulates its whole output in float32 before converting it (a
+            # [rows, n] float32 temporary, twice the pre-activation: measured 2 GiB extra at 128
+            # rows x 2^22 latents); blocks of latents bound it, at the same speed and same bits
+            for j in range(0, n, block):
+                torch.mm(x_low, self._w_enc_low[j : j + block].t(), out=out[:, j : j + block])
+            return out
         return torch.addmm(self.sae.b_enc, xc, self.sae.W_enc.t(), out=out)
 
     def candidates(self, pre: Tensor, count: int) -> Tensor:
