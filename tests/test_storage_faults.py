@@ -303,3 +303,22 @@ def test_an_outage_past_the_budget_exits_1_not_2(tmp_path):
         with pytest.raises(SystemExit) as exited:
             fail(error)
         assert exited.value.code == code
+
+
+def test_a_controller_that_cannot_start_is_one_line_naming_the_missing_credentials():
+    """Ray hands a controller's creation error to the driver as text inside a RayActorError (seen
+    when a job joined a cluster whose nodes had no S3 credentials): the job's line is its last
+    `...Error: ...` line, with what the nodes need."""
+    from ray.exceptions import RayActorError
+
+    from saescale.service.ray_train import controller_start_line
+
+    text = (
+        "The actor died because of an error raised in its creation task, ray::TrainController.__init__() "
+        "(pid=1, ip=10.0.0.1)\n  File \"/x/s3fs/core.py\", line 169, in _error_wrapper\n"
+        "    raise NoCredentialsError()\nbotocore.exceptions.NoCredentialsError: Unable to locate credentials"
+    )
+    line = controller_start_line(RayActorError(error_msg=text), "s3://key:secret@bucket/runs")
+    assert "\n" not in line and "secret" not in line
+    assert line.startswith("Ray Train's controller could not start: botocore.exceptions.NoCredentialsError")
+    assert "AWS_ACCESS_KEY_ID" in line and "s3://***@bucket/runs" in line

@@ -324,7 +324,7 @@ def export_and_evaluate(job: TrainJobConfig, run: PreparedRun, meta: dict[str, A
     sae, _ = load_sae(sae_url, storage_options=options)
     heldout = torch.cat([run.cache.read_shard(s) for s in range(job.data.holdout_shards)])[: job.data.heldout_tokens]
     with torch.no_grad():
-        metrics = reconstruction_metrics(sae, heldout)
+        metrics = reconstruction_metrics(sae, heldout, with_density=False)
         out = {
             "heldout_nmse": metrics.nmse,
             "heldout_l0": metrics.l0,
@@ -334,7 +334,10 @@ def export_and_evaluate(job: TrainJobConfig, run: PreparedRun, meta: dict[str, A
         if sae.activation.has_threshold:  # BatchTopK's inference threshold, as exported
             out["threshold"] = float(sae.threshold)
         if job.export.test_time_k:
-            out["nmse_at_k"] = {str(k): reconstruction_metrics(sae, heldout, k=k).nmse for k in job.export.test_time_k}
+            out["nmse_at_k"] = {
+                str(k): reconstruction_metrics(sae, heldout, k=k, with_density=False).nmse
+                for k in job.export.test_time_k
+            }
     return out
 
 

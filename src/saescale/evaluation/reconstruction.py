@@ -36,13 +36,21 @@ def nmse(x_hat: Tensor, x: Tensor) -> float:
     return ((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30)).item()
 
 
+# the most pre-activations one evaluation batch holds (float32: 512 MiB): at 2^24 latents a
+# batch of 4096 rows would be a 256 GiB [rows, n_latents] pre-activation
+PREACT_BUDGET_ELEMS = 2**27
+
+
 @torch.no_grad()
 def reconstruction_metrics(
-    sae: TopKSAE, acts: Tensor, batch_size: int = 4096, k: int | None = None
+    sae: TopKSAE, acts: Tensor, batch_size: int = 4096, k: int | None = None, with_density: bool = True
 ) -> ReconstructionMetrics:
-    """Streams `acts` [tokens, d] through the SAE in batches (no [tokens, n_latents] tensor).
-    `k`: the top-k at this test-time k instead of the trained one (the paper's progressive
-    recovery: a Multi-TopK SAE degrades gracefully above its k, plain TopK does not)."""
+    """Streams `acts` [tokens, d] through the SAE in batches of at most `batch_size` rows and at
+    most PREACT_BUDGET_ELEMS pre-activations (no [tokens, n_latents] tensor). `k`: the top-k at
+    this test-time k instead of the trained one (the paper's progressive recovery: a Multi-TopK
+    SAE degrades gracefully above its k, plain TopK does not). `with_density=False` leaves
+    `density_log10` empty (a Python list of n_latents floats: 16M of them at the paper's size)."""
+    batch_size = max(1, min(batch_size, PREACT_BUDGET_ELEMS // sae.cfg.n_latents))
     acts = acts.float()
     mean = acts.mean(0)
     sq_err = total_var = nnz_sum = act_sum = 0.0
@@ -68,5 +76,5 @@ def reconstruction_metrics(
         l0=nnz_sum / max(tokens, 1),
         dead_fraction=(fires == 0).double().mean().item(),
         mean_activation=act_sum / max(nnz_sum, 1),
-        density_log10=log_density.tolist(),
+        density_log10=log_density.tolist() if with_density else [],
     )
