@@ -24,6 +24,7 @@ from saescale import storage
 SLOWEST_FIRST = (
     "test_train_job.py",
     "test_sweep.py",
+    "test_node_loss.py",
     "test_storage_outage_job.py",
     "test_cache.py",
     "test_train_job_submit.py",

@@ -315,7 +315,7 @@ def test_a_controller_that_cannot_start_is_one_line_naming_the_missing_credentia
 
     text = (
         "The actor died because of an error raised in its creation task, ray::TrainController.__init__() "
-        "(pid=1, ip=10.0.0.1)\n  File \"/x/s3fs/core.py\", line 169, in _error_wrapper\n"
+        '(pid=1, ip=10.0.0.1)\n  File "/x/s3fs/core.py", line 169, in _error_wrapper\n'
         "    raise NoCredentialsError()\nbotocore.exceptions.NoCredentialsError: Unable to locate credentials"
     )
     line = controller_start_line(RayActorError(error_msg=text), "s3://key:secret@bucket/runs")
