@@ -62,13 +62,14 @@ def test_a_mistyped_key_is_refused_while_composing(job):
         ("ray.mtbf_s=0", "ray.mtbf_s must be > 0"),
         ("fault.signal=hup", "fault.signal must be kill or term"),
         ("parallel.min_workers=3", "parallel.min_workers=3 is above parallel.workers=2"),
-        ("ray.node_wait_s=-1", "ray.node_wait_s must be >= 0"),
+        ("ray.node_wait_s=-1", "ray.node_wait_s and ray.elastic_check_s must be >= 0"),
         ("data.streams=0", "data.streams must be > 0"),
     ],
 )
 def test_bad_values_fail_in_the_dataclasses(override, message):
+    elastic = ("parallel.elastic=true",) if override.startswith("parallel.min_workers") else ()
     with pytest.raises(ConfigError, match=message):
-        OmegaConf.to_object(compose_job("train", override))
+        OmegaConf.to_object(compose_job("train", override, *elastic))
 
 
 @pytest.mark.parametrize(

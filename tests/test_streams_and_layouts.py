@@ -20,25 +20,27 @@ def plan(rows: list[int], streams: int, batch: int = 64, epochs: int = 3):
 
 
 @pytest.mark.parametrize("streams", [1, 2, 3, 4, 8])
-def test_the_streams_cover_every_row_of_the_run_once(streams):
+def test_the_streams_cover_every_row_of_every_epoch_once_and_move_through_the_epochs_together(streams):
     rows = [1000, 1000, 1000, 537, 1000]
-    data = plan(rows, streams, batch=48 * streams)
-    seen: Counter[tuple[str, int]] = Counter()
-    lengths = []
+    epochs = 3
+    data = plan(rows, streams, batch=48 * streams, epochs=epochs)
+    seen: Counter[tuple[int, str, int]] = Counter()
+    sequences = []  # per stream: the epoch of each row it gives, in order
     for stream in range(streams):
         reads = data.stream_reads(stream)
-        for read in reads:
-            assert len({p.path for p in read}) == len(read)  # one read never names a file twice
-        pieces = [p for read in reads for p in read]
-        lengths.append(sum(p.stop - p.start for p in pieces))
-        for p in pieces:
-            assert 0 <= p.start < p.stop <= rows[int(p.path.removeprefix("shard"))]
-            seen.update((p.path, r) for r in range(p.start, p.stop))
-    total = sum(rows) * 3
-    assert len(set(lengths)) == 1  # equal streams
-    assert sum(seen.values()) == total - total % streams  # at most streams - 1 rows left out
-    assert max(seen.values()) <= 3  # once per epoch
-    assert data.total_steps == lengths[0] // data.stream_batch
+        assert len(reads) == epochs  # one read per epoch, its files distinct
+        sequence = []
+        for epoch, read in enumerate(reads):
+            assert len({p.path for p in read}) == len(read)
+            for p in read:
+                assert 0 <= p.start < p.stop <= rows[int(p.path.removeprefix("shard"))]
+                seen.update((epoch, p.path, r) for r in range(p.start, p.stop))
+                sequence += [epoch] * (p.stop - p.start)
+        sequences.append(sequence)
+    assert max(seen.values()) == 1  # no row twice in an epoch
+    assert len(seen) == epochs * (sum(rows) - sum(rows) % streams)  # fewer than `streams` rows out per epoch
+    assert all(seq == sequences[0] for seq in sequences)  # equal parts: every step's rows share epochs
+    assert data.total_steps == len(sequences[0]) // data.stream_batch
 
 
 def test_every_layout_reads_the_same_streams_in_the_same_order_each_step():

@@ -158,7 +158,7 @@ class ParallelSection:
             memory_per_worker_gib=self.memory_per_worker_gib,
             min_workers=self.min_workers,
         )
-        if self.min_workers > self.workers:
+        if self.elastic and self.min_workers > self.workers:
             raise ConfigError(f"parallel.min_workers={self.min_workers} is above parallel.workers={self.workers}")
 
 
@@ -180,8 +180,10 @@ class RaySection:
         if self.max_failures < 0:
             raise ConfigError(f"ray.max_failures must be >= 0, got {self.max_failures}")
         _positive("ray", mtbf_s=self.mtbf_s)
-        if self.node_wait_s < 0:
-            raise ConfigError(f"ray.node_wait_s must be >= 0, got {self.node_wait_s}")
+        if self.node_wait_s < 0 or self.elastic_check_s < 0:
+            raise ConfigError(
+                f"ray.node_wait_s and ray.elastic_check_s must be >= 0, got {self.node_wait_s} and {self.elastic_check_s}"
+            )
 
 
 @dataclass

@@ -271,14 +271,18 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
 def node_lost_line(lost, job: TrainJobConfig, spec: LaunchSpec) -> str:
     """The run's one line when nodes stayed gone: what is missing, and the command that resumes
     the run (the same run_id: the layout is not part of it) on the layout that fits."""
-    line = f"{first_line(lost)}. The last registered checkpoint is intact"
+    line = f"{first_line(lost)}. Checkpoints registered so far are intact"
     fitting = lost.fitting
     if fitting is None:
         return line + ": rerun the same command once the cluster has the nodes back"
     streams = spec.worker_config["data"]["streams"]
-    keep = [a for a in job_overrides() if not a.startswith(("parallel.workers=", "parallel.tp=", "data.streams="))]
+    replaced = ("parallel.workers=", "parallel.tp=", "data.streams=", "parallel.min_workers=")
+    keep = [storage.redact(a) for a in job_overrides() if not a.startswith(replaced)]
     args = [*keep, f"parallel.workers={fitting.workers}", f"parallel.tp={fitting.tp}", f"data.streams={streams}"]
-    return line + f"; resume it on {fitting} with: python jobs/train.py {' '.join(shlex.quote(a) for a in args)}"
+    hidden = " (credentials in URLs shown as ***: put them back)" if any("***" in a for a in keep) else ""
+    return (
+        line + f"; resume it on {fitting} with: python jobs/train.py {' '.join(shlex.quote(a) for a in args)}{hidden}"
+    )
 
 
 def job_overrides() -> list[str]:

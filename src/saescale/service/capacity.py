@@ -112,9 +112,12 @@ class CapacityCheck:
         return f"{workers} workers of {unit} (+{self.data_cpus:g} CPU for the data reads)"
 
 
-def larger_layout_fits(layouts: list[Layout], current_workers: int, check: CapacityCheck) -> Layout | None:
-    """The larger layout the cluster holds now, counting the places this run's workers hold."""
-    best = best_fitting(layouts, check.slots())
+def larger_layout_fits(
+    layouts: list[Layout], current_workers: int, check: CapacityCheck, probe: bool = False
+) -> Layout | None:
+    """The larger layout the cluster holds now, counting the places this run's workers hold
+    (`probe`: only nodes that answer, not one killed a moment ago)."""
+    best = best_fitting(layouts, check.slots(probe))
     return best if best is not None and best.workers > current_workers else None
 
 
@@ -130,7 +133,7 @@ class GrowWatch:
     def __call__(self) -> bool:
         if self.larger is None and time.monotonic() >= self._next:
             self._next = time.monotonic() + self.every_s
-            self.larger = larger_layout_fits(self.layouts, self.workers, self.check)
+            self.larger = larger_layout_fits(self.layouts, self.workers, self.check, probe=True)
             if self.larger is not None:
                 say(f"[saescale] layout: the cluster holds {self.larger} again: checkpointing to grow back")
         return self.larger is not None

@@ -86,8 +86,12 @@ def check_data_position(saved: dict[str, Any], data: DataPlan, seed: int) -> Non
     layout may change freely (every layout reads the same rows per step: `stream.DataPlan`)."""
     if not saved:
         return
-    # a checkpoint from before streams existed: its world size was its stream count
-    streams = saved.get("streams", saved.get("world"))
+    if "streams" not in saved and saved.get("world", 1) != 1:
+        raise ValueError(
+            f"the checkpoint was written by a {saved['world']}-worker run from before data.streams: its rows were "
+            "split another way, so resuming would retrain or skip rows; start a new run (another run_id)"
+        )
+    streams = saved.get("streams", 1)  # a one-worker run from before data.streams read one stream
     batch = saved.get("stream_batch", saved.get("per_rank_batch", 0)) * streams
     if (streams, batch, saved["seed"]) != (data.streams, data.global_batch, seed):
         raise ValueError(
@@ -296,10 +300,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         cache = ActivationCache(config["cache"]["url"], config["cache"]["options"])
         sample = cache.read_shard(config["cache"]["init_shard"])[: train_cfg.geometric_median_samples]
         trainer.initialize(sample)
+    before = len(history)
     history = record_layout(history, layout, trainer.step, layouts[0])
     if rank == 0:
         trainer.logger = _rank0_logger(config, trainer.step)
-        if len(history) > 1 and history[-1]["step"] == trainer.step:
+        if len(history) > before:  # this start began a layout: the metrics log says so too
             trainer.logger.log({"layout": str(layout), "why": history[-1]["why"]}, trainer.step)
     record = config.get("record_rows_dir")
 
@@ -561,7 +566,7 @@ def controller_start_line(error: BaseException, storage_url: str) -> str:
             re.M,
         )
         what = raised[-1].strip() if raised else what
-    line = f"Ray Train's controller could not start: {what}"
+    line = storage.redact(f"Ray Train's controller could not start: {what}")
     if "Credentials" in what:
         line += (
             f" (storage.url={storage.redact(storage_url)}: the cluster's nodes need the storage credentials "

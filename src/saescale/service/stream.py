@@ -1,8 +1,8 @@
 """The Ray Data stream of cached shards that feeds the Ray Train workers.
 
-`data.streams` Ray Datasets (canonical streams): the run's rows (every epoch's seeded shuffled
-shard order in turn) cut into that many contiguous parts, each stream one continuous read of its
-part (no pipeline restart and start-up wait at epoch boundaries), one read task per shard, executed in order
+`data.streams` Ray Datasets (canonical streams): every epoch's rows (in the epoch's seeded shuffled
+shard order) cut into that many contiguous parts, stream c one continuous read of part c of every
+epoch (no pipeline restart and start-up wait at epoch boundaries), one read task per shard, executed in order
 (`preserve_order`), so every stream is a pure function of the seed. A step takes the same rows
 from every stream on any worker layout (`DataPlan`): what a run trains on does not depend on how
 many workers it has, so it can lose or regain workers mid-run.
@@ -54,12 +54,15 @@ class Piece:
 class DataPlan:
     """What the run reads: `streams` canonical streams and how many rows each gives a step.
 
-    The run's rows, every epoch's shuffled shard order one after the other, are cut into
-    `streams` contiguous equal parts (a shard at a cut is read by both neighbours, each taking its
-    rows). A step's global batch is the next `stream_batch` rows of every stream, whatever the
-    layout: a rank of a W-worker layout reads streams/W of them (`owned_streams`), so the rows a
-    step sees do not depend on (dp, tp), and a run can shrink or grow between checkpoints without
-    changing its optimisation. At most streams - 1 rows of the run are left out."""
+    Every epoch's rows, in that epoch's shuffled shard order, are cut into `streams` contiguous
+    equal parts (a shard at a cut is read by both neighbours, each taking its rows); stream c
+    reads part c of epoch 0, then part c of epoch 1, and so on. A step's global batch is the next
+    `stream_batch` rows of every stream, whatever the layout: a rank of a W-worker layout reads
+    streams/W of them (`owned_streams`), so the rows a step sees do not depend on (dp, tp), and a
+    run can shrink or grow between checkpoints without changing its optimisation. The streams
+    move through the epochs in step (equal parts), so a step never mixes rows of epochs that are
+    not adjacent. Left out: fewer than `streams` rows of each epoch, and the run's last partial
+    step (fewer than `stream_batch` rows of each stream)."""
 
     files: list[str]  # training shard paths inside the filesystem, one epoch's worth
     file_rows: list[int]
@@ -81,23 +84,20 @@ class DataPlan:
         return self.stream_batch * self.streams
 
     def stream_reads(self, stream: int) -> list[list[Piece]]:
-        """The pieces one stream reads, in order, grouped into reads whose files are distinct (a
-        shard appears once per epoch, so a stream spanning epochs reads it in several reads)."""
+        """The pieces one stream reads, one read (distinct files) per epoch, in order."""
         rows_of = dict(zip(self.files, self.file_rows))
-        length = self.rows * self.epochs // self.streams
-        lo, hi = stream * length, (stream + 1) * length
-        reads: list[list[Piece]] = [[]]
-        offset = 0
+        part = self.rows // self.streams
+        lo, hi = stream * part, (stream + 1) * part
+        reads: list[list[Piece]] = []
         for epoch in range(self.epochs):
+            read, offset = [], 0
             for path in epoch_files(self.files, self.seed, epoch):
                 rows = rows_of[path]
                 start, stop = max(lo - offset, 0), min(hi - offset, rows)
                 offset += rows
-                if start >= stop:
-                    continue
-                if any(piece.path == path for piece in reads[-1]):
-                    reads.append([])
-                reads[-1].append(Piece(path, start, stop))
+                if start < stop:
+                    read.append(Piece(path, start, stop))
+            reads.append(read)
         return [read for read in reads if read]
 
 
@@ -119,7 +119,7 @@ def plan_data(
     if batch_size % streams:
         raise ValueError(f"train.batch_size={batch_size} must be divisible by data.streams={streams}")
     stream_batch = batch_size // streams
-    steps = (sum(file_rows) * epochs // streams) // stream_batch
+    steps = (sum(file_rows) // streams * epochs) // stream_batch
     if steps == 0:
         raise ValueError(f"train.batch_size={batch_size} is larger than the {sum(file_rows) * epochs} training rows")
     return DataPlan(files, list(file_rows), streams, stream_batch, steps, epochs, seed, list(sha256), list(sizes))
@@ -356,7 +356,7 @@ def make_datasets(plan: DataPlan, filesystem, with_ids: bool, cache_url: str, re
     source = _datasource_class()
     datasets = {}
     for stream in range(plan.streams):
-        # one read per run of distinct files, concatenated; one read task per shard, so the first
+        # one read per epoch, concatenated; one read task per shard, so the first
         # batch waits for one shard
         reads = [
             ray.data.read_datasource(
