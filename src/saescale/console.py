@@ -3,7 +3,15 @@ shown as one line."""
 
 from __future__ import annotations
 
+import sys
+
 import torch.distributed as dist
+
+
+def say(message: str) -> None:
+    """A line on stderr, at once: what the Ray Train controller tells the job's console (Ray
+    forwards an actor's stderr to the driver) while it waits or decides on a restart."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def print0(*args: object) -> None:

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,41 +37,40 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _run(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> str:
-    start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
-    out = proc.stdout + proc.stderr
-    log.write_text(out)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[1:3])} failed (exit {proc.returncode}); see {log}")
-    say(f"{Path(cmd[1]).name} done in {time.monotonic() - start:.0f} s")
-    return out
-
-
-def _run_with_a_kill(
-    cmd: list[str], env: dict[str, str], cwd: Path, log: Path, hold: tuple[Path, int], registered: tuple[Path, int]
+def _run(
+    cmd: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    log: Path,
+    meanwhile: Callable[[subprocess.Popen], None] | None = None,
 ) -> str:
-    """The job, with rank 0 SIGKILLed while it is held after step `hold[1]` (`fault.hold_steps`),
-    once Ray registered the checkpoint of step `registered[1]`; returns its console."""
-    from saescale.service.ray_train import registered_steps
-
+    """A job to its end, its console in `log` (returned); `meanwhile(proc)` acts on it while it runs."""
     start = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
-        (folder, step), (storage, saved) = hold, registered
-        held = folder / f"held-{step}"
-        while proc.poll() is None and not (held.exists() and saved in registered_steps(str(storage))):
-            time.sleep(0.2)  # polling the job's own files for the condition
-        if proc.poll() is None:
-            say(f"SIGKILL rank 0 at step {step} (checkpoint {saved} registered)")
-            os.kill(int(held.read_text()), signal.SIGKILL)
-            (folder / f"release-{step}").write_text("")
+        if meanwhile is not None:
+            meanwhile(proc)
         code = proc.wait()
-    text = log.read_text()
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd[1:3])} failed (exit {code}); see {log}")
     say(f"{Path(cmd[1]).name} done in {time.monotonic() - start:.0f} s")
-    return text
+    return log.read_text()
+
+
+def kill_rank0_when(held: Path, storage: Path, saved: int) -> Callable[[subprocess.Popen], None]:
+    """SIGKILL rank 0 while it is held (`fault.hold_steps`: it wrote `held`), once Ray registered
+    the checkpoint of step `saved`; then release the hold."""
+    from saescale.service.ray_train import registered_steps
+
+    def act(proc: subprocess.Popen) -> None:
+        while proc.poll() is None and not (held.exists() and saved in registered_steps(str(storage))):
+            time.sleep(0.2)  # polling the job's own files for the condition
+        if proc.poll() is None:
+            say(f"SIGKILL rank 0 at {held.name} (checkpoint {saved} registered)")
+            os.kill(int(held.read_text()), signal.SIGKILL)
+            held.with_name(held.name.replace("held-", "release-")).write_text("")
+
+    return act
 
 
 def bench_latents(
@@ -120,7 +120,7 @@ def bench_latents(
     run_id = f"latents-2e{log2_latents}-d{d_model}"
     kill_at = 2 * checkpoint_every + 1  # after the second checkpoint: the group resumes from it
     start = time.monotonic()
-    log = _run_with_a_kill(
+    log = _run(
         [
             sys.executable,
             str(root / "jobs" / "train.py"),
@@ -147,8 +147,9 @@ def bench_latents(
         env,
         root,
         base / "train.log",
-        hold=(base / "runs" / run_id, kill_at),
-        registered=(base / "runs" / "ray" / run_id, 2 * checkpoint_every),
+        meanwhile=kill_rank0_when(
+            base / "runs" / run_id / f"held-{kill_at}", base / "runs" / "ray" / run_id, 2 * checkpoint_every
+        ),
     )
     wall = time.monotonic() - start
     run = base / "runs" / run_id

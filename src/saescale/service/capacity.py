@@ -19,10 +19,10 @@ health check: about 15-30 s by default, a few seconds with the test cluster's se
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from typing import Any
 
+from saescale.console import say
 from saescale.distributed.layouts import Layout, best_fitting
 
 POLL_S = 1.0
@@ -112,12 +112,10 @@ class CapacityCheck:
         return f"{workers} workers of {unit} (+{self.data_cpus:g} CPU for the data reads)"
 
 
-def larger_layout_fits(
-    layouts: list[Layout], current_workers: int, check: CapacityCheck, probe: bool = False
-) -> Layout | None:
-    """The larger layout the cluster holds now, counting the places this run's workers hold
-    (`probe`: only nodes that answer, not one killed a moment ago)."""
-    best = best_fitting(layouts, check.slots(probe))
+def larger_layout_fits(layouts: list[Layout], current_workers: int, check: CapacityCheck) -> Layout | None:
+    """The larger layout the cluster holds now, counting the places this run's workers hold (only
+    nodes that answer a probe, not one killed a moment ago)."""
+    best = best_fitting(layouts, check.slots(probe=True))
     return best if best is not None and best.workers > current_workers else None
 
 
@@ -133,14 +131,10 @@ class GrowWatch:
     def __call__(self) -> bool:
         if self.larger is None and time.monotonic() >= self._next:
             self._next = time.monotonic() + self.every_s
-            self.larger = larger_layout_fits(self.layouts, self.workers, self.check, probe=True)
+            self.larger = larger_layout_fits(self.layouts, self.workers, self.check)
             if self.larger is not None:
                 say(f"[saescale] layout: the cluster holds {self.larger} again: checkpointing to grow back")
         return self.larger is not None
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def choose_layout(

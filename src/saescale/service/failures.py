@@ -21,13 +21,12 @@ one line.
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from saescale import retry
-from saescale.console import first_line
+from saescale.console import first_line, say
 from saescale.data.format import CorruptShardError
 from saescale.service.capacity import NodeLost
 from saescale.service.preemption import Preempted
@@ -154,7 +153,6 @@ def _probe(filesystem, path: str) -> None:
 def wait_for_storage(probes: list[Probe], fault: BaseException, budget: float) -> None:
     """Block until the run's storage and the cache's answer, for up to `budget` seconds in
     all; raise `StorageUnavailable` (naming the one that did not) if they do not."""
-    say = functools.partial(print, file=sys.stderr, flush=True)
     urls = " and ".join(dict.fromkeys(url for _, _, url in probes))
     say(
         f"[saescale] storage: a worker failed on storage ({first_line(fault)}); waiting up to {budget:g} s "
@@ -232,10 +230,6 @@ def _policy_class():
             # storage answers, or a crash: Ray restarts the group
 
     return FailurePolicy
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def failure_policy(probes: list[Probe], wait_s: float, max_failures: int):

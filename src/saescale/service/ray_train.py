@@ -57,8 +57,6 @@ from saescale.train.loggers import ConsoleLogger, JsonlLogger, MultiLogger, Wand
 from saescale.train.rank_setup import build_rank_trainer
 from saescale.train.trainer import EPS, Trainer
 
-GROW_CHECK_S = 10.0  # how often rank 0 of a shrunken elastic run asks whether a larger layout fits
-
 
 # ------------------------------------------------------------------ inside each Ray Train worker
 def checkpoint_fetcher(checkpoint, directory: str) -> Fetch:
@@ -338,7 +336,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     grow = None
     if rank == 0 and config.get("elastic") and world < layouts[0].workers:
         check = CapacityCheck(**config["capacity"])
-        grow = GrowWatch(layouts, world, check, config.get("elastic_check_s", GROW_CHECK_S))
+        grow = GrowWatch(layouts, world, check, config["elastic_check_s"])
 
     def stop_requested() -> bool:
         return preemption.noticed() or (grow is not None and grow())
