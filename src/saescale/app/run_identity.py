@@ -33,7 +33,15 @@ IDENTITY_SECTIONS = ("sae", "train", "data", "parallel")
 # keys of those sections that do not change the trained SAE
 NOT_IDENTITY = {
     "train": ("log_every", "histogram_every", "checkpoint_every", "micro_batches"),
-    "data": ("endpoint_url", "heldout_tokens", "prefetch_batches"),
+    "data": (
+        "endpoint_url",
+        "heldout_tokens",
+        "prefetch_batches",
+        "lm_actors",
+        "lm_actor_cpus",
+        "cache_write",
+        "heldout_cache",
+    ),
     "parallel": ("workers", "tp", "elastic", "min_workers", "cpus_per_worker", "memory_per_worker_gib"),
 }
 # keys added after runs existed, left out of the hash at the value that reproduces the runs from
@@ -64,6 +72,12 @@ def identity_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             values.pop("lr_rule", None)  # the rule picks the default lr only: a set lr makes it moot
         out[section] = values
     data = out.get("data", {})
+    if data.get("source") == "cache":  # the settings of the other source do not count (runs from
+        data.pop("source")  # before data.source existed keep their id)
+        data.pop("lm", None)
+    elif "source" in data:  # model: the LM settings name the data; the cache is not read
+        data.pop("cache", None)
+        data.pop("holdout_shards", None)
     if "data" in out and data.get("streams") is None:  # the default: one stream per worker
         data["streams"] = (cfg.get("parallel") or {}).get("workers")
     if isinstance(data.get("cache"), str):

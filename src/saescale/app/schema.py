@@ -112,11 +112,35 @@ class StorageSection:
             raise ConfigError(f"storage.retry_s must be >= 0, got {self.retry_s!r}")
 
 
+LMStreamSection = _section_of(
+    CacheConfig,
+    "LMStreamSection",
+    # the output is data.cache_write; the actors are data.lm_actors; skip_tokens is the held-out's
+    exclude=("output", "num_workers", "use_ray", "storage_options", "skip_tokens"),
+    defaults={"model": "embedded:smollm2-135m-instruct", "corpus": "embedded:shakespeare"},
+)
+LMStreamSection.__doc__ = """data.source=model: what the LM actors compute (the fields of
+`data.builder.CacheConfig`: the same windows and rows as a cache built with these settings;
+max_tokens is the run's token budget per epoch)."""
+SOURCES = ("cache", "model")
+
+
 @dataclass
 class DataSection:
-    """The activation cache (built by jobs/cache.py, any fsspec URL) and how it is streamed."""
+    """The activation cache (built by jobs/cache.py, any fsspec URL) and how it is streamed; or,
+    with source=model, activations computed by LM actors as the run reads them (no cache)."""
 
+    source: str = "cache"  # cache | model
     cache: str = DEFAULT_CACHE
+    lm: LMStreamSection = field(default_factory=LMStreamSection)  # type: ignore[valid-type]
+    lm_actors: int = 1  # source=model: LM actors (model replicas) per training worker
+    lm_actor_cpus: float = 1  # source=model: CPUs (and torch threads) of each LM actor without GPUs
+    # source=model: also write the streamed activations as a normal cache at this URL (any fsspec
+    # URL; the same shards jobs/cache.py builds from data.lm), for the runs that follow
+    cache_write: Optional[str] = None
+    # source=model: the held-out cache, built before training from the documents after the
+    # training budget (null: <output_dir>/heldout-cache)
+    heldout_cache: Optional[str] = None
     endpoint_url: Optional[str] = None  # S3-compatible endpoint for the cache
     holdout_shards: int = 1  # the first shard(s) are held out for evaluation, never trained on
     heldout_tokens: int = 4096  # held-out rows for the driver's NMSE
@@ -131,6 +155,11 @@ class DataSection:
         _positive("data", holdout_shards=self.holdout_shards, heldout_tokens=self.heldout_tokens, streams=self.streams)
         if self.shuffle_buffer_rows < 0 or self.prefetch_batches < 0:
             raise ConfigError("data.shuffle_buffer_rows and data.prefetch_batches must be >= 0")
+        if self.source not in SOURCES:
+            raise ConfigError(f"data.source must be one of {SOURCES}, got {self.source!r}")
+        _positive("data", lm_actors=self.lm_actors, lm_actor_cpus=self.lm_actor_cpus)
+        if self.source != "model" and (self.cache_write or self.heldout_cache):
+            raise ConfigError("data.cache_write and data.heldout_cache are for data.source=model")
 
 
 @dataclass

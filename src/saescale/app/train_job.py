@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from saescale import retry, storage
 from saescale.app.errors import EXIT_FAILED, fail
 from saescale.app.job_paths import check_job_paths, local_side_dir
+from saescale.app.model_source import ModelSource, finish_model_source, prepare_model_source
 from saescale.app.run_identity import config_hash
 from saescale.app.schema import TrainJobConfig
 from saescale.console import first_line, print0
@@ -49,8 +50,10 @@ class PreparedRun:
     """What the driver knows once every check passed: the launch spec and what the end needs."""
 
     spec: LaunchSpec
-    cache: ActivationCache
-    manifest: Manifest
+    heldout: ActivationCache  # the held-out rows' cache: data.cache, or the model stream's own
+    heldout_shards: list[int]
+    manifest: Manifest  # the cache's, or one describing the model stream
+    source: ModelSource | None  # data.source=model
     sae_cfg: SAEConfig
     train_cfg: TrainConfig
     output_dir: str  # absolute path or URL
@@ -104,39 +107,48 @@ def engine_configs(job: TrainJobConfig, d_in: int, total_steps: int) -> tuple[SA
 def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     """Validate everything that can be checked before Ray starts; returns the launch spec."""
     retry.set_budget(job.storage.retry_s)
-    check_job_paths(
-        reads={"data.cache": job.data.cache}, writes={"output_dir": job.output_dir, "storage.url": job.storage.url}
-    )
-    cache_url, out = storage.absolute(job.data.cache), storage.absolute(job.output_dir)
-    cache = ActivationCache(cache_url, storage.endpoint_options(job.data.endpoint_url))
-    manifest = cache.manifest
-    n_shards = len(manifest.shards)
-    if n_shards <= job.data.holdout_shards:
-        raise ConfigError(
-            f"the cache has {n_shards} shard(s); need more than data.holdout_shards={job.data.holdout_shards}"
-        )
-    train_shards = list(range(job.data.holdout_shards, n_shards))
+    writes = {"output_dir": job.output_dir, "storage.url": job.storage.url}
+    if job.data.cache_write:
+        writes["data.cache_write"] = job.data.cache_write
+    check_job_paths(reads={"data.cache": job.data.cache} if job.data.source == "cache" else {}, writes=writes)
+    out = storage.absolute(job.output_dir)
     dims = ParallelDims.from_world(job.parallel.workers, job.parallel.tp)
     dims.validate(job.sae.n_latents, job.train.batch_size)
-
-    _, cache_root = storage.url_to_fs(cache_url, cache.storage_options)
-    files = [f"{cache_root.rstrip('/')}/{manifest.shards[s].file}" for s in train_shards]
     streams = job.data.streams or dims.world_size
     if streams % dims.world_size:
         raise ConfigError(
             f"parallel.workers={dims.world_size} must divide data.streams={streams}: each worker reads a whole "
             "number of the run's streams"
         )
-    data = plan_data(
-        files,
-        [manifest.shards[s].rows for s in train_shards],
-        job.train.batch_size,
-        streams,
-        job.train.epochs,
-        job.train.seed,
-        sha256=[manifest.shards[s].sha256 for s in train_shards],
-        sizes=[manifest.shards[s].bytes for s in train_shards],
-    )
+    if job.data.source == "model":
+        source = prepare_model_source(job, out, streams)
+        data, manifest, cache, cache_url = source.data, source.manifest(), None, None
+        heldout, heldout_shards = source.heldout, list(range(len(source.heldout.manifest.shards)))
+        train_shards = []
+    else:
+        source = None
+        cache_url = storage.absolute(job.data.cache)
+        cache = ActivationCache(cache_url, storage.endpoint_options(job.data.endpoint_url))
+        manifest = cache.manifest
+        n_shards = len(manifest.shards)
+        if n_shards <= job.data.holdout_shards:
+            raise ConfigError(
+                f"the cache has {n_shards} shard(s); need more than data.holdout_shards={job.data.holdout_shards}"
+            )
+        train_shards = list(range(job.data.holdout_shards, n_shards))
+        heldout, heldout_shards = cache, list(range(job.data.holdout_shards))
+        _, cache_root = storage.url_to_fs(cache_url, cache.storage_options)
+        files = [f"{cache_root.rstrip('/')}/{manifest.shards[s].file}" for s in train_shards]
+        data = plan_data(
+            files,
+            [manifest.shards[s].rows for s in train_shards],
+            job.train.batch_size,
+            streams,
+            job.train.epochs,
+            job.train.seed,
+            sha256=[manifest.shards[s].sha256 for s in train_shards],
+            sizes=[manifest.shards[s].bytes for s in train_shards],
+        )
     total_steps = min(data.total_steps, job.train.max_steps or data.total_steps)
     sae_cfg, train_cfg = engine_configs(job, manifest.d_model, total_steps)
 
@@ -224,9 +236,17 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
         "checkpoint_in_background": background,
         "cache": {
             "url": cache_url,
-            "options": cache.storage_options,
+            "options": cache.storage_options if cache else None,
             "dtype": manifest.dtype,
-            "init_shard": train_shards[0],
+            "init_shard": train_shards[0] if train_shards else None,
+        },
+        "stream": source and {
+            "lm": dataclasses.asdict(source.lm),
+            "model_stream": source.stream,
+            "actors": job.data.lm_actors,
+            "actor_cpus": job.data.lm_actor_cpus,
+            "write": dataclasses.asdict(source.write) if source.write else None,
+            "init_sample": source.init_sample,  # put into Ray's object store once Ray is up
         },
         "data": vars(data),
         "seed": job.train.seed,
@@ -239,7 +259,7 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     }
     # the Ray Train run name keys the checkpoints: another config never resumes this run's
     spec = LaunchSpec(
-        cache_remedy=rebuild_hint(cache_url, manifest.build_config, job.data.endpoint_url),
+        cache_remedy=rebuild_hint(cache_url, manifest.build_config, job.data.endpoint_url) if cache else "",
         planned_bytes=plan.total,
         run_name=job.run_id,
         storage_url=storage.absolute(job.storage.url),
@@ -253,10 +273,17 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
         layouts=layouts,
         elastic=job.parallel.elastic,
         node_wait_s=job.ray.node_wait_s,
+        # the reads, or every worker's LM actors (GPUs when the cluster has them: a CPU share then)
+        data_cpus=dims.world_size * job.data.lm_actors * job.data.lm_actor_cpus if source else 1.0,
+    )
+    what = (
+        f"model stream {manifest.model} {manifest.hook}.{manifest.layer}: {data.rows} rows"
+        if source
+        else f"cache {storage.redact(job.data.cache)}: {manifest.n_rows} rows of {manifest.model} "
+        f"{manifest.hook}.{manifest.layer}; training on {len(train_shards)} shards ({data.rows} rows)"
     )
     print0(
-        f"cache {storage.redact(job.data.cache)}: {manifest.n_rows} rows of {manifest.model} "
-        f"{manifest.hook}.{manifest.layer}; training on {len(train_shards)} shards ({data.rows} rows) in {data.streams} streams, "
+        f"{what} in {data.streams} streams, "
         f"{total_steps} steps of {job.train.batch_size} over dp={dims.dp} x tp={dims.tp} workers"
     )
     rule = "set" if train_cfg.lr is not None else f"the {train_cfg.lr_rule} rule for {train_cfg.budget_tokens} tokens"
@@ -265,7 +292,7 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     print0(f"lr {train_cfg.resolved_lr(sae_cfg.n_latents):.3g} ({rule})")
     # output_dir shares storage.url's endpoint (the driver writes both)
     options = storage.endpoint_options(job.storage.endpoint_url) if storage.is_remote(out) else None
-    return PreparedRun(spec, cache, manifest, sae_cfg, train_cfg, out, options)
+    return PreparedRun(spec, heldout, heldout_shards, manifest, source, sae_cfg, train_cfg, out, options)
 
 
 def node_lost_line(lost, job: TrainJobConfig, spec: LaunchSpec) -> str:
@@ -326,7 +353,7 @@ def export_and_evaluate(job: TrainJobConfig, run: PreparedRun, meta: dict[str, A
     if not job.export.evaluate:
         return {}
     sae, _ = load_sae(sae_url, storage_options=options)
-    heldout = torch.cat([run.cache.read_shard(s) for s in range(job.data.holdout_shards)])[: job.data.heldout_tokens]
+    heldout = torch.cat([run.heldout.read_shard(s) for s in run.heldout_shards])[: job.data.heldout_tokens]
     with torch.no_grad():
         metrics = reconstruction_metrics(sae, heldout, with_density=False)
         out = {
@@ -371,7 +398,11 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
     spec, manifest = run.spec, run.manifest
     started = time.time()
-    ensure_ray(job.ray.address, num_cpus=int(spec.workers * spec.cpus_per_worker) + 2)
+    ensure_ray(job.ray.address, num_cpus=int(spec.workers * spec.cpus_per_worker + spec.data_cpus) + 1)
+    if run.source is not None:  # one copy in the object store for every worker
+        import ray
+
+        spec.worker_config["stream"]["init_sample"] = ray.put(run.source.init_sample)
     try:  # a joined cluster may be too small for the workers and the reads: fit or refuse, never hang
         spec = fit_to_running_cluster(spec)
     except USER_ERRORS as exc:
@@ -402,7 +433,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         "hook_name": f"{manifest.hook}.{manifest.layer}",
         "context_size": manifest.context_length,
         "corpus": manifest.corpus,
-        "cache": storage.redact(job.data.cache),
+        "cache": storage.redact(job.data.cache) if run.source is None else None,
     }
     try:  # the storage may have gone away, or a held-out shard be damaged: one line, not a traceback
         export_gathered(ckpt, sae_url, meta, spec.storage_options)
@@ -441,7 +472,13 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         "planned_mb_per_rank": round(spec.planned_bytes / 2**20, 1),
         "checkpoint": storage.redact(ckpt),
         # what a report needs to tell runs apart without the Hydra config (e.g. jobs/paper.py)
-        "cache": storage.redact(job.data.cache),
+        "cache": storage.redact(job.data.cache) if run.source is None else None,
+        "source": job.data.source,
+        "heldout": (
+            run.source.describe_heldout()
+            if run.source
+            else {"cache": storage.redact(job.data.cache), "shards": run.heldout_shards}
+        ),
         "lr": run.train_cfg.resolved_lr(sae_cfg.n_latents),
         "sae": sae_cfg.to_dict(),
         "train": {**run.train_cfg.to_dict(), "epochs": job.train.epochs, "batch_size": job.train.batch_size},
@@ -449,6 +486,9 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
     try:
         summary.update(export_and_evaluate(job, run, meta, sae_url))
+        if run.source is not None and run.source.write is not None:
+            finish_model_source(run.source)
+            summary["cache_written"] = storage.redact(run.source.write.output)
     except USER_ERRORS as exc:
         fail(exc)
     metrics = spec.worker_config["logging"]["jsonl"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -71,6 +71,9 @@ class CacheConfig:
     num_workers: int = 1  # model replicas in the Ray actor pool (one per GPU/node)
     use_ray: bool = True  # the cache job computes parts on a Ray actor pool (service.cache_actors)
     model_cache_dir: str | None = None  # where GGUF models are converted once (default ~/.cache/saescale)
+    # start after this many rows, at the next document: a held-out slice that a cache (or a
+    # model-streamed run) of max_tokens=skip_tokens with the same corpus never contains
+    skip_tokens: int = 0
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
 
     def identity(self) -> dict[str, Any]:
@@ -88,7 +91,10 @@ class CacheConfig:
             "seed",
             "text_field",
         )
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if self.skip_tokens:  # absent at 0: caches built before the key existed keep their identity
+            out["skip_tokens"] = self.skip_tokens
+        return out
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -98,6 +104,8 @@ class CacheConfig:
                 raise CacheError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.layer < 0:
             raise CacheError(f"layer must be >= 0, got {self.layer}")
+        if self.skip_tokens < 0:
+            raise CacheError(f"skip_tokens must be >= 0, got {self.skip_tokens}")
 
 
 # ----------------------------------------------------------------------------- planning
@@ -117,28 +125,42 @@ class Plan:
         return [index[w.doc_id] for w in self.windows]
 
 
-def make_plan(cfg: CacheConfig, tokenizer) -> Plan:
+def planned_windows(cfg: CacheConfig, tokenizer) -> Iterator[tuple[TokenWindow, list[bool]]]:
+    """The windows a cache of `cfg` holds, in corpus order, each with the positions that become
+    rows: windows while fewer than max_tokens rows came before them; with skip_tokens, counted
+    from the first document that no window of the first skip_tokens rows touched."""
     special = set(getattr(tokenizer, "all_special_ids", []) or []) if cfg.drop_special_tokens else set()
+    skipped, rows, skipped_docs = 0, 0, set()
+    try:
+        for w in token_windows(tokenizer, iter_documents(cfg.corpus, cfg.text_field), cfg.context_length):
+            mask = [t not in special for t in w.ids]
+            if skipped < cfg.skip_tokens or w.doc_id in skipped_docs:
+                skipped += sum(mask)
+                skipped_docs.add(w.doc_id)
+                continue
+            yield w, mask
+            rows += sum(mask)
+            if rows >= cfg.max_tokens:
+                return
+    except FileNotFoundError as exc:
+        raise CorpusError(f"text source not found: {cfg.corpus}") from exc
+
+
+def make_plan(cfg: CacheConfig, tokenizer) -> Plan:
     windows, documents, keep, offsets = [], [], [], []
     doc_index: dict[str, int] = {}
     n_rows = 0
-    try:
-        docs = iter_documents(cfg.corpus, cfg.text_field)
-        for w in token_windows(tokenizer, docs, cfg.context_length):
-            if w.doc_id not in doc_index:
-                doc_index[w.doc_id] = len(documents)
-                documents.append(w.doc_id)
-            mask = [t not in special for t in w.ids]
-            windows.append(w)
-            keep.append(mask)
-            offsets.append(n_rows)
-            n_rows += sum(mask)
-            if n_rows >= cfg.max_tokens:
-                break
-    except FileNotFoundError as exc:
-        raise CorpusError(f"text source not found: {cfg.corpus}") from exc
+    for w, mask in planned_windows(cfg, tokenizer):
+        if w.doc_id not in doc_index:
+            doc_index[w.doc_id] = len(documents)
+            documents.append(w.doc_id)
+        windows.append(w)
+        keep.append(mask)
+        offsets.append(n_rows)
+        n_rows += sum(mask)
     if n_rows == 0:
-        raise CorpusError(f"the corpus {cfg.corpus!r} produced no tokens (empty, or shorter than one window)")
+        after = f" after its first {cfg.skip_tokens} tokens" if cfg.skip_tokens else ""
+        raise CorpusError(f"the corpus {cfg.corpus!r} produced no tokens{after} (empty, or shorter than one window)")
     rows_per_part = max(cfg.rows_per_shard, cfg.context_length)
     parts, start, acc = [], 0, 0
     for i, mask in enumerate(keep):
@@ -165,15 +187,27 @@ def part_marker(cfg: CacheConfig, part: int) -> str:
     return _work(cfg, "parts", f"part-{part:05d}.done")
 
 
-def compute_part(model, cfg: CacheConfig, plan: Plan, part: int) -> int:
-    """Forward the part's windows and write its rows into per-shard bucket files. Returns rows."""
+@dataclass
+class WindowRows:
+    """The rows of some windows: activations (cache dtype) and where each row comes from."""
+
+    acts: torch.Tensor  # [rows, d_model]
+    tokens: np.ndarray  # token id of each row
+    windows: np.ndarray  # plan window index of each row
+    positions: np.ndarray  # position in its window
+    rows: np.ndarray  # global row number (corpus order) of each row
+
+
+def window_rows(model, cfg: CacheConfig, plan: Plan, windows: list[int], what: str) -> WindowRows:
+    """Forward `windows` (plan indices, `cfg.windows_per_batch` at a time) to the hook and keep
+    each window's row positions, in window order then position order; `what` names the work in a
+    NaN error. The cache builder's parts and the model stream (`data.model_stream`) both use it."""
     from saescale.lm.hooks import run_to_hook
 
-    start, stop = plan.parts[part]
     device = next(model.parameters()).device
     acts_list, tok_list, win_list, pos_list, row_list = [], [], [], [], []
-    for b in range(start, stop, cfg.windows_per_batch):
-        idx = list(range(b, min(stop, b + cfg.windows_per_batch)))
+    for b in range(0, len(windows), cfg.windows_per_batch):
+        idx = windows[b : b + cfg.windows_per_batch]
         lengths = {len(plan.windows[i].ids) for i in idx}
         if len(lengths) != 1:
             raise CacheError("internal: windows of one batch differ in length")
@@ -186,26 +220,35 @@ def compute_part(model, cfg: CacheConfig, plan: Plan, part: int) -> int:
         pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
         win_list.append(win[mask])
         pos_list.append(pos[mask])
-        first = plan.row_offsets[idx[0]]
-        row_list.append(torch.arange(first, first + int(mask.sum())))
+        row_list += [torch.arange(plan.row_offsets[i], plan.row_offsets[i] + sum(plan.keep[i])) for i in idx]
     acts = torch.cat(acts_list)
     if not torch.isfinite(acts.float()).all():
-        raise CacheError(f"part {part}: the model produced NaN/inf activations (try dtype=float32)")
-    rows = torch.cat(row_list).numpy()
-    dest = plan.perm[rows]
+        raise CacheError(f"{what}: the model produced NaN/inf activations (try dtype=float32)")
+    return WindowRows(
+        acts,
+        torch.cat(tok_list).numpy(),
+        torch.cat(win_list).numpy(),
+        torch.cat(pos_list).numpy(),
+        torch.cat(row_list).numpy(),
+    )
+
+
+def write_buckets(cfg: CacheConfig, plan: Plan, part: int, got: WindowRows) -> None:
+    """Write rows into the per-shard bucket files of part `part`, then its marker (a part's rows
+    may be any rows of the plan: the shards are assembled by each row's destination slot)."""
+    dest = plan.perm[got.rows]
     shard = dest // cfg.rows_per_shard
     slot = (dest % cfg.rows_per_shard).astype(np.int32)
-    tokens, wins, poss = torch.cat(tok_list).numpy(), torch.cat(win_list).numpy(), torch.cat(pos_list).numpy()
-    docs = np.asarray(plan.window_docs, dtype=np.int32)[wins]
+    docs = np.asarray(plan.window_docs, dtype=np.int32)[got.windows]
     for s in np.unique(shard):
         sel = np.nonzero(shard == s)[0]
         table = pa.table(
             {
-                "act": activation_array(acts[torch.from_numpy(sel)]),
-                "token_id": pa.array(tokens[sel].astype(np.int32)),
+                "act": activation_array(got.acts[torch.from_numpy(sel)]),
+                "token_id": pa.array(got.tokens[sel].astype(np.int32)),
                 "doc": pa.array(docs[sel]),
-                "window": pa.array(wins[sel].astype(np.int32)),
-                "pos": pa.array(poss[sel].astype(np.int16)),
+                "window": pa.array(got.windows[sel].astype(np.int32)),
+                "pos": pa.array(got.positions[sel].astype(np.int16)),
                 "slot": pa.array(slot[sel]),
             }
         )
@@ -213,7 +256,14 @@ def compute_part(model, cfg: CacheConfig, plan: Plan, part: int) -> int:
             _work(cfg, f"shard-{int(s):05d}", f"part-{part:05d}.parquet"), table_bytes(table), cfg.storage_options
         )
     storage.write_bytes_atomic(part_marker(cfg, part), b"done", cfg.storage_options)
-    return len(rows)
+
+
+def compute_part(model, cfg: CacheConfig, plan: Plan, part: int) -> int:
+    """Forward the part's windows and write its rows into per-shard bucket files. Returns rows."""
+    start, stop = plan.parts[part]
+    got = window_rows(model, cfg, plan, list(range(start, stop)), f"part {part}")
+    write_buckets(cfg, plan, part, got)
+    return len(got.rows)
 
 
 def part_rows(plan: Plan, part: int) -> int:
@@ -256,7 +306,7 @@ def shard_file(s: int) -> str:
 
 
 ShardResult = tuple[ShardInfo, np.ndarray, float]  # info, per-feature row sum, sum of squared norms
-_PART_FILE = re.compile(r"part-\d{5}\.parquet")
+_PART_FILE = re.compile(r"part-\d{5,}\.parquet")
 
 
 def bucket_files(fs, path: str) -> list[str]:
@@ -354,6 +404,11 @@ def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
         raise CacheError(f"{storage.redact(murl)} is not a readable cache manifest: {exc}") from exc
 
 
+def build_identity_url(cfg: CacheConfig) -> str:
+    """Where an unfinished build records what it builds (a resume must match it)."""
+    return _work(cfg, "build_config.json")
+
+
 def build_cache(
     cfg: CacheConfig, progress: Callable[[str], None] = print, part_runner: PartRunner | None = None
 ) -> Manifest:
@@ -381,7 +436,7 @@ def build_cache(
     plan = make_plan(cfg, lm.tokenizer)
     check_writable(cfg)
     shards = n_shards(plan, cfg)
-    identity_url = _work(cfg, "build_config.json")
+    identity_url = build_identity_url(cfg)
     if storage.exists(identity_url, cfg.storage_options):
         if storage.read_json(identity_url, cfg.storage_options) != cfg.identity():
             raise CacheError("an interrupted build with different settings is in the way; delete its _work/ folder")
@@ -394,7 +449,13 @@ def build_cache(
     )
     run_parts(cfg, plan, todo, part_runner or local_part_runner(lm.model))
     del lm
+    return publish_cache(cfg, plan, d_model, progress)
 
+
+def publish_cache(cfg: CacheConfig, plan: Plan, d_model: int, progress: Callable[[str], None] = print) -> Manifest:
+    """Pass 2, once every row of the plan is in a bucket: assemble and publish the shards, the
+    windows table, then the manifest (last), and remove `_work/`."""
+    shards = n_shards(plan, cfg)
     infos, total_sum, total_sq = [], np.zeros(d_model), 0.0
     for s in tqdm(range(shards), desc="assembling shards", unit="shard"):
         info, row_sum, row_sq = publish_shard(cfg, plan, s)

@@ -40,6 +40,7 @@ from saescale.distributed.layouts import Layout
 from saescale.service import preemption
 from saescale.service.capacity import CapacityCheck, GrowWatch, capacity_gate
 from saescale.service.failures import REPORTED, failure_policy, first_cause, stopped_by_storage, storage_fault
+from saescale.service.lm_actors import rank_dataset
 from saescale.service.preemption import Preempted
 from saescale.service.stream import (
     DataPlan,
@@ -294,6 +295,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"resumed from the step-{trainer.step} checkpoint ({trainer.tokens_seen} tokens; written at "
             f"dp={meta['dp']} x tp={meta['tp']}, resuming at dp={dims.dp} x tp={dims.tp})"
         )
+    elif config.get("stream"):  # the driver computed the first training rows
+        trainer.initialize(ray.get(config["stream"]["init_sample"]).float())
     else:
         cache = ActivationCache(config["cache"]["url"], config["cache"]["options"])
         sample = cache.read_shard(config["cache"]["init_shard"])[: train_cfg.geometric_median_samples]
@@ -305,23 +308,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if len(history) > before:  # this start began a layout: the metrics log says so too
             trainer.logger.log({"layout": str(layout), "why": history[-1]["why"]}, trainer.step)
     record = config.get("record_rows_dir")
+    total_steps = train_cfg.total_steps or data.total_steps
 
     def local_batches():
         """This rank's share of each global batch: the next batch of every stream it owns,
         concatenated in stream order."""
         collate = make_collate(config["cache"]["dtype"], sae_cfg.d_in, with_ids=bool(record))
         skip, step = trainer.step, trainer.step
-        streams = [
-            ray.train.get_dataset_shard(stream_name(c)).iter_torch_batches(
-                batch_size=data.stream_batch,
+        owned = owned_streams(data.streams, world, rank)
+        if config.get("stream"):  # computed from the resume step on: nothing to skip
+            stream = config["stream"]
+            dataset = rank_dataset(
+                stream["lm"], stream["model_stream"], data, owned, trainer.step, stream["actors"],
+                stream["actor_cpus"], stream["write"], total_steps,
+            )  # fmt: skip
+            batches = dataset.iter_torch_batches(
+                batch_size=data.stream_batch * len(owned),
                 collate_fn=collate,
                 drop_last=True,
-                local_shuffle_buffer_size=config["shuffle_buffer_rows"] or None,
-                local_shuffle_seed=stream_seed(config["seed"], c),
                 prefetch_batches=config["prefetch_batches"],
             )
-            for c in owned_streams(data.streams, world, rank)
-        ]
+            streams, skip = [batches], 0
+        else:
+            streams = [
+                ray.train.get_dataset_shard(stream_name(c)).iter_torch_batches(
+                    batch_size=data.stream_batch,
+                    collate_fn=collate,
+                    drop_last=True,
+                    local_shuffle_buffer_size=config["shuffle_buffer_rows"] or None,
+                    local_shuffle_seed=stream_seed(config["seed"], c),
+                    prefetch_batches=config["prefetch_batches"],
+                )
+                for c in owned
+            ]
         for i, parts in enumerate(zip(*streams)):
             if i < skip:
                 continue  # trained before the checkpoint we resumed from
@@ -347,7 +366,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         summary = trainer.fit(
             local_batches(),
-            train_cfg.total_steps or data.total_steps,
+            total_steps,
             checkpointer=checkpointer,
             on_step=lambda s: _maybe_fail(config, rank, s, during_save=False),
             stop_requested=stop_requested,
@@ -402,6 +421,7 @@ class LaunchSpec:
     layouts: list[Layout] = field(default_factory=list)
     elastic: bool = False
     node_wait_s: float = 300.0  # how long a start waits for the cluster to hold a layout (`capacity`)
+    data_cpus: float = 1.0  # what the data pipeline needs beside the workers (reads, or LM actors)
 
     def __post_init__(self) -> None:
         if not self.layouts:
@@ -429,21 +449,22 @@ def fit_to_cluster(spec: LaunchSpec, cluster_cpus: float) -> LaunchSpec:
     Too few for a share of `MIN_WORKER_CPUS` each: `ClusterTooSmall`, naming the CPUs needed and found, before
     anything starts. A cluster with no CPU yet (an autoscaler's head started with --num-cpus=0)
     is left to its autoscaler."""
-    need = spec.workers * spec.cpus_per_worker + DATA_CPUS
+    data_cpus = spec.data_cpus
+    need = spec.workers * spec.cpus_per_worker + data_cpus
     if cluster_cpus <= 0 or cluster_cpus >= need:
         return spec
-    share = int((cluster_cpus - DATA_CPUS) / spec.workers * 100) / 100  # floor: the sum must fit
+    share = int((cluster_cpus - data_cpus) / spec.workers * 100) / 100  # floor: the sum must fit
     if share < MIN_WORKER_CPUS:
         raise ClusterTooSmall(
             f"the run needs {need:g} CPUs in the Ray cluster ({spec.workers} workers x "
-            f"parallel.cpus_per_worker={spec.cpus_per_worker:g}, plus {DATA_CPUS:g} for the data pipeline's "
-            f"reads; at the least {DATA_CPUS + MIN_WORKER_CPUS * spec.workers:g}, the workers sharing the rest) and the cluster has "
+            f"parallel.cpus_per_worker={spec.cpus_per_worker:g}, plus {data_cpus:g} for the data pipeline; "
+            f"at the least {data_cpus + MIN_WORKER_CPUS * spec.workers:g}, the workers sharing the rest) and the cluster has "
             f"{cluster_cpus:g}: add a node with CPUs, or run without ray.address (an embedded local Ray)"
         )
     print0(
         f"the cluster has {cluster_cpus:g} CPUs, not the {need:g} that {spec.workers} workers x "
-        f"parallel.cpus_per_worker={spec.cpus_per_worker:g} + {DATA_CPUS:g} for the data reads ask for: each "
-        f"worker reserves {share:g} CPU (its threads are unchanged), leaving {DATA_CPUS:g} to the reads"
+        f"parallel.cpus_per_worker={spec.cpus_per_worker:g} + {data_cpus:g} for the data pipeline ask for: each "
+        f"worker reserves {share:g} CPU (its threads are unchanged), leaving {data_cpus:g} to the data pipeline"
     )
     return replace(spec, cpus_per_worker=share)
 
@@ -477,15 +498,20 @@ def launch(spec: LaunchSpec):
     ctx.execution_options.preserve_order = True  # deterministic streams: exact resume
     ctx.enable_progress_bars = False  # rank 0's step progress bar is the one to watch
     cache = spec.worker_config["cache"]
-    filesystem, cache_path = arrow_filesystem(cache["url"], cache["options"])
-    datasets = make_datasets(
-        DataPlan(**spec.worker_config["data"]),
-        filesystem,
-        with_ids=bool(spec.worker_config.get("record_rows_dir")),
-        cache_url=cache["url"],
-        remedy=spec.cache_remedy,
-    )
     storage_fs, storage_path = arrow_filesystem(spec.storage_url, spec.storage_options)
+    # what a restart after a storage fault waits for: the run's storage (and the cache's)
+    probes = [(storage_fs, storage_path, storage.redact(spec.storage_url))]
+    datasets = {}  # data.source=model: each rank builds its own pipeline (`lm_actors`)
+    if cache["url"] is not None:
+        filesystem, cache_path = arrow_filesystem(cache["url"], cache["options"])
+        datasets = make_datasets(
+            DataPlan(**spec.worker_config["data"]),
+            filesystem,
+            with_ids=bool(spec.worker_config.get("record_rows_dir")),
+            cache_url=cache["url"],
+            remedy=spec.cache_remedy,
+        )
+        probes.append((filesystem, f"{cache_path}/manifest.json", storage.redact(cache["url"])))  # no listing needed
     retry_s = spec.worker_config.get("storage_retry_s")
     retry_s = retry.budget_s() if retry_s is None else retry_s
     # Ray Train's controller writes its checkpoint registry through this filesystem, and a
@@ -493,11 +519,7 @@ def launch(spec: LaunchSpec):
     # (storage.retry_s) plus the wait before the restart (as long again). The workers set it
     # back to storage.retry_s in their copy (`train_loop_per_worker`).
     set_retry_budget(storage_fs, 2 * retry_s, f"Ray Train's controller: 2 x storage.retry_s={retry_s:g}")
-    probes = [  # what a restart after a storage fault waits for: the run's storage and the cache's
-        (storage_fs, storage_path, storage.redact(spec.storage_url)),
-        (filesystem, f"{cache_path}/manifest.json", storage.redact(cache["url"])),  # no listing right needed
-    ]
-    check = CapacityCheck(spec.cpus_per_worker, spec.use_gpu, DATA_CPUS)
+    check = CapacityCheck(spec.cpus_per_worker, spec.use_gpu, spec.data_cpus)
     worker_config = {
         **spec.worker_config,
         "layouts": [vars(layout) for layout in spec.layouts],

@@ -1,0 +1,82 @@
+"""The model stream on Ray Data (`data.source=model`): a rank's blocks (`data.model_stream`)
+computed by a pool of LM actors, one model replica each, and read by the rank in order.
+
+Ray Data gives what the stream needs: an actor pool that loads the model once per actor (a GPU
+each when the cluster has GPUs), backpressure (the actors run ahead of training only as far as
+the object store budget allows), order kept (`preserve_order`) however many actors there are,
+and a dead actor restarted with its task retried; as a block is a pure function of its item,
+a retried one gives the same rows. Each rank builds its own pipeline from the step it resumes at.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from saescale.data.builder import CacheConfig
+from saescale.data.model_stream import ModelStream, rank_block
+
+
+class BlockWorker:
+    """A Ray Data actor: one LM replica computing a rank's blocks."""
+
+    def __init__(self, lm: dict[str, Any], stream: ModelStream, data, streams: range, write: dict | None) -> None:
+        import torch
+
+        from saescale.lm.models import load_causal_lm
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.cfg = CacheConfig(**lm)
+        self.write = CacheConfig(**write) if write else None
+        self.stream, self.data, self.streams = stream, data, streams
+        self.model = load_causal_lm(self.cfg.model, self.cfg.model_cache_dir).model
+        if torch.cuda.is_available():  # Ray gave this actor a GPU
+            self.model = self.model.to("cuda")
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        import pyarrow as pa
+
+        tables = [
+            rank_block(self.model, self.cfg, self.stream, self.data, self.streams, int(b), int(skip), self.write)
+            for b, skip in zip(batch["block"], batch["skip"])
+        ]
+        return pa.concat_tables(tables)
+
+
+def actor_resources(lm_cpus: float) -> dict[str, float]:
+    """One GPU per LM actor when the cluster has GPUs, else `lm_cpus` CPUs."""
+    import ray
+
+    return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": lm_cpus}
+
+
+def rank_dataset(
+    lm: dict[str, Any],
+    stream: ModelStream,
+    data,
+    streams: range,
+    start_step: int,
+    actors: int,
+    lm_cpus: float,
+    write: dict | None = None,
+    total_steps: int | None = None,
+):
+    """The Ray Dataset of a rank's share of every step from `start_step` to `total_steps`
+    (default: the data's; rows in step order: batch it by `stream_batch * len(streams)`)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # rank 0's step progress bar is the one to watch
+    items = stream.items(total_steps or data.total_steps, start_step)
+    if not items:
+        raise ValueError(f"internal: no steps left to stream after step {start_step}")
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        BlockWorker,
+        fn_constructor_kwargs={"lm": lm, "stream": stream, "data": data, "streams": streams, "write": write},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        **actor_resources(lm_cpus),
+    )
