@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -119,3 +120,17 @@ def ray_head(env: dict[str, str], num_cpus: int | None = None):
         yield gcs, dashboard
     finally:
         stop_ray_started_in(ray_tmp)  # not `ray stop`: it would stop every Ray on the machine
+
+
+def rows_trained(rows_dir) -> dict[int, list[int]]:
+    """Each step's rows over all ranks, from the last attempt that trained the step."""
+    per_rank_step: dict[tuple[int, int], list[int]] = {}
+    for path in rows_dir.glob("rows_rank*.jsonl"):
+        rank = int(path.stem.removeprefix("rows_rank"))
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            per_rank_step[(rank, rec["step"])] = rec["ids"]  # a re-trained step overwrites
+    steps: dict[int, list[int]] = {}
+    for (_, step), ids in sorted(per_rank_step.items()):
+        steps.setdefault(step, []).extend(ids)
+    return steps

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import ray_head
+from helpers import ray_head, rows_trained
 from saescale.data.format import POS_STRIDE
 from saescale.formats.saved import load_sae
 
@@ -72,20 +72,6 @@ def training_row_ids(cache: str) -> set[int]:
             for w, p in zip(table.column("window").to_pylist(), table.column("pos").to_pylist())
         )
     return ids
-
-
-def rows_trained(rows_dir) -> dict[int, list[int]]:
-    """Each step's rows over all ranks, from the last attempt that trained the step."""
-    per_rank_step: dict[tuple[int, int], list[int]] = {}
-    for path in rows_dir.glob("rows_rank*.jsonl"):
-        rank = int(path.stem.removeprefix("rows_rank"))
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            per_rank_step[(rank, rec["step"])] = rec["ids"]  # a re-trained step overwrites
-    steps: dict[int, list[int]] = {}
-    for (_, step), ids in sorted(per_rank_step.items()):
-        steps.setdefault(step, []).extend(ids)
-    return steps
 
 
 # the first launch of the resumed run; the dp=2 run repeats it with parallel.tp=1

@@ -249,13 +249,15 @@ class FaultSection:
     """Testing: SIGKILL worker `rank` once at `step` (inside a checkpoint save if during_save);
     signal=term sends SIGTERM instead (a preemption notice). hold_steps: rank 0 pauses once after
     each of these steps, writing `held-<step>` in the run's local folder and waiting for
-    `release-<step>` there (a test acts on the cluster meanwhile: kills or adds a node)."""
+    `release-<step>` there (a test acts on the cluster meanwhile: kills or adds a node).
+    lm_actor_block: the LM actor computing that block of the model stream is SIGKILLed, once."""
 
     rank: Optional[int] = None
     step: Optional[int] = None
     during_save: bool = False
     signal: str = "kill"  # kill | term
     hold_steps: list[int] = field(default_factory=list)
+    lm_actor_block: Optional[int] = None  # data.source=model: an LM actor SIGKILLs itself once, computing this block
 
     def __post_init__(self) -> None:
         if self.signal not in ("kill", "term"):

@@ -220,7 +220,7 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     if record:
         os.makedirs(record, exist_ok=True)
     fault = None
-    if job.fault.step is not None or job.fault.hold_steps:
+    if job.fault.step is not None or job.fault.hold_steps or job.fault.lm_actor_block is not None:
         fault = {
             **vars(job.fault),
             "hold_steps": list(job.fault.hold_steps),
@@ -240,12 +240,14 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
             "dtype": manifest.dtype,
             "init_shard": train_shards[0] if train_shards else None,
         },
-        "stream": source and {
+        "stream": source
+        and {
             "lm": dataclasses.asdict(source.lm),
             "model_stream": source.stream,
             "actors": job.data.lm_actors,
             "actor_cpus": job.data.lm_actor_cpus,
             "write": dataclasses.asdict(source.write) if source.write else None,
+            "fault": fault and {"block": fault["lm_actor_block"], "marker": fault["marker"] + "-lm-actor"},
             "init_sample": source.init_sample,  # put into Ray's object store once Ray is up
         },
         "data": vars(data),

@@ -181,6 +181,26 @@ def _latents(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream(args: argparse.Namespace) -> int:
+    from saescale.bench.stream import bench_stream
+
+    result = bench_stream(
+        args.model,
+        args.layer,
+        args.hook,
+        args.n_latents,
+        args.k,
+        args.batch_per_worker,
+        args.lm_threads,
+        args.worker_threads,
+        windows_per_batch=args.windows_per_batch,
+        chunks=args.chunks,
+        max_wait=args.max_wait,
+    )
+    print(json.dumps(result))
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     """Register `bench` and its subcommands (in the order `saescale bench --help` lists them)."""
     bench = sub.add_parser("bench", help="benchmarks that print JSON")
@@ -194,6 +214,7 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         _add_soak,
         _add_checkpoint,
         _add_latents,
+        _add_stream,
     ):
         add(bench_sub)
 
@@ -391,3 +412,22 @@ def _add_latents(bench_sub: argparse._SubParsersAction[Any]) -> None:
         help="the planner's budget per worker (micro-batches follow)",
     )
     latents.set_defaults(func=_latents)
+
+
+def _add_stream(bench_sub: argparse._SubParsersAction[Any]) -> None:
+    stream = bench_sub.add_parser(
+        "stream",
+        help="data.source=model sizing: LM tokens/s per actor vs SAE tokens/s per worker, LM actors per worker",
+    )
+    stream.add_argument("--model", default="embedded:smollm2-135m-instruct", help="HF id, local dir or embedded:<name>")
+    stream.add_argument("--layer", type=int, default=8)
+    stream.add_argument("--hook", default="resid_post")
+    stream.add_argument("--n-latents", type=positive_int, default=4096)
+    stream.add_argument("--k", type=positive_int, default=32)
+    stream.add_argument("--batch-per-worker", type=positive_int, default=512, help="train.batch_size / workers")
+    stream.add_argument("--lm-threads", type=positive_int, default=1, help="data.lm_actor_cpus")
+    stream.add_argument("--worker-threads", type=positive_int, default=1, help="parallel.cpus_per_worker")
+    stream.add_argument("--windows-per-batch", type=positive_int, default=16, help="data.lm.windows_per_batch")
+    stream.add_argument("--chunks", type=positive_int, default=4, help="LM chunks timed")
+    stream.add_argument("--max-wait", type=float, default=0.05, help="the data-wait fraction to stay under")
+    stream.set_defaults(func=_stream)

@@ -11,6 +11,7 @@ a retried one gives the same rows. Each rank builds its own pipeline from the st
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,9 @@ from saescale.data.model_stream import ModelStream, rank_block
 class BlockWorker:
     """A Ray Data actor: one LM replica computing a rank's blocks."""
 
-    def __init__(self, lm: dict[str, Any], stream: ModelStream, data, streams: range, write: dict | None) -> None:
+    def __init__(
+        self, lm: dict[str, Any], stream: ModelStream, data, streams: range, write: dict | None, fault: dict | None
+    ) -> None:
         import torch
 
         from saescale.lm.models import load_causal_lm
@@ -30,7 +33,7 @@ class BlockWorker:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.cfg = CacheConfig(**lm)
         self.write = CacheConfig(**write) if write else None
-        self.stream, self.data, self.streams = stream, data, streams
+        self.stream, self.data, self.streams, self.fault = stream, data, streams, fault
         self.model = load_causal_lm(self.cfg.model, self.cfg.model_cache_dir).model
         if torch.cuda.is_available():  # Ray gave this actor a GPU
             self.model = self.model.to("cuda")
@@ -38,11 +41,22 @@ class BlockWorker:
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
 
+        for b in batch["block"]:
+            self._maybe_die(int(b))
         tables = [
             rank_block(self.model, self.cfg, self.stream, self.data, self.streams, int(b), int(skip), self.write)
             for b, skip in zip(batch["block"], batch["skip"])
         ]
         return pa.concat_tables(tables)
+
+    def _maybe_die(self, block: int) -> None:
+        """Test hook (`fault.lm_actor_block`): SIGKILL this actor once, as it starts the block."""
+        fault = self.fault or {}
+        if fault.get("block") != block or os.path.exists(fault["marker"]):
+            return
+        with open(fault["marker"], "w") as handle:
+            handle.write(str(block))
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def actor_resources(lm_cpus: float) -> dict[str, float]:
@@ -62,6 +76,7 @@ def rank_dataset(
     lm_cpus: float,
     write: dict | None = None,
     total_steps: int | None = None,
+    fault: dict | None = None,
 ):
     """The Ray Dataset of a rank's share of every step from `start_step` to `total_steps`
     (default: the data's; rows in step order: batch it by `stream_batch * len(streams)`)."""
@@ -75,7 +90,14 @@ def rank_dataset(
         raise ValueError(f"internal: no steps left to stream after step {start_step}")
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         BlockWorker,
-        fn_constructor_kwargs={"lm": lm, "stream": stream, "data": data, "streams": streams, "write": write},
+        fn_constructor_kwargs={
+            "lm": lm,
+            "stream": stream,
+            "data": data,
+            "streams": streams,
+            "write": write,
+            "fault": fault,
+        },
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=actors),
         **actor_resources(lm_cpus),

@@ -320,7 +320,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             stream = config["stream"]
             dataset = rank_dataset(
                 stream["lm"], stream["model_stream"], data, owned, trainer.step, stream["actors"],
-                stream["actor_cpus"], stream["write"], total_steps,
+                stream["actor_cpus"], stream["write"], total_steps, stream["fault"],
             )  # fmt: skip
             batches = dataset.iter_torch_batches(
                 batch_size=data.stream_batch * len(owned),

@@ -1,0 +1,131 @@
+"""`data.source=model` through the real training job: LM actors (a tiny Llama with SmolLM2's
+tokenizer, a real transformer) on Ray Data feeding two Ray Train workers (tp=2), on Shakespeare.
+
+One uninterrupted run (writing its activations through to a cache), one whose training worker is
+SIGKILLed mid-stream, one whose LM actor is SIGKILLed mid-stream: the same steps, the same
+ordered rows (window, position) and the same final SAE, bit for bit. The written cache passes
+the cache checks, and a run from it trains; bad input stops before Ray with one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import rows_trained
+from saescale.data.reader import ActivationCache
+from saescale.formats.saved import load_sae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def args(model: str, *overrides: str) -> list[str]:
+    base = [
+        "run_id=streamed",
+        "data.source=model",
+        f"data.lm.model={model}",
+        "data.lm.layer=1",
+        "data.lm.max_tokens=12000",
+        "data.lm.rows_per_shard=2048",
+        "data.lm.windows_per_batch=8",
+        "data.heldout_tokens=512",
+        "data.shuffle_buffer_rows=512",
+        "sae.n_latents=512",
+        "sae.k=16",
+        "train.batch_size=256",
+        "train.epochs=1",
+        "train.lr_rule=paper",
+        "train.checkpoint_every=8",
+        "train.log_every=4",
+        "debug.record_rows=true",
+        "wandb.mode=disabled",
+    ]
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [a for a in base if a.split("=", 1)[0] not in keys] + list(overrides)
+
+
+def run(runs, model, *overrides, expect: int = 0) -> str:
+    env = dict(os.environ, SAESCALE_RUNS=str(runs), RAY_DEDUP_LOGS="0")
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, os.path.join(ROOT, "jobs", "train.py"), *args(model, *overrides)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == expect, out[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir):
+    """{"plain", "worker_killed", "actor_killed"}: (run folder, log), each its own runs root."""
+    root = tmp_path_factory.mktemp("model-stream")
+    out = {}
+    written = root / "written-cache"
+    for name, extra in (
+        ("plain", [f"data.cache_write={written}"]),
+        ("worker_killed", ["fault.rank=1", "fault.step=20"]),
+        ("actor_killed", ["fault.lm_actor_block=3"]),
+    ):
+        log = run(root / name, tiny_model_dir, *extra)
+        out[name] = (root / name / "streamed", log)
+    out["written"] = written
+    return out
+
+
+def ordered_hash(folder) -> tuple[int, int, str]:
+    """(steps, distinct windows, sha256 of every step's row ids in order) of a run's record."""
+    steps = rows_trained(folder / "rows")
+    ordered = [steps[s] for s in sorted(steps)]
+    windows = {i >> 16 for ids in ordered for i in ids}
+    return len(ordered), len(windows), hashlib.sha256(json.dumps(ordered).encode()).hexdigest()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_or_lm_actor_resumes_the_stream_exactly(runs):
+    plain, _ = runs["plain"]
+    result = json.loads((plain / "result.json").read_text())
+    assert result["source"] == "model" and result["steps"] == 47  # 12033 rows // 256
+    assert result["heldout"]["after_tokens"] == 12000 and result["heldout"]["rows"] >= 512
+    expected = ordered_hash(plain)
+    assert expected[0] == 47 and expected[1] > 100
+    reference = load_sae(str(plain / "sae"))[0].state_dict()
+    for name in ("worker_killed", "actor_killed"):
+        folder, log = runs[name]
+        assert (folder / (".fault-injected" + ("-lm-actor" if name == "actor_killed" else ""))).exists()
+        assert ordered_hash(folder) == expected, name
+        got = load_sae(str(folder / "sae"))[0].state_dict()
+        assert all(torch.equal(got[k], reference[k]) for k in reference), name
+        assert json.loads((folder / "result.json").read_text())["heldout_nmse"] == result["heldout_nmse"]
+    assert re.search(r"resumed from the step-(8|16) checkpoint", runs["worker_killed"][1])  # 16: if registered
+
+
+@pytest.mark.slow
+def test_the_written_through_cache_is_a_checked_cache_that_trains(runs, tiny_model_dir, tmp_path):
+    written = runs["written"]
+    cache = ActivationCache(str(written))
+    assert not (written / "_work").exists()
+    assert sum(s.rows for s in cache.manifest.shards) == cache.manifest.n_rows >= 12000
+    for s in range(len(cache.manifest.shards)):  # every shard against the manifest's sha256
+        assert cache.read_shard(s).shape[1] == 48
+    log = run(tmp_path, tiny_model_dir, f"data.cache={written}", "data.source=cache", "run_id=cached")
+    result = json.loads((tmp_path / "cached" / "result.json").read_text())
+    streamed = json.loads((runs["plain"][0] / "result.json").read_text())
+    assert result["source"] == "cache" and result["steps"] > 30, log[-2000:]
+    assert abs(result["heldout_nmse"] - streamed["heldout_nmse"]) < 0.5 * streamed["heldout_nmse"]
+
+
+@pytest.mark.slow
+def test_bad_lm_input_stops_before_ray_with_one_line(tiny_model_dir, tmp_path):
+    out = run(tmp_path, tiny_model_dir, "data.lm.layer=7", expect=2)
+    assert "layer 7 is out of range: the model has layers 0..2" in out
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "a.txt").write_text("Too short for one window.")
+    out = run(tmp_path, tiny_model_dir, f"data.lm.corpus={tmp_path / 'short'}", expect=2)
+    assert "produced no tokens" in out
+    assert "Traceback" not in out and "Started a local Ray" not in out
