@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -134,3 +136,29 @@ def rows_trained(rows_dir) -> dict[int, list[int]]:
     for (_, step), ids in sorted(per_rank_step.items()):
         steps.setdefault(step, []).extend(ids)
     return steps
+
+
+def wait_for(path, proc: subprocess.Popen, timeout_s: float = 300.0) -> str:
+    """The file's text once it exists (written by the held rank 0); fails if the job ends first."""
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"the job ended (exit {proc.returncode}) before {path}:\n{out[-4000:]}")
+        assert time.monotonic() < deadline, f"no {path} after {timeout_s} s"
+        time.sleep(0.1)  # polling for a file the job writes: the wait is on its condition
+    with open(path) as handle:
+        return handle.read()
+
+
+def wait_registered(run_dir, step: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    """Until Ray Train registered the step's checkpoint (`ray_train.registered_steps`: a checkpoint
+    reported by workers that die before the controller's next poll is never registered, as on a
+    real cluster)."""
+    from saescale.service.ray_train import registered_steps
+
+    deadline = time.monotonic() + timeout_s
+    while step not in registered_steps(str(run_dir)):
+        assert proc.poll() is None, f"the job ended (exit {proc.returncode}) before checkpoint {step} registered"
+        assert time.monotonic() < deadline, f"checkpoint {step} not registered after {timeout_s} s"
+        time.sleep(0.1)

@@ -19,9 +19,10 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 
 import pytest
+
+from helpers import wait_for, wait_registered
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 36  # 3 epochs of 3 training shards x 1024 rows, batch 256
@@ -60,32 +61,6 @@ def job_env(runs) -> dict[str, str]:
     env = dict(os.environ, SAESCALE_RUNS=str(runs), RAY_DEDUP_LOGS="0")
     env.pop("RAY_ADDRESS", None)
     return env
-
-
-def wait_for(path, proc: subprocess.Popen, timeout_s: float = 300.0) -> str:
-    """The file's text once it exists (written by the held rank 0); fails if the job ends first."""
-    deadline = time.monotonic() + timeout_s
-    while not os.path.exists(path):
-        if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"the job ended (exit {proc.returncode}) before {path}:\n{out[-4000:]}")
-        assert time.monotonic() < deadline, f"no {path} after {timeout_s} s"
-        time.sleep(0.1)  # polling for a file the job writes: the wait is on its condition
-    with open(path) as handle:
-        return handle.read()
-
-
-def wait_registered(run_dir, step: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    """Until Ray Train registered the step's checkpoint (`ray_train.registered_steps`: a checkpoint
-    reported by workers that die before the controller's next poll is never registered, as on a
-    real cluster)."""
-    from saescale.service.ray_train import registered_steps
-
-    deadline = time.monotonic() + timeout_s
-    while step not in registered_steps(str(run_dir)):
-        assert proc.poll() is None, f"the job ended (exit {proc.returncode}) before checkpoint {step} registered"
-        assert time.monotonic() < deadline, f"checkpoint {step} not registered after {timeout_s} s"
-        time.sleep(0.1)
 
 
 def kill_node_of(cluster, pid: int) -> None:
