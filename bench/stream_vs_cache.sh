@@ -14,6 +14,7 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${1:-$(mktemp -d "${TMPDIR:-/tmp}/saescale-stream.XXXXXX")}
 TOKENS=${2:-400000}
+mkdir -p "$OUT"
 shift $(( $# > 2 ? 2 : $# ))
 export SAESCALE_RUNS=$OUT WANDB_MODE=offline
 COMMON=(train.epochs=1 wandb.mode=offline "$@")

@@ -64,6 +64,9 @@ def test_a_mistyped_key_is_refused_while_composing(job):
         ("parallel.min_workers=3", "parallel.min_workers=3 is above parallel.workers=2"),
         ("ray.node_wait_s=-1", "ray.node_wait_s and ray.elastic_check_s must be >= 0"),
         ("data.streams=0", "data.streams must be > 0"),
+        ("data.source=lm", "data.source must be one of"),
+        ("data.lm_actors=0", "data.lm_actors must be > 0"),
+        ("data.cache_write=/tmp/x", "data.cache_write and data.heldout_cache are for data.source=model"),
     ],
 )
 def test_bad_values_fail_in_the_dataclasses(override, message):
@@ -175,3 +178,18 @@ def test_the_default_lr_follows_the_runs_token_budget():
     job = OmegaConf.to_object(compose_job("train", "train.batch_size=512"))
     _, train = engine_configs(job, d_in=64, total_steps=100)
     assert (train.budget_tokens, train.lr_rule) == (51_200, "budget")
+
+
+def test_the_model_stream_takes_the_cache_jobs_settings_and_defaults():
+    """data.lm is the cache job's section minus what the train job sets itself: a streamed run
+    and a cache built with the same values have the same windows and rows."""
+    from saescale.data.builder import CacheConfig
+
+    train = OmegaConf.to_object(compose_job("train", "data.source=model"))
+    cache = OmegaConf.to_object(compose_job("cache"))
+    lm = vars(train.data.lm)
+    for f in dataclasses.fields(CacheConfig):
+        if f.name in ("output", "num_workers", "use_ray", "storage_options", "skip_tokens"):
+            assert f.name not in lm
+        else:
+            assert lm[f.name] == getattr(cache, f.name), f.name

@@ -18,6 +18,7 @@ from saescale.data.format import POS_STRIDE
 from saescale.data.model_stream import (
     ModelStream,
     chunk_name,
+    chunk_rows,
     deal_chunks,
     finish_write_through,
     rank_block,
@@ -45,7 +46,7 @@ def stream(lm, tiny_model_dir):
     cfg = lm_cfg(tiny_model_dir)
     plan = make_plan(cfg, lm.tokenizer)
     chunks = deal_chunks(len(plan.windows), cfg.windows_per_batch, seed=3)
-    rows = [sum(sum(plan.keep[w]) for w in c) for c in chunks]
+    rows = chunk_rows(plan, chunks)
     n = len(chunks)
     data = plan_data([chunk_name(c) for c in range(n)], rows, BATCH, STREAMS, 2, 3, sha256=[""] * n, sizes=[0] * n)
     return cfg, ModelStream(plan, chunks, block_steps=16, seed=3), data

@@ -78,6 +78,7 @@ def test_a_setting_of_the_trained_sae_changes_the_identity(override):
         "output_dir=s3://b/out",
         "train.micro_batches=4",  # the same batch-level step
         "train.micro_batches=auto",
+        "data.lm.layer=3",  # the model stream's settings, while the run reads the cache
     ],
 )
 def test_settings_that_do_not_change_the_sae_keep_the_identity(override):
@@ -175,3 +176,12 @@ def test_a_sweep_whose_runs_share_an_output_dir_is_refused(tmp_path):
     assert proc.returncode != 0
     assert f"runs 0 and 1 would both write to {tmp_path}/same" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "same").exists()
+
+
+def test_a_model_streamed_run_is_named_by_its_lm_settings_not_by_its_actors():
+    streamed = compose_train("data.source=model")
+    assert streamed.run_id != compose_train().run_id
+    for same in ("data.lm_actors=4", "data.lm_actor_cpus=2", "data.cache_write=/w", "data.cache=/elsewhere"):
+        assert compose_train("data.source=model", same).run_id == streamed.run_id, same
+    for other in ("data.lm.layer=3", "data.lm.max_tokens=1000", "data.lm.corpus=/texts"):
+        assert compose_train("data.source=model", other).run_id != streamed.run_id, other

@@ -18,6 +18,7 @@ from saescale.data.manifest import Manifest
 from saescale.data.model_stream import (
     ModelStream,
     chunk_name,
+    chunk_rows,
     deal_chunks,
     finish_write_through,
     slice_pieces,
@@ -96,10 +97,9 @@ def prepare_model_source(job: TrainJobConfig, output_dir: str, streams: int) -> 
     d_model = lm.model.config.hidden_size
     plan = make_plan(lm_cfg, lm.tokenizer)  # an empty corpus: CorpusError
     chunks = deal_chunks(len(plan.windows), lm_cfg.windows_per_batch, job.train.seed)
-    chunk_rows = [sum(sum(plan.keep[w]) for w in chunk) for chunk in chunks]
     data = plan_data(
         [chunk_name(c) for c in range(len(chunks))],
-        chunk_rows,
+        chunk_rows(plan, chunks),
         job.train.batch_size,
         streams,
         job.train.epochs,

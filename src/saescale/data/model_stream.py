@@ -43,6 +43,11 @@ def deal_chunks(n_windows: int, per_chunk: int, seed: int) -> list[list[int]]:
     return [order[i : i + per_chunk] for i in range(0, n_windows, per_chunk)]
 
 
+def chunk_rows(plan: Plan, chunks: list[list[int]]) -> list[int]:
+    """The rows of each chunk (its windows' kept positions)."""
+    return [sum(sum(plan.keep[w]) for w in chunk) for chunk in chunks]
+
+
 @dataclass
 class ModelStream:
     """A model-streamed run's data: the plan's windows in chunks, and which rows each step gets.
@@ -54,10 +59,6 @@ class ModelStream:
     chunks: list[list[int]]
     block_steps: int
     seed: int
-
-    @property
-    def chunk_rows(self) -> list[int]:
-        return [sum(sum(self.plan.keep[w]) for w in chunk) for chunk in self.chunks]
 
     def stream_pieces(self, data, stream: int) -> list[tuple[int, int, int]]:
         """(chunk, start, stop) rows of every epoch's read of `stream`, in the stream's order."""
