@@ -25,6 +25,7 @@ SLOWEST_FIRST = (
     "test_train_job.py",
     "test_sweep.py",
     "test_node_loss.py",
+    "test_model_stream_job.py",
     "test_storage_outage_job.py",
     "test_cache.py",
     "test_train_job_submit.py",

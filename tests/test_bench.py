@@ -86,3 +86,31 @@ def test_bench_step_times_sparsifys_own_step_beside_ours():
     assert theirs["peer_over_step"] == pytest.approx(theirs["step_s"] / result["step_s"], rel=0.05)
     out = _cli("step", *TINY, "--no-naive", "--peers", "sparsify,nobody")
     assert out.returncode == 2 and "--peers: unknown nobody; choose from sparsify" in out.stderr
+
+
+def test_bench_stream_sizes_the_lm_actors_from_both_measured_rates(tiny_model_dir):
+    result = _json(
+        _cli(
+            "stream",
+            "--model",
+            tiny_model_dir,
+            "--layer",
+            "1",
+            "--n-latents",
+            "1024",
+            "--k",
+            "8",
+            "--batch-per-worker",
+            "256",
+            "--windows-per-batch",
+            "4",
+            "--chunks",
+            "2",
+        )
+    )
+    lm, sae = result["lm_tokens_per_s_per_actor"], result["sae_tokens_per_s_per_worker"]
+    assert lm > 0 and sae > 0 and len(result["lm_chunk_s"]) == 2
+    actors = result["lm_actors_per_worker"]
+    assert actors == max(1, math.ceil(0.95 * sae / lm))
+    waits = result["predicted_data_wait"]
+    assert waits[str(actors)] <= 0.05 and waits["1"] == round(max(0.0, 1 - lm / sae), 3)
