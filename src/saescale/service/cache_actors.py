@@ -15,18 +15,23 @@ from saescale.data.builder import CacheConfig, Plan, compute_part
 from saescale.service.ray_local import ensure_ray
 
 
+def actor_replica(cfg: CacheConfig) -> torch.nn.Module:
+    """An LM actor's model: on its GPU when Ray gave it one, else on the CPUs it reserved
+    (Ray sets OMP_NUM_THREADS to them)."""
+    from saescale.lm.models import load_causal_lm
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    model = load_causal_lm(cfg.model, cfg.model_cache_dir).model
+    return model.to("cuda") if torch.cuda.is_available() else model
+
+
 class PartWorker:
     """A Ray Data actor: one model replica that computes whole parts."""
 
     def __init__(self, cfg_dict: dict[str, Any], plan: Plan) -> None:
-        from saescale.lm.models import load_causal_lm
-
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.cfg = CacheConfig(**cfg_dict)
         self.plan = plan
-        self.model = load_causal_lm(self.cfg.model, self.cfg.model_cache_dir).model
-        if torch.cuda.is_available():  # Ray gave this actor a GPU
-            self.model = self.model.to("cuda")
+        self.model = actor_replica(self.cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         parts = batch["part"].tolist()

@@ -18,6 +18,7 @@ import numpy as np
 
 from saescale.data.builder import CacheConfig
 from saescale.data.model_stream import ModelStream, rank_block
+from saescale.service.cache_actors import actor_replica
 
 
 class BlockWorker:
@@ -26,17 +27,10 @@ class BlockWorker:
     def __init__(
         self, lm: dict[str, Any], stream: ModelStream, data, streams: range, write: dict | None, fault: dict | None
     ) -> None:
-        import torch
-
-        from saescale.lm.models import load_causal_lm
-
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.cfg = CacheConfig(**lm)
         self.write = CacheConfig(**write) if write else None
         self.stream, self.data, self.streams, self.fault = stream, data, streams, fault
-        self.model = load_causal_lm(self.cfg.model, self.cfg.model_cache_dir).model
-        if torch.cuda.is_available():  # Ray gave this actor a GPU
-            self.model = self.model.to("cuda")
+        self.model = actor_replica(self.cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
