@@ -140,6 +140,48 @@ def test_elastic_run_loses_a_node_goes_on_smaller_and_grows_back(cluster, small_
 
 
 @pytest.mark.slow
+def test_a_node_drained_for_preemption_makes_every_rank_checkpoint_and_the_run_goes_on(
+    cluster, small_cache, uninterrupted, tmp_path
+):
+    """Ray's own preemption notice: the node of rank 0 is drained as a cloud autoscaler does
+    before a spot reclaim (`LocalCluster.drain`). Every rank stops at the next step boundary and
+    checkpoints there; the restart (not counted: ray.max_failures=0) leaves the draining node out
+    and goes on with the one left, from that step (nothing lost), to the uninterrupted result."""
+    out = tmp_path / "drained"
+    cmd = job_cmd(
+        small_cache, cluster.address, "drained", "parallel.elastic=true", "ray.max_failures=0", "fault.hold_steps=[10]"
+    )
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=job_env(tmp_path), cwd=ROOT
+    )
+    node = None
+    try:
+        rank0 = int(wait_for(out / "held-10", proc))
+        node = cluster.node_running(rank0)
+        cluster.drain(node, deadline_s=120)
+        (out / "release-10").write_text("")
+        code, log = finish(proc)
+    finally:
+        proc.kill()
+        if node is not None:  # the reclaim happens: the next tests get a fresh node
+            cluster.kill_node(node)
+            cluster.add_node()
+    assert code == 0, log[-5000:]
+    assert "preemption notice from Ray" in log, log[-5000:]
+    stop = re.search(r"every rank stops at step (\d+) and checkpoints there", log) or re.search(
+        r"preempted at step (\d+); its checkpoint is registered", log
+    )
+    assert stop and 10 <= int(stop.group(1)) < STEPS, log[-5000:]
+    step = int(stop.group(1))
+    assert f"resumed from the step-{step} checkpoint" in log, log[-5000:]  # nothing lost
+    assert "not counted against ray.max_failures" in log, log[-5000:]
+    result = json.loads((out / "result.json").read_text())
+    assert_same_run(result, uninterrupted)
+    layouts = [(entry["step"], entry["workers"], entry["tp"]) for entry in result["layouts"]]
+    assert layouts == [(0, 2, 2), (step, 1, 1)], result["layouts"]
+
+
+@pytest.mark.slow
 def test_a_lost_node_without_elastic_ends_with_the_command_that_resumes_it(
     cluster, small_cache, uninterrupted, tmp_path
 ):

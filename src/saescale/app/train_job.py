@@ -248,7 +248,7 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
             "actor_cpus": job.data.lm_actor_cpus,
             "write": dataclasses.asdict(source.write) if source.write else None,
             "fault": fault and {"block": fault["lm_actor_block"], "marker": fault["marker"] + "-lm-actor"},
-            "init_sample": source.init_sample,  # put into Ray's object store once Ray is up
+            "init_sample": source.init_sample,  # into the object store once (`ray_train.launch`)
         },
         "data": vars(data),
         "seed": job.train.seed,
@@ -401,10 +401,6 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     spec, manifest = run.spec, run.manifest
     started = time.time()
     ensure_ray(job.ray.address, num_cpus=int(spec.workers * spec.cpus_per_worker + spec.data_cpus) + 1)
-    if run.source is not None:  # one copy in the object store for every worker
-        import ray
-
-        spec.worker_config["stream"]["init_sample"] = ray.put(run.source.init_sample)
     try:  # a joined cluster may be too small for the workers and the reads: fit or refuse, never hang
         spec = fit_to_running_cluster(spec)
     except USER_ERRORS as exc:

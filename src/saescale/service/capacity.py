@@ -53,14 +53,27 @@ def _probe_task():
     return here
 
 
+def draining_nodes() -> set[str]:
+    """The ids of the nodes the GCS is draining (they refuse new work until they go)."""
+    try:
+        from ray._private.state import state
+
+        return set(state.get_draining_nodes())
+    except Exception:  # noqa: BLE001 - an older GCS without drains: none
+        return set()
+
+
 def alive_nodes(probe: bool = False) -> list[dict[str, float]]:
     """The total resources of each alive node of the connected Ray cluster. With `probe`, only
     the nodes that run a tiny task within PROBE_S: a node killed a moment ago is still alive to
     the GCS until its health check gives up on it (seconds to tens of seconds), and a restart
-    counted onto it would wait for it in vain, or pack the workers where the reads need a CPU."""
+    counted onto it would wait for it in vain, or pack the workers where the reads need a CPU.
+    A node being drained (a preemption announced: `preemption.ray_notice`) takes no new worker
+    and never counts."""
     import ray
 
-    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    draining = draining_nodes()
+    nodes = [node for node in ray.nodes() if node.get("Alive") and node["NodeID"] not in draining]
     if probe and nodes:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

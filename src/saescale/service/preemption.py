@@ -1,5 +1,6 @@
 """Preemption notices in a Ray Train worker: SIGTERM, which is what a spot reclaim and
-Kubernetes send a process seconds before it goes.
+Kubernetes send a process seconds before it goes; and Ray's own notice, a node of the worker
+group being drained (`ray_notice`), which an autoscaler sends when a cloud announces a reclaim.
 
 Ray's worker processes exit on SIGTERM (`Worker.main_loop` installs that handler), so a notice
 would be a crash: the worker group restarts from its last periodic checkpoint, losing every
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from typing import Any
 
 _training = threading.Event()  # this process runs a training loop
 _notice = threading.Event()  # a SIGTERM arrived while it did
+_ray_notice_said = threading.Event()  # Ray's notice was announced on this worker
 
 
 class Preempted(RuntimeError):
@@ -58,6 +61,7 @@ def watch_sigterm() -> None:
 def start_training() -> None:
     """Mark this process as a training worker (only those take a SIGTERM as a notice)."""
     _notice.clear()
+    _ray_notice_said.clear()
     _training.set()
 
 
@@ -66,6 +70,36 @@ def stop_training() -> None:
     _training.clear()
 
 
+def ray_notice() -> Any | None:
+    """Ray Train's own notice (`PreemptionInfo`), or None: its PreemptionWatcher marks every worker
+    of the group when a node the group uses is being drained (a spot reclaim an autoscaler
+    announced; `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`). Read from this worker's
+    train context: the public `ray.train.get_preemption_info()` is a collective on every call,
+    and `Trainer.fit` already agrees on stopping across the ranks at every step."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().preemption_context.preemption_info
+    except Exception:  # noqa: BLE001 - not in a Ray Train worker, or another Ray (constraints pin 2.60)
+        return None
+
+
 def noticed() -> bool:
-    """Whether a preemption notice arrived (checked by the training loop at every step)."""
-    return _notice.is_set()
+    """Whether a preemption notice arrived, a SIGTERM or Ray's (checked by the training loop at
+    every step)."""
+    if _notice.is_set():
+        return True
+    info = ray_notice() if _training.is_set() else None
+    if info is None:
+        return False
+    if not _ray_notice_said.is_set():
+        _ray_notice_said.set()
+        deadline = f", deadline in {info.deadline_ms / 1000 - time.time():.0f} s" if info.deadline_ms else ""
+        print(
+            f"[saescale] preemption notice from Ray: node(s) {', '.join(n[:12] for n in info.preempted_node_ids)} "
+            f"draining (ranks {info.preempted_ranks}{deadline}); every rank checkpoints at the next step and "
+            "the run resumes from there",
+            file=sys.stderr,
+            flush=True,
+        )
+    return True

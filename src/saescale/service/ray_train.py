@@ -520,8 +520,12 @@ def launch(spec: LaunchSpec):
     # back to storage.retry_s in their copy (`train_loop_per_worker`).
     set_retry_budget(storage_fs, 2 * retry_s, f"Ray Train's controller: 2 x storage.retry_s={retry_s:g}")
     check = CapacityCheck(spec.cpus_per_worker, spec.use_gpu, spec.data_cpus)
+    stream = spec.worker_config.get("stream")
+    if stream and isinstance(stream["init_sample"], torch.Tensor):  # one copy for every worker
+        stream = {**stream, "init_sample": ray.put(stream["init_sample"])}
     worker_config = {
         **spec.worker_config,
+        "stream": stream,
         "layouts": [vars(layout) for layout in spec.layouts],
         "elastic": spec.elastic,
         "capacity": vars(check),
