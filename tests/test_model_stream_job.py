@@ -4,7 +4,7 @@ tokenizer, a real transformer) on Ray Data feeding two Ray Train workers (tp=2),
 One uninterrupted run (writing its activations through to a cache), one whose training worker is
 SIGKILLed mid-stream, one whose LM actor is SIGKILLed mid-stream: the same steps, the same
 ordered rows (window, position) and the same final SAE, bit for bit. The written cache passes
-the cache checks, and a run from it trains; bad input stops before Ray with one line.
+the cache checks; bad input stops before Ray with one line.
 """
 
 from __future__ import annotations
@@ -122,18 +122,16 @@ def test_a_killed_worker_or_lm_actor_resumes_the_stream_exactly(runs):
 
 
 @pytest.mark.slow
-def test_the_written_through_cache_is_a_checked_cache_that_trains(runs, tiny_model_dir, tmp_path):
+def test_the_written_through_cache_is_a_checked_cache(runs):
+    """(That it is the cache builder's, byte for byte: tests/test_model_stream.py; a run from it:
+    bench/stream_vs_cache.sh.)"""
     written = runs["written"]
     cache = ActivationCache(str(written))
     assert not (written / "_work").exists()
     assert sum(s.rows for s in cache.manifest.shards) == cache.manifest.n_rows >= 12000
     for s in range(len(cache.manifest.shards)):  # every shard against the manifest's sha256
         assert cache.read_shard(s).shape[1] == 48
-    log = run(tmp_path, tiny_model_dir, f"data.cache={written}", "data.source=cache", "run_id=cached")
-    result = json.loads((tmp_path / "cached" / "result.json").read_text())
-    streamed = json.loads((runs["plain"][0] / "result.json").read_text())
-    assert result["source"] == "cache" and result["steps"] > 30, log[-2000:]
-    assert abs(result["heldout_nmse"] - streamed["heldout_nmse"]) < 0.5 * streamed["heldout_nmse"]
+    assert cache.manifest.build_config["max_tokens"] == 12000 and cache.manifest.d_model == 48
 
 
 @pytest.mark.slow
