@@ -31,6 +31,12 @@ def test_bench_step_reports_precision_micro_batches_and_both_floors(precision):
     assert result["micro_batches"] == 2
     for key in ("step_s", "floor_s", "floor_fp32_s", "step_over_floor", "step_over_fp32_floor", "preact_mb"):
         assert result[key] > 0, key
+    # the encoder GEMM's rate against a large square GEMM's, in the step's dtype
+    assert result["gemm_tflops"] > 0 and result["square_gemm_tflops"] > 0
+    assert (
+        result["gemm_fraction_of_peak"] == round(result["gemm_tflops"] / result["square_gemm_tflops"], 3)
+        or abs(result["gemm_fraction_of_peak"] - result["gemm_tflops"] / result["square_gemm_tflops"]) < 0.01
+    )
     # one micro-batch's pre-activation: 128 rows x 1024 latents in the compute dtype
     assert result["preact_mb"] == round(128 * 1024 * (4 if precision == "fp32" else 2) / 2**20, 1)
     if precision == "fp32":

@@ -173,6 +173,12 @@ def bench_step(
         "floor_s": round(step["floor_median_s"], 4),
         "floor_fp32_s": round(floor_fp32_s, 4),
         "step_over_floor": round(paired_ratio(step["times_s"], step["floor_times_s"]), 3),
+        # the encoder GEMM alone: achieved rate, and its fraction of a large square GEMM's rate
+        # in the same dtype on the same device, measured in this run
+        "gemm_s": round(step["gemm_s"], 4),
+        "gemm_tflops": round(step["gemm_flops"] / 1e12, 4),
+        "square_gemm_tflops": round(step["square_gemm_flops"] / 1e12, 4),
+        "gemm_fraction_of_peak": round(step["gemm_flops"] / step["square_gemm_flops"], 3),
         "step_over_fp32_floor": round(paired_ratio(step["fp32_step_times_s"], step["fp32_floor_times_s"]), 3),
         "step_times_s": [round(t, 4) for t in step["times_s"]],
         "floor_times_s": [round(t, 4) for t in step["floor_times_s"]],

@@ -137,6 +137,34 @@ def fp32_floor(step: SparseTopKStep, x: torch.Tensor) -> Fn:
     return floor
 
 
+def encoder_gemm(step: SparseTopKStep, x: torch.Tensor) -> Fn:
+    """The floor's GEMM alone (every micro-batch's `encode_chunk`, no top-k)."""
+    sae, slices = step.sae, chunk_slices(step, x.shape[0])
+
+    @torch.no_grad()
+    def gemm() -> None:
+        xc = x - sae.b_pre
+        for rows in slices:
+            step.encode_chunk(xc[rows])
+
+    return gemm
+
+
+SQUARE_GEMM = {"cuda": 8192, "cpu": 2048}  # a GEMM large enough to run near the device's peak
+
+
+def square_gemm_flops(device: torch.device, dtype: torch.dtype, repeats: int, sync: Fn) -> float:
+    """FLOP/s of a large square GEMM in `dtype` on `device` (the best of `repeats`): the rate the
+    encoder GEMM is held against (`gemm_fraction_of_peak`), measured in the same run."""
+    size = SQUARE_GEMM.get(device.type, 2048)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up
+    best = min(timed(lambda: torch.mm(a, b, out=out), sync) for _ in range(max(2, repeats)))
+    return 2 * size**3 / best
+
+
 def interleave(floor: Fn, train_step: Fn, repeats: int, sync: Fn) -> tuple[list[float], list[float]]:
     """(floor times, step times), each step timed just after its floor (noise hits both alike)."""
     floor_times, step_times = [], []
@@ -184,6 +212,12 @@ def run_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
         "peak_rss_bytes": peak_rss_bytes(),  # before phase 2's float32 buffer exists
         "peak_device_bytes": peak_device_bytes(device),
     }
+    # the encoder GEMM's achieved rate against a large square GEMM's, same dtype, same run
+    gemm = encoder_gemm(step, x)
+    gemm_s = statistics.median(timed(gemm, sync) for _ in range(spec["repeats"]))
+    gemm_flops = 2 * x.shape[0] * cfg.d_in * cfg.n_latents / gemm_s
+    square = square_gemm_flops(device, step.compute_dtype, spec["repeats"], sync)
+    result.update(gemm_s=gemm_s, gemm_flops=gemm_flops, square_gemm_flops=square)
     if precision.low:  # phase 2: the float32 floor, with a buffer of its own
         floor32 = fp32_floor(step, x)
         floor32()  # first touch of the new buffer
