@@ -11,7 +11,7 @@
 #                                8192, n = 2^19, 2^20, 2^22 latents, fp32 and bf16; micro-batches chosen
 #                                by `saescale plan --micro-batches auto` for this GPU's memory, and a
 #                                size the planner rejects is reported as skipped, not run
-#   {"check": "peers", ...}      saescale bench step --device cuda --peers sparsify: sparsify's own
+#   {"check": "peers", ...}      saescale bench step --device cuda --peers sparsify,saelens: the peers' own
 #                                step beside ours (peer_over_step), n=65536, d=576, k=32, batch 4096,
 #                                fp32 and bf16 (sparsify runs its own bf16 autocast on CUDA either way)
 #   {"check": "precision", ...}  saescale bench precision --device cuda (fp32 vs bf16 NMSE drift)
@@ -126,7 +126,7 @@ peer_checks() {
     for p in fp32 bf16; do
         check peers "$STEP_TIMEOUT" "{\"n_latents\": 65536, \"precision\": \"$p\"}" \
             "$PY" -m saescale.cli bench step --device cuda --no-naive --d-in 576 --n-latents 65536 --k 32 \
-            --batch 4096 --precision "$p" --peers sparsify --repeats 7 --warmup 2 --threads "$(nproc)"
+            --batch 4096 --precision "$p" --peers sparsify,saelens --repeats 7 --warmup 2 --threads "$(nproc)"
     done
 }
 

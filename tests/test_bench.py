@@ -83,15 +83,17 @@ def test_bench_checkpoint_times_both_ways_of_writing_the_same_files():
     assert r["ratio"] == pytest.approx(r["background_cost_s"] / r["sync_cost_s"])
 
 
-def test_bench_step_times_sparsifys_own_step_beside_ours():
-    """`--peers sparsify`: the peer's own training step (its SparseCoder, its default optimiser),
-    timed in its own child on the same batch, reported against saescale's step."""
-    result = _json(_cli("step", *TINY, "--repeats", "2", "--warmup", "1", "--no-naive", "--peers", "sparsify"))
-    theirs = result["peers"]["sparsify"]
-    assert theirs["step_s"] > 0 and len(theirs["times_s"]) == 2
-    assert theirs["peer_over_step"] == pytest.approx(theirs["step_s"] / result["step_s"], rel=0.05)
+def test_bench_step_times_the_peers_own_steps_beside_ours():
+    """`--peers sparsify,saelens`: each peer's own training step (its SAE class, its default
+    optimiser), timed in its own child on the same batch, reported against saescale's step."""
+    quick = ("--repeats", "2", "--warmup", "1", "--no-naive", "--dead-fraction", "0.1")
+    result = _json(_cli("step", *TINY, *quick, "--peers", "sparsify,saelens"))
+    for peer in ("sparsify", "saelens"):
+        theirs = result["peers"][peer]
+        assert theirs["step_s"] > 0 and len(theirs["times_s"]) == 2
+        assert theirs["peer_over_step"] == pytest.approx(theirs["step_s"] / result["step_s"], rel=0.05)
     out = _cli("step", *TINY, "--no-naive", "--peers", "sparsify,nobody")
-    assert out.returncode == 2 and "--peers: unknown nobody; choose from sparsify" in out.stderr
+    assert out.returncode == 2 and "--peers: unknown nobody; choose from sparsify, saelens" in out.stderr
 
 
 def test_bench_stream_sizes_the_lm_actors_from_both_measured_rates(tiny_model_dir):
