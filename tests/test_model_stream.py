@@ -138,14 +138,14 @@ def test_the_write_through_cache_is_the_cache_builders_byte_for_byte(lm, stream,
         part_runner=local_part_runner(lm.model),
     )
     write = dataclasses.replace(cfg, output=str(tmp_path / "written"))
-    assert start_write_through(write)
+    assert start_write_through(write, 3)
     for item in ms.items(data.total_steps, 0)[:2]:  # the run computed a few blocks, then ended
         rank_block(lm.model, cfg, ms, data, range(STREAMS), item["block"], item["skip"], write)
     written = finish_write_through(lm.model, write, ms, 48, progress=lambda _: None)
     assert [(s.sha256, s.rows) for s in written.shards] == [(s.sha256, s.rows) for s in built.shards]
     assert written.build_config == built.build_config
     assert not os.path.exists(tmp_path / "written" / "_work")
-    assert not start_write_through(write)  # finished: nothing to write again
+    assert not start_write_through(write, 3)  # finished: nothing to write again
 
 
 def test_a_write_through_refuses_a_cache_of_other_settings(lm, stream, tmp_path):
@@ -158,7 +158,11 @@ def test_a_write_through_refuses_a_cache_of_other_settings(lm, stream, tmp_path)
         part_runner=local_part_runner(lm.model),
     )
     with pytest.raises(CacheError, match="other settings"):
-        start_write_through(dataclasses.replace(cfg, output=str(tmp_path / "c"), layer=2))
+        start_write_through(dataclasses.replace(cfg, output=str(tmp_path / "c"), layer=2), 3)
+    # an unfinished write-through of chunks dealt with another seed is not mixed with this one's
+    assert start_write_through(dataclasses.replace(cfg, output=str(tmp_path / "w")), 3)
+    with pytest.raises(CacheError, match="another train.seed"):
+        start_write_through(dataclasses.replace(cfg, output=str(tmp_path / "w")), 4)
 
 
 def test_the_held_out_slice_starts_at_a_document_the_budget_never_touched(lm, tiny_model_dir):
@@ -184,3 +188,28 @@ def test_chunks_deal_every_window_once_in_a_seeded_order():
     assert sorted(flat) == list(range(103)) and flat != sorted(flat)
     assert deal_chunks(103, 8, seed=1) == chunks != deal_chunks(103, 8, seed=2)
     assert json.dumps(chunks)  # plain ints: they travel to the actors
+
+
+def test_an_actor_forwards_a_chunk_that_straddles_two_blocks_once(lm, stream, monkeypatch):
+    """An actor's memo of the last block's chunks: the same rows, and no chunk forwarded twice in
+    a row (without it, every chunk cut by a block boundary is forwarded by both blocks)."""
+    import saescale.data.model_stream as model_stream
+
+    cfg, ms, data = stream
+    calls: list[int] = []
+    real = model_stream.window_rows
+
+    def counted(model, c, plan, windows, what):
+        calls.append(int(what.split()[-1]))
+        return real(model, c, plan, windows, what)
+
+    monkeypatch.setattr(model_stream, "window_rows", counted)
+    items = ms.items(data.total_steps, 0)
+    plain = [rank_block(lm.model, cfg, ms, data, range(1), i["block"], i["skip"]) for i in items]
+    without = len(calls)
+    calls.clear()
+    memo: dict = {}
+    memoised = [rank_block(lm.model, cfg, ms, data, range(1), i["block"], i["skip"], memo=memo) for i in items]
+    assert all(a.equals(b) for a, b in zip(plain, memoised))
+    assert len(calls) < without
+    assert len(calls) == len(ms.stream_pieces(data, 0))  # each read of a chunk forwarded once

@@ -143,3 +143,8 @@ def test_bad_lm_input_stops_before_ray_with_one_line(tiny_model_dir, tmp_path):
     out = run(tmp_path, tiny_model_dir, f"data.lm.corpus={tmp_path / 'short'}", expect=2)
     assert "produced no tokens" in out
     assert "Traceback" not in out and "Started a local Ray" not in out
+    # one long document: the budget takes its start, and no document is left for the held-out
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.txt").write_text("To be, or not to be, that is the question. " * 400)
+    out = run(tmp_path, tiny_model_dir, f"data.lm.corpus={tmp_path / 'one'}", "data.lm.max_tokens=1000", expect=2)
+    assert "the held-out slice is empty" in out and "data.lm.max_tokens=1000" in out, out[-2000:]

@@ -25,6 +25,7 @@ from saescale.data.model_stream import (
     start_write_through,
 )
 from saescale.data.reader import ActivationCache
+from saescale.lm.corpus import CorpusError
 from saescale.service.stream import DataPlan, plan_data
 
 
@@ -120,7 +121,16 @@ def prepare_model_source(job: TrainJobConfig, output_dir: str, streams: int) -> 
     # the default lives beside the run's output (storage.url's endpoint), one set by hand with the data
     endpoint = job.data.endpoint_url if job.data.heldout_cache else job.storage.endpoint_url
     heldout_cfg.storage_options = storage.endpoint_options(endpoint) if storage.is_remote(heldout_url) else None
-    build_cache(heldout_cfg, progress=print0, part_runner=local_part_runner(lm.model))
+    try:
+        build_cache(heldout_cfg, progress=print0, part_runner=local_part_runner(lm.model))
+    except CorpusError as exc:
+        if "produced no tokens" not in str(exc):
+            raise
+        raise CorpusError(
+            f"the held-out slice is empty: {lm_cfg.corpus!r} has no document after those that the "
+            f"training budget (data.lm.max_tokens={lm_cfg.max_tokens}) touches (a held-out document is one no "
+            "training window comes from); lower data.lm.max_tokens, or split the corpus into more documents"
+        ) from exc
     heldout = ActivationCache(heldout_url, heldout_cfg.storage_options)
 
     samples = min(job.train.geometric_median_samples, lm_cfg.rows_per_shard)
@@ -133,7 +143,7 @@ def prepare_model_source(job: TrainJobConfig, output_dir: str, streams: int) -> 
     if job.data.cache_write:
         write = lm_config(job, output=storage.absolute(job.data.cache_write))
         write.storage_options = storage.endpoint_options(job.data.endpoint_url)
-        if not start_write_through(write):
+        if not start_write_through(write, job.train.seed):
             print0(f"data.cache_write: {storage.redact(write.output)} already holds this cache; not writing it")
             write = None
     return ModelSource(lm_cfg, stream, data, d_model, heldout, init_sample, write)

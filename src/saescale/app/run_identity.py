@@ -78,6 +78,7 @@ def identity_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     elif "source" in data:  # model: the LM settings name the data; the cache is not read
         data.pop("cache", None)
         data.pop("holdout_shards", None)
+        (data.get("lm") or {}).pop("model_cache_dir", None)  # where converted models are kept
     if "data" in out and data.get("streams") is None:  # the default: one stream per worker
         data["streams"] = (cfg.get("parallel") or {}).get("workers")
     if isinstance(data.get("cache"), str):

@@ -484,9 +484,6 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
     try:
         summary.update(export_and_evaluate(job, run, meta, sae_url))
-        if run.source is not None and run.source.write is not None:
-            finish_model_source(run.source)
-            summary["cache_written"] = storage.redact(run.source.write.output)
     except USER_ERRORS as exc:
         fail(exc)
     metrics = spec.worker_config["logging"]["jsonl"]
@@ -498,5 +495,12 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         storage.write_json_atomic(storage.join(run.output_dir, "result.json"), summary, run.output_options)
     except USER_ERRORS as exc:
         fail(exc)
+    if run.source is not None and run.source.write is not None:  # after result.json: the run is done
+        try:
+            finish_model_source(run.source)
+            summary["cache_written"] = storage.redact(run.source.write.output)
+            storage.write_json_atomic(storage.join(run.output_dir, "result.json"), summary, run.output_options)
+        except USER_ERRORS as exc:
+            fail(f"the run finished (result.json written); its data.cache_write did not: {first_line(exc)}")
     print0(json.dumps(summary))
     return summary

@@ -321,7 +321,10 @@ def assemble_shard(cfg: CacheConfig, plan: Plan, s: int) -> ShardResult:
     files = bucket_files(fs, path)
     tables = [table_from_bytes(fs.cat_file(f), name=f) for f in files]
     table = pa.concat_tables(tables)
-    order = np.argsort(table.column("slot").to_numpy())
+    slots = table.column("slot").to_numpy()
+    if len(np.unique(slots)) != len(slots):  # two writers' parts mixed: never publish that
+        raise CacheError(f"shard {s}: its buckets hold a row slot twice (parts of two different builds?)")
+    order = np.argsort(slots)
     table = table.take(pa.array(order)).drop_columns(["slot"])
     expected = min(cfg.rows_per_shard, plan.n_rows - s * cfg.rows_per_shard)
     if table.num_rows != expected:

@@ -20,7 +20,7 @@ is computed for nothing but the block's, no row repeats or goes missing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -59,10 +59,15 @@ class ModelStream:
     chunks: list[list[int]]
     block_steps: int
     seed: int
+    _pieces: dict = field(default_factory=dict, repr=False, compare=False)
 
     def stream_pieces(self, data, stream: int) -> list[tuple[int, int, int]]:
         """(chunk, start, stop) rows of every epoch's read of `stream`, in the stream's order."""
-        return [(int(p.path.rsplit("-", 1)[1]), p.start, p.stop) for read in data.stream_reads(stream) for p in read]
+        key = (stream, data.streams, data.epochs, data.seed, tuple(data.file_rows[:1]), len(data.files))
+        if key not in self._pieces:
+            reads = data.stream_reads(stream)
+            self._pieces[key] = [(int(p.path.rsplit("-", 1)[1]), p.start, p.stop) for read in reads for p in read]
+        return self._pieces[key]
 
     def blocks(self, total_steps: int) -> int:
         return -(-total_steps // self.block_steps)
@@ -103,13 +108,22 @@ def slice_pieces(pieces: list[tuple[int, int, int]], lo: int, hi: int) -> list[t
 
 
 def block_rows(
-    model, cfg: CacheConfig, ms: ModelStream, data, stream: int, block: int, write: CacheConfig | None = None
+    model,
+    cfg: CacheConfig,
+    ms: ModelStream,
+    data,
+    stream: int,
+    block: int,
+    write: CacheConfig | None = None,
+    got: dict[int, WindowRows] | None = None,
 ) -> WindowRows:
     """The rows of one stream's block, shuffled (seed: run seed, stream, block). With `write`
-    (a write-through cache), each chunk computed here also lands in that cache's buckets."""
+    (a write-through cache), each chunk computed here also lands in that cache's buckets. `got`:
+    chunks already computed (a chunk that straddles two blocks is forwarded once), and where the
+    ones computed here go."""
     steps = ms.block_steps_of(block, data.total_steps)
     lo, hi = steps.start * data.stream_batch, steps.stop * data.stream_batch
-    got: dict[int, WindowRows] = {}
+    got = {} if got is None else got
     parts = []
     for chunk, start, stop in slice_pieces(ms.stream_pieces(data, stream), lo, hi):
         if chunk not in got:
@@ -152,11 +166,20 @@ def rank_block(
     block: int,
     skip: int,
     write: CacheConfig | None = None,
+    memo: dict[int, WindowRows] | None = None,
 ) -> pa.Table:
     """A rank's share of a block's steps (from step `skip` of the block on): for each step, the
     next `stream_batch` rows of each stream it owns, in stream order. Columns as a cache shard's
-    (act in the cache dtype, window, pos), so the cached path's collate reads it."""
-    per_stream = [block_rows(model, cfg, ms, data, c, block, write) for c in streams]
+    (act in the cache dtype, window, pos), so the cached path's collate reads it. `memo` (an
+    actor's, across its calls) keeps the chunks of the last block: the next block of a stream
+    starts in the chunk where this one ended."""
+    got = dict(memo or {})
+    per_stream = [block_rows(model, cfg, ms, data, c, block, write, got) for c in streams]
+    if memo is not None:
+        steps = ms.block_steps_of(block, data.total_steps)
+        ends = [slice_pieces(ms.stream_pieces(data, c), 0, steps.stop * data.stream_batch)[-1][0] for c in streams]
+        memo.clear()
+        memo.update({chunk: got[chunk] for chunk in ends})
     n_steps = len(ms.block_steps_of(block, data.total_steps))
     sb = data.stream_batch
     order = [take(p, np.arange(t * sb, (t + 1) * sb)) for t in range(skip, n_steps) for p in per_stream]
@@ -170,14 +193,20 @@ def rank_block(
     )
 
 
-def write_through_identity(cfg: CacheConfig) -> dict:
+def write_through_identity(cfg: CacheConfig, deal_seed: int) -> dict:
     """What an unfinished write-through records: the cache's identity, and that its parts are
-    the stream's chunks (a `jobs/cache.py` resume, whose parts are ranges of windows, must not
-    mix its part files with these)."""
-    return {**cfg.identity(), "parts": "model-stream chunks"}
+    the stream's chunks, dealt with this seed and size (a part's marker names a chunk: a run
+    that deals other chunks, or a `jobs/cache.py` resume, whose parts are ranges of windows,
+    must not mix its part files with these)."""
+    return {
+        **cfg.identity(),
+        "parts": "model-stream chunks",
+        "deal_seed": deal_seed,
+        "windows_per_chunk": cfg.windows_per_batch,
+    }
 
 
-def start_write_through(cfg: CacheConfig) -> bool:
+def start_write_through(cfg: CacheConfig, deal_seed: int) -> bool:
     """Check `data.cache_write` before the run: False when it already holds this cache (nothing
     to write); an error naming the problem when it holds another or is not writable."""
     from saescale.data.builder import CacheError, build_identity_url, check_writable, load_manifest
@@ -195,10 +224,13 @@ def start_write_through(cfg: CacheConfig) -> bool:
     check_writable(cfg)
     url = build_identity_url(cfg)
     if storage.exists(url, cfg.storage_options):
-        if storage.read_json(url, cfg.storage_options) != write_through_identity(cfg):
-            raise CacheError(f"data.cache_write: an unfinished build with other settings is in {where}/_work")
+        if storage.read_json(url, cfg.storage_options) != write_through_identity(cfg, deal_seed):
+            raise CacheError(
+                f"data.cache_write: an unfinished build with other settings (or another train.seed) is in "
+                f"{where}/_work; write to another URL, or delete it"
+            )
     else:
-        storage.write_json_atomic(url, write_through_identity(cfg), cfg.storage_options)
+        storage.write_json_atomic(url, write_through_identity(cfg, deal_seed), cfg.storage_options)
     return True
 
 

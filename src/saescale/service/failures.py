@@ -27,7 +27,10 @@ from typing import Any
 
 from saescale import retry
 from saescale.console import first_line, say
+from saescale.data.builder import CacheError
 from saescale.data.format import CorruptShardError
+from saescale.lm.hooks import HookError
+from saescale.lm.models import ModelLoadError
 from saescale.service.capacity import NodeLost
 from saescale.service.preemption import Preempted
 from saescale.train.checkpoint import CheckpointError
@@ -35,7 +38,16 @@ from saescale.train.trainer import RankError
 
 # errors that a worker-group restart cannot fix: it would read the same bytes or the same
 # checkpoint again, or meet the same bad batch or non-finite loss
-NOT_RETRIED: tuple[type[BaseException], ...] = (CorruptShardError, CheckpointError, RankError)
+# (or, with data.source=model, run the same model on the same windows: NaN activations, a
+# model that does not load or has no such hook, an unwritable write-through cache)
+NOT_RETRIED: tuple[type[BaseException], ...] = (
+    CorruptShardError,
+    CheckpointError,
+    RankError,
+    CacheError,
+    HookError,
+    ModelLoadError,
+)
 
 
 class RestartsExhausted(RuntimeError):

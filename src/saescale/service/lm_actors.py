@@ -27,10 +27,15 @@ class BlockWorker:
     def __init__(
         self, lm: dict[str, Any], stream: ModelStream, data, streams: range, write: dict | None, fault: dict | None
     ) -> None:
+        import ray
+
         self.cfg = CacheConfig(**lm)
         self.write = CacheConfig(**write) if write else None
+        if isinstance(stream, ray.ObjectRef):  # one copy of the plan in the object store
+            stream = ray.get(stream)
         self.stream, self.data, self.streams, self.fault = stream, data, streams, fault
         self.model = actor_replica(self.cfg)
+        self.memo: dict[int, Any] = {}  # the last block's chunks: the next block starts in one
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
@@ -38,7 +43,9 @@ class BlockWorker:
         for b in batch["block"]:
             self._maybe_die(int(b))
         tables = [
-            rank_block(self.model, self.cfg, self.stream, self.data, self.streams, int(b), int(skip), self.write)
+            rank_block(
+                self.model, self.cfg, self.stream, self.data, self.streams, int(b), int(skip), self.write, self.memo
+            )
             for b, skip in zip(batch["block"], batch["skip"])
         ]
         return pa.concat_tables(tables)
@@ -53,11 +60,18 @@ class BlockWorker:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def actor_resources(lm_cpus: float) -> dict[str, float]:
-    """One GPU per LM actor when the cluster has GPUs, else `lm_cpus` CPUs."""
+def actor_gpus(workers: int, actors_per_worker: int, workers_use_gpu: bool) -> bool:
+    """Whether the LM actors take a GPU each: only when the cluster has one for every actor
+    beside the training workers' own (else an actor pool would wait for a GPU forever)."""
     import ray
 
-    return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": lm_cpus}
+    need = workers * actors_per_worker + (workers if workers_use_gpu else 0)
+    return ray.cluster_resources().get("GPU", 0) >= need
+
+
+# a dead LM actor is restarted (its block retried, with the same rows) this many times; one that
+# dies every time (out of memory) fails the read, and the run says so, instead of hanging
+ACTOR_RESTARTS = 3
 
 
 def rank_dataset(
@@ -71,15 +85,18 @@ def rank_dataset(
     write: dict | None = None,
     total_steps: int | None = None,
     fault: dict | None = None,
+    gpus: bool = False,
 ):
     """The Ray Dataset of a rank's share of every step from `start_step` to `total_steps`
     (default: the data's; rows in step order: batch it by `stream_batch * len(streams)`)."""
+    import ray
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # rank 0's step progress bar is the one to watch
-    items = stream.items(total_steps or data.total_steps, start_step)
+    plan = ray.get(stream) if isinstance(stream, ray.ObjectRef) else stream
+    items = plan.items(total_steps or data.total_steps, start_step)
     if not items:
         raise ValueError(f"internal: no steps left to stream after step {start_step}")
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -94,5 +111,7 @@ def rank_dataset(
         },
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=actors),
-        **actor_resources(lm_cpus),
+        max_restarts=ACTOR_RESTARTS,
+        max_task_retries=ACTOR_RESTARTS,
+        **({"num_gpus": 1} if gpus else {"num_cpus": lm_cpus}),
     )

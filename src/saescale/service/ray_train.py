@@ -40,7 +40,7 @@ from saescale.distributed.layouts import Layout
 from saescale.service import preemption
 from saescale.service.capacity import CapacityCheck, GrowWatch, capacity_gate
 from saescale.service.failures import REPORTED, failure_policy, first_cause, stopped_by_storage, storage_fault
-from saescale.service.lm_actors import rank_dataset
+from saescale.service.lm_actors import actor_gpus, rank_dataset
 from saescale.service.preemption import Preempted
 from saescale.service.stream import (
     DataPlan,
@@ -320,7 +320,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             stream = config["stream"]
             dataset = rank_dataset(
                 stream["lm"], stream["model_stream"], data, owned, trainer.step, stream["actors"],
-                stream["actor_cpus"], stream["write"], total_steps, stream["fault"],
+                stream["actor_cpus"], stream["write"], total_steps, stream["fault"], stream["gpus"],
             )  # fmt: skip
             batches = dataset.iter_torch_batches(
                 batch_size=data.stream_batch * len(owned),
@@ -521,8 +521,18 @@ def launch(spec: LaunchSpec):
     set_retry_budget(storage_fs, 2 * retry_s, f"Ray Train's controller: 2 x storage.retry_s={retry_s:g}")
     check = CapacityCheck(spec.cpus_per_worker, spec.use_gpu, spec.data_cpus)
     stream = spec.worker_config.get("stream")
-    if stream and isinstance(stream["init_sample"], torch.Tensor):  # one copy for every worker
-        stream = {**stream, "init_sample": ray.put(stream["init_sample"])}
+    if stream:  # one copy of the plan and the first rows in the object store, for every worker
+        stream = {
+            **stream,
+            "init_sample": ray.put(stream["init_sample"]),
+            "model_stream": ray.put(stream["model_stream"]),
+            "gpus": actor_gpus(spec.workers, stream["actors"], spec.use_gpu),
+        }
+        if ray.cluster_resources().get("GPU", 0) and not stream["gpus"]:
+            print0(
+                f"the cluster's GPUs do not hold {spec.workers} x data.lm_actors={stream['actors']} LM actors beside "
+                f"the workers: the LM actors run on data.lm_actor_cpus={stream['actor_cpus']:g} CPUs each"
+            )
     worker_config = {
         **spec.worker_config,
         "stream": stream,
