@@ -73,6 +73,9 @@ def test_worker_slots_leave_a_cpu_for_the_reads_and_count_whole_workers_per_node
     assert worker_slots([{"CPU": 0.0}, {"CPU": 2.0}], 1.0, False, 1.0) == 1  # a head without CPUs
     assert worker_slots([{"CPU": 3.0}, {"CPU": 3.0}], 2.0, False, 1.0) == 2  # 1.5 per node rounds down
     assert worker_slots([{"CPU": 16.0, "GPU": 2.0}, {"CPU": 16.0}], 4.0, True, 1.0) == 2  # GPUs bound it
+    # data.source=model: each worker's LM actors take CPUs too (2 + 2 of 1 CPU each: 1 worker per node)
+    assert worker_slots([{"CPU": 3.0}, {"CPU": 3.0}], 1.0, False, 0.0, data_cpus_per_worker=2.0) == 2
+    assert worker_slots([{"CPU": 3.0}, {"CPU": 2.0}], 1.0, False, 0.0, data_cpus_per_worker=2.0) == 1
 
 
 class Slots:

@@ -74,6 +74,9 @@ class RayJobsLauncher(Launcher):
             overrides.append(f"wandb.group={group}")  # one wandb group per sweep
         endpoint = cfg.storage.get("endpoint_url")
         workers, cpus = int(cfg.parallel.workers), float(cfg.parallel.cpus_per_worker)
+        data_cpus = self.data_cpus
+        if cfg.data.get("source") == "model":  # every worker's LM actors (CPU actors: counted as such)
+            data_cpus = workers * int(cfg.data.lm_actors) * float(cfg.data.lm_actor_cpus)
         # run_id (<run_name>-<config hash>) names the run's folder and checkpoints: runs differing in
         # any setting of the trained SAE get their own, and a rerun skips only the same config
         return SweepRun(
@@ -81,7 +84,7 @@ class RayJobsLauncher(Launcher):
             overrides=overrides,
             run_name=str(cfg.run_id),
             output_dir=storage.absolute(str(cfg.output_dir)),
-            cpus=workers * cpus + self.data_cpus,
+            cpus=workers * cpus + data_cpus,
             gpus=float(workers) if cfg.parallel.use_gpu else 0.0,
             storage_options=storage.endpoint_options(endpoint),
             config_hash=config_hash(cfg),

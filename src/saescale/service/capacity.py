@@ -97,8 +97,15 @@ def alive_nodes(probe: bool = False) -> list[dict[str, float]]:
     return [dict(node["Resources"]) for node in nodes]
 
 
-def worker_slots(nodes: list[dict[str, float]], cpus_per_worker: float, use_gpu: bool, data_cpus: float) -> int:
-    """How many workers the nodes hold side by side, leaving `data_cpus` for the data reads."""
+def worker_slots(
+    nodes: list[dict[str, float]],
+    cpus_per_worker: float,
+    use_gpu: bool,
+    data_cpus: float,
+    data_cpus_per_worker: float = 0.0,
+) -> int:
+    """How many workers the nodes hold side by side, leaving `data_cpus` for the data reads, and
+    `data_cpus_per_worker` more for each worker's own data pipeline (its LM actors, anywhere)."""
     slots = 0
     for resources in nodes:
         fit = int(resources.get("CPU", 0.0) // cpus_per_worker + 1e-9) if cpus_per_worker > 0 else 10**9
@@ -106,22 +113,29 @@ def worker_slots(nodes: list[dict[str, float]], cpus_per_worker: float, use_gpu:
             fit = min(fit, int(resources.get("GPU", 0.0)))
         slots += fit
     spare = sum(r.get("CPU", 0.0) for r in nodes) - data_cpus
-    if cpus_per_worker > 0:
-        slots = min(slots, int(spare // cpus_per_worker + 1e-9))
+    each = cpus_per_worker + data_cpus_per_worker
+    if each > 0:
+        slots = min(slots, int(spare // each + 1e-9))
     return max(slots, 0)
 
 
 class CapacityCheck:
     """The cluster's worker places for one run's workers (see `worker_slots`)."""
 
-    def __init__(self, cpus_per_worker: float, use_gpu: bool, data_cpus: float) -> None:
+    def __init__(
+        self, cpus_per_worker: float, use_gpu: bool, data_cpus: float, data_cpus_per_worker: float = 0.0
+    ) -> None:
         self.cpus_per_worker, self.use_gpu, self.data_cpus = cpus_per_worker, use_gpu, data_cpus
+        self.data_cpus_per_worker = data_cpus_per_worker
 
     def slots(self, probe: bool = False) -> int:
-        return worker_slots(alive_nodes(probe), self.cpus_per_worker, self.use_gpu, self.data_cpus)
+        nodes = alive_nodes(probe)
+        return worker_slots(nodes, self.cpus_per_worker, self.use_gpu, self.data_cpus, self.data_cpus_per_worker)
 
     def describe(self, workers: int) -> str:
         unit = f"{self.cpus_per_worker:g} CPU" + (" + 1 GPU" if self.use_gpu else "")
+        if self.data_cpus_per_worker:
+            return f"{workers} workers of {unit}, each with {self.data_cpus_per_worker:g} CPU of LM actors"
         return f"{workers} workers of {unit} (+{self.data_cpus:g} CPU for the data reads)"
 
 

@@ -519,7 +519,6 @@ def launch(spec: LaunchSpec):
     # (storage.retry_s) plus the wait before the restart (as long again). The workers set it
     # back to storage.retry_s in their copy (`train_loop_per_worker`).
     set_retry_budget(storage_fs, 2 * retry_s, f"Ray Train's controller: 2 x storage.retry_s={retry_s:g}")
-    check = CapacityCheck(spec.cpus_per_worker, spec.use_gpu, spec.data_cpus)
     stream = spec.worker_config.get("stream")
     if stream:  # one copy of the plan and the first rows in the object store, for every worker
         stream = {
@@ -533,6 +532,11 @@ def launch(spec: LaunchSpec):
                 f"the cluster's GPUs do not hold {spec.workers} x data.lm_actors={stream['actors']} LM actors beside "
                 f"the workers: the LM actors run on data.lm_actor_cpus={stream['actor_cpus']:g} CPUs each"
             )
+    if stream:  # each layout's workers bring their own LM actors (CPU ones count here)
+        actor_cpus = 0.0 if stream["gpus"] else stream["actors"] * stream["actor_cpus"]
+        check = CapacityCheck(spec.cpus_per_worker, spec.use_gpu, 0.0, actor_cpus)
+    else:
+        check = CapacityCheck(spec.cpus_per_worker, spec.use_gpu, spec.data_cpus)
     worker_config = {
         **spec.worker_config,
         "stream": stream,
