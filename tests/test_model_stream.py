@@ -45,7 +45,7 @@ def lm_cfg(tiny_model_dir, **changes) -> CacheConfig:
 def stream(lm, tiny_model_dir):
     cfg = lm_cfg(tiny_model_dir)
     plan = make_plan(cfg, lm.tokenizer)
-    chunks = deal_chunks(len(plan.windows), cfg.windows_per_batch, seed=3)
+    chunks = deal_chunks(plan.n_windows, cfg.windows_per_batch, seed=3)
     rows = chunk_rows(plan, chunks)
     n = len(chunks)
     data = plan_data([chunk_name(c) for c in range(n)], rows, BATCH, STREAMS, 2, 3, sha256=[""] * n, sizes=[0] * n)

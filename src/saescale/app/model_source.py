@@ -97,7 +97,7 @@ def prepare_model_source(job: TrainJobConfig, output_dir: str, streams: int) -> 
     hook_module(lm.model, lm_cfg.hook, lm_cfg.layer)  # a model without the hook: HookError, now
     d_model = lm.model.config.hidden_size
     plan = make_plan(lm_cfg, lm.tokenizer)  # an empty corpus: CorpusError
-    chunks = deal_chunks(len(plan.windows), lm_cfg.windows_per_batch, job.train.seed)
+    chunks = deal_chunks(plan.n_windows, lm_cfg.windows_per_batch, job.train.seed)
     data = plan_data(
         [chunk_name(c) for c in range(len(chunks))],
         chunk_rows(plan, chunks),
@@ -110,7 +110,7 @@ def prepare_model_source(job: TrainJobConfig, output_dir: str, streams: int) -> 
     )
     stream = ModelStream(plan, chunks, block_steps(data.stream_batch, job.data.shuffle_buffer_rows), job.train.seed)
     print0(
-        f"model stream: {plan.n_rows} tokens in {len(plan.windows)} windows of {len(plan.documents)} documents, "
+        f"model stream: {plan.n_rows} tokens in {plan.n_windows} windows of {len(plan.documents)} documents, "
         f"{len(chunks)} chunks; {job.data.lm_actors} LM actor(s) per worker, blocks of {stream.block_steps} steps"
     )
 

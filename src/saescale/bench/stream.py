@@ -39,7 +39,7 @@ def lm_tokens_per_s(
     )
     lm = load_causal_lm(cfg.model)
     plan = make_plan(cfg, lm.tokenizer)
-    dealt = deal_chunks(len(plan.windows), windows_per_batch, seed=0)
+    dealt = deal_chunks(plan.n_windows, windows_per_batch, seed=0)
     times, rows = [], 0
     with torch.no_grad():
         window_rows(lm.model, cfg, plan, dealt[0], "warm-up")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -111,18 +112,22 @@ class CacheConfig:
 # ----------------------------------------------------------------------------- planning
 @dataclass
 class Plan:
-    windows: list[TokenWindow]
+    """The windows of a cache, as arrays: about 13 bytes a token (a model stream ships the plan to
+    every LM actor, where Ray shares numpy arrays without copying), not ~45 as Python lists."""
+
+    ids: np.ndarray  # [windows, context_length] int32 token ids (every window is full length)
+    starts: np.ndarray  # int64 position of each window's first token in its document
+    window_docs: np.ndarray  # int32 index into `documents` of each window
     documents: list[str]
-    keep: list[list[bool]]  # per window, which positions become rows
-    row_offsets: list[int]  # first row number of each window
+    keep: np.ndarray  # [windows, context_length] bool: which positions become rows
+    row_offsets: np.ndarray  # int64 first row number of each window
     n_rows: int
     parts: list[tuple[int, int]]  # [start, stop) window ranges
     perm: np.ndarray  # row -> global destination index
 
     @property
-    def window_docs(self) -> list[int]:
-        index = {d: i for i, d in enumerate(self.documents)}
-        return [index[w.doc_id] for w in self.windows]
+    def n_windows(self) -> int:
+        return len(self.ids)
 
 
 def planned_windows(cfg: CacheConfig, tokenizer) -> Iterator[tuple[TokenWindow, list[bool]]]:
@@ -147,31 +152,48 @@ def planned_windows(cfg: CacheConfig, tokenizer) -> Iterator[tuple[TokenWindow, 
 
 
 def make_plan(cfg: CacheConfig, tokenizer) -> Plan:
-    windows, documents, keep, offsets = [], [], [], []
+    ids, keep = array("i"), array("b")  # flat: no Python object per token while the corpus is read
+    starts, docs, documents = array("q"), array("i"), []
     doc_index: dict[str, int] = {}
-    n_rows = 0
     for w, mask in planned_windows(cfg, tokenizer):
         if w.doc_id not in doc_index:
             doc_index[w.doc_id] = len(documents)
             documents.append(w.doc_id)
-        windows.append(w)
-        keep.append(mask)
-        offsets.append(n_rows)
-        n_rows += sum(mask)
+        ids.extend(w.ids)
+        keep.extend(mask)
+        starts.append(w.start)
+        docs.append(doc_index[w.doc_id])
+    width = cfg.context_length
+    keep_np = np.frombuffer(keep, dtype=np.int8).astype(bool).reshape(-1, width)
+    per_window = keep_np.sum(1)
+    n_rows = int(per_window.sum())
     if n_rows == 0:
         after = f" after its first {cfg.skip_tokens} tokens" if cfg.skip_tokens else ""
         raise CorpusError(f"the corpus {cfg.corpus!r} produced no tokens{after} (empty, or shorter than one window)")
+    offsets = np.concatenate([[0], np.cumsum(per_window)[:-1]]).astype(np.int64)
     rows_per_part = max(cfg.rows_per_shard, cfg.context_length)
     parts, start, acc = [], 0, 0
-    for i, mask in enumerate(keep):
-        acc += sum(mask)
+    for i, rows in enumerate(per_window.tolist()):
+        acc += rows
         if acc >= rows_per_part:
             parts.append((start, i + 1))
             start, acc = i + 1, 0
-    if start < len(windows):
-        parts.append((start, len(windows)))
+    if start < len(per_window):
+        parts.append((start, len(per_window)))
     perm = np.random.default_rng(cfg.seed).permutation(n_rows)
-    return Plan(windows, documents, keep, offsets, n_rows, parts, perm)
+    if n_rows < 2**31:  # half the bytes; the same destinations
+        perm = perm.astype(np.int32)
+    return Plan(
+        np.frombuffer(ids, dtype=np.int32).reshape(-1, width),
+        np.frombuffer(starts, dtype=np.int64),
+        np.frombuffer(docs, dtype=np.int32),
+        documents,
+        keep_np,
+        offsets,
+        n_rows,
+        parts,
+        perm,
+    )
 
 
 def n_shards(plan: Plan, cfg: CacheConfig) -> int:
@@ -207,20 +229,20 @@ def window_rows(model, cfg: CacheConfig, plan: Plan, windows: list[int], what: s
     device = next(model.parameters()).device
     acts_list, tok_list, win_list, pos_list, row_list = [], [], [], [], []
     for b in range(0, len(windows), cfg.windows_per_batch):
-        idx = windows[b : b + cfg.windows_per_batch]
-        lengths = {len(plan.windows[i].ids) for i in idx}
-        if len(lengths) != 1:
-            raise CacheError("internal: windows of one batch differ in length")
-        ids = torch.tensor([plan.windows[i].ids for i in idx], dtype=torch.long)
+        idx = np.asarray(windows[b : b + cfg.windows_per_batch], dtype=np.int64)
+        ids = torch.from_numpy(plan.ids[idx].astype(np.int64))
         acts = run_to_hook(model, ids.to(device), cfg.hook, cfg.layer).cpu()
-        mask = torch.tensor([plan.keep[i] for i in idx])
+        keep = plan.keep[idx]
+        mask = torch.from_numpy(keep)
         acts_list.append(acts[mask].to(DTYPES[cfg.dtype]))
         tok_list.append(ids[mask])
-        win = torch.tensor(idx).unsqueeze(1).expand_as(ids)
+        win = torch.from_numpy(idx).unsqueeze(1).expand_as(ids)
         pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
         win_list.append(win[mask])
         pos_list.append(pos[mask])
-        row_list += [torch.arange(plan.row_offsets[i], plan.row_offsets[i] + sum(plan.keep[i])) for i in idx]
+        # a kept position's row: its window's first row plus the kept positions before it
+        rows = plan.row_offsets[idx][:, None] + np.cumsum(keep, axis=1) - 1
+        row_list.append(torch.from_numpy(rows[keep]))
     acts = torch.cat(acts_list)
     if not torch.isfinite(acts.float()).all():
         raise CacheError(f"{what}: the model produced NaN/inf activations (try dtype=float32)")
@@ -239,7 +261,7 @@ def write_buckets(cfg: CacheConfig, plan: Plan, part: int, got: WindowRows) -> N
     dest = plan.perm[got.rows]
     shard = dest // cfg.rows_per_shard
     slot = (dest % cfg.rows_per_shard).astype(np.int32)
-    docs = np.asarray(plan.window_docs, dtype=np.int32)[got.windows]
+    docs = plan.window_docs[got.windows]
     for s in np.unique(shard):
         sel = np.nonzero(shard == s)[0]
         table = pa.table(
@@ -268,7 +290,7 @@ def compute_part(model, cfg: CacheConfig, plan: Plan, part: int) -> int:
 
 def part_rows(plan: Plan, part: int) -> int:
     start, stop = plan.parts[part]
-    return sum(sum(plan.keep[i]) for i in range(start, stop))
+    return int(plan.keep[start:stop].sum())
 
 
 PartRunner = Callable[[CacheConfig, Plan, list[int], Callable[[int], None]], None]
@@ -379,10 +401,13 @@ def windows_table(plan: Plan) -> pa.Table:
     """window -> (document, start offset, token ids): what a viewer needs to show contexts."""
     return pa.table(
         {
-            "window": pa.array(np.arange(len(plan.windows), dtype=np.int32)),
+            "window": pa.array(np.arange(plan.n_windows, dtype=np.int32)),
             "doc": pa.array(plan.window_docs, pa.int32()),
-            "start": pa.array([w.start for w in plan.windows], pa.int64()),
-            "token_ids": pa.array([w.ids for w in plan.windows], pa.list_(pa.int32())),
+            "start": pa.array(plan.starts, pa.int64()),
+            "token_ids": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, plan.ids.size + 1, plan.ids.shape[1], dtype=np.int32)),
+                pa.array(plan.ids.ravel(), pa.int32()),
+            ),
         }
     )
 
@@ -447,7 +472,7 @@ def build_cache(
         storage.write_json_atomic(identity_url, cfg.identity(), cfg.storage_options)
     todo = [p for p in range(len(plan.parts)) if not storage.exists(part_marker(cfg, p), cfg.storage_options)]
     progress(
-        f"{plan.n_rows} tokens in {len(plan.windows)} windows -> {shards} shards; "
+        f"{plan.n_rows} tokens in {plan.n_windows} windows -> {shards} shards; "
         f"{len(plan.parts) - len(todo)}/{len(plan.parts)} parts already done"
     )
     run_parts(cfg, plan, todo, part_runner or local_part_runner(lm.model))

@@ -45,7 +45,7 @@ def deal_chunks(n_windows: int, per_chunk: int, seed: int) -> list[list[int]]:
 
 def chunk_rows(plan: Plan, chunks: list[list[int]]) -> list[int]:
     """The rows of each chunk (its windows' kept positions)."""
-    return [sum(sum(plan.keep[w]) for w in chunk) for chunk in chunks]
+    return [int(plan.keep[chunk].sum()) for chunk in chunks]
 
 
 @dataclass
@@ -90,7 +90,7 @@ def make_model_stream(
 ) -> ModelStream:
     """Chunks of the plan's windows, and blocks of about `buffer_rows` rows of each stream."""
     block_steps = max(1, -(-buffer_rows // stream_batch))
-    return ModelStream(plan, deal_chunks(len(plan.windows), windows_per_batch, seed), block_steps, seed)
+    return ModelStream(plan, deal_chunks(plan.n_windows, windows_per_batch, seed), block_steps, seed)
 
 
 def slice_pieces(pieces: list[tuple[int, int, int]], lo: int, hi: int) -> list[tuple[int, int, int]]:
