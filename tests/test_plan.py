@@ -210,3 +210,18 @@ def test_checkpoint_interval_grows_with_the_state_and_the_mtbf():
     slow = plan_checkpoints(large, 60, upload_gb_s=0.001)
     assert slow.interval_s == slow.upload_s > young_daly_interval_s(slow.stall_s, 60)
     assert "checkpoint_every=auto" in slow.line()
+
+
+def test_what_the_data_iterators_hold_counts_in_the_plan():
+    """`data_bytes` (a rank's streams' shuffle buffers and prefetched batches, from the job) is a
+    line of the table and part of the total, and auto micro-batching makes room for it."""
+    base = plan_memory(2**16, 576, 32, workers=1, tp=1, batch=4096)
+    held = plan_memory(2**16, 576, 32, workers=1, tp=1, batch=4096, data_bytes=3 * GiB)
+    assert held.total - base.total == 3 * GiB and held.data == 3 * GiB
+    assert any(line.split()[:1] == ["data"] and float(line.split()[1]) == 3.0 for line in held.table().splitlines())
+    device = (base.total + 2.6 * GiB) / GiB  # the data does not fit beside one micro-batch's 1 GiB pre-activation
+    assert not plan_memory(2**16, 576, 32, workers=1, tp=1, batch=4096, device_gib=device, data_bytes=3 * GiB).fits
+    auto = plan_memory(
+        2**16, 576, 32, workers=1, tp=1, batch=4096, micro_batches="auto", device_gib=device, data_bytes=3 * GiB
+    )
+    assert auto.fits and auto.micro_batches > 1

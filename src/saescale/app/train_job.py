@@ -33,7 +33,7 @@ from saescale.app.schema import TrainJobConfig
 from saescale.console import first_line, print0
 from saescale.core.arch import activation
 from saescale.core.config import ConfigError, SAEConfig, TrainConfig
-from saescale.data.format import CorruptShardError
+from saescale.data.format import DTYPES, CorruptShardError
 from saescale.data.manifest import Manifest
 from saescale.data.reader import ActivationCache
 from saescale.distributed.layouts import Layout, candidate_layouts
@@ -157,6 +157,17 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     if precision == "auto":
         precision = "bf16" if job.parallel.use_gpu else resolve_precision("auto", torch.device("cpu"))
 
+    itemsize = DTYPES[manifest.dtype].itemsize
+
+    def data_bytes(layout: Layout) -> int:
+        """What a rank's data iterators hold: each stream it reads keeps its shuffle buffer (the
+        cached path's local buffer; the model stream shuffles in its actors) and its prefetched
+        batches, in the cache dtype."""
+        owned = data.streams // layout.workers
+        buffer = 0 if source else job.data.shuffle_buffer_rows
+        rows = owned * (buffer + (job.data.prefetch_batches + 1) * data.stream_batch)
+        return rows * manifest.d_model * itemsize
+
     def plan_for(layout: Layout):
         return plan_memory(
             sae_cfg.n_latents,
@@ -170,6 +181,7 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
             device_gib=job.parallel.memory_per_worker_gib or local_worker_memory_gib(layout.workers),
             precision=precision,
             k_aux=sae_cfg.k_aux,
+            data_bytes=data_bytes(layout),
         )
 
     plan = plan_for(Layout(dims.world_size, dims.tp))

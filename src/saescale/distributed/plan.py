@@ -18,6 +18,8 @@ rows = batch / dp, micro = rows / micro_batches, e = 2 bytes for bf16/fp16 and 4
             per-micro-batch candidate gather (2 * micro * tp * k_aux * 12) and the ragged code of
             owned entries (rows * k_aux / tp * 40); at tp=1 the dense dead block and its
             gradient (2 * rows * min(16 k_aux, n_local) * e) or the [rows, k_aux] sparse code
+  data      what the rank's data iterators hold, given by the job (`data_bytes`): each stream it
+            reads keeps its shuffle buffer and prefetched batches in the worker's memory
 
 `micro_batches="auto"` picks the fewest (a power of two dividing rows) that fit; `fewest_workers`
 picks the smallest (tp, dp) layout that fits.
@@ -78,6 +80,7 @@ class MemoryPlan:
     total: int
     device_bytes: int
     fits: bool
+    data: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +95,7 @@ class MemoryPlan:
             ("pre-activation", self.preact),
             ("buffers", self.buffers),
             ("auxk (worst)", self.auxk),
+            ("data", self.data),
             ("total", self.total),
             ("device", self.device_bytes),
         ]
@@ -119,12 +123,14 @@ def plan_memory(
     precision: str = "fp32",
     max_micro_batches: int = MAX_MICRO_BATCHES,
     k_aux: int | None = None,
+    data_bytes: int = 0,
 ) -> MemoryPlan:
     """The per-rank plan; `micro_batches="auto"` -> `auto_micro_batches` (raises if none fits).
-    `k_aux` defaults to the SAE config's (a power of two near d_model / 2)."""
+    `k_aux` defaults to the SAE config's (a power of two near d_model / 2); `data_bytes`: what
+    the rank's data iterators hold (see the module)."""
     if micro_batches == "auto":
         return auto_micro_batches(
-            n_latents, d_model, k, workers, tp, batch, ema, device_gib, precision, max_micro_batches, k_aux
+            n_latents, d_model, k, workers, tp, batch, ema, device_gib, precision, max_micro_batches, k_aux, data_bytes
         )
     if isinstance(micro_batches, str) or micro_batches <= 0:
         raise PlanError(f"micro_batches must be a positive integer or 'auto'; got {micro_batches!r}")
@@ -150,7 +156,7 @@ def plan_memory(
         buffers += min(micro * n_local, CPU_LOWP_GEMM_ELEMS) * 4  # a CPU GEMM's float32 temporary, one block
     auxk = _auxk_bytes(rows, micro, tp, n_local, min(k_aux or default_k_aux(d_model), n_latents), e)
     ema_bytes = weights if ema else 0
-    total = 4 * weights + ema_bytes + lowp + preact + buffers + auxk
+    total = 4 * weights + ema_bytes + lowp + preact + buffers + auxk + data_bytes
     device = int(device_gib * GiB)
     return MemoryPlan(
         n_latents=n_latents,
@@ -174,6 +180,7 @@ def plan_memory(
         total=total,
         device_bytes=device,
         fits=total <= device,
+        data=data_bytes,
     )
 
 
@@ -214,15 +221,22 @@ def auto_micro_batches(
     precision: str = "fp32",
     max_micro_batches: int = MAX_MICRO_BATCHES,
     k_aux: int | None = None,
+    data_bytes: int = 0,
 ) -> MemoryPlan:
     """The plan with the fewest micro-batches (a power of two dividing batch/dp, at most
     `max_micro_batches`) that fits: fewer micro-batches keep the GEMMs fat. Raises `DoesNotFit`,
     naming the knob, when even the most micro-batches do not fit."""
-    plan = plan_memory(n_latents, d_model, k, workers, tp, batch, 1, ema, device_gib, precision, k_aux=k_aux)
+
+    def plan_at(m: int) -> MemoryPlan:
+        return plan_memory(
+            n_latents, d_model, k, workers, tp, batch, m, ema, device_gib, precision, k_aux=k_aux, data_bytes=data_bytes
+        )
+
+    plan = plan_at(1)
     for m in _micro_batch_choices(batch // plan.dp, max_micro_batches)[1:]:
         if plan.fits:
             break
-        plan = plan_memory(n_latents, d_model, k, workers, tp, batch, m, ema, device_gib, precision, k_aux=k_aux)
+        plan = plan_at(m)
     if not plan.fits:
         raise DoesNotFit(_refusal(plan, auto=True), plan)
     return plan
