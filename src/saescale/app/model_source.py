@@ -69,8 +69,8 @@ class ModelSource:
         return {
             "cache": storage.redact(self.heldout.url),
             "after_tokens": self.lm.max_tokens,
-            "documents": [m.documents[0], m.documents[-1]] if m.documents else [],
-            "rows": m.n_rows,
+            "documents": list(m.documents),
+            "rows": m.n_rows,  # whole windows: a little over data.heldout_tokens; heldout_tokens of them are scored
         }
 
 

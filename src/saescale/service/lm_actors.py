@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,7 @@ def rank_dataset(
     (default: the data's; rows in step order: batch it by `stream_batch * len(streams)`)."""
     import ray
     import ray.data
+    from ray.util.annotations import RayDeprecationWarning
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
@@ -99,19 +101,15 @@ def rank_dataset(
     items = plan.items(total_steps or data.total_steps, start_step)
     if not items:
         raise ValueError(f"internal: no steps left to stream after step {start_step}")
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        BlockWorker,
-        fn_constructor_kwargs={
-            "lm": lm,
-            "stream": stream,
-            "data": data,
-            "streams": streams,
-            "write": write,
-            "fault": fault,
-        },
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        max_restarts=ACTOR_RESTARTS,
-        max_task_retries=ACTOR_RESTARTS,
-        **({"num_gpus": 1} if gpus else {"num_cpus": lm_cpus}),
-    )
+    constructor = {"lm": lm, "stream": stream, "data": data, "streams": streams, "write": write, "fault": fault}
+    with warnings.catch_warnings():  # Ray 2.60 has no named parameter for the restart bound
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            BlockWorker,
+            fn_constructor_kwargs=constructor,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=ACTOR_RESTARTS,
+            **({"num_gpus": 1} if gpus else {"num_cpus": lm_cpus}),
+        )
