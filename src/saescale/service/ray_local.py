@@ -195,6 +195,7 @@ def ensure_ray(
     session = ctx.address_info.get("session_dir")
     print(
         f"[saescale] Ray: started an embedded local Ray ({cpus} CPUs"
+        + (f": logical, what the run asks for, on {os.cpu_count()} cores" if cpus != os.cpu_count() else "")
         + (f", dashboard http://{ctx.dashboard_url}" if ctx.dashboard_url else "")
         + f"; logs in {os.path.join(session, 'logs') if session else '?'}); it stops when this process ends "
         "(set ray.address or RAY_ADDRESS to use a running cluster)",
