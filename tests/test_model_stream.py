@@ -49,7 +49,7 @@ def stream(lm, tiny_model_dir):
     rows = chunk_rows(plan, chunks)
     n = len(chunks)
     data = plan_data([chunk_name(c) for c in range(n)], rows, BATCH, STREAMS, 2, 3, sha256=[""] * n, sizes=[0] * n)
-    return cfg, ModelStream(plan, chunks, block_steps=16, seed=3), data
+    return cfg, ModelStream(plan, chunks, data, block_steps=16), data
 
 
 def steps_of(lm, stream, world: int, start: int = 0) -> list[list[int]]:
@@ -59,7 +59,7 @@ def steps_of(lm, stream, world: int, start: int = 0) -> list[list[int]]:
     for rank in range(world):
         owned = owned_streams(STREAMS, world, rank)
         tables = [
-            rank_block(lm.model, cfg, ms, data, owned, i["block"], i["skip"]) for i in ms.items(data.total_steps, start)
+            rank_block(lm.model, cfg, ms, owned, i["block"], i["skip"]) for i in ms.items(data.total_steps, start)
         ]
         ids = np.concatenate(
             [t.column("window").to_numpy().astype(np.int64) * POS_STRIDE + t.column("pos").to_numpy() for t in tables]
@@ -94,7 +94,7 @@ def test_every_row_of_the_streams_is_trained_exactly_once_and_batches_mix_many_w
     expected: Counter[int] = Counter()
     for c in range(STREAMS):
         taken = 0
-        for chunk, start, stop in ms.stream_pieces(data, c):
+        for chunk, start, stop in ms.stream_pieces(c):
             rows = [(w, p) for w in ms.chunks[chunk] for p, k in enumerate(ms.plan.keep[w]) if k][start:stop]
             rows = rows[: data.total_steps * data.stream_batch - taken]
             taken += len(rows)
@@ -122,7 +122,7 @@ def test_the_rows_are_the_cache_builders_activations(lm, stream, tmp_path):
         int(w) * POS_STRIDE + int(p): i
         for i, (w, p) in enumerate(zip(table.column("window").to_pylist(), table.column("pos").to_pylist()))
     }
-    got = rank_block(lm.model, cfg, ms, data, range(STREAMS), 0, 0)
+    got = rank_block(lm.model, cfg, ms, range(STREAMS), 0, 0)
     acts = activations_from_column(got.column("act"), cfg.dtype, 48)
     ids = got.column("window").to_numpy().astype(np.int64) * POS_STRIDE + got.column("pos").to_numpy()
     both = [(j, key[i]) for j, i in enumerate(ids.tolist()) if i in key]
@@ -140,7 +140,7 @@ def test_the_write_through_cache_is_the_cache_builders_byte_for_byte(lm, stream,
     write = dataclasses.replace(cfg, output=str(tmp_path / "written"))
     assert start_write_through(write, 3)
     for item in ms.items(data.total_steps, 0)[:2]:  # the run computed a few blocks, then ended
-        rank_block(lm.model, cfg, ms, data, range(STREAMS), item["block"], item["skip"], write)
+        rank_block(lm.model, cfg, ms, range(STREAMS), item["block"], item["skip"], write)
     written = finish_write_through(lm.model, write, ms, 48, progress=lambda _: None)
     assert [(s.sha256, s.rows) for s in written.shards] == [(s.sha256, s.rows) for s in built.shards]
     assert written.build_config == built.build_config
@@ -205,11 +205,11 @@ def test_an_actor_forwards_a_chunk_that_straddles_two_blocks_once(lm, stream, mo
 
     monkeypatch.setattr(model_stream, "window_rows", counted)
     items = ms.items(data.total_steps, 0)
-    plain = [rank_block(lm.model, cfg, ms, data, range(1), i["block"], i["skip"]) for i in items]
+    plain = [rank_block(lm.model, cfg, ms, range(1), i["block"], i["skip"]) for i in items]
     without = len(calls)
     calls.clear()
     memo: dict = {}
-    memoised = [rank_block(lm.model, cfg, ms, data, range(1), i["block"], i["skip"], memo=memo) for i in items]
+    memoised = [rank_block(lm.model, cfg, ms, range(1), i["block"], i["skip"], memo=memo) for i in items]
     assert all(a.equals(b) for a, b in zip(plain, memoised))
     assert len(calls) < without
-    assert len(calls) == len(ms.stream_pieces(data, 0))  # each read of a chunk forwarded once
+    assert len(calls) == len(ms.stream_pieces(0))  # each read of a chunk forwarded once

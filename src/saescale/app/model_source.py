@@ -17,6 +17,7 @@ from saescale.data.builder import CacheConfig, build_cache, local_part_runner, m
 from saescale.data.manifest import Manifest
 from saescale.data.model_stream import (
     ModelStream,
+    block_steps,
     chunk_name,
     chunk_rows,
     deal_chunks,
@@ -81,11 +82,6 @@ def lm_config(job: TrainJobConfig, **changes: Any) -> CacheConfig:
     return cfg
 
 
-def block_steps(stream_batch: int, buffer_rows: int) -> int:
-    """Steps per block: about `data.shuffle_buffer_rows` rows of each stream."""
-    return max(1, -(-buffer_rows // stream_batch))
-
-
 def prepare_model_source(job: TrainJobConfig, output_dir: str, streams: int) -> ModelSource:
     """Plan the stream (tokenising the corpus once, as the cache builder does), build the held-out
     cache, compute the initialisation rows; every bad input fails here with one line."""
@@ -108,7 +104,7 @@ def prepare_model_source(job: TrainJobConfig, output_dir: str, streams: int) -> 
         sha256=[""] * len(chunks),  # computed, not read: nothing to verify
         sizes=[0] * len(chunks),
     )
-    stream = ModelStream(plan, chunks, block_steps(data.stream_batch, job.data.shuffle_buffer_rows), job.train.seed)
+    stream = ModelStream(plan, chunks, data, block_steps(data.stream_batch, job.data.shuffle_buffer_rows))
     print0(
         f"model stream: {plan.n_rows} tokens in {plan.n_windows} windows of {len(plan.documents)} documents, "
         f"{len(chunks)} chunks; {job.data.lm_actors} LM actor(s) per worker, blocks of {stream.block_steps} steps"
@@ -134,7 +130,7 @@ def prepare_model_source(job: TrainJobConfig, output_dir: str, streams: int) -> 
     heldout = ActivationCache(heldout_url, heldout_cfg.storage_options)
 
     samples = min(job.train.geometric_median_samples, lm_cfg.rows_per_shard)
-    pieces = slice_pieces(stream.stream_pieces(data, 0), 0, samples)
+    pieces = slice_pieces(stream.stream_pieces(0), 0, samples)
     with torch.no_grad():
         rows = [window_rows(lm.model, lm_cfg, plan, chunks[c], f"chunk {c}").acts[a:b] for c, a, b in pieces]
     init_sample = torch.cat(rows)

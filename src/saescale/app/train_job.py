@@ -39,7 +39,7 @@ from saescale.data.reader import ActivationCache
 from saescale.distributed.layouts import Layout, candidate_layouts
 from saescale.distributed.mesh import ParallelDims
 from saescale.distributed.plan import PlanError, check_fits, plan_memory
-from saescale.service.ray_train import LaunchSpec
+from saescale.service.ray_train import DATA_CPUS, LaunchSpec
 from saescale.service.stream import plan_data, rebuild_hint
 from saescale.sweeps.scaling import FLOPS_PER_TOKEN_DN
 from saescale.train.precision import resolve_precision
@@ -288,7 +288,7 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
         elastic=job.parallel.elastic,
         node_wait_s=job.ray.node_wait_s,
         # the reads, or every worker's LM actors (GPUs when the cluster has them: a CPU share then)
-        data_cpus=dims.world_size * job.data.lm_actors * job.data.lm_actor_cpus if source else 1.0,
+        data_cpus=dims.world_size * job.data.lm_actors * job.data.lm_actor_cpus if source else DATA_CPUS,
     )
     what = (
         f"model stream {manifest.model} {manifest.hook}.{manifest.layer}: {data.rows} rows"

@@ -21,6 +21,7 @@ is computed for nothing but the block's, no row repeats or goes missing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -50,34 +51,32 @@ def chunk_rows(plan: Plan, chunks: list[list[int]]) -> list[int]:
 
 @dataclass
 class ModelStream:
-    """A model-streamed run's data: the plan's windows in chunks, and which rows each step gets.
-
-    `data` is the run's `service.stream.DataPlan` over the chunks (files = chunk names, file_rows =
-    the rows of each chunk); `block_steps` steps of every stream are computed at a time."""
+    """A model-streamed run's data: the plan's windows in chunks, the run's
+    `service.stream.DataPlan` over them (files = chunk names, file_rows = the rows of each
+    chunk, its seed the run's), and `block_steps` steps of every stream computed at a time."""
 
     plan: Plan
     chunks: list[list[int]]
+    data: Any  # the `service.stream.DataPlan` over the chunks (a layer above: not imported here)
     block_steps: int
-    seed: int
-    _pieces: dict = field(default_factory=dict, repr=False, compare=False)
+    _pieces: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict, repr=False, compare=False)
 
-    def stream_pieces(self, data, stream: int) -> list[tuple[int, int, int]]:
+    def stream_pieces(self, stream: int) -> list[tuple[int, int, int]]:
         """(chunk, start, stop) rows of every epoch's read of `stream`, in the stream's order."""
-        key = (stream, data.streams, data.epochs, data.seed, tuple(data.file_rows[:1]), len(data.files))
-        if key not in self._pieces:
-            reads = data.stream_reads(stream)
-            self._pieces[key] = [(int(p.path.rsplit("-", 1)[1]), p.start, p.stop) for read in reads for p in read]
-        return self._pieces[key]
+        if stream not in self._pieces:
+            reads = self.data.stream_reads(stream)
+            self._pieces[stream] = [(int(p.path.rsplit("-", 1)[1]), p.start, p.stop) for read in reads for p in read]
+        return self._pieces[stream]
 
     def blocks(self, total_steps: int) -> int:
         return -(-total_steps // self.block_steps)
 
-    def block_steps_of(self, block: int, total_steps: int) -> range:
-        return range(block * self.block_steps, min((block + 1) * self.block_steps, total_steps))
+    def block_steps_of(self, block: int) -> range:
+        return range(block * self.block_steps, min((block + 1) * self.block_steps, self.data.total_steps))
 
     def items(self, total_steps: int, start_step: int) -> list[dict[str, int]]:
-        """A rank's work from `start_step` on: one item per block, the first without the steps
-        already trained."""
+        """A rank's work from `start_step` to `total_steps`: one item per block, the first
+        without the steps already trained."""
         first = start_step // self.block_steps
         return [
             {"block": b, "skip": start_step - b * self.block_steps if b == first else 0}
@@ -85,12 +84,9 @@ class ModelStream:
         ]
 
 
-def make_model_stream(
-    plan: Plan, windows_per_batch: int, stream_batch: int, buffer_rows: int, seed: int
-) -> ModelStream:
-    """Chunks of the plan's windows, and blocks of about `buffer_rows` rows of each stream."""
-    block_steps = max(1, -(-buffer_rows // stream_batch))
-    return ModelStream(plan, deal_chunks(plan.n_windows, windows_per_batch, seed), block_steps, seed)
+def block_steps(stream_batch: int, buffer_rows: int) -> int:
+    """Steps per block: about `buffer_rows` (data.shuffle_buffer_rows) rows of each stream."""
+    return max(1, -(-buffer_rows // stream_batch))
 
 
 def slice_pieces(pieces: list[tuple[int, int, int]], lo: int, hi: int) -> list[tuple[int, int, int]]:
@@ -111,7 +107,6 @@ def block_rows(
     model,
     cfg: CacheConfig,
     ms: ModelStream,
-    data,
     stream: int,
     block: int,
     write: CacheConfig | None = None,
@@ -121,11 +116,11 @@ def block_rows(
     (a write-through cache), each chunk computed here also lands in that cache's buckets. `got`:
     chunks already computed (a chunk that straddles two blocks is forwarded once), and where the
     ones computed here go."""
-    steps = ms.block_steps_of(block, data.total_steps)
-    lo, hi = steps.start * data.stream_batch, steps.stop * data.stream_batch
+    steps = ms.block_steps_of(block)
+    lo, hi = steps.start * ms.data.stream_batch, steps.stop * ms.data.stream_batch
     got = {} if got is None else got
     parts = []
-    for chunk, start, stop in slice_pieces(ms.stream_pieces(data, stream), lo, hi):
+    for chunk, start, stop in slice_pieces(ms.stream_pieces(stream), lo, hi):
         if chunk not in got:
             got[chunk] = window_rows(model, cfg, ms.plan, ms.chunks[chunk], f"chunk {chunk}")
             if write is not None and not storage.exists(part_marker(write, chunk), write.storage_options):
@@ -134,7 +129,7 @@ def block_rows(
     rows = concat(parts)
     if len(rows.rows) != hi - lo:
         raise RuntimeError(f"internal: stream {stream} block {block} has {len(rows.rows)} rows, not {hi - lo}")
-    return take(rows, np.random.default_rng([ms.seed, stream, block]).permutation(hi - lo))
+    return take(rows, np.random.default_rng([ms.data.seed, stream, block]).permutation(hi - lo))
 
 
 def take(rows: WindowRows, index: np.ndarray) -> WindowRows:
@@ -161,7 +156,6 @@ def rank_block(
     model,
     cfg: CacheConfig,
     ms: ModelStream,
-    data,
     streams: range,
     block: int,
     skip: int,
@@ -174,14 +168,13 @@ def rank_block(
     actor's, across its calls) keeps the chunks of the last block: the next block of a stream
     starts in the chunk where this one ended."""
     got = dict(memo or {})
-    per_stream = [block_rows(model, cfg, ms, data, c, block, write, got) for c in streams]
+    per_stream = [block_rows(model, cfg, ms, c, block, write, got) for c in streams]
+    steps, sb = ms.block_steps_of(block), ms.data.stream_batch
     if memo is not None:
-        steps = ms.block_steps_of(block, data.total_steps)
-        ends = [slice_pieces(ms.stream_pieces(data, c), 0, steps.stop * data.stream_batch)[-1][0] for c in streams]
+        ends = [slice_pieces(ms.stream_pieces(c), 0, steps.stop * sb)[-1][0] for c in streams]
         memo.clear()
         memo.update({chunk: got[chunk] for chunk in ends})
-    n_steps = len(ms.block_steps_of(block, data.total_steps))
-    sb = data.stream_batch
+    n_steps = len(steps)
     order = [take(p, np.arange(t * sb, (t + 1) * sb)) for t in range(skip, n_steps) for p in per_stream]
     rows = concat(order)
     return pa.table(

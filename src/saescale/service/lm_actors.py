@@ -26,7 +26,7 @@ class BlockWorker:
     """A Ray Data actor: one LM replica computing a rank's blocks."""
 
     def __init__(
-        self, lm: dict[str, Any], stream: ModelStream, data, streams: range, write: dict | None, fault: dict | None
+        self, lm: dict[str, Any], stream: ModelStream, streams: range, write: dict | None, fault: dict | None
     ) -> None:
         import ray
 
@@ -34,7 +34,7 @@ class BlockWorker:
         self.write = CacheConfig(**write) if write else None
         if isinstance(stream, ray.ObjectRef):  # one copy of the plan in the object store
             stream = ray.get(stream)
-        self.stream, self.data, self.streams, self.fault = stream, data, streams, fault
+        self.stream, self.streams, self.fault = stream, streams, fault
         self.model = actor_replica(self.cfg)
         self.memo: dict[int, Any] = {}  # the last block's chunks: the next block starts in one
 
@@ -44,9 +44,7 @@ class BlockWorker:
         for b in batch["block"]:
             self._maybe_die(int(b))
         tables = [
-            rank_block(
-                self.model, self.cfg, self.stream, self.data, self.streams, int(b), int(skip), self.write, self.memo
-            )
+            rank_block(self.model, self.cfg, self.stream, self.streams, int(b), int(skip), self.write, self.memo)
             for b, skip in zip(batch["block"], batch["skip"])
         ]
         return pa.concat_tables(tables)
@@ -78,7 +76,6 @@ ACTOR_RESTARTS = 3
 def rank_dataset(
     lm: dict[str, Any],
     stream: ModelStream,
-    data,
     streams: range,
     start_step: int,
     actors: int,
@@ -89,7 +86,7 @@ def rank_dataset(
     gpus: bool = False,
 ):
     """The Ray Dataset of a rank's share of every step from `start_step` to `total_steps`
-    (default: the data's; rows in step order: batch it by `stream_batch * len(streams)`)."""
+    (default: the stream's; rows in step order: batch it by `stream_batch * len(streams)`)."""
     import ray
     import ray.data
     from ray.util.annotations import RayDeprecationWarning
@@ -98,10 +95,10 @@ def rank_dataset(
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # rank 0's step progress bar is the one to watch
     plan = ray.get(stream) if isinstance(stream, ray.ObjectRef) else stream
-    items = plan.items(total_steps or data.total_steps, start_step)
+    items = plan.items(total_steps or plan.data.total_steps, start_step)
     if not items:
         raise ValueError(f"internal: no steps left to stream after step {start_step}")
-    constructor = {"lm": lm, "stream": stream, "data": data, "streams": streams, "write": write, "fault": fault}
+    constructor = {"lm": lm, "stream": stream, "streams": streams, "write": write, "fault": fault}
     with warnings.catch_warnings():  # Ray 2.60 has no named parameter for the restart bound
         warnings.simplefilter("ignore", RayDeprecationWarning)
         return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(

@@ -319,7 +319,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if config.get("stream"):  # computed from the resume step on: nothing to skip
             stream = config["stream"]
             dataset = rank_dataset(
-                stream["lm"], stream["model_stream"], data, owned, trainer.step, stream["actors"],
+                stream["lm"], stream["model_stream"], owned, trainer.step, stream["actors"],
                 stream["actor_cpus"], stream["write"], total_steps, stream["fault"], stream["gpus"],
             )  # fmt: skip
             batches = dataset.iter_torch_batches(
@@ -402,6 +402,12 @@ def record_layout(history: list[dict[str, Any]], layout: Layout, step: int, conf
 
 
 # ------------------------------------------------------------------------------- the driver
+# what Ray Data's read tasks request (Ray's default: one CPU per task). Ray Train's workers hold
+# their CPUs for the whole run, so a cluster with no CPU left beside them never runs a read task:
+# the job would wait forever ("Cluster resources are not enough to run any task ...")
+DATA_CPUS = 1.0
+
+
 @dataclass
 class LaunchSpec:
     """Everything the driver needs to start (or resume) one training run on Ray."""
@@ -421,17 +427,13 @@ class LaunchSpec:
     layouts: list[Layout] = field(default_factory=list)
     elastic: bool = False
     node_wait_s: float = 300.0  # how long a start waits for the cluster to hold a layout (`capacity`)
-    data_cpus: float = 1.0  # what the data pipeline needs beside the workers (reads, or LM actors)
+    data_cpus: float = DATA_CPUS  # what the data pipeline needs beside the workers (reads, or LM actors)
 
     def __post_init__(self) -> None:
         if not self.layouts:
             self.layouts = [Layout(self.workers, self.tp, self.worker_config.get("train", {}).get("micro_batches", 1))]
 
 
-# what Ray Data's read tasks request (Ray's default: one CPU per task). Ray Train's workers hold
-# their CPUs for the whole run, so a cluster with no CPU left beside them never runs a read task:
-# the job would wait forever ("Cluster resources are not enough to run any task ...")
-DATA_CPUS = 1.0
 MIN_WORKER_CPUS = 0.01  # the smallest share a worker may reserve when the cluster is short
 
 
@@ -532,7 +534,7 @@ def launch(spec: LaunchSpec):
                 f"the cluster's GPUs do not hold {spec.workers} x data.lm_actors={stream['actors']} LM actors beside "
                 f"the workers: the LM actors run on data.lm_actor_cpus={stream['actor_cpus']:g} CPUs each"
             )
-    if stream:  # each layout's workers bring their own LM actors (CPU ones count here)
+        # each layout's workers bring their own LM actors (CPU ones count here)
         actor_cpus = 0.0 if stream["gpus"] else stream["actors"] * stream["actor_cpus"]
         check = CapacityCheck(spec.cpus_per_worker, spec.use_gpu, 0.0, actor_cpus)
     else:
