@@ -44,6 +44,7 @@ def _step(args: argparse.Namespace) -> int:
         architecture=args.architecture,
         l1_coef=args.l1_coef,
         peers=tuple(p for p in (args.peers or "").split(",") if p),
+        sync_free=args.sync_free,
     )
     print(json.dumps(result))
     return 0
@@ -254,6 +255,13 @@ def _add_step(bench_sub: argparse._SubParsersAction[Any]) -> None:
         help="sae.architecture; the floor stays the GEMM + top-k, the same work for each",
     )
     step.add_argument("--l1-coef", type=float, default=0.01, help="ReLU's L1 coefficient (--architecture relu)")
+    step.add_argument(
+        "--sync-free",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="train.sync_free: a step with no host synchronisation (auto: on for a CUDA TopK step); "
+        "the result counts the host-synchronising ops of one step either way",
+    )
     step.add_argument(
         "--peers", default=None, help="comma-separated peers whose own step is timed beside ours: sparsify"
     )

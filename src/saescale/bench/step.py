@@ -127,6 +127,7 @@ def bench_step(
     architecture: str = "topk",
     l1_coef: float = 0.01,
     peers: tuple[str, ...] = (),
+    sync_free: str = "auto",
 ) -> dict[str, Any]:
     from saescale.bench.peer_steps import PEERS
     from saescale.core.config import SAEConfig
@@ -159,7 +160,10 @@ def bench_step(
         device=device,
         architecture=architecture,
         l1_coef=l1_coef,
+        sync_free=sync_free,
     )
+    if sync_free not in ("auto", "on", "off"):
+        raise ValueError(f"--sync-free must be auto, on or off, got {sync_free!r}")
     step = run_worker({**spec, "kind": "step"}, timeout)
     floor_fp32_s = statistics.median(step["fp32_floor_times_s"])
     result: dict[str, Any] = {
@@ -168,6 +172,11 @@ def bench_step(
         "device": device,
         "precision": step["precision"],
         "micro_batches": step["micro_batches"],
+        # train.sync_free, and the host-synchronising ops one step ran (`train.host_sync`)
+        "sync_free": step["sync_free"],
+        "host_syncs_per_step": step["host_syncs"],
+        "host_sync_ops": step["host_sync_ops"],
+        "aux_path": step["aux_path"],
         "step_s": round(step["median_s"], 4),
         "tokens_per_s": round(batch / step["median_s"], 1),
         "floor_s": round(step["floor_median_s"], 4),

@@ -26,6 +26,7 @@ from saescale.core.config import NEVER_DEAD, SAEConfig, TrainConfig
 from saescale.core.model import TopKSAE
 from saescale.core.reference import dense_losses
 from saescale.train.dead_latents import DeadLatentTracker
+from saescale.train.host_sync import HostSyncAudit
 from saescale.train.optim import make_adam, remove_parallel_grad_
 from saescale.train.precision import Precision
 from saescale.train.step import SparseTopKStep, low_precision_candidates
@@ -184,7 +185,10 @@ def run_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     threshold = NEVER_DEAD  # the dead set is planted by hand each step below, never by the tracker
     tracker = DeadLatentTracker(cfg.n_latents, threshold, device)
     precision = Precision.make(spec.get("precision", "fp32"), device)
-    step = SparseTopKStep(sae, 1.0, tracker, precision=precision, micro_batches=spec.get("micro_batches", 1))
+    sync_free = {"auto": None, "on": True, "off": False}[spec.get("sync_free", "auto")]
+    step = SparseTopKStep(
+        sae, 1.0, tracker, precision=precision, micro_batches=spec.get("micro_batches", 1), sync_free=sync_free
+    )
     opt = make_adam([sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre], TrainConfig(), lr=1e-4)
     sync = synchronizer(device)
 
@@ -200,8 +204,14 @@ def run_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
         train_step()
         floor()
     floor_times, step_times = interleave(floor, train_step, spec["repeats"], sync)
+    with HostSyncAudit() as audit:  # one more step, its host reads counted (untimed: the audit is slow)
+        train_step()
     result = {
         "kind": "step",
+        "sync_free": step.sync_free,
+        "host_syncs": sum(audit.syncs.values()),  # ops that make the host wait for the device
+        "host_sync_ops": dict(audit.syncs),
+        "aux_path": step.last_aux_path,
         "precision": precision.name,
         "micro_batches": step.micro_batches,
         "chunk_rows": step.chunk_rows(x.shape[0]),

@@ -193,10 +193,15 @@ class TrainConfig(_DictConfig):
     # Row chunks per step for the O(batch * n_latents) work: an integer >= 1, or "auto" (the
     # memory planner picks the fewest that fit the device). The step stays the batch-level step.
     micro_batches: int | str = 1
+    # A step with no host synchronisation (`train.step.SparseTopKStep`): auto (on for a CUDA
+    # TopK step on one TP rank) | on | off. Losses and counts are then read at log steps only.
+    sync_free: str = "auto"
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be one of auto, fp32, bf16, fp16; got {self.precision!r}")
+        if self.sync_free not in ("auto", "on", "off"):
+            raise ConfigError(f"train.sync_free must be auto, on or off; got {self.sync_free!r}")
         if self.micro_batches != "auto" and (
             not isinstance(self.micro_batches, int) or isinstance(self.micro_batches, bool) or self.micro_batches < 1
         ):

@@ -28,6 +28,39 @@ def use_dense_block(n_dead: int, k_aux: int) -> bool:
     return n_dead <= DENSE_BLOCK_MAX_RATIO * k_aux
 
 
+def dead_block_capacity(n_latents: int, k_aux: int) -> int:
+    """The most columns of the fixed-shape dead block (the sync-free step): the dense regime's bound."""
+    return min(n_latents, DENSE_BLOCK_MAX_RATIO * max(1, k_aux))
+
+
+def dead_block_width(seen: int | None, n_latents: int, k_aux: int) -> int:
+    """Columns of the sync-free step's dead block, from the dead count of an earlier step
+    (`seen`, None before any): twice that, rounded up to a power of two (few distinct shapes,
+    room for latents that die in between), at least k_aux and at most `dead_block_capacity`.
+    A healthy run (no dead latent) pays for a [batch, k_aux] block, not a 16x wider one."""
+    cap = dead_block_capacity(n_latents, k_aux)
+    if seen is None:
+        return cap
+    return min(cap, max(1, k_aux, 1 << max(0, 2 * seen - 1).bit_length()))
+
+
+def dead_slots(dead: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The first `capacity` dead latents in index order as fixed-shape device tensors, with no
+    host synchronisation: (their indices, padded with 0; which slots hold one; the dead count).
+
+    `nonzero()` would give the same indices but makes the host wait for the device to learn
+    how many there are; here each dead latent's slot is its rank among the dead (a cumsum) and
+    the rest are scattered into one spare slot that is dropped."""
+    n = dead.numel()
+    rank = torch.cumsum(dead, 0) - 1
+    slot = torch.where(dead & (rank < capacity), rank, capacity)
+    latents = torch.zeros(capacity + 1, dtype=torch.long, device=dead.device)
+    latents.scatter_(0, slot, torch.arange(n, device=dead.device))
+    count = rank[-1] + 1 if n else torch.zeros((), dtype=torch.long, device=dead.device)
+    valid = torch.arange(capacity, device=dead.device) < count
+    return latents[:capacity].masked_fill_(~valid, 0), valid, count
+
+
 @functools.cache
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU multiplies bfloat16 natively (AMX or AVX512-BF16)."""
@@ -67,6 +100,10 @@ class DeadBlock:
     pre-activation buffer when it holds the whole batch in float32 (bit-exact with the dense
     reference); otherwise (low precision, or a micro-batched step, `pre=None`) it is recomputed
     by a [batch, d] x [d, n_dead] matmul in `dtype`.
+
+    With `valid` (the sync-free step's fixed-shape block from `dead_slots`), columns whose slot
+    is empty are inactive, and the shortcut's test (which reads a count on the host) is skipped:
+    the top-k always runs when the block is wider than k_aux (it gives the same Z).
     """
 
     def __init__(
@@ -78,6 +115,7 @@ class DeadBlock:
         dead_idx: Tensor,
         k_aux: int,
         dtype: torch.dtype,
+        valid: Tensor | None = None,
     ) -> None:
         batch, n_dead = x_centred.shape[0], int(dead_idx.numel())
         self.dtype = dtype
@@ -93,10 +131,15 @@ class DeadBlock:
             x_aug = torch.cat([x_centred.to(dtype), ones], dim=1)
             w_aug = torch.cat([w_enc[dead_idx], b_enc[dead_idx, None]], dim=1).to(dtype)
             self.code = x_aug @ w_aug.t()
+        if valid is not None:
+            self.code.masked_fill_(~valid, 0)
         self.inactive = self.code <= 0  # ReLU mask, reused by the backward
         # active entries per token (int32 per row: summing a bool tensor into int64 is 6x slower)
         self.active_per_row = n_dead - self.inactive.sum(1, dtype=torch.int32)
-        self.used_topk = k_aux < n_dead and int(self.active_per_row.max()) > k_aux
+        if valid is not None:  # fixed shapes: no host read of the active counts
+            self.used_topk = k_aux < n_dead
+        else:
+            self.used_topk = k_aux < n_dead and int(self.active_per_row.max()) > k_aux
         if not self.used_topk:
             self.code.masked_fill_(self.inactive, 0)
         else:

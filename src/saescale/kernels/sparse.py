@@ -69,7 +69,9 @@ class LatentOrder:
             self.rows = torch.div(self.perm, indices.shape[1], rounding_mode="floor")
         else:
             self.rows = rows[self.perm]
-        counts = torch.bincount(flat, minlength=n_latents)
+        # (an index_add_ of ones, not bincount: CUDA's bincount reads the largest index on the host)
+        counts = torch.zeros(n_latents, dtype=torch.long, device=indices.device)
+        counts.index_add_(0, flat, torch.ones_like(flat))
         self.offsets = torch.zeros(n_latents + 1, dtype=torch.long, device=indices.device)
         torch.cumsum(counts, 0, out=self.offsets[1:])
         self._offsets_cpu: list[int] | None = None
@@ -130,17 +132,32 @@ def _bag_into(out: Tensor, rows: Tensor, dense: Tensor, offsets: Tensor, weights
         out.copy_(F.embedding_bag(rows, dense, offsets, per_sample_weights=weights, mode="sum"))
 
 
-def rows_by_latent_(out: Tensor, order: LatentOrder, coeffs: Tensor, dense: Tensor, accumulate: bool = False) -> Tensor:
+def whole_bag_fits(entries: int, d: int) -> bool:
+    """Whether one embedding_bag call may take `entries` entries of width d (see _MAX_BAG_ELEMENTS)."""
+    return entries * d <= _MAX_BAG_ELEMENTS
+
+
+def rows_by_latent_(
+    out: Tensor, order: LatentOrder, coeffs: Tensor, dense: Tensor, accumulate: bool = False, sync_free: bool = False
+) -> Tensor:
     """out[i] (+)= sum over entries (b, j) with latent i of coeffs[b, j] * dense[b].
 
     This is the gradient of a weight matrix [n, d] from sparse coefficients [batch, K] and a
     dense [batch, d] factor (the decoder's output gradient, or the encoder's centred input).
     Rows with no entries are written as zeros (or left unchanged when accumulating).
+
+    `sync_free` (overwrite only): one call over every latent, with no host read of the offsets
+    (the chunked loop reads them to slice each chunk's entries); needs `whole_bag_fits`.
     """
     n, d = out.shape
     if n != order.n_latents:
         raise ValueError(f"out has {n} rows but the order covers {order.n_latents} latents")
     weights_sorted = coeffs.reshape(-1).to(dense.dtype)[order.perm]
+    if sync_free:
+        if accumulate or not whole_bag_fits(order.rows.numel(), d):
+            raise ValueError("rows_by_latent_(sync_free=True) overwrites, with entries x d under 2^30")
+        _bag_into(out, order.rows, dense, order.offsets[:-1], weights_sorted)
+        return out
     chunk = max(1, _CHUNK_BYTES // max(1, d * out.element_size()))
     if accumulate:
         # only the latents that have entries: bag them, then add into their rows

@@ -21,6 +21,11 @@ class DeadLatentTracker:
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[fired_indices.reshape(-1)] = 0
 
+    def update_mask(self, fired: Tensor, n_tokens: int) -> None:
+        """`update` from a [n_latents] boolean mask of the latents that fired (no indexing by a
+        mask, which would make a GPU's host wait for its size)."""
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
+
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.threshold_tokens
 

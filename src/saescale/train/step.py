@@ -49,14 +49,19 @@ from saescale.kernels import (
     DeadBlock,
     LatentOrder,
     RaggedCode,
+    dead_block_capacity,
+    dead_block_width,
+    dead_slots,
     latent_sums,
     resolve_aux_dtype,
     rows_by_latent_,
     sparse_decode,
     use_dense_block,
     values_grad,
+    whole_bag_fits,
 )
 from saescale.train.dead_latents import DeadLatentTracker
+from saescale.train.host_sync import LaggedRead
 from saescale.train.precision import Precision
 
 # In low precision the top-k keeps a quarter more candidates (at least 8) than it needs before
@@ -70,6 +75,12 @@ OVERSELECT_MIN = 8
 # kernels, whose gathers cost far more per entry (measured on an H200, d=576, n=65536, batch 4096,
 # a 50%-dense ReLU code: 1.13 s a step through the sparse kernels, 0.044 s for the dense reference)
 DENSE_CODE_FRACTION = 1 / 32
+
+
+def _fire_counts(latents: Tensor, fired: Tensor, n_latents: int) -> Tensor:
+    """[n_latents] how many entries of each latent fired (a scatter, no host read)."""
+    counts = torch.zeros(n_latents, dtype=torch.long, device=latents.device)
+    return counts.index_add_(0, latents.reshape(-1), fired.reshape(-1).to(torch.long))
 
 
 def low_precision_candidates(width: int) -> int:
@@ -96,8 +107,8 @@ class StepStats:
     auxk_loss: Tensor
     multi_topk_loss: Tensor
     l0: Tensor
-    n_dead: int
-    fired: Tensor  # latent indices that fired in this batch (for density statistics)
+    n_dead: Tensor  # dead latents after this batch (over the whole TP group), a device scalar
+    fire_counts: Tensor  # [n_local] how many of this batch's tokens each latent fired on
     overflow: bool = False  # fp16: a low-precision product overflowed on this rank (skip the step)
     penalty_loss: Tensor | None = None  # the activation's penalty (ReLU's L1), None for the others
     batch_threshold: Tensor | None = None  # BatchTopK: the smallest kept value of this batch
@@ -112,13 +123,38 @@ class _Main:
     multi_loss: Tensor
     grad_b_enc: Tensor  # AuxK adds to it
     grad_b_pre: Tensor  # the decoder's share
-    fired: Tensor  # this rank's latents that fired
+    fire_counts: Tensor  # [n_local] tokens each of this rank's latents fired on
     l0: Tensor  # active latents per token (over the whole TP group)
     penalty: Tensor | None = None  # the activation's penalty (ReLU's L1)
 
 
+def supports_sync_free(cfg, tp: TensorParallel | None) -> str | None:
+    """Why a step cannot run without host synchronisation, or None when it can: a TopK code of
+    fixed width [batch, k] on one TP rank (BatchTopK's and ReLU's codes have data-dependent
+    sizes; Multi-TopK's wide code and TP's owned share are ragged or accumulated)."""
+    if not activation(cfg.architecture).fixed_width:
+        return f"sae.architecture={cfg.architecture} has a code of data-dependent size"
+    if cfg.multi_topk:
+        return "Multi-TopK accumulates a second code into the gradients"
+    if tp is not None and tp.size > 1:
+        return "a TP rank's share of the top-k differs per token"
+    return None
+
+
 class SparseTopKStep:
-    """Computes losses and writes parameter gradients for one batch of normalised inputs."""
+    """Computes losses and writes parameter gradients for one batch of normalised inputs.
+
+    `sync_free` (default: on for a CUDA TopK step that supports it, `supports_sync_free`): no op
+    in the step makes the host wait for the device. Fire counts and the dead count stay on the
+    device; AuxK runs on a fixed-shape dead block (the first dead latents in index order, found
+    without `nonzero`), gated on the device by the dead count, `dead_block_width` columns wide
+    from the count an earlier step saw (read without waiting, `LaggedRead`); the decoder and
+    encoder gradients are one embedding_bag call each. When an earlier step saw more dead
+    latents than `dead_block_capacity` (a run that is not healthy yet), AuxK takes the exact,
+    synchronising path instead. A step with more dead latents than its block holds (they died
+    since that count) models the residual with the block's: at most a step or two while the
+    width catches up. fp16 still reads its overflow flag once per step.
+    """
 
     def __init__(
         self,
@@ -129,6 +165,7 @@ class SparseTopKStep:
         dp: DataParallel | None = None,
         precision: Precision | None = None,
         micro_batches: int = 1,
+        sync_free: bool | None = None,
     ) -> None:
         """`sae` holds this rank's latents; with `tp`, its config's n_latents is the local slice
         and `tp.n_global` the whole autoencoder's (k, k_aux are global). With `dp`, `x` is this
@@ -165,6 +202,15 @@ class SparseTopKStep:
             self.aux_dtype = resolve_aux_dtype(self.cfg.aux_precision, sae.W_enc.device)
         self.last_aux_path = "none"  # which AuxK implementation the last step used
         self.last_main_path = "fixed_width"  # fixed_width (TopK), ragged or dense (see _main_ragged)
+        why_not = supports_sync_free(self.cfg, tp)
+        if sync_free is None:
+            sync_free = sae.W_enc.device.type == "cuda" and why_not is None
+        elif sync_free and why_not is not None:
+            raise ValueError(f"a sync-free step is not possible: {why_not}")
+        self.sync_free = bool(sync_free)
+        self.dead_capacity = dead_block_capacity(self.cfg.n_latents, self.cfg.k_aux)
+        self._dead_seen = LaggedRead()  # the dead count of an earlier step, read without waiting
+        self._overflow_flag: Tensor | None = None  # sync-free fp16: any overflow, on the device
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -243,8 +289,14 @@ class SparseTopKStep:
         return exact, idx
 
     def _note_overflow(self, t: Tensor) -> None:
-        """fp16 only: remember that a low-precision result overflowed (the step is skipped)."""
-        if self.precision.scaler is not None and not bool(torch.isfinite(t).all()):
+        """fp16 only: remember that a low-precision result overflowed (the step is skipped).
+        Sync-free, the flag stays on the device and is read once at the end of the step."""
+        if self.precision.scaler is None:
+            return
+        if self.sync_free:
+            bad = ~torch.isfinite(t).all()
+            self._overflow_flag = bad if self._overflow_flag is None else self._overflow_flag | bad
+        elif not bool(torch.isfinite(t).all()):
             self._overflow = True
 
     def _chunks(self, batch: int) -> list[slice]:
@@ -257,7 +309,7 @@ class SparseTopKStep:
         variance (only needed for logging) and reports fvu as NaN."""
         sae, cfg = self.sae, self.cfg
         W_enc, b_enc, b_pre = sae.W_enc, sae.b_enc, sae.b_pre
-        self._overflow = False
+        self._overflow, self._overflow_flag = False, None
 
         # ---- encoder (the floor: one GEMM + selection per micro-batch), decoder, main loss ----
         xc = x - b_pre
@@ -270,7 +322,7 @@ class SparseTopKStep:
             main = self._main_ragged(x, xc, code)
         # AuxK's top-k over the dead columns reads the whole-batch pre-activation (whole_pre);
         # with micro-batches it recomputes those columns in the same dtype (the same selection)
-        self._update_tracker(main.fired, x.shape[0])
+        self._update_tracker(main.fire_counts, x.shape[0])
         fvu = (
             main.mse / self._batch_variance(x).clamp_min(1e-30)
             if compute_fvu
@@ -279,14 +331,24 @@ class SparseTopKStep:
 
         # ---- AuxK on the dead latents ------------------------------------------------------
         auxk_loss = torch.zeros((), device=x.device)
-        dead_idx = self.tracker.dead_mask().nonzero().flatten()
-        n_dead = int(dead_idx.numel())
-        if self.tp is not None:
-            n_dead = int(self.tp.all_reduce_(torch.tensor([n_dead], device=x.device)).item())
-            if n_dead > 0 and cfg.auxk_coef > 0:
-                auxk_loss = self._auxk_tp(whole_pre, dead_idx, n_dead, main.err, xc, main.grad_b_enc)
-        elif n_dead > 0 and cfg.auxk_coef > 0:
-            auxk_loss = self._auxk(whole_pre, dead_idx, main.err, xc, main.grad_b_enc)
+        seen = self._dead_seen.latest() if self.sync_free else None
+        if self.sync_free and (seen is None or seen <= self.dead_capacity):
+            width = dead_block_width(seen, cfg.n_latents, cfg.k_aux)
+            n_dead, auxk_loss = self._auxk_fixed_block(whole_pre, main.err, xc, main.grad_b_enc, width)
+        else:
+            dead_idx = self.tracker.dead_mask().nonzero().flatten()
+            n_dead = int(dead_idx.numel())
+            if self.tp is not None:
+                n_dead = int(self.tp.all_reduce_(torch.tensor([n_dead], device=x.device)).item())
+                if n_dead > 0 and cfg.auxk_coef > 0:
+                    auxk_loss = self._auxk_tp(whole_pre, dead_idx, n_dead, main.err, xc, main.grad_b_enc)
+            elif n_dead > 0 and cfg.auxk_coef > 0:
+                auxk_loss = self._auxk(whole_pre, dead_idx, main.err, xc, main.grad_b_enc)
+            n_dead = torch.tensor(n_dead)
+        if self.sync_free:
+            self._dead_seen.record(n_dead)
+        if self._overflow_flag is not None:
+            self._overflow = bool(self._overflow_flag)  # fp16: the step's one host read
 
         b_enc.grad.copy_(main.grad_b_enc)
         main.grad_b_pre -= self._reduce(main.grad_b_enc @ W_enc)  # the encoder's share, summed over shards
@@ -304,7 +366,7 @@ class SparseTopKStep:
             main.multi_loss,
             main.l0,
             n_dead,
-            main.fired,
+            main.fire_counts,
             overflow=self._overflow,
             penalty_loss=main.penalty,
             batch_threshold=batch_threshold,
@@ -419,11 +481,13 @@ class SparseTopKStep:
         mse = _mean_sq(err)
         grad_x_hat = err * (2.0 * self.mse_scale / denom)
         fired_mask = main_vals > 0  # this rank's latents that fired
-        fired = main_idx[fired_mask]
+        fire_counts = _fire_counts(main_idx, fired_mask, n)
+        # one embedding_bag call per gradient, no host read of the offsets (sync-free, when it fits)
+        whole = self.sync_free and whole_bag_fits(main_idx.numel(), x.shape[1])
 
         # gradient w.r.t. the encoder values at `idx` (width entries per token)
         g_main = values_grad(main_idx, W_dec, grad_x_hat) * fired_mask
-        rows_by_latent_(W_dec.grad, order_main, main_vals, grad_x_hat, accumulate=False)
+        rows_by_latent_(W_dec.grad, order_main, main_vals, grad_x_hat, accumulate=False, sync_free=whole)
         grad_b_pre = grad_x_hat.sum(0)
 
         multi_loss = torch.zeros((), device=x.device)
@@ -441,9 +505,9 @@ class SparseTopKStep:
             g_enc, enc_idx, enc_order = g_main, main_idx, order_main
 
         # encoder gradients from the active entries
-        rows_by_latent_(W_enc.grad, enc_order, g_enc, xc, accumulate=False)
+        rows_by_latent_(W_enc.grad, enc_order, g_enc, xc, accumulate=False, sync_free=whole)
         l0 = (main_raw > 0).sum(1).float().mean()
-        return _Main(err, mse, multi_loss, latent_sums(enc_idx, g_enc, n), grad_b_pre, fired, l0)
+        return _Main(err, mse, multi_loss, latent_sums(enc_idx, g_enc, n), grad_b_pre, fire_counts, l0)
 
     def _main_ragged(self, x: Tensor, xc: Tensor, code: RaggedCode, l0: Tensor | None = None) -> _Main:
         """Main loss (and the activation's penalty) from a ragged code of this rank's entries: a
@@ -461,7 +525,7 @@ class SparseTopKStep:
         mse = _mean_sq(err)
         grad_x_hat = err * (2.0 * self.mse_scale / x.numel())
         active = code.values > 0
-        fired = code.latents[active]
+        fire_counts = _fire_counts(code.latents, active, n)
         penalty = None
         penalty_grad = self.activation.penalty_grad(self.cfg, rows)
         if penalty_grad or l0 is None:  # one all-reduce of the code's sum and its count
@@ -485,7 +549,9 @@ class SparseTopKStep:
             rows_by_latent_(W_dec.grad, order, code.values, grad_x_hat, accumulate=False)
             rows_by_latent_(W_enc.grad, order, g_enc, xc, accumulate=False)
             grad_b_enc = latent_sums(code.latents, g_enc, n)
-        return _Main(err, mse, torch.zeros((), device=x.device), grad_b_enc, grad_x_hat.sum(0), fired, l0, penalty)
+        return _Main(
+            err, mse, torch.zeros((), device=x.device), grad_b_enc, grad_x_hat.sum(0), fire_counts, l0, penalty
+        )
 
     def _aux_loss(self, aux_err: Tensor, var_res: Tensor) -> tuple[Tensor, Tensor | None]:
         """AuxK loss from e_hat - e, and its gradient w.r.t. e_hat (None when the loss is not
@@ -494,6 +560,42 @@ class SparseTopKStep:
         if not torch.isfinite(aux):
             return torch.zeros((), device=aux_err.device), None
         return aux, aux_err * (2.0 * self.cfg.auxk_coef / (aux_err.numel() * var_res))
+
+    def _aux_loss_gated(self, aux_err: Tensor, var_res: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+        """`_aux_loss` without a host read: a loss that is not finite, or a step without dead
+        latents (`gate` false), gives a zero loss and a zero gradient, chosen on the device."""
+        aux = self.cfg.auxk_coef * _mean_sq(aux_err) / var_res
+        use = torch.isfinite(aux) & gate
+        grad = aux_err * (2.0 * self.cfg.auxk_coef / (aux_err.numel() * var_res))
+        return torch.where(use, aux, 0.0), torch.where(use, grad, 0.0)
+
+    def _auxk_fixed_block(
+        self, pre: Tensor | None, err: Tensor, xc: Tensor, grad_b_enc: Tensor, width: int
+    ) -> tuple[Tensor, Tensor]:
+        """Sync-free AuxK (one TP rank): the dense dead block over `width` columns (`dead_slots`:
+        the first `width` dead latents, padding inactive). Returns (dead count, AuxK loss); with
+        no dead latent the loss and gradients are zero, as on the synchronising path."""
+        cfg, sae = self.cfg, self.sae
+        W_dec = sae.W_dec
+        dead_idx, valid, n_dead = dead_slots(self.tracker.dead_mask(), width)
+        if cfg.auxk_coef <= 0:
+            return n_dead, torch.zeros((), device=xc.device)
+        k_aux = min(cfg.k_aux, width)
+        self.last_aux_path = "fixed_block"
+        residual = -err
+        var_res = self._batch_variance(residual)
+        block = DeadBlock(pre, xc, sae.W_enc, sae.b_enc, dead_idx, k_aux, self.aux_dtype, valid=valid)
+        w_dead = W_dec.index_select(0, dead_idx)
+        decoded = block.decode(w_dead)
+        if block.dtype == torch.float16:
+            self._note_overflow(decoded)
+        aux, grad_e_hat = self._aux_loss_gated(decoded.sub_(residual), var_res, n_dead > 0)
+        g_wdec, g_wenc, g_benc = self._scaled_block_backward(block, grad_e_hat, w_dead, xc)
+        # padding slots point at latent 0 with all-zero rows: adding them changes nothing
+        W_dec.grad.index_add_(0, dead_idx, g_wdec)
+        sae.W_enc.grad.index_add_(0, dead_idx, g_wenc)
+        grad_b_enc.index_add_(0, dead_idx, g_benc)
+        return n_dead, aux
 
     def _batch_variance(self, t: Tensor) -> Tensor:
         """`_variance` over the whole batch: with data parallelism, from the replicas' summed
@@ -507,16 +609,15 @@ class SparseTopKStep:
         mean = sums[1:] / rows
         return sums[0] / (rows * t.shape[1]) - torch.dot(mean, mean) / mean.numel()
 
-    def _update_tracker(self, fired: Tensor, batch: int) -> None:
+    def _update_tracker(self, fire_counts: Tensor, batch: int) -> None:
         """Advance the dead-latent counters by the whole batch: under data parallelism a latent
         fired if it fired on any replica (an all-reduce MAX of a byte per local latent)."""
         if self.dp is None:
-            self.tracker.update(fired, batch)
+            self.tracker.update_mask(fire_counts > 0, batch)
             return
-        mask = torch.zeros(self.cfg.n_latents, dtype=torch.uint8, device=fired.device)
-        mask[fired] = 1
+        mask = (fire_counts > 0).to(torch.uint8)
         self.dp.all_reduce_(mask, op=torch.distributed.ReduceOp.MAX)
-        self.tracker.update(mask.nonzero().flatten(), batch * self.dp.size)
+        self.tracker.update_mask(mask.bool(), batch * self.dp.size)
 
     def _reduce(self, partial: Tensor) -> Tensor:
         """Sum a partial result over the TP group (identity without TP)."""

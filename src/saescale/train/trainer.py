@@ -146,6 +146,8 @@ class Trainer:
         self.summary = TrainSummary(steps=0, tokens=0)
         self._step_fn: SparseTopKStep | None = None
         self._fire_counts = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=self.device)
+        self._bad_loss: Tensor | None = None  # sync-free steps: any loss not finite since the last check
+        self._loss_checked_at = 0
         self._window_tokens = 0
         torch.manual_seed(cfg.seed)
 
@@ -174,6 +176,7 @@ class Trainer:
             dp=self.dp,
             precision=self.precision,
             micro_batches=self.micro_batches if self.micro_batches != "auto" else 1,
+            sync_free={"auto": None, "on": True, "off": False}[self.cfg.sync_free],
         )
 
     # ---------------------------------------------------------- agreement
@@ -241,11 +244,7 @@ class Trainer:
         stats = self._step_fn(x_normed, compute_fvu=logging_now)
         if self._agreed_overflow(stats.overflow):
             return self._skip_step(x.shape[0], stats)
-        error = None
-        if not torch.isfinite(stats.loss):
-            error = FloatingPointError(
-                f"loss became {stats.loss.item()} at step {self.step}; lower train.lr or enable train.clip_grad_norm"
-            )
+        error = self._loss_error(stats.loss, logging_now)
         if self.dp is not None:  # TP ranks share one loss; replicas must agree before averaging
             self.agree(True, error)
         elif error is not None:
@@ -271,7 +270,7 @@ class Trainer:
         batch_tokens = x.shape[0]
         self.step += 1
         self.tokens_seen += batch_tokens * (self.dp.size if self.dp is not None else 1)
-        self._fire_counts += torch.bincount(stats.fired, minlength=self.sae.cfg.n_latents)
+        self._fire_counts += stats.fire_counts
         self._window_tokens += batch_tokens
         if not logging_now:
             return None
@@ -288,7 +287,7 @@ class Trainer:
             "fvu": fvu,
             "auxk_loss": auxk_loss,
             "l0": l0,
-            "dead_fraction": stats.n_dead / self.n_global,
+            "dead_fraction": float(stats.n_dead) / self.n_global,
             "lr": lr,
             "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
             "tokens": float(self.tokens_seen),
@@ -303,6 +302,39 @@ class Trainer:
             metrics["loss_scale"] = self.precision.scale
             metrics["skipped_steps"] = float(self.precision.scaler.skipped_steps)
         return metrics
+
+    def _loss_error(self, loss: Tensor, check_now: bool) -> FloatingPointError | None:
+        """The error for a loss that is not finite. A sync-free step on one replica does not
+        read its loss every step (that read would make the host wait for the GPU): a device flag
+        gathers every step's, read at log steps and before each checkpoint (`check_loss`), so a
+        run stops there, before any checkpoint holds the bad weights."""
+        deferred = self._step_fn is not None and self._step_fn.sync_free and self.dp is None
+        if deferred:
+            bad = ~torch.isfinite(loss)
+            self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
+            return self.check_loss(raise_=False) if check_now else None
+        if bool(torch.isfinite(loss)):
+            return None
+        return FloatingPointError(
+            f"loss became {loss.item()} at step {self.step}; lower train.lr or enable train.clip_grad_norm"
+        )
+
+    def check_loss(self, raise_: bool = True) -> FloatingPointError | None:
+        """Read the sync-free steps' non-finite-loss flag (one host read): the error, raised
+        or returned, when a loss since the last check was not finite."""
+        if self._bad_loss is None:
+            return None
+        bad, self._bad_loss = bool(self._bad_loss), None
+        first, self._loss_checked_at = self._loss_checked_at, self.step
+        if not bad:
+            return None
+        error = FloatingPointError(
+            f"loss became non-finite between steps {first} and {self.step} (train.sync_free reads it at log "
+            "steps); lower train.lr or enable train.clip_grad_norm"
+        )
+        if raise_:
+            raise error
+        return error
 
     def _planned_micro_batches(self, rows: int) -> int:
         """`micro_batches="auto"`: the memory planner's fewest chunks for this device's memory."""
@@ -354,7 +386,7 @@ class Trainer:
         self.step += 1
         self.tokens_seen += rows * (self.dp.size if self.dp is not None else 1)
         self._window_tokens += rows
-        self._fire_counts += torch.bincount(stats.fired, minlength=self.sae.cfg.n_latents)
+        self._fire_counts += stats.fire_counts
         print0(f"step {self.step}: fp16 overflow, step skipped; loss scale now {self.precision.scale:g}")
         return None  # the next logged step reports loss_scale and skipped_steps
 
@@ -524,6 +556,7 @@ class Trainer:
         }
 
     def snapshot(self) -> TrainerSnapshot:
+        self.check_loss()  # a sync-free run's deferred loss check: never checkpoint bad weights
         tensors: dict[str, Tensor] = {"dead.tokens_since_fired": self.tracker.tokens_since_fired}
         for pid, st in self.optimizer.state_dict()["state"].items():
             for key, value in st.items():
