@@ -2,18 +2,26 @@
 # A prepared check for a machine with one NVIDIA GPU; not part of the test suite.
 #
 #   make install TORCH=torch            # a CUDA build of torch (see the Makefile's TORCH)
-#   bash bench/gpu_check.sh [all|env|tests|step|peers|precision|train]    # from the repo root; default all
+#   bash bench/gpu_check.sh [all|env|tests|kernels|peers|step|precision|train]    # from the repo root; default all
 #
 # Prints one JSON object per line:
 #   {"check": "env", ...}        nvidia-smi's GPU, torch and CUDA versions
-#   {"check": "tests", ...}      pytest -m gpu tests/test_cuda.py (the CUDA step against the CPU's)
+#   {"check": "tests", ...}      pytest tests/test_cuda.py (the CUDA step against the CPU's; whole sync-free
+#                                trainer steps under torch.cuda.set_sync_debug_mode("error")), with the
+#                                Triton kernels' and the sync-free step's CPU tests beside them
+#   {"check": "kernels", ...}    saescale bench kernels --device cuda: each sparse product, embedding_bag
+#                                against Triton (triton_over_torch < 1: Triton wins; issue 21 adopts a
+#                                kernel as train.sparse_kernels' default only where it does), bf16,
+#                                at the two issue-21 sizes
 #   {"check": "step", ...}       saescale bench step --device cuda --no-naive, d=4096, k=32, batch
 #                                8192, n = 2^19, 2^20, 2^22 latents, fp32 and bf16; micro-batches chosen
 #                                by `saescale plan --micro-batches auto` for this GPU's memory, and a
 #                                size the planner rejects is reported as skipped, not run
 #   {"check": "peers", ...}      saescale bench step --device cuda --peers sparsify,saelens: the peers' own
-#                                step beside ours (peer_over_step), n=65536, d=576, k=32, batch 4096,
-#                                fp32 and bf16 (sparsify runs its own bf16 autocast on CUDA either way)
+#                                step beside ours (peer_over_step = our tokens/s over theirs), n=65536,
+#                                d=576, k=32, batch 4096, bf16 then fp32 (sparsify runs its own bf16
+#                                autocast on CUDA either way); the step is sync-free (host_syncs_per_step
+#                                0); then the same bf16 step with --kernels triton and with --sync-free off
 #   {"check": "precision", ...}  saescale bench precision --device cuda (fp32 vs bf16 NMSE drift)
 #   {"check": "cache"|"train"}   jobs/cache.py, then a 20-step Ray Train job on the GPU
 # Every command runs under a timeout; a failure or timeout is reported in its line (ok=false, rc,
@@ -31,9 +39,9 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/saescale-gpu-check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
 case "$SECTION" in
-    all | env | tests | step | peers | precision | train) ;;
+    all | env | tests | kernels | step | peers | precision | train) ;;
     *)
-        echo "gpu_check.sh: unknown section '$SECTION'; use one of all, env, tests, step, peers, precision, train" >&2
+        echo "gpu_check.sh: unknown section '$SECTION'; use one of all, env, tests, kernels, step, peers, precision, train" >&2
         exit 2
         ;;
 esac
@@ -98,8 +106,8 @@ gpu_gib() {
 step_checks() {
     local gib n p plan mb extra
     gib=$(gpu_gib)
-    for n in 524288 1048576 4194304; do
-        for p in fp32 bf16; do
+    for n in 1048576 4194304 524288; do  # the issue-21 size (2^20) first
+        for p in bf16 fp32; do
             extra="{\"n_latents\": $n, \"precision\": \"$p\"}"
             plan=$("$PY" -m saescale.cli plan --n-latents "$n" --d-model 4096 --k 32 --workers 1 --tp 1 \
                 --batch 8192 --micro-batches auto --precision "$p" --device-gib "$gib" --json 2>"$WORK/plan_err")
@@ -121,17 +129,34 @@ EOF
     done
 }
 
+SMALL=(--d-in 576 --n-latents 65536 --k 32 --batch 4096)
+
 peer_checks() {
-    local p
-    for p in fp32 bf16; do
+    local p variant
+    for p in bf16 fp32; do
         check peers "$STEP_TIMEOUT" "{\"n_latents\": 65536, \"precision\": \"$p\"}" \
-            "$PY" -m saescale.cli bench step --device cuda --no-naive --d-in 576 --n-latents 65536 --k 32 \
-            --batch 4096 --precision "$p" --peers sparsify,saelens --repeats 7 --warmup 2 --threads "$(nproc)"
+            "$PY" -m saescale.cli bench step --device cuda --no-naive "${SMALL[@]}" \
+            --precision "$p" --peers sparsify,saelens --repeats 7 --warmup 2 --threads "$(nproc)"
+    done
+    for variant in "--kernels triton" "--sync-free off"; do
+        # shellcheck disable=SC2086 # the variant is two words on purpose
+        check step_variant "$STEP_TIMEOUT" "{\"n_latents\": 65536, \"precision\": \"bf16\", \"variant\": \"$variant\"}" \
+            "$PY" -m saescale.cli bench step --device cuda --no-naive "${SMALL[@]}" --precision bf16 $variant \
+            --repeats 7 --warmup 2 --threads "$(nproc)"
     done
 }
 
+kernel_checks() {
+    check kernels "$STEP_TIMEOUT" '{"size": "small"}' \
+        "$PY" -m saescale.cli bench kernels --device cuda "${SMALL[@]}" --dtype bfloat16
+    check kernels "$STEP_TIMEOUT" '{"size": "large"}' \
+        "$PY" -m saescale.cli bench kernels --device cuda --d-in 4096 --n-latents 1048576 --k 32 --batch 8192 \
+        --dtype bfloat16 --repeats 10
+}
+
 gpu_tests() {
-    check tests "$JOB_TIMEOUT" '{}' "$PY" -m pytest -q -m gpu tests/test_cuda.py
+    check tests "$JOB_TIMEOUT" '{}' "$PY" -m pytest -q -p no:randomly tests/test_cuda.py tests/test_sync_free.py \
+        tests/test_triton_kernels.py
 }
 
 precision_check() {
@@ -152,6 +177,7 @@ train_checks() {
 case "$SECTION" in
     env) env_check ;;
     tests) gpu_tests ;;
+    kernels) kernel_checks ;;
     step) step_checks ;;
     peers) peer_checks ;;
     precision) precision_check ;;
@@ -159,8 +185,9 @@ case "$SECTION" in
     all)
         env_check
         gpu_tests
-        step_checks
         peer_checks
+        kernel_checks
+        step_checks
         precision_check
         train_checks
         ;;

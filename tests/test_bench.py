@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -43,6 +44,36 @@ def test_bench_step_reports_precision_micro_batches_and_both_floors(precision):
         assert result["floor_fp32_s"] == result["floor_s"]
     else:  # the float32 floor was timed in its own phase, after the peak was taken
         assert len(result["fp32_floor_times_s"]) == 2
+
+
+def test_bench_step_counts_host_syncs_and_runs_the_sync_free_step_on_request():
+    quick = ["--repeats", "2", "--warmup", "1", "--no-naive", "--dead-fraction", "0.02"]
+    on = _json(_cli("step", *TINY, *quick, "--sync-free", "on"))
+    off = _json(_cli("step", *TINY, *quick))  # auto: the synchronising step on a CPU
+    assert on["sync_free"] and on["host_syncs_per_step"] == 0 and on["aux_path"] == "fixed_block"
+    assert not off["sync_free"] and off["host_syncs_per_step"] > 0 and off["host_sync_ops"]["aten.nonzero"] >= 1
+    assert on["kernels"] == off["kernels"] == "torch"
+
+
+def test_bench_kernels_compares_each_product_with_triton_interpreted_on_cpu():
+    tiny = ["--d-in", "40", "--n-latents", "256", "--k", "4", "--batch", "16", "--repeats", "1", "--warmup", "0"]
+    out = subprocess.run(
+        [sys.executable, "-m", "saescale.cli", "bench", "kernels", *tiny, "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    result = _json(out)
+    assert result["triton"] == "interpreted (not a timing)"
+    for name in ("decode", "values_grad", "rows_by_latent", "rows_by_latent_accumulate"):
+        line = result["products"][name]
+        assert line["torch_s"] > 0 and line["triton_s"] > 0 and line["triton_over_torch"] > 0
+        assert line["triton_max_rel_diff"] < 1e-5, name  # the same numbers
+    assert result["products"]["rows_by_latent"]["torch_whole_max_rel_diff"] < 1e-6
+    # without the interpreter a CPU run times torch alone and says why
+    plain = _json(_cli("kernels", *tiny, "--device", "cpu"))
+    assert "CUDA" in plain["triton"] and "triton_s" not in plain["products"]["decode"]
 
 
 def test_bench_step_rejects_micro_batches_larger_than_the_batch():

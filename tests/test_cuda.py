@@ -77,3 +77,26 @@ def test_cuda_trainer_logs_and_checkpoints(tmp_path):
     assert summary.steps == 4 and summary.final["loss"] == summary.final["loss"]
     assert trainer.precision.name == "bf16"
     assert (tmp_path / "ck" / "latest.json").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sync_free_trainer_steps_never_wait_on_the_gpu(precision):
+    """Issue 21: whole training steps (step, Adam, decoder renormalisation, EMA, dead-latent
+    counters, AuxK with dead latents) under `set_sync_debug_mode("error")`: any op that makes the
+    host wait for the GPU raises. tests/test_sync_free.py holds the CPU to the same rule."""
+    cfg = SAEConfig(d_in=64, n_latents=4096, k=32, k_aux=32, normalization="none", dead_tokens_threshold=1000)
+    sae = perturbed_sae(cfg, torch.Generator().manual_seed(0)).to("cuda")
+    trainer = Trainer(sae, TrainConfig(lr=1e-3, log_every=1000, precision=precision, ema_decay=0.99))
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(1)).to("cuda")
+    trainer.train_step(x)  # the first step initialises from the data (reads on the host, once)
+    assert trainer._step_fn is not None and trainer._step_fn.sync_free  # auto: on for a CUDA TopK step
+    trainer.tracker.tokens_since_fired[:300] = 1000  # dead latents for AuxK to model
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            trainer._checked_step(x)  # what `fit` runs once the host has checked the batch
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer._step_fn.last_aux_path == "fixed_block"
+    assert trainer.check_loss() is None and int(trainer.tracker.dead_mask().sum()) > 0

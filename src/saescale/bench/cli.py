@@ -1,4 +1,4 @@
-"""`saescale bench step|cache|dist|precision|recovery|soak|checkpoint|latents`: the benchmarks' parsers and bodies.
+"""`saescale bench step|kernels|cache|dist|precision|recovery|soak|checkpoint|latents`: the benchmarks' parsers and bodies.
 
 Each body imports its benchmark (torch, the trainer, Ray's job code) only when it runs, so that
 `saescale --help` stays fast.
@@ -45,6 +45,24 @@ def _step(args: argparse.Namespace) -> int:
         l1_coef=args.l1_coef,
         peers=tuple(p for p in (args.peers or "").split(",") if p),
         sync_free=args.sync_free,
+        kernels=args.kernels,
+    )
+    print(json.dumps(result))
+    return 0
+
+
+def _kernels(args: argparse.Namespace) -> int:
+    from saescale.bench.kernels import bench_kernels
+
+    result = bench_kernels(
+        d_in=args.d_in,
+        n_latents=args.n_latents,
+        k=args.k,
+        batch=args.batch,
+        device=args.device,
+        dtype=args.dtype,
+        repeats=args.repeats,
+        warmup=args.warmup,
     )
     print(json.dumps(result))
     return 0
@@ -263,12 +281,31 @@ def _add_step(bench_sub: argparse._SubParsersAction[Any]) -> None:
         "the result counts the host-synchronising ops of one step either way",
     )
     step.add_argument(
+        "--kernels",
+        choices=["auto", "torch", "triton"],
+        default="auto",
+        help="train.sparse_kernels: the TopK code's sparse products (triton: CUDA, the `kernels` extra)",
+    )
+    step.add_argument(
         "--peers", default=None, help="comma-separated peers whose own step is timed beside ours: sparsify"
     )
     step.set_defaults(func=_step)
 
 
 def _add_cache(bench_sub: argparse._SubParsersAction[Any]) -> None:
+    kern = bench_sub.add_parser(
+        "kernels", help="each sparse product of the TopK step: embedding_bag against Triton (CUDA), same tensors"
+    )
+    kern.add_argument("--d-in", type=positive_int, default=576)
+    kern.add_argument("--n-latents", type=positive_int, default=65536)
+    kern.add_argument("--k", type=positive_int, default=32)
+    kern.add_argument("--batch", type=positive_int, default=4096)
+    kern.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    kern.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and dense factors")
+    kern.add_argument("--repeats", type=positive_int, default=20)
+    kern.add_argument("--warmup", type=int, default=3)
+    kern.set_defaults(func=_kernels)
+
     cache = bench_sub.add_parser("cache", help="activation cache writer tokens/s and reader rows/s (local, S3)")
     cache.add_argument("--d-model", type=int, default=576)
     cache.add_argument("--shards", type=int, default=8)

@@ -128,6 +128,7 @@ def bench_step(
     l1_coef: float = 0.01,
     peers: tuple[str, ...] = (),
     sync_free: str = "auto",
+    kernels: str = "auto",
 ) -> dict[str, Any]:
     from saescale.bench.peer_steps import PEERS
     from saescale.core.config import SAEConfig
@@ -161,6 +162,7 @@ def bench_step(
         architecture=architecture,
         l1_coef=l1_coef,
         sync_free=sync_free,
+        kernels=kernels,
     )
     if sync_free not in ("auto", "on", "off"):
         raise ValueError(f"--sync-free must be auto, on or off, got {sync_free!r}")
@@ -174,6 +176,7 @@ def bench_step(
         "micro_batches": step["micro_batches"],
         # train.sync_free, and the host-synchronising ops one step ran (`train.host_sync`)
         "sync_free": step["sync_free"],
+        "kernels": step["kernels"],
         "host_syncs_per_step": step["host_syncs"],
         "host_sync_ops": step["host_sync_ops"],
         "aux_path": step["aux_path"],

@@ -187,7 +187,13 @@ def run_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     precision = Precision.make(spec.get("precision", "fp32"), device)
     sync_free = {"auto": None, "on": True, "off": False}[spec.get("sync_free", "auto")]
     step = SparseTopKStep(
-        sae, 1.0, tracker, precision=precision, micro_batches=spec.get("micro_batches", 1), sync_free=sync_free
+        sae,
+        1.0,
+        tracker,
+        precision=precision,
+        micro_batches=spec.get("micro_batches", 1),
+        sync_free=sync_free,
+        kernels=spec.get("kernels", "auto"),
     )
     opt = make_adam([sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre], TrainConfig(), lr=1e-4)
     sync = synchronizer(device)
@@ -209,6 +215,7 @@ def run_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     result = {
         "kind": "step",
         "sync_free": step.sync_free,
+        "kernels": step.ops.name,
         "host_syncs": sum(audit.syncs.values()),  # ops that make the host wait for the device
         "host_sync_ops": dict(audit.syncs),
         "aux_path": step.last_aux_path,

@@ -196,12 +196,17 @@ class TrainConfig(_DictConfig):
     # A step with no host synchronisation (`train.step.SparseTopKStep`): auto (on for a CUDA
     # TopK step on one TP rank) | on | off. Losses and counts are then read at log steps only.
     sync_free: str = "auto"
+    # The TopK code's sparse products: auto (= torch until a GPU measures Triton faster,
+    # `saescale bench kernels`) | torch (embedding_bag) | triton (CUDA; the `kernels` extra).
+    sparse_kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be one of auto, fp32, bf16, fp16; got {self.precision!r}")
         if self.sync_free not in ("auto", "on", "off"):
             raise ConfigError(f"train.sync_free must be auto, on or off; got {self.sync_free!r}")
+        if self.sparse_kernels not in ("auto", "torch", "triton"):
+            raise ConfigError(f"train.sparse_kernels must be auto, torch or triton; got {self.sparse_kernels!r}")
         if self.micro_batches != "auto" and (
             not isinstance(self.micro_batches, int) or isinstance(self.micro_batches, bool) or self.micro_batches < 1
         ):

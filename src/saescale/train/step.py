@@ -60,6 +60,7 @@ from saescale.kernels import (
     values_grad,
     whole_bag_fits,
 )
+from saescale.kernels.ops import sparse_ops
 from saescale.train.dead_latents import DeadLatentTracker
 from saescale.train.host_sync import LaggedRead
 from saescale.train.precision import Precision
@@ -166,6 +167,7 @@ class SparseTopKStep:
         precision: Precision | None = None,
         micro_batches: int = 1,
         sync_free: bool | None = None,
+        kernels: str = "auto",
     ) -> None:
         """`sae` holds this rank's latents; with `tp`, its config's n_latents is the local slice
         and `tp.n_global` the whole autoencoder's (k, k_aux are global). With `dp`, `x` is this
@@ -208,6 +210,8 @@ class SparseTopKStep:
         elif sync_free and why_not is not None:
             raise ValueError(f"a sync-free step is not possible: {why_not}")
         self.sync_free = bool(sync_free)
+        # the fixed-width code's products (`train.sparse_kernels`); the other paths use kernels.sparse
+        self.ops = sparse_ops(kernels)
         self.dead_capacity = dead_block_capacity(self.cfg.n_latents, self.cfg.k_aux)
         self._dead_seen = LaggedRead()  # the dead count of an earlier step, read without waiting
         self._overflow_flag: Tensor | None = None  # sync-free fp16: any overflow, on the device
@@ -476,8 +480,9 @@ class SparseTopKStep:
         else:
             pos, main_idx, main_vals, main_raw = None, idx, vals, raw_vals
 
+        ops = self.ops
         order_main = LatentOrder(main_idx, n)
-        err = self._reduce(sparse_decode(main_idx, main_vals, W_dec)).add_(b_pre).sub_(x)  # x_hat - x
+        err = self._reduce(ops.decode(main_idx, main_vals, W_dec)).add_(b_pre).sub_(x)  # x_hat - x
         mse = _mean_sq(err)
         grad_x_hat = err * (2.0 * self.mse_scale / denom)
         fired_mask = main_vals > 0  # this rank's latents that fired
@@ -486,8 +491,8 @@ class SparseTopKStep:
         whole = self.sync_free and whole_bag_fits(main_idx.numel(), x.shape[1])
 
         # gradient w.r.t. the encoder values at `idx` (width entries per token)
-        g_main = values_grad(main_idx, W_dec, grad_x_hat) * fired_mask
-        rows_by_latent_(W_dec.grad, order_main, main_vals, grad_x_hat, accumulate=False, sync_free=whole)
+        g_main = ops.values_grad(main_idx, W_dec, grad_x_hat) * fired_mask
+        ops.rows_by_latent_(W_dec.grad, order_main, main_vals, grad_x_hat, accumulate=False, sync_free=whole)
         grad_b_pre = grad_x_hat.sum(0)
 
         multi_loss = torch.zeros((), device=x.device)
@@ -505,7 +510,7 @@ class SparseTopKStep:
             g_enc, enc_idx, enc_order = g_main, main_idx, order_main
 
         # encoder gradients from the active entries
-        rows_by_latent_(W_enc.grad, enc_order, g_enc, xc, accumulate=False, sync_free=whole)
+        ops.rows_by_latent_(W_enc.grad, enc_order, g_enc, xc, accumulate=False, sync_free=whole)
         l0 = (main_raw > 0).sum(1).float().mean()
         return _Main(err, mse, multi_loss, latent_sums(enc_idx, g_enc, n), grad_b_pre, fire_counts, l0)
 

@@ -177,6 +177,7 @@ class Trainer:
             precision=self.precision,
             micro_batches=self.micro_batches if self.micro_batches != "auto" else 1,
             sync_free={"auto": None, "on": True, "off": False}[self.cfg.sync_free],
+            kernels=self.cfg.sparse_kernels,
         )
 
     # ---------------------------------------------------------- agreement
