@@ -21,7 +21,8 @@
 #                                step beside ours (peer_over_step = our tokens/s over theirs), n=65536,
 #                                d=576, k=32, batch 4096, bf16 then fp32 (sparsify runs its own bf16
 #                                autocast on CUDA either way); the step is sync-free (host_syncs_per_step
-#                                0); then the same bf16 step with --kernels triton and with --sync-free off
+#                                0); then the same bf16 step compiled (--cuda-graphs on: CUDA graphs),
+#                                with --kernels triton, and with --sync-free off
 #   {"check": "precision", ...}  saescale bench precision --device cuda (fp32 vs bf16 NMSE drift)
 #   {"check": "cache"|"train"}   jobs/cache.py, then a 20-step Ray Train job on the GPU
 # Every command runs under a timeout; a failure or timeout is reported in its line (ok=false, rc,
@@ -138,7 +139,7 @@ peer_checks() {
             "$PY" -m saescale.cli bench step --device cuda --no-naive "${SMALL[@]}" \
             --precision "$p" --peers sparsify,saelens --repeats 7 --warmup 2 --threads "$(nproc)"
     done
-    for variant in "--kernels triton" "--sync-free off"; do
+    for variant in "--cuda-graphs on" "--kernels triton" "--sync-free off"; do
         # shellcheck disable=SC2086 # the variant is two words on purpose
         check step_variant "$STEP_TIMEOUT" "{\"n_latents\": 65536, \"precision\": \"bf16\", \"variant\": \"$variant\"}" \
             "$PY" -m saescale.cli bench step --device cuda --no-naive "${SMALL[@]}" --precision bf16 $variant \

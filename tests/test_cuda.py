@@ -100,3 +100,23 @@ def test_sync_free_trainer_steps_never_wait_on_the_gpu(precision):
         torch.cuda.set_sync_debug_mode("default")
     assert trainer._step_fn.last_aux_path == "fixed_block"
     assert trainer.check_loss() is None and int(trainer.tracker.dead_mask().sum()) > 0
+
+
+def test_cuda_graph_steps_equal_the_eager_ones():
+    """Issue 21: train.cuda_graphs=on (torch.compile, mode reduce-overhead: CUDA graphs) gives the
+    eager trainer's weights after the same steps (log steps run eager in both)."""
+    results = {}
+    for graphs in ("off", "on"):
+        cfg = SAEConfig(d_in=64, n_latents=4096, k=32, k_aux=32, normalization="none", dead_tokens_threshold=1000)
+        g = torch.Generator().manual_seed(0)
+        sae = perturbed_sae(cfg, g).to("cuda")
+        trainer = Trainer(sae, TrainConfig(lr=1e-3, log_every=4, precision="fp32", cuda_graphs=graphs))
+        batches = [torch.randn(256, 64, generator=g).to("cuda") for _ in range(12)]
+        for b in batches:
+            trainer.train_step(b)
+        results[graphs] = trainer
+    eager, compiled = results["off"], results["on"]
+    assert compiled._compiled is not None and compiled._compiled.calls == 9  # 12 steps, 3 logged
+    for name, p in compiled.sae.named_parameters():
+        torch.testing.assert_close(p, dict(eager.sae.named_parameters())[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert torch.equal(compiled._fire_counts, eager._fire_counts)

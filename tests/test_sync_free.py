@@ -188,3 +188,42 @@ def test_a_non_finite_loss_stops_a_sync_free_run_before_its_checkpoint():
     trainer.train_step(bad)  # not a log step: nothing is read yet
     with pytest.raises(FloatingPointError, match="non-finite between steps"):
         trainer.snapshot()  # the checkpoint's snapshot reads the flag first
+
+
+def test_the_sync_free_step_traces_as_one_graph():
+    """What train.cuda_graphs compiles: dynamo breaks the graph at any host read (.item(),
+    nonzero, tolist...), so one graph and no break is the sync-free property seen by a compiler."""
+    cfg = SAEConfig(d_in=24, n_latents=256, k=8, k_aux=8, normalization="none", aux_precision="float32")
+    _, x, step, _ = _step(cfg, torch.arange(40), sync_free=True)
+    width = step.aux_width()
+    assert width is not None
+    explained = torch._dynamo.explain(lambda t: step.run(t, False, width).loss)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_compiled_trainer_steps_equal_the_eager_ones():
+    """train.cuda_graphs=on on a CPU: inductor compiles the sync-free step (C++ kernels; CUDA
+    graphs are the GPU's part, tests/test_cuda.py); the weights after compiled steps equal the
+    eager trainer's, log steps running eager in both."""
+    trainers = {}
+    for graphs in ("off", "on"):
+        cfg = SAEConfig(d_in=32, n_latents=512, k=8, k_aux=16, normalization="none", dead_tokens_threshold=THRESHOLD)
+        g = torch.Generator().manual_seed(0)
+        trainer = Trainer(
+            perturbed_sae(cfg, g),
+            TrainConfig(lr=1e-3, log_every=3, sync_free="on", cuda_graphs=graphs, ema_decay=0.99),
+        )
+        batches = [torch.randn(128, 32, generator=g) for _ in range(6)]
+        logged = [trainer.train_step(b) for b in batches]
+        trainers[graphs] = (trainer, logged)
+    (eager, eager_logs), (compiled, compiled_logs) = trainers["off"], trainers["on"]
+    assert (
+        eager._compiled is None and compiled._compiled is not None and compiled._compiled.calls == 4
+    )  # 6 steps, 2 logged
+    for name, p in compiled.sae.named_parameters():
+        torch.testing.assert_close(p, dict(eager.sae.named_parameters())[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.equal(compiled._fire_counts, eager._fire_counts)
+    for a, b in zip(compiled_logs, eager_logs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"])

@@ -32,7 +32,15 @@ from saescale import storage
 IDENTITY_SECTIONS = ("sae", "train", "data", "parallel")
 # keys of those sections that do not change the trained SAE
 NOT_IDENTITY = {
-    "train": ("log_every", "histogram_every", "checkpoint_every", "micro_batches", "sync_free", "sparse_kernels"),
+    "train": (
+        "log_every",
+        "histogram_every",
+        "checkpoint_every",
+        "micro_batches",
+        "sync_free",
+        "sparse_kernels",
+        "cuda_graphs",
+    ),
     "data": (
         "endpoint_url",
         "heldout_tokens",

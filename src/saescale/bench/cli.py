@@ -46,6 +46,7 @@ def _step(args: argparse.Namespace) -> int:
         peers=tuple(p for p in (args.peers or "").split(",") if p),
         sync_free=args.sync_free,
         kernels=args.kernels,
+        cuda_graphs=args.cuda_graphs,
     )
     print(json.dumps(result))
     return 0
@@ -285,6 +286,13 @@ def _add_step(bench_sub: argparse._SubParsersAction[Any]) -> None:
         choices=["auto", "torch", "triton"],
         default="auto",
         help="train.sparse_kernels: the TopK code's sparse products (triton: CUDA, the `kernels` extra)",
+    )
+    step.add_argument(
+        "--cuda-graphs",
+        choices=["auto", "on", "off"],
+        default="off",
+        help="train.cuda_graphs: the sync-free step compiled as one graph (CUDA graphs on a GPU); "
+        "default off, the eager step, so each variant is asked for by name",
     )
     step.add_argument(
         "--peers", default=None, help="comma-separated peers whose own step is timed beside ours: sparsify"

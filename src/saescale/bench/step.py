@@ -129,6 +129,7 @@ def bench_step(
     peers: tuple[str, ...] = (),
     sync_free: str = "auto",
     kernels: str = "auto",
+    cuda_graphs: str = "off",
 ) -> dict[str, Any]:
     from saescale.bench.peer_steps import PEERS
     from saescale.core.config import SAEConfig
@@ -163,6 +164,7 @@ def bench_step(
         l1_coef=l1_coef,
         sync_free=sync_free,
         kernels=kernels,
+        cuda_graphs=cuda_graphs,
     )
     if sync_free not in ("auto", "on", "off"):
         raise ValueError(f"--sync-free must be auto, on or off, got {sync_free!r}")
@@ -177,6 +179,7 @@ def bench_step(
         # train.sync_free, and the host-synchronising ops one step ran (`train.host_sync`)
         "sync_free": step["sync_free"],
         "kernels": step["kernels"],
+        "cuda_graphs": step["compiled"],  # the step ran compiled (train.cuda_graphs)
         "host_syncs_per_step": step["host_syncs"],
         "host_sync_ops": step["host_sync_ops"],
         "aux_path": step["aux_path"],

@@ -26,6 +26,7 @@ from saescale.core.config import NEVER_DEAD, SAEConfig, TrainConfig
 from saescale.core.model import TopKSAE
 from saescale.core.reference import dense_losses
 from saescale.train.dead_latents import DeadLatentTracker
+from saescale.train.graphs import CompiledStep, resolve_cuda_graphs
 from saescale.train.host_sync import HostSyncAudit
 from saescale.train.optim import make_adam, remove_parallel_grad_
 from saescale.train.precision import Precision
@@ -197,25 +198,35 @@ def run_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     )
     opt = make_adam([sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre], TrainConfig(), lr=1e-4)
     sync = synchronizer(device)
+    compiled = CompiledStep(step) if resolve_cuda_graphs(spec.get("cuda_graphs", "off"), step) else None
+    warmup = spec["warmup"] if compiled is None else max(spec["warmup"], 5)  # compile, then record
 
-    def train_step() -> None:
+    def train_step(eager: bool = False) -> None:
         tracker.tokens_since_fired[dead] = threshold
-        step(x, compute_fvu=False)  # as the trainer does on non-logging steps
+        width = step.aux_width()
+        if compiled is not None and width is not None and not eager:
+            compiled(x, width)
+        else:
+            stats = step.run(x, False, width)  # as the trainer does on non-logging steps
+            step.finish(stats)
         remove_parallel_grad_(sae.W_dec, sae.W_dec.grad)
         opt.step()
         sae.normalize_decoder_()
 
     floor = same_precision_floor(step, x)
-    for _ in range(spec["warmup"]):
+    for _ in range(warmup):
         train_step()
         floor()
     floor_times, step_times = interleave(floor, train_step, spec["repeats"], sync)
-    with HostSyncAudit() as audit:  # one more step, its host reads counted (untimed: the audit is slow)
-        train_step()
+    # one more step, its host reads counted (untimed: the audit is slow; eager: a compiler
+    # cannot run under the audit's dispatch mode, and the compiled step is the same code)
+    with HostSyncAudit() as audit:
+        train_step(eager=True)
     result = {
         "kind": "step",
         "sync_free": step.sync_free,
         "kernels": step.ops.name,
+        "compiled": compiled is not None,
         "host_syncs": sum(audit.syncs.values()),  # ops that make the host wait for the device
         "host_sync_ops": dict(audit.syncs),
         "aux_path": step.last_aux_path,

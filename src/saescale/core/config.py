@@ -199,12 +199,17 @@ class TrainConfig(_DictConfig):
     # The TopK code's sparse products: auto (= torch until a GPU measures Triton faster,
     # `saescale bench kernels`) | torch (embedding_bag) | triton (CUDA; the `kernels` extra).
     sparse_kernels: str = "auto"
+    # The sync-free step's device work compiled as one graph (`train.graphs`): auto | on | off.
+    # On CUDA: torch.compile with CUDA graphs; on a CPU "on" compiles with inductor (no graphs).
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be one of auto, fp32, bf16, fp16; got {self.precision!r}")
         if self.sync_free not in ("auto", "on", "off"):
             raise ConfigError(f"train.sync_free must be auto, on or off; got {self.sync_free!r}")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ConfigError(f"train.cuda_graphs must be auto, on or off; got {self.cuda_graphs!r}")
         if self.sparse_kernels not in ("auto", "torch", "triton"):
             raise ConfigError(f"train.sparse_kernels must be auto, torch or triton; got {self.sparse_kernels!r}")
         if self.micro_batches != "auto" and (

@@ -311,6 +311,35 @@ class SparseTopKStep:
     def __call__(self, x: Tensor, compute_fvu: bool = True) -> StepStats:
         """One step on normalised inputs x [batch, d]; `compute_fvu=False` skips the per-batch
         variance (only needed for logging) and reports fvu as NaN."""
+        stats = self.run(x, compute_fvu, self.aux_width())
+        self.finish(stats)
+        return stats
+
+    def aux_width(self) -> int | None:
+        """The host's decision before a sync-free step: its dead block's width, from the dead
+        count of an earlier step (`dead_block_width`), or None for the exact, synchronising
+        AuxK path (not sync-free, or more dead latents than the block can hold)."""
+        if not self.sync_free:
+            return None
+        seen = self._dead_seen.latest()
+        if seen is not None and seen > self.dead_capacity:
+            return None
+        return dead_block_width(seen, self.cfg.n_latents, self.cfg.k_aux)
+
+    def finish(self, stats: StepStats) -> None:
+        """The host's part after a step's device work: the dead count starts its way to the
+        host (read by a later `aux_width`), and fp16 reads its overflow flag."""
+        if self.sync_free:
+            self._dead_seen.record(stats.n_dead)
+        if self._overflow_flag is not None:
+            stats.overflow = bool(self._overflow_flag)  # fp16: the step's one host read
+
+    @torch.no_grad()
+    def run(self, x: Tensor, compute_fvu: bool, aux_width: int | None) -> StepStats:
+        """The step's device work, given the host's decision (`aux_width`): with a width, no op
+        in it reads on the host, so it traces as one graph (torch.compile, CUDA graphs)."""
+        if aux_width is not None and not self.sync_free:
+            raise ValueError("a dead-block width is for a sync-free step (see aux_width)")
         sae, cfg = self.sae, self.cfg
         W_enc, b_enc, b_pre = sae.W_enc, sae.b_enc, sae.b_pre
         self._overflow, self._overflow_flag = False, None
@@ -335,10 +364,8 @@ class SparseTopKStep:
 
         # ---- AuxK on the dead latents ------------------------------------------------------
         auxk_loss = torch.zeros((), device=x.device)
-        seen = self._dead_seen.latest() if self.sync_free else None
-        if self.sync_free and (seen is None or seen <= self.dead_capacity):
-            width = dead_block_width(seen, cfg.n_latents, cfg.k_aux)
-            n_dead, auxk_loss = self._auxk_fixed_block(whole_pre, main.err, xc, main.grad_b_enc, width)
+        if aux_width is not None:
+            n_dead, auxk_loss = self._auxk_fixed_block(whole_pre, main.err, xc, main.grad_b_enc, aux_width)
         else:
             dead_idx = self.tracker.dead_mask().nonzero().flatten()
             n_dead = int(dead_idx.numel())
@@ -349,10 +376,6 @@ class SparseTopKStep:
             elif n_dead > 0 and cfg.auxk_coef > 0:
                 auxk_loss = self._auxk(whole_pre, dead_idx, main.err, xc, main.grad_b_enc)
             n_dead = torch.tensor(n_dead)
-        if self.sync_free:
-            self._dead_seen.record(n_dead)
-        if self._overflow_flag is not None:
-            self._overflow = bool(self._overflow_flag)  # fp16: the step's one host read
 
         b_enc.grad.copy_(main.grad_b_enc)
         main.grad_b_pre -= self._reduce(main.grad_b_enc @ W_enc)  # the encoder's share, summed over shards

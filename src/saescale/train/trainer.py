@@ -41,6 +41,7 @@ from saescale.distributed.plan import auto_micro_batches
 from saescale.train.cadence import CheckpointCadence
 from saescale.train.checkpoint import StorageCheckpointer, TrainerSnapshot
 from saescale.train.dead_latents import DeadLatentTracker
+from saescale.train.graphs import CompiledStep, resolve_cuda_graphs
 from saescale.train.loggers import MetricsLogger, NullLogger
 from saescale.train.optim import WeightEMA, lr_at, make_adam, remove_parallel_grad_
 from saescale.train.precision import Precision
@@ -145,6 +146,7 @@ class Trainer:
         self.mse_scale: float | None = None
         self.summary = TrainSummary(steps=0, tokens=0)
         self._step_fn: SparseTopKStep | None = None
+        self._compiled: CompiledStep | None = None  # train.cuda_graphs
         self._fire_counts = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=self.device)
         self._bad_loss: Tensor | None = None  # sync-free steps: any loss not finite since the last check
         self._loss_checked_at = 0
@@ -179,6 +181,9 @@ class Trainer:
             sync_free={"auto": None, "on": True, "off": False}[self.cfg.sync_free],
             kernels=self.cfg.sparse_kernels,
         )
+        self._compiled = None
+        if resolve_cuda_graphs(self.cfg.cuda_graphs, self._step_fn):
+            self._compiled = CompiledStep(self._step_fn)
 
     # ---------------------------------------------------------- agreement
     def _distributed(self) -> bool:
@@ -242,7 +247,12 @@ class Trainer:
         if self._step_fn.micro_batches != self.micro_batches:  # "auto": planned on the first batch
             self._step_fn.micro_batches = self._planned_micro_batches(x.shape[0])
         logging_now = (self.step + 1) % self.cfg.log_every == 0
-        stats = self._step_fn(x_normed, compute_fvu=logging_now)
+        width = self._step_fn.aux_width()  # the host's one decision (sync-free steps)
+        if self._compiled is not None and width is not None and not logging_now:
+            stats = self._compiled(x_normed, width)  # one compiled graph (train.cuda_graphs)
+        else:
+            stats = self._step_fn.run(x_normed, logging_now, width)
+            self._step_fn.finish(stats)
         if self._agreed_overflow(stats.overflow):
             return self._skip_step(x.shape[0], stats)
         error = self._loss_error(stats.loss, logging_now)
