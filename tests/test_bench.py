@@ -13,9 +13,16 @@ import pytest
 TINY = ["--d-in", "32", "--n-latents", "1024", "--k", "8", "--batch", "256"]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    # a CUDA-free child whatever this process set (tests/test_triton_kernels.py sets
+    # TRITON_INTERPRET=1 in the worker that imports it)
+    child_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run(
-        [sys.executable, "-m", "saescale.cli", "bench", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "saescale.cli", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**child_env, **env},
     )
 
 
@@ -57,14 +64,7 @@ def test_bench_step_counts_host_syncs_and_runs_the_sync_free_step_on_request():
 
 def test_bench_kernels_compares_each_product_with_triton_interpreted_on_cpu():
     tiny = ["--d-in", "40", "--n-latents", "256", "--k", "4", "--batch", "16", "--repeats", "1", "--warmup", "0"]
-    out = subprocess.run(
-        [sys.executable, "-m", "saescale.cli", "bench", "kernels", *tiny, "--device", "cpu"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-    )
-    result = _json(out)
+    result = _json(_cli("kernels", *tiny, "--device", "cpu", TRITON_INTERPRET="1"))
     assert result["triton"] == "interpreted (not a timing)"
     for name in ("decode", "values_grad", "rows_by_latent", "rows_by_latent_accumulate"):
         line = result["products"][name]
