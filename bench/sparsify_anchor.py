@@ -32,6 +32,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -100,6 +101,7 @@ def train_sparsify(
     total_steps: int,
     lr_scale: float = 1.0,
 ) -> dict:
+    os.environ["SPARSIFY_DISABLE_TRITON"] = "1"  # a CPU run: sparsify's Triton decoder needs CUDA
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(seed)

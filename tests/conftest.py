@@ -70,6 +70,9 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# sparsify (the interop tests' peer) takes its Triton decoder whenever triton imports, and the
+# `kernels` extra installs triton; its CPU tensors need sparsify's eager decoder
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
 
 @pytest.fixture(autouse=True)

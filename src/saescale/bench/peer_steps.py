@@ -24,6 +24,7 @@ decode, MSE plus AuxK), its firing counters (`feature_acts.bool()` summed over t
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,10 @@ PEERS = ("sparsify", "saelens")
 
 def sparsify_step(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, auxk: bool) -> Callable[[], None]:
     """One of sparsify's training steps on `x` (see the module), as a closure."""
+    if x.device.type == "cpu":
+        # sparsify takes its Triton decoder whenever triton imports, CUDA or not (installed here
+        # by the `kernels` extra); on a CPU that decoder cannot run: its eager one, as before
+        os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
     from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
