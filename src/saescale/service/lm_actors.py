@@ -91,9 +91,12 @@ def rank_dataset(
     import ray.data
     from ray.util.annotations import RayDeprecationWarning
 
+    from saescale.service.executor_idle import quiet_when_idle
+
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # rank 0's step progress bar is the one to watch
+    quiet_when_idle(ctx)  # this executor runs in the training worker's process
     plan = ray.get(stream) if isinstance(stream, ray.ObjectRef) else stream
     items = plan.items(total_steps or plan.data.total_steps, start_step)
     if not items:
