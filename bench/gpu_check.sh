@@ -14,7 +14,7 @@
 #                                kernel as train.sparse_kernels' default only where it does), bf16,
 #                                at the two issue-21 sizes
 #   {"check": "step", ...}       saescale bench step --device cuda --no-naive, d=4096, k=32, batch
-#                                8192, n = 2^19, 2^20, 2^22 latents, fp32 and bf16; micro-batches chosen
+#                                8192: n = 2^20 in bf16 and fp32, 2^22 in bf16; micro-batches chosen
 #                                by `saescale plan --micro-batches auto` for this GPU's memory, and a
 #                                size the planner rejects is reported as skipped, not run
 #   {"check": "peers", ...}      saescale bench step --device cuda --peers sparsify,saelens: the peers' own
@@ -107,26 +107,26 @@ gpu_gib() {
 step_checks() {
     local gib n p plan mb extra
     gib=$(gpu_gib)
-    for n in 1048576 4194304 524288; do  # the issue-21 size (2^20) first
-        for p in bf16 fp32; do
-            extra="{\"n_latents\": $n, \"precision\": \"$p\"}"
-            plan=$("$PY" -m saescale.cli plan --n-latents "$n" --d-model 4096 --k 32 --workers 1 --tp 1 \
-                --batch 8192 --micro-batches auto --precision "$p" --device-gib "$gib" --json 2>"$WORK/plan_err")
-            if [ $? -ne 0 ]; then
-                "$PY" - "$extra" "$WORK/plan_err" <<'EOF'
+    local pair
+    for pair in 1048576:bf16 1048576:fp32 4194304:bf16; do  # issue 21's size (2^20) first
+        n=${pair%%:*} p=${pair##*:}
+        extra="{\"n_latents\": $n, \"precision\": \"$p\"}"
+        plan=$("$PY" -m saescale.cli plan --n-latents "$n" --d-model 4096 --k 32 --workers 1 --tp 1 \
+            --batch 8192 --micro-batches auto --precision "$p" --device-gib "$gib" --json 2>"$WORK/plan_err")
+        if [ $? -ne 0 ]; then
+            "$PY" - "$extra" "$WORK/plan_err" <<'EOF'
 import json
 import sys
 
 why = open(sys.argv[2]).read().strip().splitlines()
 print(json.dumps({"check": "step", **json.loads(sys.argv[1]), "skipped": why[-1] if why else "planner failed"}))
 EOF
-                continue
-            fi
-            mb=$(echo "$plan" | "$PY" -c "import json, sys; print(json.load(sys.stdin)['micro_batches'])")
-            check step "$STEP_TIMEOUT" "${extra%\}}, \"micro_batches\": $mb}" \
-                "$PY" -m saescale.cli bench step --device cuda --no-naive --d-in 4096 --n-latents "$n" --k 32 \
-                --batch 8192 --precision "$p" --micro-batches "$mb" --repeats 3 --warmup 1 --threads "$(nproc)"
-        done
+            continue
+        fi
+        mb=$(echo "$plan" | "$PY" -c "import json, sys; print(json.load(sys.stdin)['micro_batches'])")
+        check step "$STEP_TIMEOUT" "${extra%\}}, \"micro_batches\": $mb}" \
+            "$PY" -m saescale.cli bench step --device cuda --no-naive --d-in 4096 --n-latents "$n" --k 32 \
+            --batch 8192 --precision "$p" --micro-batches "$mb" --repeats 3 --warmup 1 --threads "$(nproc)"
     done
 }
 
