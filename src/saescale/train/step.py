@@ -137,7 +137,7 @@ def supports_sync_free(cfg, tp: TensorParallel | None) -> str | None:
         return f"sae.architecture={cfg.architecture} has a code of data-dependent size"
     if cfg.multi_topk:
         return "Multi-TopK accumulates a second code into the gradients"
-    if tp is not None and tp.size > 1:
+    if tp is not None:  # (even of size 1: the TP path selects through the global top-k)
         return "a TP rank's share of the top-k differs per token"
     return None
 
