@@ -19,7 +19,7 @@ from saescale.train.host_sync import HostSyncAudit, LaggedRead
 from saescale.train.step import SparseTopKStep
 from saescale.train.trainer import Trainer
 
-THRESHOLD = 1000
+THRESHOLD = 100_000  # tokens; far above 8 steps of a batch (`DEAD_COUNT_MARGIN_STEPS`)
 
 
 def _sae_and_batch(cfg: SAEConfig, dead: torch.Tensor, batch: int = 64, seed: int = 0):
@@ -211,7 +211,7 @@ def test_compiled_trainer_steps_equal_the_eager_ones():
         g = torch.Generator().manual_seed(0)
         trainer = Trainer(
             perturbed_sae(cfg, g),
-            TrainConfig(lr=1e-3, log_every=3, sync_free="on", cuda_graphs=graphs, ema_decay=0.99),
+            TrainConfig(lr=1e-3, log_every=3, sync_free="on", cuda_graphs=graphs, ema_decay=0.99, precision="bf16"),
         )
         batches = [torch.randn(128, 32, generator=g) for _ in range(6)]
         logged = [trainer.train_step(b) for b in batches]
@@ -227,3 +227,29 @@ def test_compiled_trainer_steps_equal_the_eager_ones():
         assert (a is None) == (b is None)
         if a is not None:
             assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"])
+
+
+def test_latents_that_die_after_the_count_are_in_the_next_blocks():
+    """The host sizes the block from a count made steps earlier; it counts the latents dead
+    within DEAD_COUNT_MARGIN_STEPS, so 40 latents that die on step 2 (after a count of 0 dead)
+    are all in step 2's block: the same AuxK and gradients as the exact path."""
+    cfg = SAEConfig(d_in=24, n_latents=256, k=8, k_aux=8, normalization="none", aux_precision="float32")
+    dying = torch.arange(100, 140)
+    results = {}
+    for sync_free in (True, False):
+        sae, x = _sae_and_batch(cfg, dying)
+        tracker = DeadLatentTracker(cfg.n_latents, THRESHOLD)
+        tracker.tokens_since_fired[dying] = THRESHOLD - 2 * x.shape[0]  # dead after step 2's batch
+        step = SparseTopKStep(sae, 0.7, tracker, sync_free=sync_free)
+        first = step(x)
+        assert int(first.n_dead) == 0
+        width = step.aux_width() if sync_free else None
+        second = step(x)
+        results[sync_free] = (second, {n: p.grad.clone() for n, p in sae.named_parameters()}, first, width)
+    (fast, fast_grads, fast_first, width), (exact, exact_grads, _, _) = results[True], results[False]
+    died = int(exact.n_dead)  # those of the 40 that did not fire on either step
+    assert died > 8 and float(exact.auxk_loss) > 0  # more than a k_aux-wide block would hold
+    assert int(fast_first.dead_soon) >= died and width >= died and int(fast.n_dead) == died
+    torch.testing.assert_close(fast.auxk_loss, exact.auxk_loss, rtol=1e-5, atol=1e-8)
+    for name, g in fast_grads.items():
+        torch.testing.assert_close(g, exact_grads[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run as numpy on the CPU
+import torch
+
+# on a CPU, Triton's interpreter (set before triton is imported: kernels run as numpy); on a
+# GPU machine (bench/gpu_check.sh runs this file in a process of its own) the compiled kernels
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from helpers import perturbed_sae  # noqa: E402
 from saescale.core.config import SAEConfig  # noqa: E402
@@ -30,11 +35,11 @@ def _code(batch: int, k: int, n: int, d: int, seed: int = 0, dtype=torch.float32
     val = torch.randn(batch, k, generator=g)
     weight = torch.randn(n, d, generator=g).to(dtype)
     dense = torch.randn(batch, d, generator=g).to(dtype)
-    return idx, val, weight, dense
+    return idx.to(DEVICE), val.to(DEVICE), weight.to(DEVICE), dense.to(DEVICE)
 
 
 def _dense_code(idx: torch.Tensor, val: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.zeros(idx.shape[0], n).scatter_(1, idx, val)
+    return torch.zeros(idx.shape[0], n, device=idx.device).scatter_(1, idx, val)
 
 
 # d not a multiple of the 128-column block; k not a power of two; more latents than entries
@@ -62,13 +67,13 @@ def test_values_grad_matches_embedding_bag_and_the_dense_product(batch, k, n, d)
 def test_rows_by_latent_matches_embedding_bag_and_the_dense_product(batch, k, n, d, accumulate):
     idx, val, _, dense = _code(batch, k, n, d)
     order = sparse.LatentOrder(idx, n)
-    start = torch.randn(n, d, generator=torch.Generator().manual_seed(9))
+    start = torch.randn(n, d, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     out = ts.rows_by_latent_order_(start.clone(), order, val, dense, accumulate=accumulate)
     ref = sparse.rows_by_latent_(start.clone(), order, val, dense, accumulate=accumulate)
     dense_ref = _dense_code(idx, val, n).t() @ dense + (start if accumulate else 0)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, dense_ref, rtol=1e-5, atol=1e-5)
-    untouched = torch.ones(n, dtype=torch.bool)
+    untouched = torch.ones(n, dtype=torch.bool, device=DEVICE)
     untouched[idx.reshape(-1)] = False
     if accumulate:  # rows of latents with no entry are left exactly as they were
         assert torch.equal(out[untouched], start[untouched])
@@ -88,7 +93,7 @@ def test_bad_arguments_are_named():
     idx, val, weight, dense = _code(4, 2, 16, 8)
     order = sparse.LatentOrder(idx, 16)
     with pytest.raises(ValueError, match="offsets has 17 entries for 15 latents"):
-        ts.rows_by_latent_(torch.zeros(15, 8), order.offsets, order.rows, val.reshape(-1), dense)
+        ts.rows_by_latent_(torch.zeros(15, 8, device=DEVICE), order.offsets, order.rows, val.reshape(-1), dense)
     with pytest.raises(ValueError, match="contiguous rows"):
         ts.decode(idx, val, weight.t())
     with pytest.raises(ValueError, match="auto, torch or triton"):
@@ -98,14 +103,15 @@ def test_bad_arguments_are_named():
 @pytest.mark.parametrize("n_dead", [0, 30])
 def test_a_step_with_triton_kernels_matches_the_torch_step_and_the_dense_reference(n_dead):
     cfg = SAEConfig(d_in=24, n_latents=128, k=4, k_aux=8, normalization="none", aux_precision="float32")
-    x = torch.randn(16, 24, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(16, 24, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     dead = torch.arange(n_dead)
     results = {}
     for kernels in ("torch", "triton"):
         sae = perturbed_sae(cfg, torch.Generator().manual_seed(0))
         with torch.no_grad():
             sae.b_enc[dead] -= 1.0
-        tracker = DeadLatentTracker(cfg.n_latents, 1000)
+        sae = sae.to(DEVICE)
+        tracker = DeadLatentTracker(cfg.n_latents, 1000, torch.device(DEVICE))
         tracker.tokens_since_fired[dead] = 1000
         step = SparseTopKStep(sae, 0.7, tracker, sync_free=True, kernels=kernels)
         assert step.ops.name == kernels
@@ -120,8 +126,9 @@ def test_a_step_with_triton_kernels_matches_the_torch_step_and_the_dense_referen
     sae = perturbed_sae(cfg, torch.Generator().manual_seed(0))
     with torch.no_grad():
         sae.b_enc[dead] -= 1.0
+    sae = sae.to(DEVICE)
     params = {name: p.detach().clone().requires_grad_(True) for name, p in sae.named_parameters()}
-    tracker = DeadLatentTracker(cfg.n_latents, 1000)
+    tracker = DeadLatentTracker(cfg.n_latents, 1000, torch.device(DEVICE))
     tracker.tokens_since_fired[dead] = 1000
     tracker.update_mask(stats.fire_counts > 0, x.shape[0])
     out = dense_losses(params, x, cfg, mse_scale=0.7, dead_mask=tracker.dead_mask() if n_dead else None)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from saescale.train.step import SparseTopKStep, StepStats
 
-_FIELDS = ("loss", "mse_loss", "fvu", "auxk_loss", "multi_topk_loss", "l0", "n_dead", "fire_counts")
+_FIELDS = ("loss", "mse_loss", "fvu", "auxk_loss", "multi_topk_loss", "l0", "n_dead", "fire_counts", "dead_soon")
 
 
 # `train.cuda_graphs=auto` compiles a sync-free CUDA step once a GPU has measured it faster than
@@ -55,6 +55,8 @@ class CompiledStep:
             raise ValueError("only a sync-free step compiles as one graph")
         if step.precision.scaler is not None:
             raise ValueError("fp16's overflow check reads on the host every step; it is not compiled")
+        if step.dp is not None:
+            raise ValueError("data-parallel collectives synchronise to time themselves; a DP step is not compiled")
         self.step = step
         self.device = step.sae.W_enc.device
         mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on a GPU
@@ -66,12 +68,18 @@ class CompiledStep:
         return tuple(getattr(stats, name) for name in _FIELDS)
 
     def _mark_static(self, x: Tensor) -> None:
-        """Buffers the graph mutates keep their addresses (CUDA graphs copy other inputs)."""
+        """Buffers the graph mutates keep their addresses (CUDA graphs copy other inputs, and
+        skip a graph that writes an input not marked): allocated here, before the first trace,
+        and marked whole (a slice would carry the mark, not its buffer)."""
         step = self.step
+        rows = step.chunk_rows(x.shape[0])
+        with torch.no_grad():
+            step.pre_buffer(rows)
+            step.refresh_low_precision_()
+            if step.precision.low:
+                step.encode_chunk(x[:rows] - step.sae.b_pre)  # allocates the chunk's [x | 1] buffer
         tensors = [p.grad for p in step.sae.parameters()] + [step.tracker.tokens_since_fired]
-        tensors += [
-            t for t in (step.pre_buffer(step.chunk_rows(x.shape[0])), step._w_enc_low, step._x_low) if t is not None
-        ]
+        tensors += [t for t in (step._pre, step._w_enc_low, step._x_low) if t is not None]
         for t in tensors:
             torch._dynamo.mark_static_address(t)
 

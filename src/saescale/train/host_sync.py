@@ -126,10 +126,12 @@ class _FunctionAudit(TorchFunctionMode):
 class LaggedRead:
     """A device scalar read on the host without waiting for it: `record(t)` starts a
     non-blocking copy; `latest()` returns the newest recorded value whose copy has landed
-    (on CUDA usually the previous step's), or `default` before any has."""
+    (on CUDA usually the previous step's), or `default` before any has; `age` is how many
+    values were recorded after it (the host may run several steps ahead of the device)."""
 
     def __init__(self, default: int | None = None) -> None:
         self.value = default
+        self.age = 0
         self._pending: list[tuple[Tensor, Any]] = []
 
     def record(self, t: Tensor) -> None:
@@ -149,4 +151,5 @@ class LaggedRead:
                 break
             self.value = int(host)
             self._pending.pop(0)
+        self.age = len(self._pending)
         return self.value

@@ -76,6 +76,10 @@ OVERSELECT_MIN = 8
 # kernels, whose gathers cost far more per entry (measured on an H200, d=576, n=65536, batch 4096,
 # a 50%-dense ReLU code: 1.13 s a step through the sparse kernels, 0.044 s for the dense reference)
 DENSE_CODE_FRACTION = 1 / 32
+# The sync-free step sizes its dead block from a count read a few steps late (the host runs ahead
+# of the device): it counts the latents that will be dead within this many more steps, so the
+# block holds every dead latent of the steps it is used for; an older count is not used.
+DEAD_COUNT_MARGIN_STEPS = 8
 
 
 def _fire_counts(latents: Tensor, fired: Tensor, n_latents: int) -> Tensor:
@@ -113,6 +117,9 @@ class StepStats:
     overflow: bool = False  # fp16: a low-precision product overflowed on this rank (skip the step)
     penalty_loss: Tensor | None = None  # the activation's penalty (ReLU's L1), None for the others
     batch_threshold: Tensor | None = None  # BatchTopK: the smallest kept value of this batch
+    # sync-free steps: latents dead within DEAD_COUNT_MARGIN_STEPS more steps without firing (an
+    # upper bound on the dead count of any step the host may decide for before it reads this)
+    dead_soon: Tensor | None = None
 
 
 @dataclass
@@ -129,16 +136,19 @@ class _Main:
     penalty: Tensor | None = None  # the activation's penalty (ReLU's L1)
 
 
-def supports_sync_free(cfg, tp: TensorParallel | None) -> str | None:
+def supports_sync_free(cfg, tp: TensorParallel | None, dp: DataParallel | None = None) -> str | None:
     """Why a step cannot run without host synchronisation, or None when it can: a TopK code of
-    fixed width [batch, k] on one TP rank (BatchTopK's and ReLU's codes have data-dependent
-    sizes; Multi-TopK's wide code and TP's owned share are ragged or accumulated)."""
+    fixed width [batch, k] in one process (BatchTopK's and ReLU's codes have data-dependent
+    sizes; Multi-TopK's wide code and TP's owned share are ragged or accumulated; the
+    collectives of `distributed.parallel` time themselves with device synchronisations)."""
     if not activation(cfg.architecture).fixed_width:
         return f"sae.architecture={cfg.architecture} has a code of data-dependent size"
     if cfg.multi_topk:
         return "Multi-TopK accumulates a second code into the gradients"
     if tp is not None:  # (even of size 1: the TP path selects through the global top-k)
         return "a TP rank's share of the top-k differs per token"
+    if dp is not None and dp.size > 1:
+        return "data-parallel collectives synchronise to time themselves"
     return None
 
 
@@ -149,12 +159,13 @@ class SparseTopKStep:
     in the step makes the host wait for the device. Fire counts and the dead count stay on the
     device; AuxK runs on a fixed-shape dead block (the first dead latents in index order, found
     without `nonzero`), gated on the device by the dead count, `dead_block_width` columns wide
-    from the count an earlier step saw (read without waiting, `LaggedRead`); the decoder and
-    encoder gradients are one embedding_bag call each. When an earlier step saw more dead
-    latents than `dead_block_capacity` (a run that is not healthy yet), AuxK takes the exact,
-    synchronising path instead. A step with more dead latents than its block holds (they died
-    since that count) models the residual with the block's: at most a step or two while the
-    width catches up. fp16 still reads its overflow flag once per step.
+    from a count an earlier step made (read without waiting, `LaggedRead`) of the latents that
+    will be dead within DEAD_COUNT_MARGIN_STEPS more steps, so the block holds every latent dead
+    at this step: the same AuxK as the exact path. A count older than that margin is not used
+    (the whole capacity then). When the count exceeds `dead_block_capacity` (a run that is not
+    healthy yet), AuxK takes the exact, synchronising path. The decoder and encoder gradients
+    are one embedding_bag call each (while batch x k x d fits one call: 2^30 entries x columns).
+    fp16 still reads its overflow flag once per step.
     """
 
     def __init__(
@@ -204,7 +215,7 @@ class SparseTopKStep:
             self.aux_dtype = resolve_aux_dtype(self.cfg.aux_precision, sae.W_enc.device)
         self.last_aux_path = "none"  # which AuxK implementation the last step used
         self.last_main_path = "fixed_width"  # fixed_width (TopK), ragged or dense (see _main_ragged)
-        why_not = supports_sync_free(self.cfg, tp)
+        why_not = supports_sync_free(self.cfg, tp, self.dp)
         if sync_free is None:
             sync_free = sae.W_enc.device.type == "cuda" and why_not is None
         elif sync_free and why_not is not None:
@@ -322,6 +333,8 @@ class SparseTopKStep:
         if not self.sync_free:
             return None
         seen = self._dead_seen.latest()
+        if self._dead_seen.age >= DEAD_COUNT_MARGIN_STEPS:
+            seen = None  # too old to bound this step's dead latents: the block's whole capacity
         if seen is not None and seen > self.dead_capacity:
             return None
         return dead_block_width(seen, self.cfg.n_latents, self.cfg.k_aux)
@@ -330,7 +343,7 @@ class SparseTopKStep:
         """The host's part after a step's device work: the dead count starts its way to the
         host (read by a later `aux_width`), and fp16 reads its overflow flag."""
         if self.sync_free:
-            self._dead_seen.record(stats.n_dead)
+            self._dead_seen.record(stats.dead_soon if stats.dead_soon is not None else stats.n_dead)
         if self._overflow_flag is not None:
             stats.overflow = bool(self._overflow_flag)  # fp16: the step's one host read
 
@@ -356,6 +369,10 @@ class SparseTopKStep:
         # AuxK's top-k over the dead columns reads the whole-batch pre-activation (whole_pre);
         # with micro-batches it recomputes those columns in the same dtype (the same selection)
         self._update_tracker(main.fire_counts, x.shape[0])
+        dead_soon = None
+        if self.sync_free:  # an upper bound for the host's next decisions (see aux_width)
+            margin = DEAD_COUNT_MARGIN_STEPS * x.shape[0]
+            dead_soon = (self.tracker.tokens_since_fired >= self.tracker.threshold_tokens - margin).sum()
         fvu = (
             main.mse / self._batch_variance(x).clamp_min(1e-30)
             if compute_fvu
@@ -397,6 +414,7 @@ class SparseTopKStep:
             overflow=self._overflow,
             penalty_loss=main.penalty,
             batch_threshold=batch_threshold,
+            dead_soon=dead_soon,
         )
 
     def _main_topk(self, x: Tensor, xc: Tensor) -> tuple[_Main, Tensor | None]:
