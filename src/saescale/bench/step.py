@@ -133,6 +133,7 @@ def bench_step(
 ) -> dict[str, Any]:
     from saescale.bench.peer_steps import PEERS
     from saescale.core.config import SAEConfig
+    from saescale.train.step import sync_free_setting
 
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
@@ -166,8 +167,7 @@ def bench_step(
         kernels=kernels,
         cuda_graphs=cuda_graphs,
     )
-    if sync_free not in ("auto", "on", "off"):
-        raise ValueError(f"--sync-free must be auto, on or off, got {sync_free!r}")
+    sync_free_setting(sync_free)  # fail fast on a bad value
     step = run_worker({**spec, "kind": "step"}, timeout)
     floor_fp32_s = statistics.median(step["fp32_floor_times_s"])
     result: dict[str, Any] = {

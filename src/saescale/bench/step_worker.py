@@ -30,7 +30,7 @@ from saescale.train.graphs import CompiledStep, resolve_cuda_graphs
 from saescale.train.host_sync import HostSyncAudit
 from saescale.train.optim import make_adam, remove_parallel_grad_
 from saescale.train.precision import Precision
-from saescale.train.step import SparseTopKStep, low_precision_candidates
+from saescale.train.step import SparseTopKStep, low_precision_candidates, sync_free_setting
 
 Fn = Callable[[], None]
 
@@ -186,14 +186,13 @@ def run_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     threshold = NEVER_DEAD  # the dead set is planted by hand each step below, never by the tracker
     tracker = DeadLatentTracker(cfg.n_latents, threshold, device)
     precision = Precision.make(spec.get("precision", "fp32"), device)
-    sync_free = {"auto": None, "on": True, "off": False}[spec.get("sync_free", "auto")]
     step = SparseTopKStep(
         sae,
         1.0,
         tracker,
         precision=precision,
         micro_batches=spec.get("micro_batches", 1),
-        sync_free=sync_free,
+        sync_free=sync_free_setting(spec.get("sync_free", "auto")),
         kernels=spec.get("kernels", "auto"),
     )
     opt = make_adam([sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre], TrainConfig(), lr=1e-4)

@@ -194,7 +194,7 @@ class TrainConfig(_DictConfig):
     # memory planner picks the fewest that fit the device). The step stays the batch-level step.
     micro_batches: int | str = 1
     # A step with no host synchronisation (`train.step.SparseTopKStep`): auto (on for a CUDA
-    # TopK step on one TP rank) | on | off. Losses and counts are then read at log steps only.
+    # TopK step in one process) | on | off. Losses and counts are then read at log steps only.
     sync_free: str = "auto"
     # The TopK code's sparse products: auto (= torch until a GPU measures Triton faster,
     # `saescale bench kernels`) | torch (embedding_bag) | triton (CUDA; the `kernels` extra).

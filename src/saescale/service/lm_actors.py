@@ -20,6 +20,7 @@ import numpy as np
 from saescale.data.builder import CacheConfig
 from saescale.data.model_stream import ModelStream, rank_block
 from saescale.service.cache_actors import actor_replica
+from saescale.service.stream import set_stream_context
 
 
 class BlockWorker:
@@ -91,12 +92,7 @@ def rank_dataset(
     import ray.data
     from ray.util.annotations import RayDeprecationWarning
 
-    from saescale.service.executor_idle import quiet_when_idle
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False  # rank 0's step progress bar is the one to watch
-    quiet_when_idle(ctx)  # this executor runs in the training worker's process
+    set_stream_context()
     plan = ray.get(stream) if isinstance(stream, ray.ObjectRef) else stream
     items = plan.items(total_steps or plan.data.total_steps, start_step)
     if not items:

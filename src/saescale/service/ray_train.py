@@ -39,7 +39,6 @@ from saescale.data.reader import ActivationCache
 from saescale.distributed.layouts import Layout
 from saescale.service import preemption
 from saescale.service.capacity import CapacityCheck, GrowWatch, capacity_gate
-from saescale.service.executor_idle import quiet_when_idle
 from saescale.service.failures import REPORTED, failure_policy, first_cause, stopped_by_storage, storage_fault
 from saescale.service.lm_actors import actor_gpus, rank_dataset
 from saescale.service.preemption import Preempted
@@ -50,6 +49,7 @@ from saescale.service.stream import (
     make_datasets,
     owned_streams,
     set_retry_budget,
+    set_stream_context,
     stream_name,
     stream_seed,
 )
@@ -497,10 +497,7 @@ def launch(spec: LaunchSpec):
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # deterministic streams: exact resume
-    ctx.enable_progress_bars = False  # rank 0's step progress bar is the one to watch
-    quiet_when_idle(ctx)  # each rank's executor thread must not spin beside its training thread
+    set_stream_context()
     cache = spec.worker_config["cache"]
     storage_fs, storage_path = arrow_filesystem(spec.storage_url, spec.storage_options)
     # what a restart after a storage fault waits for: the run's storage (and the cache's)

@@ -343,6 +343,23 @@ def stream_name(stream: int) -> str:
     return f"train{stream}"
 
 
+def set_stream_context():
+    """Set this process's Ray DataContext for the training streams (the datasets made under it
+    carry it to where they run) and return it: order kept (a stream is a pure function of the
+    seed: exact resume), no Ray Data progress bars (rank 0's step bar is the one to watch), and
+    an executor that sleeps when it has nothing in flight (it runs in the training worker's
+    process: `executor_idle`)."""
+    import ray.data
+
+    from saescale.service.executor_idle import quiet_when_idle
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    quiet_when_idle(ctx)
+    return ctx
+
+
 def make_datasets(plan: DataPlan, filesystem, with_ids: bool, cache_url: str, remedy: str) -> dict[str, Any]:
     """{"train<c>": the verified stream c} for every canonical stream (`DataPlan`); `cache_url` and
     `remedy` go into a damaged shard's error. The workers read them unsplit (each stream is read by

@@ -28,6 +28,15 @@ _FIELDS = ("loss", "mse_loss", "fvu", "auxk_loss", "multi_topk_loss", "l0", "n_d
 AUTO_ON_CUDA = False
 
 
+def _why_not_compiled(step: SparseTopKStep) -> str | None:
+    """Why a step cannot be compiled as one graph, or None (a DP step is never sync-free)."""
+    if not step.sync_free:
+        return "needs a sync-free step (train.sync_free: a TopK step in one process, not Multi-TopK)"
+    if step.precision.scaler is not None:
+        return "does not take fp16 (its overflow check reads on the host every step)"
+    return None
+
+
 def resolve_cuda_graphs(setting: str, step: SparseTopKStep) -> bool:
     """`train.cuda_graphs`: on = compile wherever the step is sync-free (on a CPU: inductor's C++
     code, no CUDA graphs); off = eager; auto = on for a sync-free CUDA step when AUTO_ON_CUDA."""
@@ -35,11 +44,7 @@ def resolve_cuda_graphs(setting: str, step: SparseTopKStep) -> bool:
         raise ValueError(f"train.cuda_graphs must be auto, on or off, got {setting!r}")
     if setting == "off":
         return False
-    why_not = None
-    if not step.sync_free:
-        why_not = "needs a sync-free step (train.sync_free: a TopK step on one TP rank, not Multi-TopK)"
-    elif step.precision.scaler is not None:
-        why_not = "does not take fp16 (its overflow check reads on the host every step)"
+    why_not = _why_not_compiled(step)
     if why_not is not None:
         if setting == "on":
             raise ValueError(f"train.cuda_graphs=on {why_not}")
@@ -51,12 +56,9 @@ class CompiledStep:
     """`step.run(x, compute_fvu=False, aux_width)` compiled whole (see the module docstring)."""
 
     def __init__(self, step: SparseTopKStep) -> None:
-        if not step.sync_free:
-            raise ValueError("only a sync-free step compiles as one graph")
-        if step.precision.scaler is not None:
-            raise ValueError("fp16's overflow check reads on the host every step; it is not compiled")
-        if step.dp is not None:
-            raise ValueError("data-parallel collectives synchronise to time themselves; a DP step is not compiled")
+        why_not = _why_not_compiled(step)
+        if why_not is not None:
+            raise ValueError(f"a compiled step {why_not}")
         self.step = step
         self.device = step.sae.W_enc.device
         mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on a GPU

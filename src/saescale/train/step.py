@@ -136,6 +136,16 @@ class _Main:
     penalty: Tensor | None = None  # the activation's penalty (ReLU's L1)
 
 
+SYNC_FREE_SETTINGS = {"auto": None, "on": True, "off": False}
+
+
+def sync_free_setting(value: str) -> bool | None:
+    """`train.sync_free`'s value as `SparseTopKStep`'s `sync_free` argument (None: auto)."""
+    if value not in SYNC_FREE_SETTINGS:
+        raise ValueError(f"sync_free must be auto, on or off, got {value!r}")
+    return SYNC_FREE_SETTINGS[value]
+
+
 def supports_sync_free(cfg, tp: TensorParallel | None, dp: DataParallel | None = None) -> str | None:
     """Why a step cannot run without host synchronisation, or None when it can: a TopK code of
     fixed width [batch, k] in one process (BatchTopK's and ReLU's codes have data-dependent
@@ -342,8 +352,8 @@ class SparseTopKStep:
     def finish(self, stats: StepStats) -> None:
         """The host's part after a step's device work: the dead count starts its way to the
         host (read by a later `aux_width`), and fp16 reads its overflow flag."""
-        if self.sync_free:
-            self._dead_seen.record(stats.dead_soon if stats.dead_soon is not None else stats.n_dead)
+        if self.sync_free:  # (`run` counts dead_soon on every sync-free step)
+            self._dead_seen.record(stats.dead_soon)
         if self._overflow_flag is not None:
             stats.overflow = bool(self._overflow_flag)  # fp16: the step's one host read
 
@@ -599,20 +609,18 @@ class SparseTopKStep:
             err, mse, torch.zeros((), device=x.device), grad_b_enc, grad_x_hat.sum(0), fire_counts, l0, penalty
         )
 
-    def _aux_loss(self, aux_err: Tensor, var_res: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _aux_loss(self, aux_err: Tensor, var_res: Tensor, gate: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """AuxK loss from e_hat - e, and its gradient w.r.t. e_hat (None when the loss is not
-        finite: the paper zeroes a NaN AuxK loss, so that step gets no AuxK gradient)."""
+        finite: the paper zeroes a NaN AuxK loss, so that step gets no AuxK gradient). With
+        `gate` (the sync-free step: false when no latent is dead) nothing is read on the host:
+        a loss that is not finite, or a closed gate, gives a zero loss and a zero gradient."""
         aux = self.cfg.auxk_coef * _mean_sq(aux_err) / var_res
-        if not torch.isfinite(aux):
+        if gate is None and not torch.isfinite(aux):
             return torch.zeros((), device=aux_err.device), None
-        return aux, aux_err * (2.0 * self.cfg.auxk_coef / (aux_err.numel() * var_res))
-
-    def _aux_loss_gated(self, aux_err: Tensor, var_res: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
-        """`_aux_loss` without a host read: a loss that is not finite, or a step without dead
-        latents (`gate` false), gives a zero loss and a zero gradient, chosen on the device."""
-        aux = self.cfg.auxk_coef * _mean_sq(aux_err) / var_res
-        use = torch.isfinite(aux) & gate
         grad = aux_err * (2.0 * self.cfg.auxk_coef / (aux_err.numel() * var_res))
+        if gate is None:
+            return aux, grad
+        use = torch.isfinite(aux) & gate
         return torch.where(use, aux, 0.0), torch.where(use, grad, 0.0)
 
     def _auxk_fixed_block(
@@ -622,25 +630,15 @@ class SparseTopKStep:
         the first `width` dead latents, padding inactive). Returns (dead count, AuxK loss); with
         no dead latent the loss and gradients are zero, as on the synchronising path."""
         cfg, sae = self.cfg, self.sae
-        W_dec = sae.W_dec
         dead_idx, valid, n_dead = dead_slots(self.tracker.dead_mask(), width)
         if cfg.auxk_coef <= 0:
             return n_dead, torch.zeros((), device=xc.device)
         k_aux = min(cfg.k_aux, width)
         self.last_aux_path = "fixed_block"
         residual = -err
-        var_res = self._batch_variance(residual)
         block = DeadBlock(pre, xc, sae.W_enc, sae.b_enc, dead_idx, k_aux, self.aux_dtype, valid=valid)
-        w_dead = W_dec.index_select(0, dead_idx)
-        decoded = block.decode(w_dead)
-        if block.dtype == torch.float16:
-            self._note_overflow(decoded)
-        aux, grad_e_hat = self._aux_loss_gated(decoded.sub_(residual), var_res, n_dead > 0)
-        g_wdec, g_wenc, g_benc = self._scaled_block_backward(block, grad_e_hat, w_dead, xc)
         # padding slots point at latent 0 with all-zero rows: adding them changes nothing
-        W_dec.grad.index_add_(0, dead_idx, g_wdec)
-        sae.W_enc.grad.index_add_(0, dead_idx, g_wenc)
-        grad_b_enc.index_add_(0, dead_idx, g_benc)
+        aux = self._block_auxk(block, dead_idx, residual, self._batch_variance(residual), xc, grad_b_enc, n_dead > 0)
         return n_dead, aux
 
     def _batch_variance(self, t: Tensor) -> Tensor:
@@ -707,31 +705,45 @@ class SparseTopKStep:
     def _auxk(self, pre: Tensor | None, dead_idx: Tensor, err: Tensor, xc: Tensor, grad_b_enc: Tensor) -> Tensor:
         """AuxK loss; adds its gradients to W_dec.grad, W_enc.grad and grad_b_enc. err = x_hat - x."""
         cfg, sae = self.cfg, self.sae
-        W_enc, W_dec = sae.W_enc, sae.W_dec
         k_aux = min(cfg.k_aux, int(dead_idx.numel()))
         residual = -err
         var_res = self._batch_variance(residual)
         if use_dense_block(int(dead_idx.numel()), k_aux):
-            block = DeadBlock(pre, xc, W_enc, sae.b_enc, dead_idx, k_aux, self.aux_dtype)
+            block = DeadBlock(pre, xc, sae.W_enc, sae.b_enc, dead_idx, k_aux, self.aux_dtype)
             if block.sparse_enough():
                 self.last_aux_path = "ragged"
                 return self._auxk_ragged(block.ragged(dead_idx), residual, var_res, xc, grad_b_enc)
             self.last_aux_path = "dense_topk" if block.used_topk else "dense"
-            w_dead = W_dec.index_select(0, dead_idx)
-            decoded = block.decode(w_dead)
-            if block.dtype == torch.float16:
-                self._note_overflow(decoded)
-            aux, grad_e_hat = self._aux_loss(decoded.sub_(residual), var_res)
-            if grad_e_hat is None:
-                return aux
-            g_wdec, g_wenc, g_benc = self._scaled_block_backward(block, grad_e_hat, w_dead, xc)
-            W_dec.grad.index_add_(0, dead_idx, g_wdec)
-            W_enc.grad.index_add_(0, dead_idx, g_wenc)
-            grad_b_enc.index_add_(0, dead_idx, g_benc)
-            return aux
+            return self._block_auxk(block, dead_idx, residual, var_res, xc, grad_b_enc)
         self.last_aux_path = "sparse_topk"
         raw, aux_idx = self._dead_topk_chunked(pre, xc, dead_idx, k_aux)
         return self._auxk_fixed_width(aux_idx, raw.clamp_min(0), residual, xc, grad_b_enc, var_res)
+
+    def _block_auxk(
+        self,
+        block: DeadBlock,
+        dead_idx: Tensor,
+        residual: Tensor,
+        var_res: Tensor,
+        xc: Tensor,
+        grad_b_enc: Tensor,
+        gate: Tensor | None = None,
+    ) -> Tensor:
+        """AuxK through a dense dead block: its loss, with its gradients added to W_dec.grad,
+        W_enc.grad and grad_b_enc at `dead_idx` (`gate`: see `_aux_loss`)."""
+        W_dec = self.sae.W_dec
+        w_dead = W_dec.index_select(0, dead_idx)
+        decoded = block.decode(w_dead)
+        if block.dtype == torch.float16:
+            self._note_overflow(decoded)
+        aux, grad_e_hat = self._aux_loss(decoded.sub_(residual), var_res, gate)
+        if grad_e_hat is None:
+            return aux
+        g_wdec, g_wenc, g_benc = self._scaled_block_backward(block, grad_e_hat, w_dead, xc)
+        W_dec.grad.index_add_(0, dead_idx, g_wdec)
+        self.sae.W_enc.grad.index_add_(0, dead_idx, g_wenc)
+        grad_b_enc.index_add_(0, dead_idx, g_benc)
+        return aux
 
     def _scaled_block_backward(
         self, block: DeadBlock, grad_e_hat: Tensor, w_dead: Tensor, xc: Tensor

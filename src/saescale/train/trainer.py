@@ -45,7 +45,7 @@ from saescale.train.graphs import CompiledStep, resolve_cuda_graphs
 from saescale.train.loggers import MetricsLogger, NullLogger
 from saescale.train.optim import WeightEMA, lr_at, make_adam, remove_parallel_grad_
 from saescale.train.precision import Precision
-from saescale.train.step import SparseTopKStep, StepStats
+from saescale.train.step import SparseTopKStep, StepStats, sync_free_setting
 
 EPS = 1e-9  # guards divisions by elapsed times and counts
 
@@ -178,7 +178,7 @@ class Trainer:
             dp=self.dp,
             precision=self.precision,
             micro_batches=self.micro_batches if self.micro_batches != "auto" else 1,
-            sync_free={"auto": None, "on": True, "off": False}[self.cfg.sync_free],
+            sync_free=sync_free_setting(self.cfg.sync_free),
             kernels=self.cfg.sparse_kernels,
         )
         self._compiled = None
@@ -315,12 +315,11 @@ class Trainer:
         return metrics
 
     def _loss_error(self, loss: Tensor, check_now: bool) -> FloatingPointError | None:
-        """The error for a loss that is not finite. A sync-free step on one replica does not
+        """The error for a loss that is not finite. A sync-free step does not
         read its loss every step (that read would make the host wait for the GPU): a device flag
         gathers every step's, read at log steps and before each checkpoint (`check_loss`), so a
         run stops there, before any checkpoint holds the bad weights."""
-        deferred = self._step_fn is not None and self._step_fn.sync_free and self.dp is None
-        if deferred:
+        if self._step_fn.sync_free:  # (never with data parallelism: `supports_sync_free`)
             bad = ~torch.isfinite(loss)
             self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
             return self.check_loss(raise_=False) if check_now else None
