@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 
 from saescale.distributed.layouts import Layout, best_fitting, candidate_layouts
 from saescale.service.capacity import NodeLost, choose_layout, worker_slots
@@ -102,3 +103,44 @@ def test_choose_layout_shrinks_only_when_elastic_and_names_the_layout_that_fits(
     with pytest.raises(NodeLost) as lost:
         choose_layout(layouts[:2], elastic=True, check=Slots(1), wait_s=0, first_start=False)
     assert lost.value.fitting is None
+
+
+def stream_rows(data, stream: int, start_row: int = 0, stop_row: int | None = None) -> list[tuple[str, int]]:
+    return [
+        (p.path, r)
+        for read in data.stream_reads(stream, start_row, stop_row)
+        for p in read
+        for r in range(p.start, p.stop)
+    ]
+
+
+@pytest.mark.parametrize("start_row,stop_row", [(0, None), (0, 700), (1, 5), (999, 3001), (2345, None), (4140, 4144)])
+def test_a_stream_read_from_any_row_is_the_same_rows_as_the_whole_stream_sliced(start_row, stop_row):
+    """A restart builds its streams from the block holding its step: those rows must be exactly
+    the whole stream's from that row on (epochs crossed, the first shard entered mid-way)."""
+    data = plan([1000, 1000, 1000, 537, 1000], streams=2, batch=96, epochs=3)
+    for stream in range(2):
+        whole = stream_rows(data, stream)
+        assert stream_rows(data, stream, start_row, stop_row) == whole[start_row:stop_row]
+
+
+def test_stream_steps_permute_each_block_by_its_seed_and_cut_it_into_steps():
+    """The shuffle buffer as blocks (`data.blocks`): a block's rows permuted by (seed, stream,
+    block), whatever block the stream starts at, so a resumed stream gives the same steps."""
+    from saescale.data.blocks import block_permutation, block_steps, resume_block
+    from saescale.service.stream import stream_steps
+
+    stream_batch, per_block = 4, block_steps(4, 10)  # 3 steps (12 rows) a block
+    rows = torch.arange(40.0)[:, None]
+    blocks = [rows[i : i + 12] for i in range(0, 40, 12)]  # the last block is short: 4 rows
+    steps = list(stream_steps(blocks, 7, 1, 0, True, stream_batch))
+    assert len(steps) == 10 and all(s.shape == (4, 1) for s in steps)
+    assert torch.equal(torch.cat(steps[:3]).flatten(), torch.from_numpy(block_permutation(7, 1, 0, 12)).float())
+    assert sorted(torch.cat(steps).flatten().tolist()) == list(range(40))  # every row once
+    first, skip = resume_block(7, per_block)  # resume at step 7: block 2, one step in
+    assert (first, skip) == (2, 1)
+    resumed = list(stream_steps(blocks[first:], 7, 1, first, True, stream_batch))[skip:]
+    assert all(torch.equal(a, b) for a, b in zip(resumed, steps[7:], strict=True))
+    ids = list(stream_steps([(rows[:12], torch.arange(12))], 7, 1, 0, True, stream_batch))  # ids follow their rows
+    assert all(torch.equal(acts.flatten().long(), i) for acts, i in ids)
+    assert torch.equal(torch.cat(list(stream_steps(blocks, 7, 1, 0, False, stream_batch))), rows)  # buffer 0

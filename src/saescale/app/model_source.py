@@ -13,11 +13,11 @@ import torch
 from saescale import storage
 from saescale.app.schema import TrainJobConfig
 from saescale.console import print0
+from saescale.data.blocks import block_steps
 from saescale.data.builder import CacheConfig, build_cache, local_part_runner, make_plan, window_rows
 from saescale.data.manifest import Manifest
 from saescale.data.model_stream import (
     ModelStream,
-    block_steps,
     chunk_name,
     chunk_rows,
     deal_chunks,

@@ -144,7 +144,7 @@ class DataSection:
     endpoint_url: Optional[str] = None  # S3-compatible endpoint for the cache
     holdout_shards: int = 1  # the first shard(s) are held out for evaluation, never trained on
     heldout_tokens: int = 4096  # held-out rows for the driver's NMSE
-    shuffle_buffer_rows: int = 4096  # local shuffle buffer of each stream (rows); 0 disables it
+    shuffle_buffer_rows: int = 4096  # rows of each stream shuffled together (a block: `data.blocks`); 0: no shuffle
     prefetch_batches: int = 2
     # the canonical streams the training shards are dealt into; a step takes train.batch_size /
     # streams rows from each, on any layout, so a run may change its worker count mid-run (any

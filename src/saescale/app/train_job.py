@@ -33,6 +33,7 @@ from saescale.app.schema import TrainJobConfig
 from saescale.console import first_line, print0
 from saescale.core.arch import activation
 from saescale.core.config import ConfigError, SAEConfig, TrainConfig
+from saescale.data.blocks import block_steps
 from saescale.data.format import DTYPES, CorruptShardError
 from saescale.data.manifest import Manifest
 from saescale.data.reader import ActivationCache
@@ -40,7 +41,7 @@ from saescale.distributed.layouts import Layout, candidate_layouts
 from saescale.distributed.mesh import ParallelDims
 from saescale.distributed.plan import PlanError, check_fits, plan_memory
 from saescale.service.ray_train import DATA_CPUS, LaunchSpec
-from saescale.service.stream import plan_data, rebuild_hint
+from saescale.service.stream import plan_data, prefetch_blocks, rebuild_hint
 from saescale.sweeps.scaling import FLOPS_PER_TOKEN_DN
 from saescale.train.precision import resolve_precision
 
@@ -160,13 +161,15 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     itemsize = DTYPES[manifest.dtype].itemsize
 
     def data_bytes(layout: Layout) -> int:
-        """What a rank's data iterators hold: each stream it reads keeps its shuffle buffer (the
-        cached path's local buffer; the model stream shuffles in its actors) and its prefetched
-        batches, in the cache dtype."""
+        """What a rank's data iterators hold, in the cache dtype: the model stream, its
+        prefetched batches (it shuffles in its actors); the cache's streams, each its block being
+        trained on, that block's shuffled copy and its prefetched blocks (`data.blocks`)."""
         owned = data.streams // layout.workers
-        buffer = 0 if source else job.data.shuffle_buffer_rows
-        rows = owned * (buffer + (job.data.prefetch_batches + 1) * data.stream_batch)
-        return rows * manifest.d_model * itemsize
+        if source:
+            return owned * (job.data.prefetch_batches + 1) * data.stream_batch * manifest.d_model * itemsize
+        per_block = block_steps(data.stream_batch, job.data.shuffle_buffer_rows)
+        blocks = prefetch_blocks(job.data.prefetch_batches, per_block) + 2
+        return owned * blocks * per_block * data.stream_batch * manifest.d_model * itemsize
 
     def plan_for(layout: Layout):
         return plan_memory(

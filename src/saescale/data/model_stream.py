@@ -28,6 +28,7 @@ import pyarrow as pa
 import torch
 
 from saescale import storage
+from saescale.data.blocks import block_permutation, resume_block
 from saescale.data.builder import CacheConfig, Plan, WindowRows, part_marker, window_rows, write_buckets
 from saescale.data.format import activation_array
 
@@ -77,16 +78,8 @@ class ModelStream:
     def items(self, total_steps: int, start_step: int) -> list[dict[str, int]]:
         """A rank's work from `start_step` to `total_steps`: one item per block, the first
         without the steps already trained."""
-        first = start_step // self.block_steps
-        return [
-            {"block": b, "skip": start_step - b * self.block_steps if b == first else 0}
-            for b in range(first, self.blocks(total_steps))
-        ]
-
-
-def block_steps(stream_batch: int, buffer_rows: int) -> int:
-    """Steps per block: about `buffer_rows` (data.shuffle_buffer_rows) rows of each stream."""
-    return max(1, -(-buffer_rows // stream_batch))
+        first, skip = resume_block(start_step, self.block_steps)
+        return [{"block": b, "skip": skip if b == first else 0} for b in range(first, self.blocks(total_steps))]
 
 
 def slice_pieces(pieces: list[tuple[int, int, int]], lo: int, hi: int) -> list[tuple[int, int, int]]:
@@ -129,7 +122,7 @@ def block_rows(
     rows = concat(parts)
     if len(rows.rows) != hi - lo:
         raise RuntimeError(f"internal: stream {stream} block {block} has {len(rows.rows)} rows, not {hi - lo}")
-    return take(rows, np.random.default_rng([ms.data.seed, stream, block]).permutation(hi - lo))
+    return take(rows, block_permutation(ms.data.seed, stream, block, hi - lo))
 
 
 def take(rows: WindowRows, index: np.ndarray) -> WindowRows:

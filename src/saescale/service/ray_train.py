@@ -1,12 +1,13 @@
 """The training service on Ray: cached activation shards streamed by Ray Data into a Ray Train
 `TorchTrainer` whose workers run the (dp x tp) one training loop (`saescale.train.trainer.Trainer.fit`).
 
-Data: `data.streams` Ray Datasets (`saescale.service.stream`: every shard checksummed as it is
-read), the canonical streams of the run; each rank reads the streams it owns unsplit (a
-contiguous run of them), batched per stream with the stream's seeded local shuffle buffer, and
-concatenates one batch of each into its share of the step. Execution keeps order
-(`preserve_order`), so every stream is a pure function of the seed: a restarted run skips exactly
-the batches it already trained, the data position being the step, on any worker layout.
+Data: `data.streams` canonical streams (`saescale.service.stream`: every shard checksummed as it
+is read); each rank builds the Ray Datasets of the streams it owns (a contiguous run of them),
+reads them in blocks of `data.shuffle_buffer_rows` rows, each block's rows permuted by a seed of
+(run seed, stream, block) (`data.blocks`), and concatenates one batch of each stream into its share
+of the step. Execution keeps order (`preserve_order`), so every stream is a pure function of the
+seed and the data position is the step, on any worker layout: a restarted run starts its streams
+at the block holding its checkpoint's step and drops the steps before it in that block.
 
 Checkpoints: every `checkpoint_every` steps (or at the Young/Daly interval: `train.cadence`)
 each rank copies its shard aside and calls `ray.train.report`; Ray uploads the files to
@@ -35,6 +36,7 @@ import torch
 from saescale import retry, storage
 from saescale.console import print0
 from saescale.core.config import SAEConfig, TrainConfig
+from saescale.data.blocks import block_steps, resume_block
 from saescale.data.reader import ActivationCache
 from saescale.distributed.layouts import Layout
 from saescale.service import preemption
@@ -48,10 +50,11 @@ from saescale.service.stream import (
     make_collate,
     make_datasets,
     owned_streams,
+    prefetch_blocks,
     set_retry_budget,
     set_stream_context,
     stream_name,
-    stream_seed,
+    stream_steps,
 )
 from saescale.train.checkpoint import META, Fetch, RankFiles, copy_aside, load_rank_shard
 from saescale.train.convergence import tokens_to_convergence
@@ -81,11 +84,18 @@ def checkpoint_fetcher(checkpoint, directory: str) -> Fetch:
     return fetch
 
 
-def check_data_position(saved: dict[str, Any], data: DataPlan, seed: int) -> None:
-    """The data position is the step: resuming needs the same streams, global batch and seed. The
-    layout may change freely (every layout reads the same rows per step: `stream.DataPlan`)."""
+def check_data_position(saved: dict[str, Any], data: DataPlan, seed: int, steps_per_block: int) -> None:
+    """The data position is the step: resuming needs the same streams, global batch, seed and
+    shuffle blocks. The layout may change freely (every layout reads the same rows per step:
+    `stream.DataPlan`)."""
     if not saved:
         return
+    if saved.get("block_steps", steps_per_block) != steps_per_block:
+        raise ValueError(
+            f"the checkpoint's data stream was shuffled in blocks of {saved['block_steps']} steps; this run's "
+            f"are {steps_per_block} steps: resuming would retrain or skip rows; resume with the same "
+            "data.shuffle_buffer_rows"
+        )
     if "streams" not in saved and saved.get("world", 1) != 1:
         raise ValueError(
             f"the checkpoint was written by a {saved['world']}-worker run from before data.streams: its rows were "
@@ -170,6 +180,7 @@ class RayReportCheckpointer:
             "stream_batch": self.data.stream_batch,
             "seed": self.config["seed"],
             "world": self.world,
+            "block_steps": block_steps(self.data.stream_batch, self.config.get("shuffle_buffer_rows", 0)),
         }
         background = self.background and not final
         copied = copy_aside(trainer, extra={"data": position, "layouts": self.layouts}, copy=background)
@@ -290,7 +301,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         set_retry_budget(checkpoint.filesystem, retry.budget_s())  # the controller's copy had 2x
         with tempfile.TemporaryDirectory(prefix="saescale-resume-") as directory:
             meta = load_rank_shard(checkpoint_fetcher(checkpoint, directory), trainer)
-        check_data_position(meta.get("data", {}), data, config["seed"])
+        check_data_position(
+            meta.get("data", {}), data, config["seed"], block_steps(data.stream_batch, config["shuffle_buffer_rows"])
+        )
         history = list(meta.get("layouts", []))
         print0(
             f"resumed from the step-{trainer.step} checkpoint ({trainer.tokens_seen} tokens; written at "
@@ -313,9 +326,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def local_batches():
         """This rank's share of each global batch: the next batch of every stream it owns,
-        concatenated in stream order."""
+        concatenated in stream order, from the block that holds the resume step (`data.blocks`)."""
         collate = make_collate(config["cache"]["dtype"], sae_cfg.d_in, with_ids=bool(record))
-        skip, step = trainer.step, trainer.step
+        step = trainer.step
         owned = owned_streams(data.streams, world, rank)
         if config.get("stream"):  # computed from the resume step on: nothing to skip
             stream = config["stream"]
@@ -331,20 +344,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
             streams, skip = [batches], 0
         else:
+            per_block = block_steps(data.stream_batch, config["shuffle_buffer_rows"])
+            first_block, skip = resume_block(trainer.step, per_block)
+            set_stream_context()
+            cache = config["cache"]
+            filesystem, _ = arrow_filesystem(cache["url"], cache["options"])
+            datasets = make_datasets(
+                data, filesystem, bool(record), cache["url"], cache.get("remedy", ""), owned,
+                start_row=first_block * per_block * data.stream_batch, stop_row=total_steps * data.stream_batch,
+            )  # fmt: skip
             streams = [
-                ray.train.get_dataset_shard(stream_name(c)).iter_torch_batches(
-                    batch_size=data.stream_batch,
-                    collate_fn=collate,
-                    drop_last=True,
-                    local_shuffle_buffer_size=config["shuffle_buffer_rows"] or None,
-                    local_shuffle_seed=stream_seed(config["seed"], c),
-                    prefetch_batches=config["prefetch_batches"],
-                )
+                stream_steps(
+                    datasets[stream_name(c)].iter_torch_batches(
+                        batch_size=per_block * data.stream_batch,
+                        collate_fn=collate,
+                        prefetch_batches=prefetch_blocks(config["prefetch_batches"], per_block),
+                    ),
+                    config["seed"],
+                    c,
+                    first_block,
+                    config["shuffle_buffer_rows"] > 0,
+                    data.stream_batch,
+                )  # fmt: skip
                 for c in owned
             ]
         for i, parts in enumerate(zip(*streams)):
             if i < skip:
-                continue  # trained before the checkpoint we resumed from
+                continue  # trained before the checkpoint we resumed from (the start of its block)
             step += 1
             if record:
                 ids = torch.cat([part[1] for part in parts])
@@ -492,26 +518,16 @@ class RunFailed(RuntimeError):
 def launch(spec: LaunchSpec):
     """Run the TorchTrainer to completion; returns Ray's Result (its checkpoint is the last one).
     Raises `RunFailed` when the run fails."""
-    import ray.data
+    import ray
     import ray.train
-    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    set_stream_context()
     cache = spec.worker_config["cache"]
     storage_fs, storage_path = arrow_filesystem(spec.storage_url, spec.storage_options)
     # what a restart after a storage fault waits for: the run's storage (and the cache's)
     probes = [(storage_fs, storage_path, storage.redact(spec.storage_url))]
-    datasets = {}  # data.source=model: each rank builds its own pipeline (`lm_actors`)
-    if cache["url"] is not None:
+    if cache["url"] is not None:  # each rank reads the streams it owns (`train_loop_per_worker`)
         filesystem, cache_path = arrow_filesystem(cache["url"], cache["options"])
-        datasets = make_datasets(
-            DataPlan(**spec.worker_config["data"]),
-            filesystem,
-            with_ids=bool(spec.worker_config.get("record_rows_dir")),
-            cache_url=cache["url"],
-            remedy=spec.cache_remedy,
-        )
         probes.append((filesystem, f"{cache_path}/manifest.json", storage.redact(cache["url"])))  # no listing needed
     retry_s = spec.worker_config.get("storage_retry_s")
     retry_s = retry.budget_s() if retry_s is None else retry_s
@@ -540,6 +556,7 @@ def launch(spec: LaunchSpec):
         check = CapacityCheck(spec.cpus_per_worker, spec.use_gpu, spec.data_cpus)
     worker_config = {
         **spec.worker_config,
+        "cache": {**cache, "remedy": spec.cache_remedy},
         "stream": stream,
         "layouts": [vars(layout) for layout in spec.layouts],
         "elastic": spec.elastic,
@@ -565,10 +582,6 @@ def launch(spec: LaunchSpec):
                 failure_policy(probes, retry_s, spec.max_failures),
                 capacity_gate(spec.layouts, spec.elastic, check, spec.node_wait_s),
             ],
-        ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(  # unsplit: each stream is read by the rank that owns it
-            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False
         ),
     )
     try:

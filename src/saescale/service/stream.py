@@ -3,9 +3,11 @@
 `data.streams` Ray Datasets (canonical streams): every epoch's rows (in the epoch's seeded shuffled
 shard order) cut into that many contiguous parts, stream c one continuous read of part c of every
 epoch (no pipeline restart and start-up wait at epoch boundaries), one read task per shard, executed in order
-(`preserve_order`), so every stream is a pure function of the seed. A step takes the same rows
-from every stream on any worker layout (`DataPlan`): what a run trains on does not depend on how
-many workers it has, so it can lose or regain workers mid-run.
+(`preserve_order`), read in blocks whose rows are permuted by a seed (`data.blocks`: the shuffle
+buffer), so every stream is a pure function of the seed and can start at any block. A step takes
+the same rows from every stream on any worker layout (`DataPlan`): what a run trains on does not
+depend on how many workers it has, so it can lose or regain workers mid-run, and a restart reads
+from the block holding its step, not from the stream's first row.
 
 Every shard is verified as it is read: its bytes are read once, into one buffer, hashed chunk by
 chunk as they arrive, and compared with the manifest's sha256 before Parquet parses that buffer.
@@ -24,6 +26,7 @@ import posixpath
 import re
 import shlex
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +37,7 @@ from pyarrow import PythonFile
 
 from saescale import retry
 from saescale.console import first_line
+from saescale.data.blocks import block_permutation
 from saescale.data.format import POS_STRIDE, CorruptShardError
 
 ACT_COLUMN = "act"
@@ -83,17 +87,22 @@ class DataPlan:
     def global_batch(self) -> int:
         return self.stream_batch * self.streams
 
-    def stream_reads(self, stream: int) -> list[list[Piece]]:
-        """The pieces one stream reads, one read (distinct files) per epoch, in order."""
+    def stream_reads(self, stream: int, start_row: int = 0, stop_row: int | None = None) -> list[list[Piece]]:
+        """The pieces one stream reads, one read (distinct files) per epoch, in order: rows
+        [start_row, stop_row) of the stream (its epochs' parts laid end to end; default: all)."""
         rows_of = dict(zip(self.files, self.file_rows))
         part = self.rows // self.streams
-        lo, hi = stream * part, (stream + 1) * part
+        lo = stream * part
+        stop_row = part * self.epochs if stop_row is None else stop_row
         reads: list[list[Piece]] = []
-        for epoch in range(self.epochs):
+        for epoch in range(max(0, start_row // part), min(self.epochs, -(-stop_row // part))):
             read, offset = [], 0
+            # this epoch's rows of the stream that fall in [start_row, stop_row), as rows of the epoch
+            keep_lo = lo + max(start_row - epoch * part, 0)
+            keep_hi = lo + min(stop_row - epoch * part, part)
             for path in epoch_files(self.files, self.seed, epoch):
                 rows = rows_of[path]
-                start, stop = max(lo - offset, 0), min(hi - offset, rows)
+                start, stop = max(keep_lo - offset, 0), min(keep_hi - offset, rows)
                 offset += rows
                 if start < stop:
                     read.append(Piece(path, start, stop))
@@ -132,12 +141,6 @@ def owned_streams(streams: int, world: int, rank: int) -> range:
         raise ValueError(f"{world} workers cannot share data.streams={streams} evenly: the worker count must divide it")
     share = streams // world
     return range(rank * share, (rank + 1) * share)
-
-
-def stream_seed(seed: int, stream: int) -> int:
-    """The local shuffle seed of a stream (stream 0 keeps the run's seed: a one-stream run reads
-    what the one-worker run read before streams existed)."""
-    return seed + 1_000_003 * stream
 
 
 def epoch_files(files: list[str], seed: int, epoch: int) -> list[str]:
@@ -360,10 +363,19 @@ def set_stream_context():
     return ctx
 
 
-def make_datasets(plan: DataPlan, filesystem, with_ids: bool, cache_url: str, remedy: str) -> dict[str, Any]:
-    """{"train<c>": the verified stream c} for every canonical stream (`DataPlan`); `cache_url` and
-    `remedy` go into a damaged shard's error. The workers read them unsplit (each stream is read by
-    the one rank that owns it)."""
+def make_datasets(
+    plan: DataPlan,
+    filesystem,
+    with_ids: bool,
+    cache_url: str,
+    remedy: str,
+    streams: Iterable[int] | None = None,
+    start_row: int = 0,
+    stop_row: int | None = None,
+) -> dict[str, Any]:
+    """{"train<c>": the verified stream c} for the canonical streams `streams` (default: all of
+    them, `DataPlan`), rows [start_row, stop_row) of each; `cache_url` and `remedy` go into a
+    damaged shard's error. Each rank builds the streams it owns, from its resume point on."""
     import ray.data
 
     if len(plan.sha256) != len(plan.files) or len(plan.sizes) != len(plan.files):
@@ -372,7 +384,7 @@ def make_datasets(plan: DataPlan, filesystem, with_ids: bool, cache_url: str, re
     columns = [ACT_COLUMN] + (ROW_ID_COLUMNS if with_ids else [])
     source = _datasource_class()
     datasets = {}
-    for stream in range(plan.streams):
+    for stream in range(plan.streams) if streams is None else streams:
         # one read per epoch, concatenated; one read task per shard, so the first
         # batch waits for one shard
         reads = [
@@ -380,10 +392,31 @@ def make_datasets(plan: DataPlan, filesystem, with_ids: bool, cache_url: str, re
                 source({p.path: checks[p.path] for p in pieces}, columns, filesystem, pieces),
                 override_num_blocks=len(pieces),
             )
-            for pieces in plan.stream_reads(stream)
+            for pieces in plan.stream_reads(stream, start_row, stop_row)
         ]
+        if not reads:
+            raise ValueError(f"internal: stream {stream} has no rows in [{start_row}, {stop_row})")
         datasets[stream_name(stream)] = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
     return datasets
+
+
+def prefetch_blocks(prefetch_batches: int, steps_per_block: int) -> int:
+    """Blocks a stream reads ahead: at least `data.prefetch_batches` steps' worth, at least one."""
+    return max(1, -(-prefetch_batches // steps_per_block))
+
+
+def stream_steps(blocks: Iterable, seed: int, stream: int, first_block: int, shuffle: bool, stream_batch: int):
+    """A stream's batches, step by step, from its blocks (`data.blocks`: each block's rows
+    permuted by a seed of (run seed, stream, block) when `shuffle`). A block is a tensor of rows,
+    or (rows, row ids) when the ids are read too."""
+    for block, rows in enumerate(blocks, first_block):
+        parts = rows if isinstance(rows, tuple | list) else (rows,)
+        if shuffle:
+            order = torch.from_numpy(block_permutation(seed, stream, block, parts[0].shape[0]))
+            parts = tuple(part[order] for part in parts)
+        for lo in range(0, parts[0].shape[0], stream_batch):
+            step = tuple(part[lo : lo + stream_batch] for part in parts)
+            yield step if len(step) > 1 else step[0]
 
 
 def corrupt_shard_line(error: CorruptShardError, cache_url: str, remedy: str) -> str:
