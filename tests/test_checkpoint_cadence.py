@@ -106,3 +106,21 @@ def test_a_preemption_is_told_from_a_crash():
     assert is_preemption(HealthCheckFailed(ActorDied()))
     assert not is_preemption(HealthCheckFailed(RuntimeError("SIGKILL")))
     assert not is_preemption(RuntimeError("loss became nan"))
+
+
+def test_a_background_write_costs_the_time_it_adds_to_the_steps_it_overlaps():
+    """A CPU run's upload competes with training for the cores: its cost is its stall plus what
+    the steps that overlapped it took beyond clean ones, so auto checkpoints less often than the
+    stall alone says (on the 2-core soak the stall alone chose a checkpoint every ~2 s)."""
+    auto = CheckpointCadence.of("auto", mtbf_s=60.0)
+    # 30 steps since the last checkpoint, 3.0 s; 10 of them (1.5 s) overlapped its write: clean
+    # steps take 0.075 s, so the write added 1.5 - 10 x 0.075 = 0.75 s
+    overhead, clean = auto.write_overhead(30, 3.0, 10, 1.5)
+    assert clean == pytest.approx(0.075) and overhead == pytest.approx(0.75)
+    interval = auto.saved(100, 0.02 + overhead, clean)
+    assert interval == round(math.sqrt(2 * 0.77 * 60.0) / 0.075)  # not sqrt(2 x 0.02 x 60) / 0.1
+    # a write as long as the interval: no clean step, the last clean time counts
+    assert auto.write_overhead(8, 1.6, 8, 1.6) == (pytest.approx(1.6 - 8 * 0.075), pytest.approx(0.075))
+    # no write in flight: no overhead, and never a negative one from noise
+    assert auto.write_overhead(10, 0.7, 0, 0.0)[0] == 0.0
+    assert auto.write_overhead(10, 0.7, 5, 0.1)[0] == 0.0

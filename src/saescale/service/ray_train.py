@@ -168,6 +168,10 @@ class RayReportCheckpointer:
             )
         return metrics
 
+    def writing(self) -> bool:
+        """Whether a background upload is in flight (the cadence counts what it slows)."""
+        return self._in_flight is not None and not self._in_flight.is_set()
+
     def save(self, trainer: Trainer, final: bool = False) -> None:
         import ray.train
         from ray.train import CheckpointUploadMode

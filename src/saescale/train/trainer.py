@@ -51,7 +51,9 @@ EPS = 1e-9  # guards divisions by elapsed times and counts
 
 
 class Checkpointer(Protocol):
-    """Where a run's checkpoints go; `final` marks the save at the end of `fit`."""
+    """Where a run's checkpoints go; `final` marks the save at the end of `fit`. One that writes
+    in the background may also say when a write is in flight (`writing() -> bool`), so that
+    `checkpoint_every=auto` counts the steps the write slows (`train.cadence`)."""
 
     def save(self, trainer: Trainer, final: bool = False) -> Any: ...
 
@@ -76,6 +78,11 @@ class StepTimes:
     def add(self, other: StepTimes) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    @property
+    def seconds(self) -> float:
+        """The steps' own time: waiting for batches, compute and communication."""
+        return self.data_wait + self.compute + self.comm
 
     def as_metrics(self, wall: float) -> dict[str, float]:
         steps = max(self.steps, 1)
@@ -441,9 +448,12 @@ class Trainer:
         last_saved = None
         cadence = CheckpointCadence.of(self.cfg.checkpoint_every, self.cfg.checkpoint_mtbf_s, self.step)
         since_save = StepTimes()  # the steps since the last checkpoint: auto's step time
+        while_writing = StepTimes()  # those of them that ran while its background write was in flight
+        writing = getattr(checkpointer, "writing", None)
         try:
             while max_steps is None or self.step < max_steps:
                 t0 = time.perf_counter()
+                overlaps_write = writing is not None and writing()
                 try:
                     batch, error = next(iterator, None), None
                 except Exception as exc:  # noqa: BLE001 - a failed read must stop every rank, not hang them
@@ -484,6 +494,8 @@ class Trainer:
                 window.add(one)
                 summary.totals.add(one)
                 since_save.add(one)
+                if overlaps_write:
+                    while_writing.add(one)
                 if metrics is not None:
                     metrics.update(window.as_metrics(time.perf_counter() - window_start))
                     self.logger.log(metrics, self.step)
@@ -495,16 +507,20 @@ class Trainer:
                 if on_step is not None:
                     on_step(self.step)
                 if checkpointer is not None and cadence.due(self.step) and (max_steps is None or self.step < max_steps):
+                    # what the last checkpoint cost: its stall, and the steps its write slowed
+                    overhead, step_s = cadence.write_overhead(
+                        since_save.steps, since_save.seconds, while_writing.steps, while_writing.seconds
+                    )
                     stall = self._timed_save(checkpointer)
                     last_saved = self.step
-                    step_s = (since_save.data_wait + since_save.compute + since_save.comm) / max(since_save.steps, 1)
-                    since_save = StepTimes()
+                    since_save, while_writing = StepTimes(), StepTimes()
                     before = cadence.interval_steps
-                    interval = cadence.saved(self.step, stall, step_s, self._max_over_ranks)
+                    interval = cadence.saved(self.step, stall + overhead, step_s, self._max_over_ranks)
                     if interval is not None and (before is None or abs(interval - before) > 0.25 * before):
                         print0(
                             f"checkpoint_every=auto: every {interval} steps from step {self.step} (a checkpoint "
-                            f"stalls {stall:.2f} s, a step takes {step_s:.3g} s, MTBF {self.cfg.checkpoint_mtbf_s:g} s)"
+                            f"stalls {stall:.2f} s and its write slows training {overhead:.2f} s, a step "
+                            f"takes {step_s:.3g} s, MTBF {self.cfg.checkpoint_mtbf_s:g} s)"
                         )
                     summary.checkpoint_every = interval
         finally:
