@@ -160,3 +160,61 @@ def test_damaged_shard_fails_the_ray_data_stream_with_the_jobs_line(tmp_path, sm
     line = corrupt_shard_line(cause, str(cache), remedy)
     assert "\n" not in line
     assert_names_shard_and_remedy(line, cache, shard, how)
+
+
+def test_a_stream_started_at_any_block_gives_the_whole_streams_steps_from_there(small_cache, local_ray):
+    """What a restarted rank reads: the Ray Data stream built from the block that holds its step,
+    shuffled per block, gives exactly the steps the whole stream gives from that step on (across
+    epochs and shards cut mid-way), and the whole stream's rows are its pieces' in order (a union
+    of per-epoch reads interleaved them, so a stream started mid-run took other rows)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from saescale.data.blocks import block_steps, resume_block
+    from saescale.data.format import POS_STRIDE
+    from saescale.service.stream import arrow_filesystem, make_collate, make_datasets, plan_data, stream_steps
+
+    with open(os.path.join(small_cache, "manifest.json")) as handle:
+        manifest = json.load(handle)
+    train = manifest["shards"][1:]
+    filesystem, root = arrow_filesystem(small_cache, None)
+    plan = plan_data(
+        [f"{root}/{s['file']}" for s in train],
+        [s["rows"] for s in train],
+        batch_size=96,
+        streams=2,
+        epochs=3,
+        seed=4,
+        sha256=[s["sha256"] for s in train],
+        sizes=[s["bytes"] for s in train],
+    )
+    per_block = block_steps(plan.stream_batch, 200)  # 5 steps of 48 rows a block
+    collate = make_collate(manifest["dtype"], manifest["d_model"], with_ids=True)
+
+    def steps(stream: int, start_step: int) -> list:
+        first, skip = resume_block(start_step, per_block)
+        (dataset,) = make_datasets(
+            plan, filesystem, True, small_cache, "", [stream], first * per_block * plan.stream_batch,
+            plan.total_steps * plan.stream_batch,
+        ).values()  # fmt: skip
+        blocks = dataset.iter_torch_batches(batch_size=per_block * plan.stream_batch, collate_fn=collate)
+        return [ids for ids in (s[1] for s in stream_steps(blocks, 4, stream, first, True, plan.stream_batch))][skip:]
+
+    def shard_ids(path: str):
+        table = pq.read_table(path, columns=["window", "pos"])
+        return table.column("window").to_numpy().astype("int64") * POS_STRIDE + table.column("pos").to_numpy()
+
+    for stream in range(2):
+        whole = steps(stream, 0)
+        assert len(whole) == plan.total_steps
+        expected = [i for read in plan.stream_reads(stream) for p in read for i in shard_ids(p.path)[p.start : p.stop]]
+        got = sorted(
+            i for block in range(0, len(whole), per_block) for s in whole[block : block + per_block] for i in s.tolist()
+        )
+        assert got == sorted(expected[: len(got)])  # every row of the run's steps, once
+        first_block = torch.cat(whole[:per_block]).tolist()
+        assert sorted(first_block) == sorted(expected[: len(first_block)])  # block 0: the stream's first rows
+        for start in (1, 7, plan.total_steps // 3 + 2, plan.total_steps - 1):
+            resumed = steps(stream, start)
+            assert len(resumed) == plan.total_steps - start
+            assert all(torch.equal(a, b) for a, b in zip(resumed, whole[start:])), (stream, start)

@@ -52,7 +52,6 @@ from saescale.service.stream import (
     owned_streams,
     prefetch_blocks,
     set_retry_budget,
-    set_stream_context,
     stream_name,
     stream_steps,
 )
@@ -295,9 +294,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise RuntimeError(f"internal: Ray started {world} workers, not one of the run's layouts {layouts}")
     dims = layout.dims()
     sae_cfg, train_cfg = SAEConfig.from_dict(config["sae"]), TrainConfig.from_dict(config["train"])
-    train_cfg = replace(train_cfg, micro_batches=layout.micro_batches)
+    threads = shard_threads(layout, layouts[0], bool(config.get("elastic")))
+    # shard threads: each thread is a rank of the configured layout, chunking its batch as that does
+    train_cfg = replace(train_cfg, micro_batches=(layouts[0] if threads > 1 else layout).micro_batches)
     device = "cuda" if config.get("use_gpu") else "cpu"
-    trainer = build_rank_trainer(sae_cfg, train_cfg, dims, rank, None, device)
+    trainer = build_rank_trainer(sae_cfg, train_cfg, dims, rank, None, device, shard_threads=threads)
+
     data = DataPlan(**config["data"])
     checkpoint = ray.train.get_checkpoint()
     history: list[dict[str, Any]] = []
@@ -320,7 +322,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sample = cache.read_shard(config["cache"]["init_shard"])[: train_cfg.geometric_median_samples]
         trainer.initialize(sample)
     before = len(history)
-    history = record_layout(history, layout, trainer.step, layouts[0])
+    history = record_layout(history, layout, trainer.step, layouts[0], threads)
     if rank == 0:
         trainer.logger = _rank0_logger(config, trainer.step)
         if len(history) > before:  # this start began a layout: the metrics log says so too
@@ -350,7 +352,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             per_block = block_steps(data.stream_batch, config["shuffle_buffer_rows"])
             first_block, skip = resume_block(trainer.step, per_block)
-            set_stream_context()
             cache = config["cache"]
             filesystem, _ = arrow_filesystem(cache["url"], cache["options"])
             datasets = make_datasets(
@@ -411,9 +412,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise Preempted(f"left at step {trainer.step} to grow back to a larger layout; its checkpoint is registered")
 
 
-def record_layout(history: list[dict[str, Any]], layout: Layout, step: int, configured: Layout) -> list[dict[str, Any]]:
+def shard_threads(layout: Layout, configured: Layout, elastic: bool) -> int:
+    """How many TP ranks one worker runs as threads (`saescale.train.shard_threads`): an elastic run on one
+    worker whose configured layout is pure TP runs that layout's ranks, so losing a node does not
+    change what the run computes; otherwise 1 (each worker is one rank). Not when the planner
+    gave the one-worker layout more micro-batches than the configured one: the threads chunk the
+    batch as the configured ranks do, and would then hold more than the plan allows."""
+    if (
+        elastic
+        and layout.workers == 1
+        and configured.dp == 1
+        and configured.tp > 1
+        and layout.micro_batches <= configured.micro_batches
+    ):
+        return configured.tp
+    return 1
+
+
+def record_layout(
+    history: list[dict[str, Any]], layout: Layout, step: int, configured: Layout, threads: int = 1
+) -> list[dict[str, Any]]:
     """The run's layouts so far (kept in the checkpoint meta), with this start's appended when it
-    differs from the last: from which step, and why."""
+    differs from the last: from which step, and why (and `shard_threads` when its one worker runs
+    the configured layout's TP ranks as threads: the same steps as the configured layout)."""
     last = history[-1] if history else None
     if last is not None and (last["workers"], last["tp"]) == (layout.workers, layout.tp):
         return history
@@ -428,7 +449,10 @@ def record_layout(history: list[dict[str, Any]], layout: Layout, step: int, conf
     else:
         why = f"resources returned: the cluster holds {layout.workers} workers again"
     entry = {"step": step, "workers": layout.workers, "dp": layout.dp, "tp": layout.tp, "why": why}
-    print0(f"layout from step {step}: {layout} ({why})")
+    if threads > 1:
+        entry["shard_threads"] = threads
+    runs = f", running the {threads} TP ranks of {configured} as threads" if threads > 1 else ""
+    print0(f"layout from step {step}: {layout}{runs} ({why})")
     return [*history, entry]
 
 

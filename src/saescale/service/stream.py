@@ -259,72 +259,58 @@ def read_shard(
     return retry.call(f"read shard {check.where}", attempt, budget=budget)
 
 
+def read_piece(piece: Piece, check: ShardCheck, columns: list[str] | None, filesystem) -> list:
+    """A piece's rows: its shard read whole and verified (`read_shard`, through transient storage
+    faults), then cut to the piece."""
+
+    def open_stream():
+        try:  # unbuffered: readinto fills our buffer directly
+            return filesystem.open_input_stream(piece.path, compression=None, buffer_size=0)
+        except FileNotFoundError:
+            raise shard_error(check, "missing") from None
+
+    table = read_shard(open_stream, check, columns, budget=retry_budget(filesystem))
+    if (piece.start, piece.stop) == (0, table.num_rows):
+        return [table]
+    return [table.slice(piece.start, piece.stop - piece.start)]
+
+
 @functools.cache
 def _datasource_class():
     """Defined on first use: Ray is imported only where the stream is built or read."""
-    from ray.data.datasource import FileBasedDatasource
-    from ray.data.datasource.file_meta_provider import DefaultFileMetadataProvider
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
 
-    class ManifestSizes(DefaultFileMetadataProvider):
-        """File sizes from the manifest: no listing or stat per shard and epoch (a HEAD each on S3)."""
-
-        def __init__(self, sizes: dict[str, int]) -> None:
-            self.sizes = sizes
-
-        def expand_paths(self, paths, filesystem, partitioning=None, ignore_missing_paths=False):
-            for path in paths:
-                yield path, self.sizes[path]
-
-    class VerifiedShards(FileBasedDatasource):
-        """Cache shards read as checksummed byte streams (see `read_verified`)."""
+    class VerifiedShards(Datasource):
+        """A stream's pieces of cache shards, one read task per piece, in the stream's order (a
+        shard recurs, one piece per epoch; with `preserve_order` the blocks come out in task
+        order, so the rows are the pieces' laid end to end). Each shard is checksummed as it is
+        read (`read_verified`)."""
 
         def __init__(
-            self,
-            checks: dict[str, ShardCheck],
-            columns: list[str] | None,
-            filesystem,
-            pieces: list[Piece] | None = None,
+            self, checks: dict[str, ShardCheck], columns: list[str] | None, filesystem, pieces: list[Piece]
         ) -> None:
-            """`pieces`: the rows to keep of each file (default: all of them)."""
-            import ray
+            self._checks, self._columns, self._filesystem, self._pieces = checks, columns, filesystem, pieces
 
-            paths = list(checks)
-            super().__init__(
-                paths,
-                filesystem=filesystem,
-                shuffle=None,
-                meta_provider=ManifestSizes({p: c.size for p, c in checks.items()}),
-            )
-            missing = set(self._paths()) - set(paths)
-            if missing:  # Ray renamed a path: the checks could not be found in the read tasks
-                raise ValueError(f"internal: Ray Data resolved shard paths to {sorted(missing)[:3]}")
-            self._checks_ref = ray.put(checks)  # one copy in the object store, not one per read task
-            self._columns = columns
-            self._rows = {piece.path: (piece.start, piece.stop) for piece in pieces or ()}
+        def get_name(self) -> str:
+            return "ReadVerifiedShards"
 
-        def _open_input_source(self, filesystem, path: str, **open_args):
-            self._filesystem_for_retries = filesystem
-            try:
-                # unbuffered: readinto fills our buffer directly (`arrow_filesystem`'s handler
-                # retries the open through storage faults)
-                return filesystem.open_input_stream(path, compression=None, buffer_size=0)
-            except FileNotFoundError:
-                import ray
+        def estimate_inmemory_data_size(self) -> int:
+            return sum(self._checks[p.path].size for p in self._pieces)
 
-                raise shard_error(ray.get(self._checks_ref)[path], "missing") from None
-
-        def _read_stream(self, f, path: str):
-            import ray
-
-            check = ray.get(self._checks_ref)[path]
-            filesystem = self._filesystem_for_retries
-
-            def reopen():
-                return filesystem.open_input_stream(path, compression=None, buffer_size=0)
-
-            table = read_shard(reopen, check, self._columns, first_stream=f, budget=retry_budget(filesystem))
-            start, stop = self._rows.get(path, (0, table.num_rows))
-            yield table if (start, stop) == (0, table.num_rows) else table.slice(start, stop - start)
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+            return [
+                ReadTask(
+                    functools.partial(read_piece, piece, self._checks[piece.path], self._columns, self._filesystem),
+                    BlockMetadata(
+                        num_rows=piece.stop - piece.start,
+                        size_bytes=self._checks[piece.path].size,
+                        exec_stats=None,
+                        input_files=(piece.path,),
+                    ),
+                )
+                for piece in self._pieces
+            ]
 
     return VerifiedShards
 
@@ -375,8 +361,11 @@ def make_datasets(
 ) -> dict[str, Any]:
     """{"train<c>": the verified stream c} for the canonical streams `streams` (default: all of
     them, `DataPlan`), rows [start_row, stop_row) of each; `cache_url` and `remedy` go into a
-    damaged shard's error. Each rank builds the streams it owns, from its resume point on."""
+    damaged shard's error. Each rank builds the streams it owns, from its resume point on. Sets
+    this process's Ray DataContext for them first (`set_stream_context`: order kept)."""
     import ray.data
+
+    set_stream_context()
 
     if len(plan.sha256) != len(plan.files) or len(plan.sizes) != len(plan.files):
         raise ValueError("the data plan has no sha256/size for every shard: shards must be verified as read")
@@ -385,18 +374,15 @@ def make_datasets(
     source = _datasource_class()
     datasets = {}
     for stream in range(plan.streams) if streams is None else streams:
-        # one read per epoch, concatenated; one read task per shard, so the first
-        # batch waits for one shard
-        reads = [
-            ray.data.read_datasource(
-                source({p.path: checks[p.path] for p in pieces}, columns, filesystem, pieces),
-                override_num_blocks=len(pieces),
-            )
-            for pieces in plan.stream_reads(stream, start_row, stop_row)
-        ]
-        if not reads:
+        # one read task per piece (a shard, or the part of one at a cut), every epoch's in
+        # order: the first batch waits for one shard. (Not a union of per-epoch reads: Ray Data
+        # interleaves a union's inputs block by block, so a stream started mid-run would differ.)
+        pieces = [piece for read in plan.stream_reads(stream, start_row, stop_row) for piece in read]
+        if not pieces:
             raise ValueError(f"internal: stream {stream} has no rows in [{start_row}, {stop_row})")
-        datasets[stream_name(stream)] = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
+        datasets[stream_name(stream)] = ray.data.read_datasource(
+            source(checks, columns, filesystem, pieces), override_num_blocks=len(pieces)
+        )
     return datasets
 
 

@@ -22,16 +22,26 @@ def build_rank_trainer(
     rank: int,
     logger: MetricsLogger | None = None,
     device: str = "cpu",
+    shard_threads: int = 1,
 ) -> Trainer:
     """This rank's trainer over its slice of the latents (the whole SAE when tp=1); its TP and
-    DP handles are `trainer.tp` and `trainer.dp`. Every rank must call this together."""
+    DP handles are `trainer.tp` and `trainer.dp`. Every rank must call this together. A
+    one-worker layout may run `shard_threads` TP ranks as threads (`saescale.train.shard_threads`)."""
     dims.validate(sae_cfg.n_latents)
     tp, dp = dims.build(rank, sae_cfg.n_latents, device_type="cuda" if str(device).startswith("cuda") else "cpu")
     n_local = sae_cfg.n_latents // dims.tp
     if (sae_cfg.k_aux or 1) > n_local:
         raise ValueError(f"sae.k_aux={sae_cfg.k_aux} exceeds the latents per TP rank ({n_local})")
     sae = TopKSAE(dataclasses.replace(sae_cfg, n_latents=n_local), device=device)
-    return Trainer(sae, train_cfg, logger if rank == 0 else NullLogger(), tp=tp, dp=dp, global_sae_cfg=sae_cfg)
+    return Trainer(
+        sae,
+        train_cfg,
+        logger if rank == 0 else NullLogger(),
+        tp=tp,
+        dp=dp,
+        global_sae_cfg=sae_cfg,
+        shard_threads=shard_threads,
+    )
 
 
 def local_share(global_batch: Tensor, dims: ParallelDims, rank: int) -> Tensor:

@@ -45,6 +45,7 @@ from saescale.train.graphs import CompiledStep, resolve_cuda_graphs
 from saescale.train.loggers import MetricsLogger, NullLogger
 from saescale.train.optim import WeightEMA, lr_at, make_adam, remove_parallel_grad_
 from saescale.train.precision import Precision
+from saescale.train.shard_threads import ShardThreads
 from saescale.train.step import SparseTopKStep, StepStats, sync_free_setting
 
 EPS = 1e-9  # guards divisions by elapsed times and counts
@@ -121,15 +122,21 @@ class Trainer:
         tp: TensorParallel | None = None,
         dp: DataParallel | None = None,
         global_sae_cfg: SAEConfig | None = None,
+        shard_threads: int = 1,
     ) -> None:
         """With `tp`, `sae` is this rank's slice of the latents (`global_sae_cfg` describes the
         whole SAE); with `dp`, each batch is this replica's part of the global batch (see
         `distributed.parallel`). `checkpoint_url` gives `fit` and `restore` a default
-        `StorageCheckpointer` there."""
+        `StorageCheckpointer` there. `shard_threads` > 1 (one process, no tp or dp): each step
+        is that many TP ranks' steps, one thread each (`saescale.train.shard_threads`): the steps of a
+        tp=`shard_threads` layout, on one worker."""
         sae.activation.check(sae.cfg)  # e.g. a ReLU SAE needs an L1 penalty to be trained
         self.sae = sae
         self.tp = tp
         self.dp = dp if dp is not None and dp.size > 1 else None
+        if shard_threads > 1 and (tp is not None or self.dp is not None):
+            raise ValueError("shard_threads runs a layout's TP ranks in one process: not with tp or dp handles")
+        self.shard_threads = shard_threads
         self.global_sae_cfg = global_sae_cfg or sae.cfg
         self.n_global = self.global_sae_cfg.n_latents
         self.cfg = cfg
@@ -152,7 +159,7 @@ class Trainer:
         self.tokens_seen = 0
         self.mse_scale: float | None = None
         self.summary = TrainSummary(steps=0, tokens=0)
-        self._step_fn: SparseTopKStep | None = None
+        self._step_fn: SparseTopKStep | ShardThreads | None = None
         self._compiled: CompiledStep | None = None  # train.cuda_graphs
         self._fire_counts = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=self.device)
         self._bad_loss: Tensor | None = None  # sync-free steps: any loss not finite since the last check
@@ -177,6 +184,19 @@ class Trainer:
 
     def _make_step_fn(self) -> None:
         assert self.mse_scale is not None
+        self._compiled = None
+        micro_batches = self.micro_batches if self.micro_batches != "auto" else 1
+        if self.shard_threads > 1:
+            self._step_fn = ShardThreads(
+                self.sae,
+                self.mse_scale,
+                self.tracker,
+                self.shard_threads,
+                self.precision,
+                micro_batches,
+                self.cfg.sparse_kernels,
+            )
+            return
         self._step_fn = SparseTopKStep(
             self.sae,
             self.mse_scale,
@@ -184,11 +204,10 @@ class Trainer:
             tp=self.tp,
             dp=self.dp,
             precision=self.precision,
-            micro_batches=self.micro_batches if self.micro_batches != "auto" else 1,
+            micro_batches=micro_batches,
             sync_free=sync_free_setting(self.cfg.sync_free),
             kernels=self.cfg.sparse_kernels,
         )
-        self._compiled = None
         if resolve_cuda_graphs(self.cfg.cuda_graphs, self._step_fn):
             self._compiled = CompiledStep(self._step_fn)
 
@@ -411,8 +430,12 @@ class Trainer:
     def _grad_norm(self) -> Tensor:
         """Global gradient norm: latent-sharded parameters summed over the TP group, the
         replicated b_pre counted once (gradients are already averaged over replicas)."""
-        sharded = torch.stack(torch._foreach_norm([self.sae.W_enc.grad, self.sae.b_enc.grad, self.sae.W_dec.grad]))
-        sq = sharded.double().pow(2).sum().reshape(1)
+        grads = [self.sae.W_enc.grad, self.sae.b_enc.grad, self.sae.W_dec.grad]
+        shards = max(self.shard_threads, 1)  # shard threads: summed per rank, in rank order, as TP does
+        sq = sum(
+            torch.stack(torch._foreach_norm([g.chunk(shards)[r] for g in grads])).double().pow(2).sum().reshape(1)
+            for r in range(shards)
+        )
         if self.tp is not None:
             self.tp.all_reduce_(sq)
         return (sq[0] + self.sae.b_pre.grad.double().pow(2).sum()).sqrt().float()
