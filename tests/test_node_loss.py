@@ -4,9 +4,10 @@ embedded default's activations joins it (ray.address), and the test kills the no
 rank 0 (its raylet and every process on it) while rank 0 is held after a step
 (`fault.hold_steps`: a file handshake, no sleeps).
 
-- elastic: the run goes on with the layout the last node holds (1 worker, tp=1), resharding the
-  step-8 checkpoint; a node added back makes it grow to 2 workers again. Same steps, tokens and
-  (within 1e-4) held-out NMSE as the uninterrupted run, every layout recorded.
+- elastic: the run goes on with the layout the last node holds (1 worker, running the configured
+  layout's 2 TP ranks as threads: `saescale.train.shard_threads`), resharding the step-8
+  checkpoint; a node added back makes it grow to 2 workers again. The same SAE as the
+  uninterrupted run, bit for bit, every layout recorded.
 - not elastic: the restart waits ray.node_wait_s, then the job exits 1 with one line naming what
   is missing and the command that resumes it on 1 worker; that command finishes the run.
 """
@@ -21,6 +22,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import wait_for, wait_registered
 
@@ -86,7 +88,13 @@ def uninterrupted(cluster, small_cache, tmp_path_factory):
         cwd=ROOT,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return json.loads((runs / "whole" / "result.json").read_text())
+    return {**json.loads((runs / "whole" / "result.json").read_text()), "folder": str(runs / "whole")}
+
+
+def final_sae(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "sae", "sae.safetensors"))
 
 
 def assert_same_run(result: dict, whole: dict) -> None:
@@ -131,6 +139,13 @@ def test_elastic_run_loses_a_node_goes_on_smaller_and_grows_back(cluster, small_
     assert layouts == [(0, 2, 2), (8, 1, 1), (20, 2, 2)], result["layouts"]
     assert "lost workers" in result["layouts"][1]["why"] and "returned" in result["layouts"][2]["why"]
     assert "going on with 1 workers (dp=1 x tp=1)" in log, log[-5000:]
+    # the one worker ran the configured layout's 2 TP ranks as threads: the very same SAE
+    assert result["layouts"][1]["shard_threads"] == 2
+    assert "running the 2 TP ranks of 2 workers (dp=1 x tp=2) as threads" in log, log[-5000:]
+    whole, got = final_sae(uninterrupted["folder"]), final_sae(out)
+    assert all(torch.equal(got[name], whole[name]) for name in whole), (
+        "the elastic run's SAE is not the uninterrupted one's"
+    )
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["layout"] for e in logged if "layout" in e] == [
         "2 workers (dp=1 x tp=2)",
