@@ -97,6 +97,25 @@ def test_damaged_training_shard_stops_the_job_in_one_line(tmp_path, small_cache)
     assert "[FailurePolicy] RETRY" not in proc.stdout + proc.stderr  # no worker-group restart was spent on it
 
 
+def training_plan(cache: str, manifest: dict, batch_size: int, epochs: int, seed: int):
+    """(filesystem, the job's `DataPlan` over the cache's training shards, in 2 streams)."""
+    from saescale.service.stream import arrow_filesystem, plan_data
+
+    train = manifest["shards"][1:]  # shard 0 is held out, as in the job
+    filesystem, root = arrow_filesystem(cache, None)
+    plan = plan_data(
+        [f"{root}/{s['file']}" for s in train],
+        [s["rows"] for s in train],
+        batch_size=batch_size,
+        streams=2,
+        epochs=epochs,
+        seed=seed,
+        sha256=[s["sha256"] for s in train],
+        sizes=[s["bytes"] for s in train],
+    )
+    return filesystem, plan
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """An embedded local Ray in this process, as the job starts it (`ensure_ray`), for the
@@ -129,27 +148,14 @@ def test_damaged_shard_fails_the_ray_data_stream_with_the_jobs_line(tmp_path, sm
     from saescale.data.format import CorruptShardError
     from saescale.service.failures import first_cause
     from saescale.service.stream import (
-        arrow_filesystem,
         corrupt_shard_line,
         make_datasets,
-        plan_data,
         rebuild_hint,
     )
 
     cache = tmp_path / "cache"
     shard, manifest = damaged_copy(small_cache, cache, how)
-    train = manifest["shards"][1:]  # shard 0 is held out, as in the job
-    filesystem, root = arrow_filesystem(str(cache), None)
-    plan = plan_data(
-        [f"{root}/{s['file']}" for s in train],
-        [s["rows"] for s in train],
-        batch_size=256,
-        streams=2,
-        epochs=1,
-        seed=0,
-        sha256=[s["sha256"] for s in train],
-        sizes=[s["bytes"] for s in train],
-    )
+    filesystem, plan = training_plan(str(cache), manifest, batch_size=256, epochs=1, seed=0)
     remedy = rebuild_hint(str(cache), manifest["build_config"])
     streams = make_datasets(plan, filesystem, with_ids=False, cache_url=str(cache), remedy=remedy)
     with pytest.raises(Exception) as failed:  # Ray's wrapper of the read task's error
@@ -172,22 +178,11 @@ def test_a_stream_started_at_any_block_gives_the_whole_streams_steps_from_there(
 
     from saescale.data.blocks import block_steps, resume_block
     from saescale.data.format import POS_STRIDE
-    from saescale.service.stream import arrow_filesystem, make_collate, make_datasets, plan_data, stream_steps
+    from saescale.service.stream import make_collate, make_datasets, stream_steps
 
     with open(os.path.join(small_cache, "manifest.json")) as handle:
         manifest = json.load(handle)
-    train = manifest["shards"][1:]
-    filesystem, root = arrow_filesystem(small_cache, None)
-    plan = plan_data(
-        [f"{root}/{s['file']}" for s in train],
-        [s["rows"] for s in train],
-        batch_size=96,
-        streams=2,
-        epochs=3,
-        seed=4,
-        sha256=[s["sha256"] for s in train],
-        sizes=[s["bytes"] for s in train],
-    )
+    filesystem, plan = training_plan(small_cache, manifest, batch_size=96, epochs=3, seed=4)
     per_block = block_steps(plan.stream_batch, 200)  # 5 steps of 48 rows a block
     collate = make_collate(manifest["dtype"], manifest["d_model"], with_ids=True)
 
