@@ -394,7 +394,7 @@ def _add_soak(bench_sub: argparse._SubParsersAction[Any]) -> None:
         help="the train job on S3 (moto) behind a fault proxy: uninterrupted, then under storage faults "
         "and worker kills; same steps, tokens and weights?",
         description="Run from the project's root. Extra job overrides go after --, e.g. "
-        "`saescale bench soak -- train.epochs=10`. Exit 0 when the faulted run ends identical (or, after a node loss changed its layout, with the same held-out NMSE within 1e-4).",
+        "`saescale bench soak -- train.epochs=10`. Exit 0 when the faulted run ends identical (or, after a node loss moved it to another (dp, tp), not the configured TP ranks as threads, with the same held-out NMSE within 1e-4).",
     )
     soak.add_argument(
         "--cache", default=None, help="a local activation cache (default: the embedded default's, from `make train`)"
