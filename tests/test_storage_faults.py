@@ -322,3 +322,15 @@ def test_a_controller_that_cannot_start_is_one_line_naming_the_missing_credentia
     assert "\n" not in line and "secret" not in line
     assert line.startswith("Ray Train's controller could not start: botocore.exceptions.NoCredentialsError")
     assert "AWS_ACCESS_KEY_ID" in line and "s3://***@bucket/runs" in line
+
+
+def test_the_soak_demands_identical_weights_unless_a_layout_took_another_dp_tp():
+    """A run whose one worker ran the configured TP ranks as threads took the same steps: the
+    soak then wants bit-identical weights, not just the NMSE bound."""
+    from saescale.bench.soak import same_math
+
+    start = {"step": 0, "workers": 2, "dp": 1, "tp": 2}
+    assert same_math([]) and same_math([start])
+    assert same_math([start, {"step": 9, "workers": 1, "dp": 1, "tp": 1, "shard_threads": 2}, start])
+    assert not same_math([start, {"step": 9, "workers": 1, "dp": 1, "tp": 1}])
+    assert not same_math([{"step": 0, "workers": 4, "dp": 2, "tp": 2}, {"step": 9, "workers": 2, "dp": 1, "tp": 2}])

@@ -183,16 +183,21 @@ def compare(stage: Stage, reference: str, faulted: str) -> dict[str, Any]:
     if nmse_a is not None and nmse_b is not None:
         report.update(heldout_nmse_reference=nmse_a, heldout_nmse_faulted=nmse_b)
         report["nmse_rel_diff"] = abs(nmse_b - nmse_a) / nmse_a
-    # a layout whose one worker ran the configured layout's TP ranks as threads took the same
-    # steps (`saescale.train.shard_threads`): only another (dp, tp) may sum in another order
-    first = layouts[0] if layouts else {}
-    report["same_math"] = all(
-        (e["dp"], e.get("shard_threads") or e["tp"]) == (first["dp"], first["tp"]) for e in layouts
-    )
+    report["same_math"] = same_math(layouts)
     report["matches"] = report["identical"] or (
-        report["resized"] and not report["same_math"] and same and report.get("nmse_rel_diff", 1.0) <= NMSE_RTOL
+        not report["same_math"] and same and report.get("nmse_rel_diff", 1.0) <= NMSE_RTOL
     )
     return report
+
+
+def same_math(layouts: list[dict[str, Any]]) -> bool:
+    """Whether every layout a run took computed the configured layout's steps: the same (dp, tp),
+    or one worker running the configured TP ranks as threads (`saescale.train.shard_threads`).
+    Only another (dp, tp) sums in another order (a run that did must match in NMSE instead)."""
+    if not layouts:
+        return True
+    first = layouts[0]
+    return all((e["dp"], e.get("shard_threads") or e["tp"]) == (first["dp"], first["tp"]) for e in layouts)
 
 
 class RandomFaults(threading.Thread):
