@@ -68,17 +68,18 @@ class RayDataRunner:
         from saescale.service.stream import (
             ACT_COLUMN,
             ROW_ID_COLUMNS,
-            _datasource_class,
+            Piece,
             arrow_filesystem,
             shard_checks,
+            verified_dataset,
         )
 
         filesystem, root = arrow_filesystem(self.cache_url, self.options)
         infos = [self.manifest.shards[s] for s in shards]
         paths = [posixpath.join(root, info.file) for info in infos]
         checks = shard_checks(paths, [i.sha256 for i in infos], [i.bytes for i in infos], self.cache_url, self.remedy)
-        source = _datasource_class()(checks, [ACT_COLUMN, *ROW_ID_COLUMNS], filesystem)
-        dataset = ray.data.read_datasource(source, override_num_blocks=len(shards)).map_batches(
+        pieces = [Piece(path, 0, info.rows) for path, info in zip(paths, infos)]
+        dataset = verified_dataset(pieces, checks, [ACT_COLUMN, *ROW_ID_COLUMNS], filesystem).map_batches(
             _RunWork,
             fn_constructor_kwargs={"work": work, "dtype": self.manifest.dtype, "d_model": self.manifest.d_model},
             batch_size=self.rows_per_block,

@@ -363,7 +363,6 @@ def make_datasets(
     them, `DataPlan`), rows [start_row, stop_row) of each; `cache_url` and `remedy` go into a
     damaged shard's error. Each rank builds the streams it owns, from its resume point on. Sets
     this process's Ray DataContext for them first (`set_stream_context`: order kept)."""
-    import ray.data
 
     set_stream_context()
 
@@ -371,7 +370,6 @@ def make_datasets(
         raise ValueError("the data plan has no sha256/size for every shard: shards must be verified as read")
     checks = shard_checks(plan.files, plan.sha256, plan.sizes, cache_url, remedy)
     columns = [ACT_COLUMN] + (ROW_ID_COLUMNS if with_ids else [])
-    source = _datasource_class()
     datasets = {}
     for stream in range(plan.streams) if streams is None else streams:
         # one read task per piece (a shard, or the part of one at a cut), every epoch's in
@@ -380,10 +378,18 @@ def make_datasets(
         pieces = [piece for read in plan.stream_reads(stream, start_row, stop_row) for piece in read]
         if not pieces:
             raise ValueError(f"internal: stream {stream} has no rows in [{start_row}, {stop_row})")
-        datasets[stream_name(stream)] = ray.data.read_datasource(
-            source(checks, columns, filesystem, pieces), override_num_blocks=len(pieces)
-        )
+        datasets[stream_name(stream)] = verified_dataset(pieces, checks, columns, filesystem)
     return datasets
+
+
+def verified_dataset(pieces: list[Piece], checks: dict[str, ShardCheck], columns: list[str] | None, filesystem):
+    """A Ray Dataset of the pieces' rows, one read task per piece, in order under
+    `preserve_order`; every shard checksummed as it is read (`checks`: see `shard_checks`)."""
+    import ray.data
+
+    return ray.data.read_datasource(
+        _datasource_class()(checks, columns, filesystem, pieces), override_num_blocks=len(pieces)
+    )
 
 
 def prefetch_blocks(prefetch_batches: int, steps_per_block: int) -> int:
