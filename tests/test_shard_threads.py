@@ -110,34 +110,53 @@ def test_shard_threads_take_the_two_process_tp_steps_bit_for_bit(tmp_path, preci
     assert not all(torch.equal(plain[k], tp2[k]) for k in ("W_enc", "W_dec", "b_enc"))
 
 
-def test_thread_collectives_gather_in_rank_order_reduce_and_fail_together():
-    group, out, errors = ThreadGroup(3, timeout_s=30), {}, []
+def run_ranks(group: ThreadGroup, fn) -> tuple[dict, list]:
+    """fn(rank) in one thread per rank; (results by rank, errors), a failing rank aborting the group."""
+    out, errors = {}, []
 
     def rank(r: int) -> None:
         try:
-            t = torch.full((2,), float(r + 1))
-            out[r] = (
-                group.all_gather(r, t),
-                group.all_reduce_(r, t.clone()),
-                group.all_reduce_(r, t.clone(), dist.ReduceOp.MAX),
-            )
-            if r == 2:
-                raise RuntimeError("rank 2 failed")
-            group.all_gather(r, t)  # ranks 0 and 1 wait here until rank 2's failure aborts them
+            out[r] = fn(r)
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
             group.abort()
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(group.size)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return out, errors
+
+
+def test_thread_collectives_gather_in_rank_order_reduce_and_fail_together():
+    group = ThreadGroup(3, timeout_s=30)
+
+    def collectives(r: int):
+        t = torch.full((2,), float(r + 1))
+        return (
+            group.all_gather(r, t),
+            group.all_reduce_(r, t.clone()),
+            group.all_reduce_(r, t.clone(), dist.ReduceOp.MAX),
+        )
+
+    out, errors = run_ranks(group, collectives)
+    assert not errors
     for r in range(3):
         gathered, summed, biggest = out[r]
         assert [g[0].item() for g in gathered] == [1.0, 2.0, 3.0]
         assert summed.tolist() == [6.0, 6.0] and biggest.tolist() == [3.0, 3.0]
+
+    def rank_2_fails(r: int):
+        if r == 2:
+            raise RuntimeError("rank 2 failed")
+        return group.all_gather(r, torch.zeros(1))  # ranks 0 and 1 wait here until the abort
+
+    _, errors = run_ranks(group, rank_2_fails)
     assert sorted(type(e).__name__ for e in errors) == ["BrokenBarrierError", "BrokenBarrierError", "RuntimeError"]
+    group.reset()  # what ShardThreads does once its threads have left: the group works again
+    out, errors = run_ranks(group, lambda r: group.all_gather(r, torch.tensor([r])))
+    assert not errors and all([int(p) for p in out[r]] == [0, 1, 2] for r in range(3))
 
 
 def test_shard_threads_need_one_process_and_a_tp_that_divides_the_latents():

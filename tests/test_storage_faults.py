@@ -334,3 +334,7 @@ def test_the_soak_demands_identical_weights_unless_a_layout_took_another_dp_tp()
     assert same_math([start, {"step": 9, "workers": 1, "dp": 1, "tp": 1, "shard_threads": 2}, start])
     assert not same_math([start, {"step": 9, "workers": 1, "dp": 1, "tp": 1}])
     assert not same_math([{"step": 0, "workers": 4, "dp": 2, "tp": 2}, {"step": 9, "workers": 2, "dp": 1, "tp": 2}])
+    threads = {"step": 0, "workers": 1, "dp": 1, "tp": 1, "shard_threads": 2}  # a run that started on one worker
+    assert same_math([threads, start])
+    four = {"step": 0, "workers": 4, "dp": 1, "tp": 4}
+    assert not same_math([four, {"step": 9, "workers": 1, "dp": 1, "tp": 1, "shard_threads": 4}])

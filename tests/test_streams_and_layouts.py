@@ -144,3 +144,22 @@ def test_stream_steps_permute_each_block_by_its_seed_and_cut_it_into_steps():
     ids = list(stream_steps([(rows[:12], torch.arange(12))], 7, 1, 0, True, stream_batch))  # ids follow their rows
     assert all(torch.equal(acts.flatten().long(), i) for acts, i in ids)
     assert torch.equal(torch.cat(list(stream_steps(blocks, 7, 1, 0, False, stream_batch))), rows)  # buffer 0
+
+
+def test_a_resume_whose_stream_order_differs_is_refused_in_one_line():
+    """The data position is the step only for the same streams, batch, seed and shuffle blocks;
+    a cache run's checkpoint from before the blocks (a sliding shuffle buffer) is refused too."""
+    from saescale.service.ray_train import check_data_position
+
+    data = plan([1000] * 4, streams=2, batch=64)
+    saved = {"streams": 2, "stream_batch": 32, "seed": 7, "world": 2, "block_steps": 4}
+    check_data_position(saved, data, 7, 4, cached=True)  # the same: resumes
+    check_data_position({}, data, 7, 4, cached=True)  # no position: a fresh start
+    with pytest.raises(ValueError, match="blocks of 4 steps; this run's are 8 steps.*data.shuffle_buffer_rows"):
+        check_data_position(saved, data, 7, 8, cached=True)
+    old = {k: v for k, v in saved.items() if k != "block_steps"}
+    with pytest.raises(ValueError, match="before the cache's streams were shuffled in blocks.*start a new run"):
+        check_data_position(old, data, 7, 4, cached=True)
+    check_data_position(old, data, 7, 4, cached=False)  # the model stream had blocks all along
+    with pytest.raises(ValueError, match="data.streams=2, global batch 64 and seed 7; this run's has 2, 64 and 8"):
+        check_data_position(saved, data, 8, 4, cached=True)

@@ -194,10 +194,15 @@ def same_math(layouts: list[dict[str, Any]]) -> bool:
     """Whether every layout a run took computed the configured layout's steps: the same (dp, tp),
     or one worker running the configured TP ranks as threads (`saescale.train.shard_threads`).
     Only another (dp, tp) sums in another order (a run that did must match in NMSE instead)."""
+
+    def steps_of(entry: dict[str, Any]) -> tuple[int, int]:
+        return entry["dp"], entry.get("shard_threads") or entry["tp"]
+
     if not layouts:
         return True
-    first = layouts[0]
-    return all((e["dp"], e.get("shard_threads") or e["tp"]) == (first["dp"], first["tp"]) for e in layouts)
+    if any(e.get("shard_threads", 2) != 2 for e in layouts):
+        return False  # more than 2 threads sum in rank order, which a ring all-reduce does not promise
+    return all(steps_of(e) == steps_of(layouts[0]) for e in layouts)
 
 
 class RandomFaults(threading.Thread):

@@ -67,6 +67,10 @@ class ThreadGroup:
         """Fail every rank waiting in (or arriving at) a collective: one rank raised."""
         self._barrier.abort()
 
+    def reset(self) -> None:
+        """Usable again after an abort (once every rank has left its collective)."""
+        self._barrier.reset()
+
 
 @dataclass
 class ThreadTensorParallel(TensorParallel):

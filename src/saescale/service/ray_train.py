@@ -83,12 +83,18 @@ def checkpoint_fetcher(checkpoint, directory: str) -> Fetch:
     return fetch
 
 
-def check_data_position(saved: dict[str, Any], data: DataPlan, seed: int, steps_per_block: int) -> None:
+def check_data_position(saved: dict[str, Any], data: DataPlan, seed: int, steps_per_block: int, cached: bool) -> None:
     """The data position is the step: resuming needs the same streams, global batch, seed and
     shuffle blocks. The layout may change freely (every layout reads the same rows per step:
-    `stream.DataPlan`)."""
+    `stream.DataPlan`). `cached`: the run reads a cache (whose streams were shuffled otherwise
+    before the blocks; the model stream always had them)."""
     if not saved:
         return
+    if cached and "block_steps" not in saved:
+        raise ValueError(
+            "the checkpoint was written before the cache's streams were shuffled in blocks (data.shuffle_buffer_rows): "
+            "its rows came in another order, so resuming would retrain or skip rows; start a new run (another run_id)"
+        )
     if saved.get("block_steps", steps_per_block) != steps_per_block:
         raise ValueError(
             f"the checkpoint's data stream was shuffled in blocks of {saved['block_steps']} steps; this run's "
@@ -308,7 +314,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="saescale-resume-") as directory:
             meta = load_rank_shard(checkpoint_fetcher(checkpoint, directory), trainer)
         check_data_position(
-            meta.get("data", {}), data, config["seed"], block_steps(data.stream_batch, config["shuffle_buffer_rows"])
+            meta.get("data", {}),
+            data,
+            config["seed"],
+            block_steps(data.stream_batch, config["shuffle_buffer_rows"]),
+            cached=not config.get("stream"),
         )
         history = list(meta.get("layouts", []))
         print0(
@@ -352,11 +362,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             per_block = block_steps(data.stream_batch, config["shuffle_buffer_rows"])
             first_block, skip = resume_block(trainer.step, per_block)
+            # whole blocks up to the run's end (`fit` stops at total_steps): a block is shuffled the
+            # same whatever train.max_steps, so a run continued with a larger one reads the same rows
+            whole_blocks = min(-(-total_steps // per_block) * per_block, data.total_steps)
             cache = config["cache"]
             filesystem, _ = arrow_filesystem(cache["url"], cache["options"])
             datasets = make_datasets(
                 data, filesystem, bool(record), cache["url"], cache.get("remedy", ""), owned,
-                start_row=first_block * per_block * data.stream_batch, stop_row=total_steps * data.stream_batch,
+                start_row=first_block * per_block * data.stream_batch, stop_row=whole_blocks * data.stream_batch,
             )  # fmt: skip
             streams = [
                 stream_steps(

@@ -2,7 +2,7 @@
 
 `data.streams` Ray Datasets (canonical streams): every epoch's rows (in the epoch's seeded shuffled
 shard order) cut into that many contiguous parts, stream c one continuous read of part c of every
-epoch (no pipeline restart and start-up wait at epoch boundaries), one read task per shard, executed in order
+epoch (no pipeline restart and start-up wait at epoch boundaries), one read task per piece of a shard, executed in order
 (`preserve_order`), read in blocks whose rows are permuted by a seed (`data.blocks`: the shuffle
 buffer), so every stream is a pure function of the seed and can start at any block. A step takes
 the same rows from every stream on any worker layout (`DataPlan`): what a run trains on does not
@@ -290,6 +290,7 @@ def _datasource_class():
         def __init__(
             self, checks: dict[str, ShardCheck], columns: list[str] | None, filesystem, pieces: list[Piece]
         ) -> None:
+            super().__init__()
             self._checks, self._columns, self._filesystem, self._pieces = checks, columns, filesystem, pieces
 
         def get_name(self) -> str:
@@ -403,6 +404,7 @@ def stream_steps(blocks: Iterable, seed: int, stream: int, first_block: int, shu
     or (rows, row ids) when the ids are read too."""
     for block, rows in enumerate(blocks, first_block):
         parts = rows if isinstance(rows, tuple | list) else (rows,)
+        rows = None  # the unshuffled block is not kept beside its shuffled copy
         if shuffle:
             order = torch.from_numpy(block_permutation(seed, stream, block, parts[0].shape[0]))
             parts = tuple(part[order] for part in parts)

@@ -147,6 +147,7 @@ class ShardThreads:
         for thread in threads:
             thread.join()
         if errors:
+            self.group.reset()  # every thread has left: a later step may run again
             raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
         first = results[0]
         assert first is not None and all(r is not None for r in results)
