@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser train test lint format bench bench-large demo-sweep paper clean
+.PHONY: install browser train test lint format bench bench-large gpu-wheels demo-sweep paper clean
 
 install: $(STAMP)
 
@@ -69,6 +69,11 @@ bench-large: install  ## peak memory at 2^16, 2^18 latents and 2^19 at tp=2 (min
 	$(BIN)/saescale bench step --d-in 576 --n-latents 65536 --k 32 --batch 4096 --no-naive --no-auxk
 	$(BIN)/saescale bench step --d-in 576 --n-latents 262144 --k 32 --batch 4096 --no-naive --no-auxk --repeats 3 --warmup 1
 	$(BIN)/saescale bench dist --peak-memory --d-in 576 --n-latents 524288 --k 32 --batch 1024 --tp 2 --repeats 3
+
+# the wheels bench/gpu_check.sh needs on the GPU machine and its image lacks (the peers' libraries),
+# fetched here for its Python 3.12 into .whl/, which the device call carries (see bench/gpu_check.sh)
+gpu-wheels: install
+	PIP=$(BIN)/pip bash bench/gpu_wheels.sh .whl
 
 demo-sweep: install  ## the README's CPU scaling sweep: 12 runs (2 at a time), fits and plots into docs/scaling
 	$(BIN)/python jobs/cache.py

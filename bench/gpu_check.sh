@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
 # A prepared check for a machine with one NVIDIA GPU; not part of the test suite.
 #
-#   make install TORCH=torch            # a CUDA build of torch (see the Makefile's TORCH)
 #   bash bench/gpu_check.sh [all|env|tests|kernels|peers|step|precision|train]    # from the repo root; default all
+#
+# Which Python: $PY if set, else .venv/bin/python when its torch sees a GPU (`make install
+# TORCH=torch` on a GPU machine with internet), else python3 (the device tool's image: a CUDA torch,
+# triton, transformers and pytest, no internet). saescale runs from src/ (PYTHONPATH), so it need not
+# be installed. The peers' libraries (sparsify, SAELens) and what they need beyond the image are
+# wheels fetched beforehand with `make gpu-wheels` into .whl/; when .whl/ is here this script
+# installs them into a temporary folder first. From this machine, one device call:
+#
+#   run(command="bash bench/gpu_check.sh all", carry=[".whl"], timeout_s=540)
+#
+# The train section needs Ray and Hydra (the image has neither, and Ray's wheel is too large to
+# carry): without them it prints a skipped line.
 #
 # Prints one JSON object per line:
 #   {"check": "env", ...}        nvidia-smi's GPU, torch and CUDA versions
@@ -30,7 +41,6 @@
 # limit split the work (the whole script takes several minutes on an H100/H200).
 set -u
 
-PY=${PY:-.venv/bin/python}
 SECTION=${1:-all}
 STEP_TIMEOUT=${STEP_TIMEOUT:-240}
 JOB_TIMEOUT=${JOB_TIMEOUT:-300}
@@ -38,6 +48,25 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 export WANDB_MODE=disabled
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/saescale-gpu-check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
+
+if [ -z "${PY:-}" ]; then
+    if [ -x .venv/bin/python ] && .venv/bin/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+        PY=.venv/bin/python
+    else
+        PY=python3
+    fi
+fi
+SITE=""
+if [ -d .whl ] && ! "$PY" -c "import sparsify, sae_lens" >/dev/null 2>&1; then
+    # the carried wheels, without their dependencies (the list is already closed over what the image lacks)
+    if "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl \
+        >"$WORK/pip" 2>&1; then
+        SITE=$WORK/site
+    else
+        echo "gpu_check.sh: installing .whl/ failed (the peers will fail): $(tail -3 "$WORK/pip")" >&2
+    fi
+fi
+export PYTHONPATH="$PWD/src${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 
 case "$SECTION" in
     all | env | tests | kernels | step | peers | precision | train) ;;
@@ -91,7 +120,13 @@ import sys
 
 import torch
 
-line = {"check": "env", "nvidia_smi": sys.argv[1], "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+line = {"check": "env", "nvidia_smi": sys.argv[1], "python": sys.executable, "torch": torch.__version__}
+line["torch_cuda"] = torch.version.cuda
+for name in ("triton", "transformers", "sparsify", "sae_lens", "ray"):
+    try:
+        line[name] = getattr(__import__(name), "__version__", "imported")
+    except Exception as error:  # noqa: BLE001 - reported, not raised: the line says what is missing
+        line[name] = f"missing ({type(error).__name__})"
 line["cuda_available"] = torch.cuda.is_available()
 if line["cuda_available"]:
     props = torch.cuda.get_device_properties(0)
@@ -166,6 +201,10 @@ precision_check() {
 }
 
 train_checks() {
+    if ! "$PY" -c "import ray, hydra" >/dev/null 2>&1; then
+        echo '{"check": "train", "skipped": "Ray or Hydra is not installed for '"$PY"' (the device image has neither)"}'
+        return
+    fi
     check cache "$JOB_TIMEOUT" '{}' "$PY" jobs/cache.py
     check train "$JOB_TIMEOUT" '{}' "$PY" jobs/train.py parallel.use_gpu=true parallel.workers=1 parallel.tp=1 \
         train.max_steps=20 train.log_every=5 wandb.enabled=false export.saelens=false export.sparsify=false \
