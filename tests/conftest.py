@@ -1,10 +1,12 @@
 """Shared test settings: two threads like the target machine, wandb offline and local.
 
 `make test` runs the files in parallel (pytest-xdist, `--dist loadfile`: a file's module
-fixtures, such as a shared Ray run, are built once, on one worker). Most of the suite waits on
-Ray's start-up and on storage outages rather than computing, so 3 workers on 2 cores finish in
-about 60% of one process's time (9.3 against 15.3 min, measured). The files that take longest start first (`SLOWEST_FIRST`), and the
-session's built inputs (the small cache, the tiny model) are built once for all workers."""
+fixtures, such as a shared Ray run, are built once, on one worker). With 3 workers the suite keeps
+both cores busy (2% idle, measured with vmstat over a whole run); about half of its CPU is Ray's
+own worker processes (~375 of them, ~2.7 s of CPU each: the Ray jobs' controllers, train workers
+and Ray Data tasks), so a faster suite needs fewer Ray jobs, not more workers. The files that take
+longest start first (`SLOWEST_FIRST`), and the session's built inputs (the small cache, the tiny
+model) are built once for all workers."""
 
 from __future__ import annotations
 
@@ -22,15 +24,16 @@ from saescale import storage
 # the test files that take longest (`--durations`), started first so that none of them is the
 # last to begin while the other workers sit idle; the rest keep their order
 SLOWEST_FIRST = (
-    "test_train_job.py",
-    "test_sweep.py",
-    "test_node_loss.py",
-    "test_model_stream_job.py",
     "test_storage_outage_job.py",
+    "test_node_loss.py",
+    "test_train_job.py",
+    "test_model_stream_job.py",
+    "test_sweep.py",
     "test_cache.py",
-    "test_train_job_submit.py",
     "test_paper.py",
     "test_shard_integrity.py",
+    "test_train_job_submit.py",
+    "test_bench.py",
     "test_features.py",
     "test_storage_faults.py",
     "test_training.py",
