@@ -163,3 +163,19 @@ def test_a_resume_whose_stream_order_differs_is_refused_in_one_line():
     check_data_position(old, data, 7, 4, cached=False)  # the model stream had blocks all along
     with pytest.raises(ValueError, match="data.streams=2, global batch 64 and seed 7; this run's has 2, 64 and 8"):
         check_data_position(saved, data, 8, 4, cached=True)
+
+
+def test_reading_shards_needs_no_torch():
+    """Ray Data runs the shard reads (`read_piece`, pyarrow tables) in worker processes of their
+    own; importing torch there would cost each of them ~1.2 s of CPU for nothing. What a read
+    task unpickles must not import it (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import saescale.service.stream, saescale.storage, saescale.console, saescale.data.format\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

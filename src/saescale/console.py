@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import sys
 
-import torch.distributed as dist
-
 
 def say(message: str) -> None:
     """A line on stderr, at once: what the Ray Train controller tells the job's console (Ray
@@ -15,8 +13,11 @@ def say(message: str) -> None:
 
 
 def print0(*args: object) -> None:
-    """Print with the saescale prefix, once per run (rank 0, or a process outside any group)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    """Print with the saescale prefix, once per run (rank 0, or a process outside any group).
+    torch is not imported here (Ray Data's read tasks use this module and need no torch): a
+    process group exists only where torch.distributed was imported."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_initialized() or dist.get_rank() == 0:
         print("[saescale]", *args, flush=True)
 
 

@@ -34,7 +34,7 @@ from saescale.console import first_line, print0
 from saescale.core.arch import activation
 from saescale.core.config import ConfigError, SAEConfig, TrainConfig
 from saescale.data.blocks import block_steps
-from saescale.data.format import DTYPES, CorruptShardError
+from saescale.data.format import ITEMSIZES, CorruptShardError
 from saescale.data.manifest import Manifest
 from saescale.data.reader import ActivationCache
 from saescale.distributed.layouts import Layout, candidate_layouts
@@ -158,7 +158,7 @@ def prepare(cfg: DictConfig, job: TrainJobConfig) -> PreparedRun:
     if precision == "auto":
         precision = "bf16" if job.parallel.use_gpu else resolve_precision("auto", torch.device("cpu"))
 
-    itemsize = DTYPES[manifest.dtype].itemsize
+    itemsize = ITEMSIZES[manifest.dtype]
 
     def data_bytes(layout: Layout) -> int:
         """What a rank's data iterators hold, in the cache dtype: the model stream, its

@@ -15,13 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+if TYPE_CHECKING:
+    import torch
+
+# bytes per activation of each cache dtype. torch is imported only where tensors are made: this
+# module is imported by every Ray Data task that reads shards (pyarrow tables, no tensors), and
+# torch's import is ~1.2 s of CPU per worker process
+ITEMSIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
 ROW_GROUP_ROWS = 4096
 POS_STRIDE = 1 << 16  # a row's id is window * POS_STRIDE + pos (pos is int16, so always < the stride)
 
@@ -30,8 +36,24 @@ class CorruptShardError(RuntimeError):
     """A shard's bytes do not match the checksum its manifest recorded (corrupt or truncated)."""
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a cache dtype name."""
+    return __getattr__("DTYPES")[name]
+
+
+def __getattr__(name: str):
+    """`DTYPES` (cache dtype name -> torch dtype) is made on first use, importing torch then."""
+    if name == "DTYPES":
+        import torch
+
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def activation_array(acts: torch.Tensor) -> pa.FixedSizeBinaryArray:
     """[rows, d] tensor -> fixed_size_binary array holding each row's raw bytes."""
+    import torch
+
     acts = acts.contiguous()
     width = acts.shape[1] * acts.element_size()
     raw = acts.view(torch.uint8).numpy()
@@ -40,15 +62,16 @@ def activation_array(acts: torch.Tensor) -> pa.FixedSizeBinaryArray:
 
 def activations_from_column(column: pa.ChunkedArray | pa.Array, dtype: str, d_model: int) -> torch.Tensor:
     """fixed_size_binary column -> [rows, d_model] tensor, without a Python loop."""
+    import torch
+
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     width = arr.type.byte_width
-    torch_dtype = DTYPES[dtype]
-    itemsize = torch.empty((), dtype=torch_dtype).element_size()
-    if width != itemsize * d_model:
+    dtype_t = torch_dtype(dtype)
+    if width != ITEMSIZES[dtype] * d_model:
         raise CorruptShardError(f"activation width {width} bytes does not match d_model={d_model} x {dtype}")
     buf = arr.buffers()[1]
     raw = np.frombuffer(buf, dtype=np.uint8, count=len(arr) * width, offset=arr.offset * width)
-    return torch.from_numpy(raw.copy()).view(torch_dtype).view(len(arr), d_model)
+    return torch.from_numpy(raw.copy()).view(dtype_t).view(len(arr), d_model)
 
 
 def table_bytes(table: pa.Table) -> bytes:

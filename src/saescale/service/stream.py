@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
-import torch
 from pyarrow import PythonFile
 
 from saescale import retry
@@ -151,6 +150,7 @@ def epoch_files(files: list[str], seed: int, epoch: int) -> list[str]:
 def make_collate(dtype: str, d_model: int, with_ids: bool):
     """Zero-copy Arrow -> torch for the fixed_size_binary activation column (the default collate
     cannot read binary columns); with ids, also each row's (window, pos) as one int64."""
+    import torch
     from ray.data.collate_fn import ArrowBatchCollateFn
 
     from saescale.data.format import activations_from_column
@@ -402,6 +402,8 @@ def stream_steps(blocks: Iterable, seed: int, stream: int, first_block: int, shu
     """A stream's batches, step by step, from its blocks (`data.blocks`: each block's rows
     permuted by a seed of (run seed, stream, block) when `shuffle`). A block is a tensor of rows,
     or (rows, row ids) when the ids are read too."""
+    import torch
+
     for block, rows in enumerate(blocks, first_block):
         parts = rows if isinstance(rows, tuple | list) else (rows,)
         rows = None  # the unshuffled block is not kept beside its shuffled copy
