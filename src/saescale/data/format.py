@@ -13,6 +13,7 @@ window's start offset in its document and its token ids), pos (int16: position i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from typing import TYPE_CHECKING
@@ -36,17 +37,22 @@ class CorruptShardError(RuntimeError):
     """A shard's bytes do not match the checksum its manifest recorded (corrupt or truncated)."""
 
 
+@functools.cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a cache dtype name."""
-    return __getattr__("DTYPES")[name]
+    return _torch_dtypes()[name]
 
 
 def __getattr__(name: str):
     """`DTYPES` (cache dtype name -> torch dtype) is made on first use, importing torch then."""
     if name == "DTYPES":
-        import torch
-
-        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+        return _torch_dtypes()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

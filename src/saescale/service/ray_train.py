@@ -277,9 +277,7 @@ def _hold(directory: str, step: int, timeout_s: float = 600.0) -> None:
     held, release = os.path.join(directory, f"held-{step}"), os.path.join(directory, f"release-{step}")
     if os.path.exists(held):
         return  # held once already (an earlier attempt)
-    with open(held + ".tmp", "w") as handle:  # written aside: the test reads it as soon as it exists
-        handle.write(str(os.getpid()))
-    os.replace(held + ".tmp", held)
+    storage.write_bytes_atomic(held, str(os.getpid()).encode())  # the test reads it as soon as it exists
     deadline = time.monotonic() + timeout_s
     while not os.path.exists(release) and time.monotonic() < deadline:
         time.sleep(0.05)
