@@ -17,7 +17,10 @@ def test_recovers_a_known_sparse_dictionary():
     >= 80% of the atoms (best cosine > 0.9), with NMSE < 0.15 and < 5% dead latents."""
     from saescale.bench.recovery import bench_recovery
 
-    result = bench_recovery()
+    # 800 of the bench's 1500 steps (seed 0, this CPU): 98% recovered, NMSE 0.093, none dead;
+    # 600 steps: 95%; 400: 78%
+    result = bench_recovery(steps=800)
+    assert result["setting"]["steps"] == 800
     assert result["recovered_frac"] >= 0.8, result
     assert result["heldout_nmse"] < 0.15, result
     assert result["dead_fraction"] < 0.05, result

@@ -42,6 +42,20 @@ _PG_CLEANER_NOISE = "State API may be temporarily unavailable"
 # timeout; on a loaded machine the answer is late and it logs a warning that says it is "safe to
 # ignore" with a whole traceback, which reads like a crash in the job's console
 _AUTOSCALING_CLIENT_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+# At the end of a run the controller stops that helper and waits for the call; when the helper's
+# own exit (its worker leaving with INTENDED_USER_EXIT) answers first, Ray logs "Failed to stop
+# PlacementGroupCleaner gracefully" with a whole traceback of an exit that went as intended
+# (seen on a loaded machine); a cleaner that really failed to stop says something else
+_PG_CALLBACK_LOGGER = "ray.train.v2._internal.callbacks.placement_group_callback"
+
+
+def _not_an_intended_cleaner_exit(record: logging.LogRecord) -> bool:
+    """Drop the controller's "Failed to stop PlacementGroupCleaner" record when the error it
+    carries is the helper's intended exit; keep every other record."""
+    if not record.getMessage().startswith("Failed to stop PlacementGroupCleaner"):
+        return True
+    error = record.exc_info[1] if record.exc_info else None
+    return "INTENDED_USER_EXIT" not in str(error)
 
 
 def _without_traceback(record: logging.LogRecord) -> bool:
@@ -78,7 +92,8 @@ def setup_worker_process() -> None:
     placement group.
     Pointing RAY_ADDRESS at the worker's own cluster keeps those queries at home. The cleaner's
     "State API may be temporarily unavailable" loop (see above) is dropped; its other records stay.
-    The autoscaling client's late-answer warning keeps its line and loses its traceback.
+    The autoscaling client's late-answer warning keeps its line and loses its traceback; the
+    controller's report of the cleaner's intended exit as a failure to stop it is dropped.
     A SIGTERM to a training worker is a preemption notice (`service.preemption`)."""
     import ray
 
@@ -89,6 +104,7 @@ def setup_worker_process() -> None:
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger(_PG_CLEANER_LOGGER).addFilter(lambda record: _PG_CLEANER_NOISE not in record.getMessage())
     logging.getLogger(_AUTOSCALING_CLIENT_LOGGER).addFilter(_without_traceback)
+    logging.getLogger(_PG_CALLBACK_LOGGER).addFilter(_not_an_intended_cleaner_exit)
 
 
 _HOOK = f"{__name__}.setup_worker_process"
