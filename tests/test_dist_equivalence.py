@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from helpers import spawn_ranks
 from saescale.core.config import SAEConfig, TrainConfig
 from saescale.core.model import TopKSAE
 from saescale.core.synthetic import SparseDictionary
@@ -89,7 +89,7 @@ def _single_process(architecture: str = "topk") -> tuple[Trainer, list[dict]]:
 def test_parallel_run_matches_single_process(tmp_path, dp, tp, architecture):
     """BatchTopK too: its top k*batch spans the replicas' shares of the batch and the TP shards,
     and its learned threshold is the single process's on every rank and in the gathered export."""
-    mp.spawn(_worker, args=(dp, tp, free_port(), str(tmp_path), architecture), nprocs=dp * tp)
+    spawn_ranks(_worker, args=(dp, tp, free_port(), str(tmp_path), architecture), nprocs=dp * tp)
     ref, history = _single_process(architecture)
     ref_losses = torch.tensor([h["loss"] for h in history], dtype=torch.float64)
     assert max(h["auxk_loss"] for h in history) > 0, "AuxK never ran: the test would not cover it"

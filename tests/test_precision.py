@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from helpers import perturbed_sae
+from helpers import perturbed_sae, spawn_ranks
 from saescale.core.config import SAEConfig, TrainConfig
 from saescale.core.reference import dense_losses
 from saescale.distributed.parallel import DataParallel
@@ -196,7 +195,7 @@ def _dp_overflow_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_fp16_overflow_on_one_replica_skips_the_step_on_every_replica(tmp_path):
-    mp.spawn(_dp_overflow_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    spawn_ranks(_dp_overflow_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     ranks = [load_file(os.path.join(tmp_path, f"rank{r}.safetensors")) for r in range(2)]
     for r in ranks:
         assert r["changed"].tolist() == [True, False, True]  # step 2 skipped on both replicas

@@ -17,9 +17,9 @@ import shutil
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from helpers import spawn_ranks
 from saescale.core.config import SAEConfig, TrainConfig
 from saescale.core.synthetic import SparseDictionary
 from saescale.distributed.mesh import ParallelDims
@@ -87,7 +87,7 @@ def _run(dp: int, tp: int, ckpt: str, out_dir: str, resume_step: int | None) -> 
     if dp * tp == 1:
         _train(0, ParallelDims(dp=1, tp=1), ckpt, out_dir, resume_step)
     else:
-        mp.spawn(_worker, args=(dp, tp, free_port(), ckpt, out_dir, resume_step), nprocs=dp * tp)
+        spawn_ranks(_worker, args=(dp, tp, free_port(), ckpt, out_dir, resume_step), nprocs=dp * tp)
     shards = [load_file(os.path.join(out_dir, f"dp0tp{t}.safetensors")) for t in range(tp)]
     merged = dict(shards[0])
     for name in ("W_enc", "b_enc", "W_dec", "ema.W_enc", "ema.b_enc", "ema.W_dec", "dead"):
@@ -185,7 +185,7 @@ def _agreement_worker(rank: int, dp: int, tp: int, port: int, out_dir: str, bad_
     ],
 )
 def test_a_bad_rank_stops_every_rank_with_its_error(tmp_path, dp, tp, bad_rank, kind, match):
-    mp.spawn(_agreement_worker, args=(dp, tp, free_port(), str(tmp_path), bad_rank, kind), nprocs=dp * tp)
+    spawn_ranks(_agreement_worker, args=(dp, tp, free_port(), str(tmp_path), bad_rank, kind), nprocs=dp * tp)
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(dp * tp)]
     own = {"nan": "NonFiniteInputError", "overflow": "FloatingPointError", "read": "OSError", "ckpt": "StorageError"}[
         kind

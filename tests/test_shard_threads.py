@@ -12,9 +12,9 @@ import threading
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from helpers import spawn_ranks
 from saescale.core.config import SAEConfig, TrainConfig
 from saescale.core.model import TopKSAE
 from saescale.core.synthetic import SparseDictionary
@@ -89,7 +89,7 @@ def _one_process(precision: str, micro_batches: int, shard_threads: int) -> dict
 
 @pytest.mark.parametrize("precision,micro_batches", [("fp32", 1), ("bf16", 2)])
 def test_shard_threads_take_the_two_process_tp_steps_bit_for_bit(tmp_path, precision, micro_batches):
-    mp.spawn(_tp_worker, args=(free_port(), str(tmp_path), precision, micro_batches), nprocs=2, join=True)
+    spawn_ranks(_tp_worker, args=(free_port(), str(tmp_path), precision, micro_batches), nprocs=2)
     parts = [load_file(str(tmp_path / f"tp{r}.safetensors")) for r in range(2)]
     tp2 = {
         k: (

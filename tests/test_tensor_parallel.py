@@ -9,10 +9,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from helpers import perturbed_sae
+from helpers import perturbed_sae, spawn_ranks
 from saescale.core.config import SAEConfig
 from saescale.core.model import TopKSAE
 from saescale.distributed.parallel import TensorParallel
@@ -79,7 +78,7 @@ def _worker(
 
 def _tp_and_single(tmp_path, cfg: SAEConfig, world: int, n_dead: int, micro_batches: int, precision: str):
     """The TP ranks' saved results, and the single process's step on the same weights and batch."""
-    mp.spawn(
+    spawn_ranks(
         _worker,
         args=(world, free_port(), dataclasses.asdict(cfg), n_dead, str(tmp_path), micro_batches, precision),
         nprocs=world,
