@@ -43,8 +43,8 @@ train: install
 # the test files on TEST_WORKERS parallel workers, each file whole on one (its module fixtures
 # are built once), in the order tests/conftest.py gives them (the longest first: xdist would
 # otherwise hand out the files with the most tests first). With 3 workers the 2 cores are busy
-# (vmstat: 2% idle), about half of it in Ray's worker processes (~375 started, ~2.7 s of CPU
-# each), so more workers would not finish sooner; fewer Ray jobs in the tests would.
+# (vmstat: 2% idle), most of it in Ray's own processes (~35 s of CPU for a tiny Ray Train run,
+# ~1 s of it training), so more workers would not finish sooner; fewer Ray jobs in the tests would.
 # TEST_WORKERS=0 runs them in this one process.
 TEST_WORKERS ?= 3
 test: install browser

@@ -2,9 +2,11 @@
 
 `make test` runs the files in parallel (pytest-xdist, `--dist loadfile`: a file's module
 fixtures, such as a shared Ray run, are built once, on one worker). With 3 workers the suite keeps
-both cores busy (2% idle, measured with vmstat over a whole run); about half of its CPU is Ray's
-own worker processes (~375 of them, ~2.7 s of CPU each: the Ray jobs' controllers, train workers
-and Ray Data tasks), so a faster suite needs fewer Ray jobs, not more workers. The files that take
+both cores busy (2% idle, measured with vmstat over a whole run); most of its CPU is Ray's own
+processes (a tiny Ray Train run: ~35 s of CPU, ~1 s of it training; its controller, train
+workers, Ray Train's and Ray Data's helper actors and the cluster's daemons), so a faster suite
+needs fewer Ray jobs, not more workers. The gloo tests' ranks fork from a fork server
+(`helpers.spawn_ranks`). The files that take
 longest start first (`SLOWEST_FIRST`), and the session's built inputs (the small cache, the tiny
 model) are built once for all workers."""
 
@@ -25,21 +27,21 @@ from saescale import storage
 # last to begin while the other workers sit idle; the rest keep their order
 SLOWEST_FIRST = (
     "test_storage_outage_job.py",
-    "test_node_loss.py",
     "test_train_job.py",
+    "test_node_loss.py",
     "test_model_stream_job.py",
-    "test_sweep.py",
     "test_cache.py",
+    "test_features.py",
+    "test_sweep.py",
+    "test_train_job_submit.py",
     "test_paper.py",
     "test_shard_integrity.py",
-    "test_train_job_submit.py",
     "test_bench.py",
-    "test_features.py",
-    "test_storage_faults.py",
     "test_training.py",
-    "test_dist_equivalence.py",
-    "test_tensor_parallel.py",
-    "test_reshard_and_agreement.py",
+    "test_probes.py",
+    "test_storage_faults.py",
+    "test_sync_free.py",
+    "test_executor_idle.py",
 )
 
 
