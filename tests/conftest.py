@@ -6,9 +6,8 @@ both cores busy (2% idle, measured with vmstat over a whole run); most of its CP
 processes (a tiny Ray Train run: ~35 s of CPU, ~1 s of it training; its controller, train
 workers, Ray Train's and Ray Data's helper actors and the cluster's daemons), so a faster suite
 needs fewer Ray jobs, not more workers. The gloo tests' ranks fork from a fork server
-(`helpers.spawn_ranks`). The files that take
-longest start first (`SLOWEST_FIRST`), and the session's built inputs (the small cache, the tiny
-model) are built once for all workers."""
+(`helpers.spawn_ranks`). The files that take longest start first (`SLOWEST_FIRST`), and the
+session's built inputs (the small cache, the tiny model) are built once for all workers."""
 
 from __future__ import annotations
 

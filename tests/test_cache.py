@@ -295,11 +295,11 @@ def test_cache_job_through_ray_job_submit(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_activation_column_round_trip(dtype):
-    from saescale.data.format import DTYPES, activation_array, activations_from_column
+    from saescale.data.format import activation_array, activations_from_column, torch_dtype
 
-    x = torch.randn(37, 24).to(DTYPES[dtype])
+    x = torch.randn(37, 24).to(torch_dtype(dtype))
     back = activations_from_column(activation_array(x), dtype, 24)
-    assert back.dtype == DTYPES[dtype] and torch.equal(back, x)
+    assert back.dtype == torch_dtype(dtype) and torch.equal(back, x)
 
 
 def test_jsonl_and_parquet_corpora(tmp_path):

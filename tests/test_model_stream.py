@@ -181,13 +181,10 @@ def test_a_corpus_that_tokenises_to_nothing_is_one_clear_error(lm, tiny_model_di
     # a few windows, all of them skipped (a small corpus: the embedded one takes seconds to tokenise)
     (tmp_path / "long").mkdir()
     (tmp_path / "long" / "text.txt").write_text("To be, or not to be. " * 400)
+    long = dataclasses.replace(lm_cfg(tiny_model_dir), corpus=str(tmp_path / "long"))
     with pytest.raises(CorpusError, match="after its first 1000000 tokens"):
-        make_plan(
-            dataclasses.replace(lm_cfg(tiny_model_dir), corpus=str(tmp_path / "long"), skip_tokens=10**6), lm.tokenizer
-        )
-    make_plan(
-        dataclasses.replace(lm_cfg(tiny_model_dir), corpus=str(tmp_path / "long")), lm.tokenizer
-    )  # unskipped: fine
+        make_plan(dataclasses.replace(long, skip_tokens=10**6), lm.tokenizer)
+    make_plan(long, lm.tokenizer)  # unskipped, the same corpus plans
 
 
 def test_chunks_deal_every_window_once_in_a_seeded_order():

@@ -23,7 +23,7 @@ def bench_recovery(
     auxk: bool = True, transpose_init: bool = True, seed: int = 0, steps: int | None = None
 ) -> dict[str, Any]:
     """`steps` (default: the setting's 1500) shortens the run (the test takes 800)."""
-    s = {**SETTING, "steps": steps or SETTING["steps"]}
+    s = SETTING if steps is None else {**SETTING, "steps": steps}
     truth = SparseDictionary.random(s["d"], s["n_atoms"], s["active"], s["noise"], seed=seed)
     cfg = SAEConfig(
         d_in=s["d"],

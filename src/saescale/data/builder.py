@@ -36,12 +36,13 @@ from tqdm.auto import tqdm
 
 from saescale import storage
 from saescale.data.format import (
-    DTYPES,
+    ITEMSIZES,
     activation_array,
     activations_from_column,
     sha256,
     table_bytes,
     table_from_bytes,
+    torch_dtype,
 )
 from saescale.data.manifest import MANIFEST, Manifest, ShardInfo
 from saescale.lm.activations import TokenWindow, token_windows
@@ -98,8 +99,8 @@ class CacheConfig:
         return out
 
     def validate(self) -> None:
-        if self.dtype not in DTYPES:
-            raise CacheError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in ITEMSIZES:
+            raise CacheError(f"dtype must be one of {sorted(ITEMSIZES)}, got {self.dtype!r}")
         for name in ("context_length", "max_tokens", "rows_per_shard", "windows_per_batch", "num_workers"):
             if getattr(self, name) <= 0:
                 raise CacheError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -234,7 +235,7 @@ def window_rows(model, cfg: CacheConfig, plan: Plan, windows: list[int], what: s
         acts = run_to_hook(model, ids.to(device), cfg.hook, cfg.layer).cpu()
         keep = plan.keep[idx]
         mask = torch.from_numpy(keep)
-        acts_list.append(acts[mask].to(DTYPES[cfg.dtype]))
+        acts_list.append(acts[mask].to(torch_dtype(cfg.dtype)))
         tok_list.append(ids[mask])
         win = torch.from_numpy(idx).unsqueeze(1).expand_as(ids)
         pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
@@ -392,8 +393,7 @@ def publish_shard(cfg: CacheConfig, plan: Plan, s: int) -> ShardResult:
 
 
 def _d_model(table: pa.Table, cfg: CacheConfig) -> int:
-    itemsize = torch.empty((), dtype=DTYPES[cfg.dtype]).element_size()
-    return table.schema.field("act").type.byte_width // itemsize
+    return table.schema.field("act").type.byte_width // ITEMSIZES[cfg.dtype]
 
 
 # -------------------------------------------------------------------------------- driver

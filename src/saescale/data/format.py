@@ -38,22 +38,11 @@ class CorruptShardError(RuntimeError):
 
 
 @functools.cache
-def _torch_dtypes() -> dict[str, torch.dtype]:
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a cache dtype name (one of `ITEMSIZES`); torch is imported here."""
     import torch
 
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a cache dtype name."""
-    return _torch_dtypes()[name]
-
-
-def __getattr__(name: str):
-    """`DTYPES` (cache dtype name -> torch dtype) is made on first use, importing torch then."""
-    if name == "DTYPES":
-        return _torch_dtypes()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
 def activation_array(acts: torch.Tensor) -> pa.FixedSizeBinaryArray:
